@@ -1,0 +1,61 @@
+"""The factory flow: download → merge → quantize → benchmark → gate → publish, all recorded.
+
+Only wiring lives here; each step is a pure function with a thin task in ``tasks/``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from prefect import flow, runtime
+
+from modelfactory.hashing import step_key
+from modelfactory.records import RunOutcome
+from modelfactory.specs import FactorySpec
+from tasks.benchmark import benchmark_task
+from tasks.download import download_task, resolve_adapter_task
+from tasks.gate import gate_task
+from tasks.merge import merge_task
+from tasks.publish import publish_task
+from tasks.quantize import quantize_task
+from tasks.record import RunRecorder
+
+
+@flow(name="model-factory", log_prints=True, validate_parameters=True)
+def factory(spec: FactorySpec, run_id: str | None = None) -> RunOutcome:
+    """Quantize a (fine-tuned) model with GPTQ, verify it against fp16, publish it if it passes."""
+    run_id = run_id or str(uuid.uuid4())
+    recorder = RunRecorder.start(run_id=run_id, name=spec.name, spec=spec.model_dump(mode="json"),
+                                 run_key=step_key("run", spec=spec), flow_run_id=runtime.flow_run.id)
+    try:
+        base = download_task(spec.base, spec.trust_remote_code)
+        recorder.step("download", base, detail={"sha": base.sha, "kind": base.kind})
+        adapters = tuple(resolve_adapter_task(adapter) for adapter in spec.adapters)
+        recorder.sources(base, adapters)
+
+        merged = merge_task(base, adapters, spec.merge)
+        recorder.merge(merged)
+
+        quant = quantize_task(merged.model, spec.quantize, spec.benchmark.device)
+        recorder.quantize(quant)
+
+        bench = benchmark_task(merged.model, quant.model, spec.benchmark)
+        recorder.benchmark(bench)
+
+        started = time.perf_counter()
+        decision = gate_task(bench, spec.gate)
+        recorder.gate(decision, time.perf_counter() - started)
+
+        publication = None
+        if decision.passed:
+            started = time.perf_counter()
+            publication = publish_task(spec, merged, quant, bench, decision)
+            recorder.publication(publication, time.perf_counter() - started)
+        status = "passed" if decision.passed else "rejected"
+        recorder.finish(status)
+    except BaseException as exc:
+        recorder.fail(exc)
+        raise
+    return RunOutcome(run_id=run_id, status=status, artifact_uri=publication.uri if publication else None,
+                      gate=decision.summary(), ratios=bench.ratios())

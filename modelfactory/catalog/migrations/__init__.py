@@ -1,0 +1,1 @@
+"""Alembic migrations of the catalog (a package so that ``env.py`` ships with the wheel)."""

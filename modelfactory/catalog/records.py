@@ -1,0 +1,127 @@
+"""Plain, immutable records the catalog hands out and takes in.
+
+They decouple callers (tasks, CLI) from the ORM: nothing here touches a session,
+and every record turns into JSON-serialisable data with :meth:`to_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+#: Every status a run can have; ``running`` until :meth:`Catalog.finish_run`.
+RUN_STATUSES = ("running", "passed", "failed", "rejected")
+#: The statuses :meth:`Catalog.finish_run` accepts.
+FINAL_RUN_STATUSES = ("passed", "failed", "rejected")
+STEP_STATUSES = ("ok", "reused", "failed")
+#: ``''`` marks a metric that belongs to neither model (e.g. a size ratio).
+METRIC_SIDES = ("fp16", "gptq", "delta", "")
+
+
+def _jsonable(value: Any) -> Any:
+    """*value* with datetimes as ISO strings, records as dicts and tuples as lists."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return value.to_dict()  # type: ignore[union-attr]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class _Record:
+    """Mixin giving every record the same ``to_dict``."""
+
+    __slots__ = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        fields = dataclasses.fields(self)  # type: ignore[arg-type]
+        return {f.name: _jsonable(getattr(self, f.name)) for f in fields}
+
+
+@dataclass(frozen=True, slots=True)
+class MetricRecord(_Record):
+    name: str
+    side: str
+    value: float
+    unit: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class GateCheckRecord(_Record):
+    metric: str
+    threshold: float
+    baseline: float | None
+    candidate: float | None
+    observed: float | None
+    passed: bool
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord(_Record):
+    name: str
+    status: str
+    duration_s: float
+    output_uri: str | None = None
+    detail: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactRecord(_Record):
+    kind: str
+    uri: str
+    manifest_sha256: str | None
+    size_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunSummary(_Record):
+    """One line of ``modelfactory catalog ls``."""
+
+    id: str
+    name: str
+    status: str
+    run_key: str
+    base_uri: str | None
+    base_sha: str | None
+    started_at: datetime
+    finished_at: datetime | None
+    error: str | None
+
+    @property
+    def duration_s(self) -> float | None:
+        """Wall time of a finished run, ``None`` while it runs."""
+        if self.finished_at is None:
+            return None
+        return (self.finished_at - self.started_at).total_seconds()
+
+
+@dataclass(frozen=True, slots=True)
+class RunDetail(RunSummary):
+    """Everything the catalog knows about one run (a :class:`RunSummary` plus its children)."""
+
+    spec: dict[str, Any]
+    adapters: list[dict[str, Any]]
+    library_versions: dict[str, Any]
+    host: dict[str, Any]
+    error_kind: str | None
+    steps: tuple[StepRecord, ...]
+    metrics: tuple[MetricRecord, ...]
+    gate_checks: tuple[GateCheckRecord, ...]
+    artifacts: tuple[ArtifactRecord, ...]
+
+    def metric(self, name: str, side: str = "") -> MetricRecord | None:
+        """The metric *name* measured on *side*, or ``None``."""
+        return next((m for m in self.metrics if m.name == name and m.side == side), None)
+
+    @property
+    def gate_passed(self) -> bool | None:
+        """``None`` when no gate was recorded, else whether every check passed."""
+        if not self.gate_checks:
+            return None
+        return all(c.passed for c in self.gate_checks)

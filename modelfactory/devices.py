@@ -1,0 +1,62 @@
+"""Device/dtype choices shared by the GPU steps (pure functions, no model objects)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from contextlib import contextmanager
+from collections.abc import Iterator
+
+from modelfactory.log import progress
+from modelfactory.settings import get_settings
+
+
+def resolve_device(requested: str = "auto") -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        from modelfactory.errors import SpecError
+
+        raise SpecError("device 'cuda' was requested but no CUDA GPU is visible: use device 'auto' or 'cpu'")
+    return requested
+
+
+def resolve_dtype(requested: str, device: str) -> str:
+    """``auto``: float16 on CUDA; bfloat16 on CPU, where fp16 matmuls are ~9x slower."""
+    if requested != "auto":
+        return requested
+    return "float16" if device == "cuda" else "bfloat16"
+
+
+def gpu_env() -> dict[str, str]:
+    """Environment for GPTQModel/torch workers: persistent JIT caches and CPU worker count."""
+    cache = get_settings().resolved_cache_dir
+    return {
+        "GPTQMODEL_CPU_WORKERS": str(get_settings().cpu_workers),
+        "GPTQMODEL_TORCH_EXTENSIONS_DIR": str(cache / "gptqmodel" / "torch_extensions"),
+        "GPTQMODEL_CACHE_DIR": str(cache / "gptqmodel"),
+        "TORCH_EXTENSIONS_DIR": str(cache / "torch_extensions"),
+        "TRITON_CACHE_DIR": os.environ.get("TRITON_CACHE_DIR", str(cache / "triton")),
+    }
+
+
+@contextmanager
+def heartbeat(label: str, every_s: float = 15.0) -> Iterator[None]:
+    """Print a progress line every *every_s* seconds while a long library call runs."""
+    stop = threading.Event()
+    start = time.perf_counter()
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            progress(f"{label}: still running ({time.perf_counter() - start:.0f} s)")
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=1)

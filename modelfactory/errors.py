@@ -1,0 +1,133 @@
+"""One error hierarchy for the whole factory.
+
+Every message names what failed, the bad value, and what to do next. Wrap lower-level
+exceptions with ``raise XError(...) from exc`` so the cause stays visible.
+
+Only subclasses of :class:`TransientError` are retried by the Prefect tasks
+(see :func:`is_transient`); everything else fails fast.
+"""
+
+from __future__ import annotations
+
+
+class ModelFactoryError(Exception):
+    """Base class of every error the factory raises on purpose."""
+
+    #: Short machine-readable kind, stored in the catalog next to the message.
+    kind: str = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __reduce__(self):  # keep pickling (Prefect results, subprocess workers) simple
+        return (type(self), (self.message,))
+
+
+class SpecError(ModelFactoryError, ValueError):
+    """A spec field is invalid (unsupported bits, unknown gate metric, malformed URI...)."""
+
+    kind = "spec"
+
+
+class SourceError(ModelFactoryError):
+    """A base model or adapter cannot be found, resolved or read."""
+
+    kind = "source"
+
+
+class SourceNotFoundError(SourceError, FileNotFoundError):
+    """A local path, Hub repo or revision does not exist."""
+
+    kind = "source_not_found"
+
+
+class AdapterMismatchError(ModelFactoryError):
+    """An adapter does not fit the base model (architecture, module names or shapes)."""
+
+    kind = "adapter_mismatch"
+
+
+class MergeVerificationError(ModelFactoryError):
+    """Merged and unmerged logits differ by more than the tolerance."""
+
+    kind = "merge_verification"
+
+
+class CalibrationError(ModelFactoryError):
+    """The calibration text is missing, empty or too short for the requested samples."""
+
+    kind = "calibration"
+
+
+class QuantizationError(ModelFactoryError):
+    """GPTQModel failed to quantize or save the model."""
+
+    kind = "quantization"
+
+
+class BenchmarkError(ModelFactoryError):
+    """A benchmark measurement failed."""
+
+    kind = "benchmark"
+
+
+class PublishError(ModelFactoryError):
+    """Publishing an artifact failed."""
+
+    kind = "publish"
+
+
+class CatalogError(ModelFactoryError):
+    """The catalog database cannot be reached, or its schema is not migrated."""
+
+    kind = "catalog"
+
+
+class WorkerError(ModelFactoryError):
+    """An isolated worker process died without reporting a result."""
+
+    kind = "worker"
+
+
+class TransientError(ModelFactoryError):
+    """A failure that may succeed on retry (network blip, 5xx, lock timeout)."""
+
+    kind = "transient"
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when *exc* (or its cause chain) is worth retrying."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, TransientError):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__
+    return False
+
+
+def error_kind(exc: BaseException) -> str:
+    """The catalog's ``error_kind`` for an exception (``kind`` or the class name)."""
+    return getattr(exc, "kind", None) or type(exc).__name__
+
+
+# Registry used to re-raise errors reported by worker subprocesses as the same class.
+ERRORS_BY_NAME: dict[str, type[ModelFactoryError]] = {
+    cls.__name__: cls
+    for cls in (
+        ModelFactoryError,
+        SpecError,
+        SourceError,
+        SourceNotFoundError,
+        AdapterMismatchError,
+        MergeVerificationError,
+        CalibrationError,
+        QuantizationError,
+        BenchmarkError,
+        PublishError,
+        CatalogError,
+        WorkerError,
+        TransientError,
+    )
+}

@@ -1,0 +1,52 @@
+"""Artifact manifests: what files an artifact has (size, sha256) plus its spec and metrics.
+
+A reader that sees ``manifest.json`` sees a complete artifact: publishers write it last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from modelfactory.errors import PublishError
+from modelfactory.hashing import file_sha256
+
+MANIFEST = "manifest.json"
+SCHEMA = 1
+#: Files of a step folder that are bookkeeping, not part of the artifact.
+EXCLUDED = {"_COMPLETE.json", MANIFEST}
+
+
+def artifact_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in EXCLUDED)
+
+
+def build_manifest(folder: Path, **extra: Any) -> dict[str, Any]:
+    files = [
+        {"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in artifact_files(folder)
+    ]
+    return {"schema": SCHEMA, "files": files, "total_bytes": sum(f["size"] for f in files), **extra}
+
+
+def manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    return json.dumps(manifest, indent=2, sort_keys=True).encode()
+
+
+def manifest_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def verify_folder(folder: Path) -> dict[str, Any]:
+    """Check every file listed in *folder*'s manifest; return the manifest."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise PublishError(f"{folder} has no {MANIFEST}: the artifact is incomplete, publish it again")
+    manifest = json.loads(path.read_text())
+    for entry in manifest["files"]:
+        file = folder / entry["path"]
+        if not file.is_file() or file.stat().st_size != entry["size"] or file_sha256(file) != entry["sha256"]:
+            raise PublishError(f"{file} does not match the manifest (missing or changed): publish the artifact again")
+    return manifest

@@ -1,0 +1,55 @@
+"""Process-wide settings, read from ``MODELFACTORY_*`` environment variables.
+
+Everything the factory writes lives under ``home`` unless a setting points elsewhere:
+
+- ``home``            ``~/.modelfactory``
+- ``catalog_url``     ``sqlite:///<home>/catalog.db``
+- ``store_url``       ``file://<home>/store`` (published artifacts)
+- ``work_dir``        ``<home>/work`` (step outputs, keyed by input hash)
+- ``cache_dir``       ``<home>/cache`` (GPTQModel/torch extension JIT cache, HF cache is HF's own)
+- ``data_dir``        optional folder holding local copies of datasets, e.g. ``../shared/data``:
+  a dataset name such as ``wikitext-2-raw-v1/test`` is looked up there first.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MODELFACTORY_", frozen=True, extra="ignore")
+
+    home: Path = Field(default_factory=lambda: Path.home() / ".modelfactory")
+    catalog_url: str | None = None
+    store_url: str | None = None
+    work_dir: Path | None = None
+    cache_dir: Path | None = None
+    data_dir: Path | None = None
+    #: CPU threads GPTQModel may use (it refuses to start on 2 cores without this).
+    cpu_workers: int = 2
+
+    @property
+    def resolved_catalog_url(self) -> str:
+        return self.catalog_url or f"sqlite:///{self.home / 'catalog.db'}"
+
+    @property
+    def resolved_store_url(self) -> str:
+        return self.store_url or (self.home / "store").resolve().as_uri()
+
+    @property
+    def resolved_work_dir(self) -> Path:
+        return self.work_dir or self.home / "work"
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return self.cache_dir or self.home / "cache"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The settings of this process (cached; call ``get_settings.cache_clear()`` in tests)."""
+    return Settings()

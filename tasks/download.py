@@ -1,0 +1,176 @@
+"""Step 1 — download: resolve a base model (or adapter) to a local folder and a pinned identity.
+
+- Hub repo id → commit SHA (``HfApi.model_info``) → ``snapshot_download`` of exactly that SHA.
+- Local folder → sha256 content hash of its files.
+- ``.gguf`` file → dequantized by transformers, saved as fp16 safetensors under a key derived
+  from the file's sha256 (reused on the next run).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from prefect import task
+
+from modelfactory import workdir
+from modelfactory.errors import SourceError, SourceNotFoundError, SpecError, TransientError
+from modelfactory.hashing import file_sha256, step_key, tree_sha256
+from modelfactory.log import progress
+from modelfactory.prefect_utils import retry_transient
+from modelfactory.records import AdapterArtifact, ModelArtifact
+from modelfactory.specs import AdapterSpec, ModelSource, classify_source
+
+MODEL_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+# --------------------------------------------------------------------------- Hub
+def resolve_hub_revision(repo_id: str, revision: str | None) -> str:
+    """The commit SHA that *revision* (default: main) of *repo_id* points at."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        info = HfApi().model_info(repo_id, revision=revision)
+    except RevisionNotFoundError as exc:
+        raise SourceNotFoundError(
+            f"revision {revision!r} of Hub repo {repo_id!r} does not exist: use an existing branch, tag or commit"
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise SourceNotFoundError(
+            f"Hub repo {repo_id!r} does not exist or is private: check the id, or set HF_TOKEN for private repos"
+        ) from exc
+    except HFValidationError as exc:
+        raise SpecError(f"malformed Hugging Face repo id {repo_id!r}: {exc}") from exc
+    except OSError as exc:  # connection errors: worth a retry
+        raise TransientError(f"could not reach the Hub for {repo_id!r} ({exc}); retrying may help") from exc
+    if not info.sha:
+        raise SourceError(f"the Hub returned no commit SHA for {repo_id!r}@{revision}: try an explicit revision")
+    return info.sha
+
+
+def download_hub(repo_id: str, sha: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=sha, allow_patterns=MODEL_PATTERNS))
+    except OSError as exc:
+        raise TransientError(f"download of {repo_id}@{sha[:12]} failed ({exc}); retrying may help") from exc
+
+
+# --------------------------------------------------------------------------- checks
+def check_model_dir(path: Path, *, trust_remote_code: bool) -> dict:
+    """Fail early, with a clear message, on folders that are not loadable causal-LM checkpoints."""
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise SourceError(f"{str(path)!r} has no config.json: point at a Hugging Face model folder")
+    config = json.loads(config_path.read_text())
+    if config.get("auto_map") and not trust_remote_code:
+        raise SourceError(
+            f"model at {str(path)!r} ships its own Python code (auto_map in config.json); "
+            "set trust_remote_code: true in the spec only if you trust its author"
+        )
+    if not any(path.glob("*.safetensors")):
+        pickled = [p.name for p in path.glob("*.bin")]
+        detail = f" (found pickled {pickled[:3]}; convert them to safetensors)" if pickled else ""
+        raise SourceError(f"{str(path)!r} has no .safetensors weights{detail}")
+    return config
+
+
+# --------------------------------------------------------------------------- GGUF
+def dequantize_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Load a GGUF file through transformers (dequantized) and save dense fp16 safetensors."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float16)
+    # The weights are dense now, but transformers keeps the GGUF quantizer attached and then
+    # refuses save_pretrained ("quantized with GGUF and is not serializable").
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    # transformers maps GGUF's EOS to <|im_start|>; the model config carries the GGUF's own id.
+    eos_id = model.config.eos_token_id
+    if isinstance(eos_id, int):
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _from_gguf(path: Path) -> ModelArtifact:
+    if not path.is_file():
+        raise SourceNotFoundError(f"GGUF file {str(path)!r} does not exist: fix the base model path")
+    progress(f"download: hashing {path.name}")
+    sha = file_sha256(path)
+    key = step_key("gguf", sha=sha)
+    done = workdir.completed("download", key)
+    reused = done is not None
+    if not reused:
+        progress(f"download: dequantizing {path.name} to fp16 safetensors")
+        with workdir.building("download", key) as (tmp, marker):
+            dequantize_gguf(path, tmp)
+            marker.update(source=str(path), sha256=sha)
+        done = workdir.step_dir("download", key)
+    return ModelArtifact(path=str(done), sha=sha, source_uri=str(path), kind="gguf", reused=reused)
+
+
+# --------------------------------------------------------------------------- entry points
+def download_model(*, source: ModelSource, trust_remote_code: bool = False) -> ModelArtifact:
+    """Resolve *source* to a local model folder plus its pinned SHA / content hash."""
+    start = time.perf_counter()
+    kind = classify_source(source.uri)
+    if kind == "s3":
+        raise SourceError(
+            f"base model {source.uri!r}: s3:// sources are not supported by this version yet; "
+            "copy the prefix to a local folder and pass that folder"
+        )
+    if kind == "gguf":
+        artifact = _from_gguf(Path(source.uri).expanduser())
+    elif kind == "local":
+        path = Path(source.uri).expanduser().resolve()
+        if not path.is_dir():
+            raise SourceNotFoundError(f"base model folder {source.uri!r} does not exist: fix the path")
+        progress(f"download: hashing local model {path}")
+        artifact = ModelArtifact(path=str(path), sha=tree_sha256(path), source_uri=str(path), kind="local")
+    else:
+        sha = resolve_hub_revision(source.repo_id, source.revision)
+        progress(f"download: {source.repo_id}@{source.revision or 'main'} is commit {sha}")
+        path = download_hub(source.repo_id, sha)
+        artifact = ModelArtifact(path=str(path), sha=sha, source_uri=f"hf://{source.repo_id}", kind="hub")
+    check_model_dir(Path(artifact.path), trust_remote_code=trust_remote_code)
+    return artifact.model_copy(update={"duration_s": time.perf_counter() - start})
+
+
+def resolve_adapter(*, spec: AdapterSpec) -> AdapterArtifact:
+    """Resolve a LoRA adapter to a local folder holding ``adapter_config.json``."""
+    kind = classify_source(spec.uri)
+    if kind == "local":
+        path = Path(spec.uri).expanduser().resolve()
+        if not path.is_dir():
+            raise SourceNotFoundError(f"adapter folder {spec.uri!r} does not exist: fix the adapter path")
+        sha, uri = tree_sha256(path), str(path)
+    elif kind == "hub":
+        repo_id = spec.uri.removeprefix("hf://")
+        sha = resolve_hub_revision(repo_id, spec.revision)
+        path, uri = download_hub(repo_id, sha), f"hf://{repo_id}"
+    else:
+        raise SourceError(f"adapter {spec.uri!r}: only local folders and Hub repos are supported")
+    if not (path / "adapter_config.json").is_file():
+        raise SourceError(
+            f"adapter {spec.uri!r} has no adapter_config.json: point at a folder saved by peft's save_pretrained"
+        )
+    return AdapterArtifact(path=str(path), sha=sha, source_uri=uri, weight=spec.weight)
+
+
+@task(name="download", retries=3, retry_delay_seconds=[5, 20, 60], retry_condition_fn=retry_transient)
+def download_task(source: ModelSource, trust_remote_code: bool = False) -> ModelArtifact:
+    return download_model(source=source, trust_remote_code=trust_remote_code)
+
+
+@task(name="resolve-adapter", retries=3, retry_delay_seconds=[5, 20, 60], retry_condition_fn=retry_transient)
+def resolve_adapter_task(spec: AdapterSpec) -> AdapterArtifact:
+    return resolve_adapter(spec=spec)

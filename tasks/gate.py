@@ -1,0 +1,56 @@
+"""Step 5 — gate: compare the benchmark against per-metric thresholds.
+
+Every configured threshold is checked and every failure is reported at once, each with the
+fp16 and GPTQ values, so one rejected run tells the whole story.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prefect import task
+
+from modelfactory.records import BenchmarkResult, GateCheck, GateDecision, SideMetrics
+from modelfactory.specs import GateSpec
+
+#: gate field -> (ratio name in BenchmarkResult.ratios(), side value, "max"|"min", unit label)
+_RULES: dict[str, tuple[str, Callable[[SideMetrics], float | None], str, str]] = {
+    "max_ppl_increase_pct": ("ppl_increase_pct", lambda s: s.perplexity, "max", "perplexity increase %"),
+    "min_decode_speedup": ("decode_speedup", lambda s: s.decode_tok_s, "min", "decode speed-up x"),
+    "max_size_ratio": ("size_ratio", lambda s: float(s.disk_bytes), "max", "disk size ratio"),
+    "max_memory_ratio": ("memory_ratio", lambda s: float(s.mem_after_load_bytes), "max", "memory ratio"),
+}
+
+
+def check_metric(field: str, threshold: float, result: BenchmarkResult) -> GateCheck:
+    ratio_name, value_of, direction, label = _RULES[field]
+    observed = result.ratios()[ratio_name]
+    baseline, candidate = value_of(result.fp16), value_of(result.gptq)
+    if observed is None:
+        passed, verdict = False, "not measured"
+    elif direction == "max":
+        passed, verdict = observed <= threshold, f"{observed:.4g} {'<=' if observed <= threshold else '>'} {threshold:g}"
+    else:
+        passed, verdict = observed >= threshold, f"{observed:.4g} {'>=' if observed >= threshold else '<'} {threshold:g}"
+    message = f"{label}: {verdict} (fp16 {_fmt(baseline)}, gptq {_fmt(candidate)})"
+    return GateCheck(metric=field, threshold=threshold, baseline=baseline, candidate=candidate, observed=observed,
+                     passed=passed, message=message)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def evaluate_gate(*, result: BenchmarkResult, spec: GateSpec) -> GateDecision:
+    """All configured checks; passed only if every one passes (no thresholds: passes)."""
+    checks = tuple(
+        check_metric(field, threshold, result)
+        for field, threshold in spec.model_dump().items()
+        if threshold is not None
+    )
+    return GateDecision(passed=all(c.passed for c in checks), checks=checks)
+
+
+@task(name="gate")
+def gate_task(result: BenchmarkResult, spec: GateSpec) -> GateDecision:
+    return evaluate_gate(result=result, spec=spec)

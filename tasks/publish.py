@@ -1,0 +1,58 @@
+"""Step 6 — publish: copy a *passing* quantized model to the artifact store, manifest last."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import task
+
+from modelfactory.errors import PublishError
+from modelfactory.log import progress
+from modelfactory.manifest import build_manifest
+from modelfactory.records import BenchmarkResult, GateDecision, MergeResult, Publication, QuantResult
+from modelfactory.settings import get_settings
+from modelfactory.specs import FactorySpec
+from modelfactory.store import local_root, publish_local
+
+
+def artifact_name(spec: FactorySpec) -> str:
+    """``publish.name``, else the base model's name (repo name, folder name or GGUF stem)."""
+    if spec.publish.name:
+        return spec.publish.name
+    raw = Path(spec.base.uri.rstrip("/")).name
+    raw = re.sub(r"\.gguf$", "", raw, flags=re.IGNORECASE)
+    name = re.sub(r"[^A-Za-z0-9_.\-]+", "-", raw).strip(".-") or "model"
+    return name[:96]
+
+
+def publish_artifact(*, spec: FactorySpec, merge: MergeResult, quant: QuantResult, bench: BenchmarkResult,
+                     decision: GateDecision) -> Publication:
+    if not decision.passed:
+        raise PublishError(f"refusing to publish {quant.model.path}: the gate {decision.summary()}")
+    destination = spec.publish.destination or get_settings().resolved_store_url
+    parts = (artifact_name(spec), spec.quantize.label(), quant.model.sha)
+    manifest = build_manifest(
+        Path(quant.model.path),
+        name=parts[0], config=parts[1], key=parts[2],
+        created_at=datetime.now(timezone.utc).isoformat(),
+        spec=spec.model_dump(mode="json"),
+        sources={"base": {"uri": merge.base.source_uri, "sha": merge.base.sha},
+                 "adapters": [a.model_dump(mode="json") for a in merge.adapters]},
+        metrics={"fp16": bench.fp16.model_dump(mode="json"), "gptq": bench.gptq.model_dump(mode="json"),
+                 "ratios": bench.ratios()},
+        gate=decision.model_dump(mode="json"),
+        engine=quant.engine,
+    )
+    progress(f"publish: {len(manifest['files'])} files, {manifest['total_bytes'] / 1e6:.1f} MB -> {destination}")
+    folder, digest, reused = publish_local(source=Path(quant.model.path), root=local_root(destination), parts=parts,
+                                           manifest=manifest)
+    return Publication(uri=folder.resolve().as_uri(), manifest_sha256=digest, size_bytes=manifest["total_bytes"],
+                       reused=reused)
+
+
+@task(name="publish")
+def publish_task(spec: FactorySpec, merge: MergeResult, quant: QuantResult, bench: BenchmarkResult,
+                 decision: GateDecision) -> Publication:
+    return publish_artifact(spec=spec, merge=merge, quant=quant, bench=bench, decision=decision)

@@ -1,0 +1,129 @@
+"""Step 3 — quantize: GPTQ with GPTQModel, in an isolated worker process.
+
+Output: a standard GPTQ checkpoint (``config.json`` with ``quantization_config`` + safetensors),
+loadable by plain ``transformers.AutoModelForCausalLM.from_pretrained`` and by vLLM. Runs on
+CUDA when present, else CPU. The output folder is keyed by the input model's SHA and the
+canonical quantization spec; a finished one is reused.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from prefect import task
+
+from modelfactory import workdir
+from modelfactory.devices import gpu_env, heartbeat, resolve_device, resolve_dtype
+from modelfactory.errors import CalibrationError, QuantizationError
+from modelfactory.hashing import step_key
+from modelfactory.isolation import run_isolated
+from modelfactory.log import progress
+from modelfactory.records import ModelArtifact, QuantResult
+from modelfactory.specs import CalibrationSpec, QuantSpec
+from modelfactory.textdata import load_text, require_tokens
+
+
+def calibration_windows(token_ids: list[int], *, num_samples: int, seq_len: int, seed: int) -> list[list[int]]:
+    """*num_samples* windows of *seq_len* tokens at seeded random offsets (distinct when possible)."""
+    import random
+
+    n = len(token_ids)
+    if n < seq_len + 1:
+        raise CalibrationError(
+            f"calibration text has {n} tokens, fewer than one window of seq_len={seq_len}: "
+            "use a longer text or a smaller seq_len"
+        )
+    rng = random.Random(seed)
+    starts = list(range(0, n - seq_len + 1, seq_len))
+    if len(starts) >= num_samples:
+        chosen = sorted(rng.sample(starts, num_samples))
+    else:  # overlapping windows: still deterministic
+        chosen = [rng.randrange(0, n - seq_len + 1) for _ in range(num_samples)]
+    return [token_ids[s : s + seq_len] for s in chosen]
+
+
+def build_calibration(tokenizer, spec: CalibrationSpec) -> tuple[list[dict[str, list[int]]], str]:
+    text, origin = load_text(spec.text)
+    if not text.strip():
+        raise CalibrationError(f"calibration text {origin!r} is empty: give a text with content")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    require_tokens(len(ids), spec.seq_len + 1, what="calibration", label=origin)
+    windows = calibration_windows(ids, num_samples=spec.num_samples, seq_len=spec.seq_len, seed=spec.seed)
+    return [{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows], origin
+
+
+def run_gptq(*, model_path: str, out_dir: str, spec: dict, device: str) -> dict:
+    """Worker body (runs in the isolated process): quantize *model_path* into *out_dir*."""
+    import torch
+    import gptqmodel
+    from gptqmodel import GPTQModel, QuantizeConfig
+    from transformers import AutoTokenizer
+
+    qspec = QuantSpec.model_validate(spec)
+    device = resolve_device(device)
+    dtype = getattr(torch, resolve_dtype("auto", device))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    calibration, origin = build_calibration(tokenizer, qspec.calibration)
+    progress(f"quantize: {len(calibration)} calibration windows x {qspec.calibration.seq_len} tokens from {origin}")
+    config = QuantizeConfig(
+        bits=qspec.bits,
+        group_size=qspec.group_size,
+        damp_percent=qspec.damp_percent,
+        desc_act=qspec.desc_act,
+        sym=qspec.sym,
+        true_sequential=qspec.true_sequential,
+        offload_to_disk=False,  # keeps machine-local temp paths out of the saved quantize_config
+    )
+    start = time.perf_counter()
+    try:
+        model = GPTQModel.load(model_path, config, dtype=dtype, device=device)
+        progress(f"quantize: GPTQ {qspec.label()} on {device} ({dtype}) started")
+        with heartbeat("quantize"):
+            model.quantize(calibration, batch_size=qspec.batch_size, tokenizer=tokenizer)
+        quantize_s = time.perf_counter() - start
+        model.save(out_dir)
+    except torch.OutOfMemoryError as exc:
+        raise QuantizationError(
+            f"out of memory quantizing {model_path} on {device}: lower quantize.batch_size, "
+            f"calibration.seq_len or num_samples, or use a larger GPU ({exc})"
+        ) from exc
+    tokenizer.save_pretrained(out_dir)
+    progress(f"quantize: done in {quantize_s:.1f} s")
+    return {"quantize_s": quantize_s, "device": device, "engine": f"gptqmodel {gptqmodel.__version__}"}
+
+
+def quantize_model(*, model: ModelArtifact, spec: QuantSpec, device: str = "auto") -> QuantResult:
+    """GPTQ-quantize *model*; reuse a finished output with identical inputs."""
+    start = time.perf_counter()
+    key = step_key("quantize", model=model.sha, spec=spec)
+    done = workdir.completed("quantize", key)
+    reused = done is not None
+    if reused:
+        progress(f"quantize: reusing {done}")
+        info = workdir.read_marker(done)
+    else:
+        log_path = workdir.step_dir("quantize", key).with_suffix(".log")
+        with workdir.building("quantize", key) as (tmp, marker):
+            scratch = tmp.parent / f".{key}.scratch"  # GPTQModel writes ./logs into its cwd
+            scratch.mkdir(exist_ok=True)
+            try:
+                info = run_isolated(
+                    "tasks.quantize:run_gptq",
+                    kwargs={"model_path": model.path, "out_dir": str(tmp), "spec": spec.model_dump(mode="json"),
+                            "device": device},
+                    log_path=log_path, env=gpu_env(), cwd=scratch, unexpected=QuantizationError,
+                )
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            marker.update(info, source_sha=model.sha, spec=spec.model_dump(mode="json"))
+        done = workdir.step_dir("quantize", key)
+    artifact = ModelArtifact(path=str(done), sha=key, source_uri=model.source_uri, kind="gptq", reused=reused,
+                             duration_s=time.perf_counter() - start)
+    return QuantResult(model=artifact, quantize_s=info["quantize_s"], engine=info["engine"], device=info["device"])
+
+
+@task(name="quantize")
+def quantize_task(model: ModelArtifact, spec: QuantSpec, device: str = "auto") -> QuantResult:
+    return quantize_model(model=model, spec=spec, device=device)

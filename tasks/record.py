@@ -1,0 +1,104 @@
+"""Step 7 — record: write the run, its steps, metrics, gate decision and artifacts to the catalog.
+
+One :class:`RunRecorder` per flow run. Every write is its own short transaction, so the catalog
+shows a run as ``running`` from its first step, and a failure anywhere still leaves the run
+``failed`` with the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from modelfactory.catalog import Catalog, GateCheckRecord, MetricRecord, open_catalog
+from modelfactory.errors import error_kind
+from modelfactory.log import get_logger
+from modelfactory.records import (AdapterArtifact, BenchmarkResult, GateDecision, MergeResult, ModelArtifact,
+                                  Publication, QuantResult)
+from modelfactory.versions import host_info, library_versions
+
+#: SideMetrics fields recorded as metrics, with their units.
+SIDE_METRICS = {
+    "perplexity": "ppl", "decode_tok_s": "tok/s", "ttft_ms": "ms", "disk_bytes": "B", "load_s": "s",
+    "mem_after_load_bytes": "B", "mem_peak_decode_bytes": "B", "mem_peak_bytes": "B",
+}
+RATIO_UNITS = {"ppl_increase_pct": "%", "decode_speedup": "x", "size_ratio": "x", "memory_ratio": "x"}
+
+
+def benchmark_metrics(result: BenchmarkResult) -> list[MetricRecord]:
+    metrics = []
+    for side in (result.fp16, result.gptq):
+        for name, unit in SIDE_METRICS.items():
+            value = getattr(side, name)
+            if value is not None:
+                metrics.append(MetricRecord(name=name, side=side.side, value=float(value), unit=unit))
+    for name, value in result.ratios().items():
+        if value is not None:
+            metrics.append(MetricRecord(name=name, side="delta", value=float(value), unit=RATIO_UNITS[name]))
+    return metrics
+
+
+class RunRecorder:
+    def __init__(self, catalog: Catalog, run_id: str) -> None:
+        self.catalog = catalog
+        self.run_id = run_id
+
+    @classmethod
+    def start(cls, *, run_id: str, name: str, spec: dict[str, Any], run_key: str, flow_run_id: str | None,
+              catalog_url: str | None = None) -> RunRecorder:
+        catalog = open_catalog(catalog_url)
+        catalog.start_run(run_id=run_id, name=name, spec=spec, run_key=run_key, flow_run_id=flow_run_id,
+                          library_versions=library_versions(), host=host_info())
+        return cls(catalog, run_id)
+
+    def sources(self, base: ModelArtifact, adapters: tuple[AdapterArtifact, ...]) -> None:
+        self.catalog.set_sources(run_id=self.run_id, base_uri=base.source_uri, base_sha=base.sha,
+                                 adapters=[{"uri": a.source_uri, "sha": a.sha, "weight": a.weight} for a in adapters])
+
+    def step(self, name: str, model: ModelArtifact | None = None, *, duration_s: float | None = None,
+             reused: bool | None = None, output_uri: str | None = None, detail: dict[str, Any] | None = None) -> None:
+        """One step row; *model* supplies duration, reuse and output path unless given."""
+        if model is not None:
+            reused = model.reused if reused is None else reused
+            duration_s = model.duration_s if duration_s is None else duration_s
+            output_uri = output_uri or model.path
+        self.catalog.record_step(run_id=self.run_id, name=name, status="reused" if reused else "ok",
+                                 duration_s=duration_s or 0.0, output_uri=output_uri, detail=detail)
+
+    def merge(self, result: MergeResult) -> None:
+        self.step("merge", result.model, detail={"max_abs_logit_diff": result.max_abs_logit_diff,
+                                                 "tolerance": result.tolerance, "adapters": len(result.adapters)})
+        if result.max_abs_logit_diff is not None:
+            self.catalog.record_metrics(run_id=self.run_id, metrics=[MetricRecord(
+                name="merge_max_abs_logit_diff", side="", value=result.max_abs_logit_diff, unit="logit")])
+
+    def quantize(self, result: QuantResult) -> None:
+        self.step("quantize", result.model, detail={"engine": result.engine, "device": result.device})
+        self.catalog.record_metrics(run_id=self.run_id, metrics=[MetricRecord(
+            name="quantize_s", side="gptq", value=result.quantize_s, unit="s")])
+
+    def benchmark(self, result: BenchmarkResult) -> None:
+        self.step("benchmark", duration_s=result.duration_s, reused=result.reused, output_uri=result.path,
+                  detail={"path": result.path, "kernel": result.gptq.kernel, "device": result.gptq.device})
+        self.catalog.record_metrics(run_id=self.run_id, metrics=benchmark_metrics(result))
+
+    def gate(self, decision: GateDecision, duration_s: float) -> None:
+        self.step("gate", duration_s=duration_s, detail={"passed": decision.passed})
+        self.catalog.record_gate(run_id=self.run_id, checks=[GateCheckRecord(
+            metric=c.metric, threshold=c.threshold, baseline=c.baseline, candidate=c.candidate, observed=c.observed,
+            passed=c.passed, message=c.message) for c in decision.checks])
+
+    def publication(self, publication: Publication, duration_s: float) -> None:
+        self.step("publish", duration_s=duration_s, reused=publication.reused, output_uri=publication.uri)
+        self.catalog.record_artifact(run_id=self.run_id, kind="gptq", uri=publication.uri,
+                                     manifest_sha256=publication.manifest_sha256, size_bytes=publication.size_bytes)
+
+    def finish(self, status: str) -> None:
+        self.catalog.finish_run(run_id=self.run_id, status=status)
+
+    def fail(self, exc: BaseException) -> None:
+        """Mark the run failed; never hides the original error if the catalog write fails too."""
+        try:
+            self.catalog.finish_run(run_id=self.run_id, status="failed", error=str(exc) or repr(exc),
+                                    error_kind=error_kind(exc))
+        except Exception as record_exc:  # noqa: BLE001 - report, keep the original error
+            get_logger().error(f"could not record failure of run {self.run_id}: {record_exc}")

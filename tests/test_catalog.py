@@ -1,0 +1,413 @@
+"""Tests of the run catalog, on SQLite and on PostgreSQL.
+
+The PostgreSQL cases (marker ``postgres``) need a server at ``MODELFACTORY_TEST_PG_URL``
+(default ``postgresql+psycopg://postgres@127.0.0.1:5432/test``, trust auth). They fail,
+not skip, when it cannot be reached; deselect them with ``-m 'not postgres'``. Each test
+gets a fresh schema, selected through ``search_path`` in the URL, dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from rich.console import Console
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+
+from modelfactory.catalog import (
+    Catalog,
+    GateCheckRecord,
+    MetricRecord,
+    RunDetail,
+    head_revision,
+    open_catalog,
+)
+from modelfactory.catalog.models import Base
+from modelfactory.catalog.render import run_detail_table, runs_json, runs_table
+from modelfactory.errors import CatalogError
+
+REPO = Path(__file__).resolve().parents[1]
+PG_URL = os.environ.get("MODELFACTORY_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+TABLES = {"runs", "steps", "metrics", "gate_checks", "artifacts"}
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@contextmanager
+def postgres_schema_url() -> Iterator[str]:
+    """URL of a fresh, empty PostgreSQL schema (dropped with everything in it on exit)."""
+    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    schema = f"mf_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    except OperationalError as exc:
+        admin.dispose()
+        pytest.fail(
+            f"PostgreSQL is not reachable at {PG_URL} ({exc.orig}). Start it with "
+            f"`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, set "
+            f"MODELFACTORY_TEST_PG_URL, or deselect these tests with -m 'not postgres'",
+            pytrace=False,
+        )
+    try:
+        # search_path in the URL: every connection (Alembic's version table included) uses it.
+        yield make_url(PG_URL).update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
+            hide_password=False
+        )
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty catalog database: a SQLite file (in a folder not yet created) or a PG schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'home' / 'catalog.db'}"
+    else:
+        with postgres_schema_url() as url:
+            yield url
+
+
+@pytest.fixture
+def catalog(catalog_url: str) -> Iterator[Catalog]:
+    cat = open_catalog(catalog_url)
+    yield cat
+    cat.dispose()
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def start(catalog: Catalog, name: str = "demo", **kwargs) -> str:
+    run_id = new_id()
+    catalog.start_run(run_id=run_id, name=name, spec={"name": name}, run_key=f"key-{name}", **kwargs)
+    return run_id
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def test_fresh_database_is_upgraded_to_head(catalog_url: str) -> None:
+    with open_catalog(catalog_url) as cat:
+        assert cat.current_revision() == head_revision() == "0001"
+        assert TABLES | {"alembic_version"} <= set(inspect(cat.engine).get_table_names())
+        cat.upgrade()  # idempotent
+        assert cat.current_revision() == "0001"
+    if catalog_url.startswith("sqlite"):
+        assert Path(make_url(catalog_url).database).exists()
+
+
+def test_migration_matches_models(catalog: Catalog) -> None:
+    with catalog.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+    assert diff == []
+
+
+def test_no_auto_upgrade_on_empty_database_raises(catalog_url: str) -> None:
+    with pytest.raises(CatalogError, match="modelfactory catalog upgrade") as info:
+        open_catalog(catalog_url, auto_upgrade=False)
+    assert "code needs 0001" in str(info.value)
+    open_catalog(catalog_url).dispose()  # upgrades
+    with open_catalog(catalog_url, auto_upgrade=False) as cat:  # now at head: fine
+        assert cat.current_revision() == "0001"
+
+
+def test_unknown_revision_in_database_raises(catalog: Catalog) -> None:
+    with catalog.engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    with pytest.raises(CatalogError, match="revision 9999, which this version of modelfactory does not know"):
+        catalog.ensure_schema()
+
+
+def test_sqlite_uses_wal(tmp_path: Path) -> None:
+    with open_catalog(f"sqlite:///{tmp_path / 'c.db'}") as cat, cat.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+
+def test_default_url_comes_from_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelfactory.settings import get_settings
+
+    monkeypatch.delenv("MODELFACTORY_CATALOG_URL", raising=False)
+    monkeypatch.setenv("MODELFACTORY_HOME", str(tmp_path / "mfhome"))
+    get_settings.cache_clear()
+    try:
+        with open_catalog() as cat:
+            assert cat.url == f"sqlite:///{tmp_path / 'mfhome' / 'catalog.db'}"
+        assert (tmp_path / "mfhome" / "catalog.db").exists()
+    finally:
+        get_settings.cache_clear()
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+def test_full_run_lifecycle_round_trips(catalog: Catalog) -> None:
+    run_id = start(
+        catalog,
+        "smollm-lora",
+        flow_run_id="flow-1",
+        library_versions={"torch": "2.13.0"},
+        host={"hostname": "h", "platform": "linux", "python": "3.11", "device": "cpu"},
+    )
+    adapters = [{"uri": "hf://me/lora", "sha": "a" * 40, "weight": 1.0}]
+    base_uri = "hf://HuggingFaceTB/SmolLM2-135M"
+    catalog.set_sources(run_id=run_id, base_uri=base_uri, base_sha="b" * 40, adapters=adapters)
+    catalog.record_step(run_id=run_id, name="merge", status="failed", duration_s=1.0)
+    catalog.record_step(
+        run_id=run_id, name="merge", status="ok", duration_s=2.5, output_uri="file:///w/m", detail={"tol": 1e-3}
+    )
+    catalog.record_step(run_id=run_id, name="quantize", status="reused", duration_s=0.1)
+    catalog.record_metrics(
+        run_id=run_id,
+        metrics=[MetricRecord("perplexity", "fp16", 20.0, ""), MetricRecord("perplexity", "gptq", 99.0, "")],
+    )
+    catalog.record_metrics(  # upsert: gptq overwritten, delta added, duplicate in one call keeps the last
+        run_id=run_id,
+        metrics=[
+            MetricRecord("perplexity", "gptq", 21.0, ""),
+            MetricRecord("perplexity", "delta", 0.0, "%"),
+            MetricRecord("perplexity", "delta", 0.05, "%"),
+            MetricRecord("size", "", 0.3, "ratio"),
+        ],
+    )
+    rejected = GateCheckRecord("perplexity", 0.01, 20.0, 21.0, 0.05, False, "too high")
+    catalog.record_gate(run_id=run_id, checks=[rejected])
+    gate = [
+        GateCheckRecord("perplexity", 0.1, 20.0, 21.0, 0.05, True, "ok"),
+        GateCheckRecord("size", 0.5, None, None, 0.3, True, ""),
+    ]
+    catalog.record_gate(run_id=run_id, checks=gate)  # replaces the first verdict
+    catalog.record_artifact(
+        run_id=run_id, kind="gptq", uri="file:///store/x", manifest_sha256="c" * 64, size_bytes=5 << 30
+    )
+    catalog.finish_run(run_id=run_id, status="passed")
+
+    detail = catalog.get_run(run_id)
+    assert isinstance(detail, RunDetail)
+    assert (detail.name, detail.status, detail.run_key) == ("smollm-lora", "passed", "key-smollm-lora")
+    assert detail.error is None and detail.error_kind is None
+    assert detail.spec == {"name": "smollm-lora"}
+    assert detail.adapters == adapters
+    assert detail.base_sha == "b" * 40 and detail.base_uri.startswith("hf://")
+    assert detail.library_versions == {"torch": "2.13.0"} and detail.host["device"] == "cpu"
+    assert detail.started_at.tzinfo is not None and detail.finished_at >= detail.started_at
+    assert [(s.name, s.status, s.duration_s, s.output_uri, s.detail) for s in detail.steps] == [
+        ("merge", "ok", 2.5, "file:///w/m", {"tol": 1e-3}),
+        ("quantize", "reused", 0.1, None, None),
+    ]
+    assert {(m.name, m.side): (m.value, m.unit) for m in detail.metrics} == {
+        ("perplexity", "fp16"): (20.0, ""),
+        ("perplexity", "gptq"): (21.0, ""),
+        ("perplexity", "delta"): (0.05, "%"),
+        ("size", ""): (0.3, "ratio"),
+    }
+    assert detail.metric("perplexity", "gptq").value == 21.0
+    assert list(detail.gate_checks) == gate and detail.gate_passed is True
+    artifacts = [(a.kind, a.manifest_sha256, a.size_bytes) for a in detail.artifacts]
+    assert artifacts == [("gptq", "c" * 64, 5 << 30)]  # > 2 GiB: BIGINT
+
+    assert catalog.get_run(run_id[:8]) == detail  # unique prefix
+    as_json = json.loads(json.dumps(detail.to_dict()))
+    assert as_json["started_at"] == detail.started_at.isoformat() and as_json["steps"][0]["name"] == "merge"
+
+
+def test_list_runs_filters_and_orders_newest_first(catalog: Catalog) -> None:
+    first = start(catalog, "first")
+    catalog.set_sources(run_id=first, base_uri="hf://a", base_sha="sha-a", adapters=[])
+    catalog.finish_run(run_id=first, status="passed")
+    second = start(catalog, "second")
+    catalog.set_sources(run_id=second, base_uri="hf://b", base_sha="sha-b", adapters=[])
+    catalog.finish_run(run_id=second, status="failed", error="boom\ntraceback", error_kind="quantization")
+    third = start(catalog, "third")
+
+    assert [r.id for r in catalog.list_runs()] == [third, second, first]
+    assert [r.id for r in catalog.list_runs(limit=2)] == [third, second]
+    assert [r.id for r in catalog.list_runs(status="failed")] == [second]
+    assert [r.id for r in catalog.list_runs(status="running")] == [third]
+    assert [r.id for r in catalog.list_runs(base_sha="sha-a")] == [first]
+    assert catalog.list_runs(status="passed", base_sha="sha-b") == []
+    failed = catalog.list_runs(status="failed")[0]
+    assert failed.error == "boom\ntraceback" and failed.duration_s >= 0
+    assert catalog.get_run(second).error_kind == "quantization"
+    assert json.loads(runs_json(catalog.list_runs()))[0]["id"] == third
+    with pytest.raises(CatalogError, match="is not one of"):
+        catalog.list_runs(status="done")
+    with pytest.raises(CatalogError, match="limit"):
+        catalog.list_runs(limit=0)
+
+
+def test_get_run_unknown_short_or_ambiguous_ids(catalog: Catalog) -> None:
+    for suffix in ("1", "2"):
+        catalog.start_run(run_id=f"abcdef-{suffix}", name="x", spec={}, run_key="k")
+    with pytest.raises(CatalogError, match="no run with id 'nope'.*modelfactory catalog ls"):
+        catalog.get_run("nope")
+    with pytest.raises(CatalogError, match="no run with id 'abcde'"):
+        catalog.get_run("abcde")  # a prefix under 6 characters is not looked up
+    with pytest.raises(CatalogError, match="matches several runs"):
+        catalog.get_run("abcdef")
+    assert catalog.get_run("abcdef-2").id == "abcdef-2"
+    with pytest.raises(CatalogError, match="no run"):
+        catalog.get_run("abc%ef")  # LIKE wildcards are escaped
+
+
+def test_invalid_writes_raise(catalog: Catalog) -> None:
+    run_id = start(catalog)
+    expected = "final run status 'done' is not one of 'passed', 'failed', 'rejected'"
+    with pytest.raises(CatalogError, match=expected):
+        catalog.finish_run(run_id=run_id, status="done")
+    with pytest.raises(CatalogError, match="final run status 'running'"):
+        catalog.finish_run(run_id=run_id, status="running")
+    with pytest.raises(CatalogError, match="step status"):
+        catalog.record_step(run_id=run_id, name="merge", status="great", duration_s=1)
+    with pytest.raises(CatalogError, match="side of metric 'ppl'"):
+        catalog.record_metrics(run_id=run_id, metrics=[MetricRecord("ppl", "int4", 1.0, "")])
+    with pytest.raises(CatalogError, match="already exists"):
+        catalog.start_run(run_id=run_id, name="again", spec={}, run_key="k")
+    with pytest.raises(CatalogError, match="no run with id 'ghost'.*start_run first"):
+        catalog.record_step(run_id="ghost", name="merge", status="ok", duration_s=1)
+    with pytest.raises(CatalogError, match="no run with id 'ghost'"):
+        catalog.finish_run(run_id="ghost", status="passed")
+    assert catalog.get_run(run_id).status == "running"  # nothing above changed the run
+
+
+# --------------------------------------------------------------------------- connection errors
+
+
+def test_unreachable_database_raises_with_masked_password() -> None:
+    url = "postgresql+psycopg://factory:s3cr3t-pw@127.0.0.1:1/catalog"
+    with pytest.raises(CatalogError) as info:
+        open_catalog(url)
+    message = str(info.value)
+    assert "s3cr3t-pw" not in message
+    assert "postgresql+psycopg://factory:***@127.0.0.1:1/catalog" in message
+    assert "is the database running? check MODELFACTORY_CATALOG_URL" in message
+    assert info.value.__cause__ is not None
+
+
+def test_bad_urls_raise() -> None:
+    with pytest.raises(CatalogError, match="not a database URL"):
+        open_catalog("not a url")
+    with pytest.raises(CatalogError, match="unsupported database 'mysql'"):
+        open_catalog("mysql://u:pw@localhost/x")
+
+
+@pytest.mark.postgres
+def test_catalog_url_hides_password() -> None:
+    with postgres_schema_url() as url:
+        with_password = make_url(url).set(password="hunter2").render_as_string(hide_password=False)
+        with open_catalog(with_password) as cat:  # trust auth ignores the password
+            assert "hunter2" not in cat.url and "***" in cat.url
+            assert "hunter2" not in repr(cat)
+
+
+# --------------------------------------------------------------------------- concurrency
+
+RUNS_PER_WRITER = 25
+
+
+def write_runs(catalog: Catalog, tag: str, count: int) -> None:
+    for i in range(count):
+        run_id = f"{tag}-{i:03d}-{uuid.uuid4().hex[:8]}"
+        catalog.start_run(run_id=run_id, name=f"{tag}-{i}", spec={"i": i}, run_key=tag)
+        catalog.record_step(run_id=run_id, name="merge", status="ok", duration_s=0.01)
+        catalog.record_metrics(run_id=run_id, metrics=[MetricRecord("ppl", "fp16", float(i), "")])
+        catalog.finish_run(run_id=run_id, status="passed")
+
+
+def assert_all_written(catalog: Catalog, tags: list[str]) -> None:
+    runs = catalog.list_runs(limit=1000)
+    assert len(runs) == RUNS_PER_WRITER * len(tags)
+    for tag in tags:
+        mine = [r for r in runs if r.run_key == tag]
+        assert len(mine) == RUNS_PER_WRITER and all(r.status == "passed" for r in mine)
+    detail = catalog.get_run(runs[0].id)
+    assert len(detail.steps) == 1 and len(detail.metrics) == 1
+
+
+def test_two_threads_write_concurrently(catalog: Catalog) -> None:
+    barrier, errors = threading.Barrier(2), []
+
+    def writer(tag: str) -> None:
+        try:
+            barrier.wait()
+            write_runs(catalog, tag, RUNS_PER_WRITER)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(tag,)) for tag in ("t1", "t2")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == []
+    assert_all_written(catalog, ["t1", "t2"])
+
+
+def test_two_processes_write_concurrently(catalog_url: str) -> None:
+    """Two processes open the same fresh catalog (both may upgrade it) and write at once."""
+    code = (
+        "import sys, uuid\n"
+        "from modelfactory.catalog import open_catalog, MetricRecord\n"
+        "url, tag, count = sys.argv[1], sys.argv[2], int(sys.argv[3])\n"
+        "with open_catalog(url) as catalog:\n"
+        "    for i in range(count):\n"
+        "        run_id = f'{tag}-{i:03d}-{uuid.uuid4().hex[:8]}'\n"
+        "        catalog.start_run(run_id=run_id, name=f'{tag}-{i}', spec={'i': i}, run_key=tag)\n"
+        "        catalog.record_step(run_id=run_id, name='merge', status='ok', duration_s=0.01)\n"
+        "        catalog.record_metrics(run_id=run_id, metrics=[MetricRecord('ppl', 'fp16', float(i), '')])\n"
+        "        catalog.finish_run(run_id=run_id, status='passed')\n"
+    )
+    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": python_path}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, catalog_url, tag, str(RUNS_PER_WRITER)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for tag in ("p1", "p2")
+    ]
+    for proc in procs:
+        _out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    with open_catalog(catalog_url, auto_upgrade=False) as catalog:
+        assert_all_written(catalog, ["p1", "p2"])
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def test_render_tables(catalog: Catalog) -> None:
+    run_id = start(catalog, "rendered")
+    catalog.record_metrics(
+        run_id=run_id,
+        metrics=[MetricRecord("perplexity", "fp16", 20.0, ""), MetricRecord("perplexity", "gptq", 21.5, "")],
+    )
+    catalog.finish_run(run_id=run_id, status="rejected", error="gate failed", error_kind="gate")
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    console.print(runs_table(catalog.list_runs()))
+    console.print(run_detail_table(catalog.get_run(run_id)))
+    out = console.file.getvalue()
+    assert run_id[:8] in out and "rejected" in out
+    assert "perplexity" in out and "20" in out and "21.5" in out
