@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
+import time
 import sys
 import tempfile
 from collections import deque
@@ -33,8 +35,13 @@ def run_isolated(
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
     unexpected: type[ModelFactoryError] = WorkerError,
+    library_progress: tuple[re.Pattern[str], str] | None = None,
 ) -> Any:
-    """Call ``target`` (``"package.module:function"``) with *kwargs* in a child process."""
+    """Call ``target`` (``"package.module:function"``) with *kwargs* in a child process.
+
+    *library_progress* ``(pattern, template)``: output lines of the child's libraries matching
+    *pattern* are logged as ``template.format(*groups)``, at most every 10 s.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     logger = get_logger()
     child_env = {**os.environ, **(env or {}), WORKER_ENV: "1", "PYTHONUNBUFFERED": "1"}
@@ -53,14 +60,22 @@ def run_isolated(
             errors="replace",
         ) as proc:
             assert proc.stdout is not None
+            last_library_log = 0.0
             try:
                 for line in proc.stdout:
                     log.write(line)
-                    line = line.rstrip()
-                    if line.startswith(PROGRESS_PREFIX):
-                        logger.info(line[len(PROGRESS_PREFIX) :])
-                    elif line:
-                        tail.append(line.split("\r")[-1][-300:])
+                    line = line.rstrip().split("\r")[-1]
+                    marker = line.find(PROGRESS_PREFIX)  # libraries print bars without newlines
+                    if marker >= 0:
+                        logger.info(line[marker + len(PROGRESS_PREFIX) :])
+                        continue
+                    if line:
+                        tail.append(line[-300:])
+                    if library_progress and time.monotonic() - last_library_log > 10:
+                        match = library_progress[0].search(line)
+                        if match:
+                            logger.info(library_progress[1].format(*match.groups()))
+                            last_library_log = time.monotonic()
             except BaseException:
                 proc.kill()
                 raise

@@ -149,8 +149,10 @@ class CalibrationSpec(Spec):
 class QuantSpec(Spec):
     """GPTQ settings (GPTQModel ``QuantizeConfig``)."""
 
-    bits: int = Field(default=4, description="Weight bits: 2, 3, 4 or 8.")
-    group_size: int = Field(default=128, description="Columns per scale group (-1: one group per row).")
+    bits: int = Field(default=4, description="Weight bits: 2, 3, 4 or 8.",
+                      json_schema_extra={"enum": list(SUPPORTED_BITS)})
+    group_size: int = Field(default=128, description="Columns per scale group (-1: one group per row).",
+                            json_schema_extra={"enum": list(SUPPORTED_GROUP_SIZES)})
     damp_percent: float = Field(default=0.05, gt=0, lt=1, description="Hessian dampening.")
     desc_act: bool = Field(default=False, description="Quantize columns in activation order.")
     sym: bool = Field(default=True, description="Symmetric quantization.")

@@ -49,6 +49,10 @@ def measure_side(*, model_path: str, side: str, spec: dict) -> SideMetrics:
 
     bspec = BenchmarkSpec.model_validate(spec)
     device = resolve_device(bspec.device)
+    if device == "cpu":
+        # Both sides run eagerly on CPU: GPTQModel's torch kernel would otherwise torch.compile its
+        # dequantization per layer shape, which costs minutes on a small CPU and is not what we measure.
+        torch._dynamo.config.disable = True
     dtype_name = resolve_dtype(bspec.dtype, device)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     text, origin = load_text(bspec.perplexity.text)

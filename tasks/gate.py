@@ -6,6 +6,7 @@ fp16 and GPTQ values, so one rejected run tells the whole story.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from prefect import task
@@ -20,6 +21,9 @@ _RULES: dict[str, tuple[str, Callable[[SideMetrics], float | None], str, str]] =
     "max_size_ratio": ("size_ratio", lambda s: float(s.disk_bytes), "max", "disk size ratio"),
     "max_memory_ratio": ("memory_ratio", lambda s: float(s.mem_after_load_bytes), "max", "memory ratio"),
 }
+#: Ratios are computed in floating point ((11 / 10 - 1) * 100 == 10.000000000000009): an observed value
+#: this close to its threshold (relative) is equal to it, and thresholds are inclusive.
+_REL_TOL = 1e-9
 
 
 def check_metric(field: str, threshold: float, result: BenchmarkResult) -> GateCheck:
@@ -29,9 +33,11 @@ def check_metric(field: str, threshold: float, result: BenchmarkResult) -> GateC
     if observed is None:
         passed, verdict = False, "not measured"
     elif direction == "max":
-        passed, verdict = observed <= threshold, f"{observed:.4g} {'<=' if observed <= threshold else '>'} {threshold:g}"
+        passed = observed <= threshold or math.isclose(observed, threshold, rel_tol=_REL_TOL)
+        verdict = f"{observed:.4g} {'<=' if passed else '>'} {threshold:g}"
     else:
-        passed, verdict = observed >= threshold, f"{observed:.4g} {'>=' if observed >= threshold else '<'} {threshold:g}"
+        passed = observed >= threshold or math.isclose(observed, threshold, rel_tol=_REL_TOL)
+        verdict = f"{observed:.4g} {'>=' if passed else '<'} {threshold:g}"
     message = f"{label}: {verdict} (fp16 {_fmt(baseline)}, gptq {_fmt(candidate)})"
     return GateCheck(metric=field, threshold=threshold, baseline=baseline, candidate=candidate, observed=observed,
                      passed=passed, message=message)

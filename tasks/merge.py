@@ -76,6 +76,16 @@ def _verification_ids(vocab_size: int, spec: MergeSpec):
     return torch.randint(0, vocab_size, (spec.verify_batch, spec.verify_tokens), generator=generator)
 
 
+def _checkpoint_dtype(model_dir: Path):
+    """The dtype a checkpoint was saved in (``dtype`` / ``torch_dtype`` of its config.json), else float16."""
+    import torch
+
+    config = json.loads((model_dir / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) else torch.float16
+
+
 def _merge_into(out_dir: Path, base: ModelArtifact, adapters: tuple[AdapterArtifact, ...], spec: MergeSpec) -> float:
     """Merge, verify and save to *out_dir*; returns the max |Δlogit|."""
     import torch
@@ -83,8 +93,8 @@ def _merge_into(out_dir: Path, base: ModelArtifact, adapters: tuple[AdapterArtif
     from transformers import AutoModelForCausalLM
 
     progress(f"merge: loading base {base.source_uri} in fp32")
+    save_dtype = _checkpoint_dtype(Path(base.path))  # read before loading: loading in fp32 overwrites config.dtype
     model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
-    save_dtype = getattr(model.config, "dtype", None) or torch.float16
     names = [f"adapter_{i}" for i in range(len(adapters))]
     peft_model = PeftModel.from_pretrained(model, adapters[0].path, adapter_name=names[0])
     for name, adapter in zip(names[1:], adapters[1:]):

@@ -8,6 +8,7 @@ canonical quantization spec; a finished one is reused.
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from pathlib import Path
@@ -23,6 +24,9 @@ from modelfactory.log import progress
 from modelfactory.records import ModelArtifact, QuantResult
 from modelfactory.specs import CalibrationSpec, QuantSpec
 from modelfactory.textdata import load_text, require_tokens
+
+#: GPTQModel's per-layer progress line, forwarded to the Prefect log.
+GPTQMODEL_LAYER = (re.compile(r"layer \[(\d+) of (\d+)\]"), "quantize: layer {0} of {1}")
 
 
 def calibration_windows(token_ids: list[int], *, num_samples: int, seq_len: int, seed: int) -> list[list[int]]:
@@ -114,6 +118,7 @@ def quantize_model(*, model: ModelArtifact, spec: QuantSpec, device: str = "auto
                     kwargs={"model_path": model.path, "out_dir": str(tmp), "spec": spec.model_dump(mode="json"),
                             "device": device},
                     log_path=log_path, env=gpu_env(), cwd=scratch, unexpected=QuantizationError,
+                    library_progress=GPTQMODEL_LAYER,
                 )
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)

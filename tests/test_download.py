@@ -1,0 +1,89 @@
+"""Resolving base models from local folders, and the early checks on what they contain (no network)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from modelfactory.errors import SourceError, SourceNotFoundError
+from modelfactory.hashing import tree_sha256
+from modelfactory.specs import ModelSource
+from tasks.download import check_model_dir, download_model
+
+
+def fake_model_dir(folder: Path, *, config: dict | None = None, safetensors: bool = True) -> Path:
+    """A folder with a config.json and (optionally) a real, one-tensor safetensors file."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config or {"architectures": ["LlamaForCausalLM"]}))
+    if safetensors:
+        save_file({"w": torch.zeros(2, 2)}, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_local_folder_resolves_to_content_hash(tiny_llama):
+    artifact = download_model(source=ModelSource(uri=str(tiny_llama)))
+    assert artifact.kind == "local"
+    assert artifact.path == str(tiny_llama.resolve())
+    assert artifact.source_uri == str(tiny_llama.resolve())
+    assert artifact.sha == tree_sha256(tiny_llama)
+    assert len(artifact.sha) == 64 and int(artifact.sha, 16) >= 0
+    assert artifact.duration_s >= 0 and artifact.reused is False
+    assert download_model(source=ModelSource(uri=str(tiny_llama))).sha == artifact.sha
+
+
+def test_local_hash_follows_content(tmp_path):
+    folder = fake_model_dir(tmp_path / "m")
+    first = download_model(source=ModelSource(uri=str(folder))).sha
+    (folder / "generation_config.json").write_text("{}")
+    assert download_model(source=ModelSource(uri=str(folder))).sha != first
+
+
+def test_nonexistent_folder(tmp_path):
+    with pytest.raises(SourceNotFoundError, match="does not exist") as info:
+        download_model(source=ModelSource(uri=str(tmp_path / "missing-model")))
+    assert "missing-model" in str(info.value)
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(SourceError, match="no config.json"):
+        download_model(source=ModelSource(uri=str(tmp_path)))
+
+
+def test_remote_code_needs_trust(tmp_path):
+    config = {"architectures": ["MyModel"], "auto_map": {"AutoModelForCausalLM": "modeling_my.MyModel"}}
+    folder = fake_model_dir(tmp_path / "custom", config=config)
+    with pytest.raises(SourceError, match="trust_remote_code") as info:
+        download_model(source=ModelSource(uri=str(folder)))
+    assert "auto_map" in str(info.value)
+    artifact = download_model(source=ModelSource(uri=str(folder)), trust_remote_code=True)
+    assert artifact.kind == "local"
+
+
+def test_pickled_weights_only(tmp_path):
+    folder = fake_model_dir(tmp_path / "pickled", safetensors=False)
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(SourceError, match="safetensors") as info:
+        download_model(source=ModelSource(uri=str(folder)))
+    assert "pytorch_model.bin" in str(info.value)
+
+
+def test_no_weights_at_all(tmp_path):
+    folder = fake_model_dir(tmp_path / "empty", safetensors=False)
+    with pytest.raises(SourceError, match="no .safetensors weights"):
+        check_model_dir(folder, trust_remote_code=False)
+
+
+def test_s3_source_not_supported_yet():
+    with pytest.raises(SourceError, match="s3://") as info:
+        download_model(source=ModelSource(uri="s3://bucket/models/llama"))
+    assert not isinstance(info.value, SourceNotFoundError)
+
+
+def test_missing_gguf(tmp_path):
+    with pytest.raises(SourceNotFoundError, match="GGUF file .* does not exist"):
+        download_model(source=ModelSource(uri=str(tmp_path / "model.Q4_K_M.gguf")))

@@ -1,0 +1,146 @@
+"""The gate: every configured threshold checked, every failure reported with both sides' values."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from modelfactory.errors import SpecError
+from modelfactory.records import BenchmarkResult, SideMetrics
+from modelfactory.specs import GateSpec, parse_spec
+from tasks.gate import evaluate_gate
+
+
+def side(name: str, *, perplexity: float | None, decode: float, disk: int, mem: int) -> SideMetrics:
+    return SideMetrics(
+        side=name, device="cpu", dtype="bfloat16", kernel="dense" if name == "fp16" else "TorchQuantLinear",
+        disk_bytes=disk, load_s=0.5, memory_kind="rss", mem_after_load_bytes=mem, mem_peak_decode_bytes=mem + 10,
+        mem_peak_bytes=mem + 20, decode_tok_s=decode, ttft_ms=12.0, perplexity=perplexity, ppl_tokens=1000,
+        ppl_tokens_sha256="0" * 64, sample_text="hello",
+    )
+
+
+def result(fp16: SideMetrics, gptq: SideMetrics) -> BenchmarkResult:
+    return BenchmarkResult(fp16=fp16, gptq=gptq, path="/tmp/bench")
+
+
+# fp16 10 ppl / 100 tok/s / 1000 B / 2000 B; gptq 20 ppl / 50 tok/s / 900 B / 1800 B
+FP16 = side("fp16", perplexity=10.0, decode=100.0, disk=1000, mem=2000)
+GPTQ = side("gptq", perplexity=20.0, decode=50.0, disk=900, mem=1800)
+
+
+def test_ratios():
+    assert result(FP16, GPTQ).ratios() == {
+        "ppl_increase_pct": 100.0, "decode_speedup": 0.5, "size_ratio": 0.9, "memory_ratio": 0.9,
+    }
+
+
+def test_no_thresholds_passes_with_no_checks():
+    decision = evaluate_gate(result=result(FP16, GPTQ), spec=GateSpec())
+    assert decision.passed is True
+    assert decision.checks == ()
+    assert decision.summary() == "passed (0 checks)"
+
+
+def test_every_failure_reported_at_once_with_both_values():
+    spec = GateSpec(max_ppl_increase_pct=5, min_decode_speedup=1.5, max_size_ratio=0.3, max_memory_ratio=0.5)
+    decision = evaluate_gate(result=result(FP16, GPTQ), spec=spec)
+    assert decision.passed is False
+    assert len(decision.checks) == 4
+    failures = decision.failures()
+    assert {c.metric for c in failures} == {
+        "max_ppl_increase_pct", "min_decode_speedup", "max_size_ratio", "max_memory_ratio",
+    }
+    expected = {
+        "max_ppl_increase_pct": ("fp16 10,", "gptq 20)", "100 > 5"),
+        "min_decode_speedup": ("fp16 100,", "gptq 50)", "0.5 < 1.5"),
+        "max_size_ratio": ("fp16 1000,", "gptq 900)", "0.9 > 0.3"),
+        "max_memory_ratio": ("fp16 2000,", "gptq 1800)", "0.9 > 0.5"),
+    }
+    for check in failures:
+        for fragment in expected[check.metric]:
+            assert fragment in check.message, (fragment, check.message)
+    by_metric = {c.metric: c for c in failures}
+    assert by_metric["min_decode_speedup"].baseline == 100.0
+    assert by_metric["min_decode_speedup"].candidate == 50.0
+    assert by_metric["min_decode_speedup"].observed == 0.5
+    summary = decision.summary()
+    assert summary.startswith("rejected: ")
+    assert all(c.message in summary for c in failures)
+
+
+def test_only_failing_checks_fail():
+    spec = GateSpec(max_ppl_increase_pct=150, min_decode_speedup=1.5, max_size_ratio=1.0)
+    decision = evaluate_gate(result=result(FP16, GPTQ), spec=spec)
+    assert not decision.passed
+    assert [c.passed for c in decision.checks] == [True, False, True]
+    assert [c.metric for c in decision.failures()] == ["min_decode_speedup"]
+
+
+def test_boundary_equality_passes():
+    # Ratios exactly representable in binary floating point.
+    fp16 = side("fp16", perplexity=8.0, decode=10.0, disk=100, mem=100)
+    gptq = side("gptq", perplexity=10.0, decode=20.0, disk=50, mem=25)
+    spec = GateSpec(max_ppl_increase_pct=25, min_decode_speedup=2.0, max_size_ratio=0.5, max_memory_ratio=0.25)
+    decision = evaluate_gate(result=result(fp16, gptq), spec=spec)
+    assert decision.passed, decision.summary()
+    assert len(decision.checks) == 4
+
+
+@pytest.mark.parametrize(
+    "fp16_ppl,gptq_ppl,limit",
+    [(10.0, 11.0, 10.0), (10.0, 10.5, 5.0), (10.0, 13.0, 30.0)],
+)
+def test_boundary_equality_passes_despite_float_rounding(fp16_ppl, gptq_ppl, limit):
+    # (11 / 10 - 1) * 100 == 10.000000000000009 in floating point: still a 10 % increase.
+    assert (gptq_ppl / fp16_ppl - 1) * 100 > limit  # the case this test is about
+    fp16 = side("fp16", perplexity=fp16_ppl, decode=10.0, disk=100, mem=100)
+    gptq = side("gptq", perplexity=gptq_ppl, decode=10.0, disk=100, mem=100)
+    decision = evaluate_gate(result=result(fp16, gptq), spec=GateSpec(max_ppl_increase_pct=limit))
+    assert decision.passed, decision.summary()
+    assert f"{limit:g} <= {limit:g}" in decision.checks[0].message
+
+
+def test_just_over_the_boundary_fails():
+    fp16 = side("fp16", perplexity=10.0, decode=10.0, disk=100, mem=100)
+    gptq = side("gptq", perplexity=11.0001, decode=10.0, disk=100, mem=100)
+    decision = evaluate_gate(result=result(fp16, gptq), spec=GateSpec(max_ppl_increase_pct=10))
+    assert not decision.passed
+
+
+def test_unmeasured_perplexity_fails_the_ppl_check():
+    gptq = side("gptq", perplexity=None, decode=50.0, disk=900, mem=1800)
+    decision = evaluate_gate(result=result(FP16, gptq), spec=GateSpec(max_ppl_increase_pct=1000))
+    assert not decision.passed
+    (check,) = decision.checks
+    assert check.observed is None and check.candidate is None
+    assert "not measured" in check.message
+    assert "gptq n/a" in check.message and "fp16 10" in check.message
+
+
+def test_unmeasured_baseline_memory_fails_the_memory_check():
+    fp16 = side("fp16", perplexity=10.0, decode=100.0, disk=1000, mem=0)
+    decision = evaluate_gate(result=result(fp16, GPTQ), spec=GateSpec(max_memory_ratio=10))
+    assert not decision.passed
+    assert "not measured" in decision.checks[0].message
+
+
+def test_gate_spec_rejects_unknown_metric():
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        GateSpec(max_latency_ms=10)
+    with pytest.raises(SpecError, match="gate.max_latency_ms"):
+        parse_spec({"base": {"uri": "org/model"}, "gate": {"max_latency_ms": 10}})
+
+
+def test_gate_spec_rejects_nonsense_thresholds():
+    with pytest.raises(ValidationError):
+        GateSpec(max_ppl_increase_pct=-1)
+    with pytest.raises(ValidationError):
+        GateSpec(min_decode_speedup=0)
+
+
+def test_nan_perplexity_fails():
+    gptq = side("gptq", perplexity=float("nan"), decode=50.0, disk=900, mem=1800)
+    decision = evaluate_gate(result=result(FP16, gptq), spec=GateSpec(max_ppl_increase_pct=1000))
+    assert not decision.passed
+    assert "nan" in decision.checks[0].message

@@ -1,0 +1,169 @@
+"""Manifests and the file:// artifact store."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from modelfactory import store
+from modelfactory.errors import PublishError, SpecError
+from modelfactory.manifest import MANIFEST, build_manifest, manifest_bytes, manifest_digest, verify_folder
+from modelfactory.store import local_root, publish_local, safe_join
+
+PARTS = ("SmolLM2-135M", "gptq-4bit-128g", "0123abcd")
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    folder = tmp_path / "step-output"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 40)
+    (folder / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    (folder / "sub" / "extra.txt").write_text("nested")
+    (folder / "_COMPLETE.json").write_text('{"step": "quantize"}')
+    return folder
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------------------- manifest
+def test_build_manifest_lists_files_with_size_and_sha(model_dir):
+    manifest = build_manifest(model_dir, name="x", metrics={"ppl": 1.5})
+    assert manifest["schema"] == 1
+    assert manifest["name"] == "x" and manifest["metrics"] == {"ppl": 1.5}
+    paths = [f["path"] for f in manifest["files"]]
+    assert paths == ["config.json", "model.safetensors", "sub/extra.txt"]
+    for entry in manifest["files"]:
+        data = (model_dir / entry["path"]).read_bytes()
+        assert entry["size"] == len(data)
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+    assert manifest["total_bytes"] == sum(len((model_dir / p).read_bytes()) for p in paths)
+
+
+def test_manifest_bytes_are_canonical():
+    a = manifest_bytes({"b": 1, "a": [1, 2]})
+    assert a == manifest_bytes({"a": [1, 2], "b": 1})
+    assert json.loads(a) == {"a": [1, 2], "b": 1}
+    assert manifest_digest(a) == hashlib.sha256(a).hexdigest()
+
+
+# --------------------------------------------------------------------------- publish
+def test_publish_local_copies_and_writes_manifest(model_dir, tmp_path):
+    root = tmp_path / "store"
+    manifest = build_manifest(model_dir, name=PARTS[0])
+    folder, digest, reused = publish_local(source=model_dir, root=root, parts=PARTS, manifest=manifest)
+    assert folder == root.joinpath(*PARTS)
+    assert reused is False
+    published = _files(folder)
+    assert published.pop(MANIFEST) == manifest_bytes(manifest)
+    source = _files(model_dir)
+    source.pop("_COMPLETE.json")
+    assert published == source  # every artifact file, and no bookkeeping
+    assert digest == hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()
+    assert verify_folder(folder) == json.loads(manifest_bytes(manifest))
+    assert not any(p.name.startswith(".") for p in folder.rglob("*"))  # no temporary manifest left
+
+
+def test_second_identical_publish_is_a_noop(model_dir, tmp_path):
+    root = tmp_path / "store"
+    manifest = build_manifest(model_dir)
+    folder, digest, _ = publish_local(source=model_dir, root=root, parts=PARTS, manifest=manifest)
+    before = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+    folder2, digest2, reused = publish_local(source=model_dir, root=root, parts=PARTS, manifest=manifest)
+    assert (folder2, digest2, reused) == (folder, digest, True)
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before
+
+
+def test_manifest_is_written_last(model_dir, tmp_path, monkeypatch):
+    root = tmp_path / "store"
+    dest = root.joinpath(*PARTS)
+    seen = []
+    real_copy = shutil.copy2
+
+    def watching_copy(src, dst, *args, **kwargs):
+        seen.append((dest / MANIFEST).exists())
+        return real_copy(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(store.shutil, "copy2", watching_copy)
+    publish_local(source=model_dir, root=root, parts=PARTS, manifest=build_manifest(model_dir))
+    assert seen == [False, False, False]
+    assert (dest / MANIFEST).is_file()
+
+
+def test_failed_publish_leaves_no_partial_artifact(model_dir, tmp_path, monkeypatch):
+    root = tmp_path / "store"
+    calls = []
+    real_copy = shutil.copy2
+
+    def failing_copy(src, dst, *args, **kwargs):
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_copy(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(store.shutil, "copy2", failing_copy)
+    with pytest.raises(PublishError, match="No space left on device"):
+        publish_local(source=model_dir, root=root, parts=PARTS, manifest=build_manifest(model_dir))
+    assert not root.joinpath(*PARTS).exists()
+
+    # An interrupted publish (folder without manifest) is redone from scratch.
+    monkeypatch.setattr(store.shutil, "copy2", real_copy)
+    leftover = root.joinpath(*PARTS)
+    leftover.mkdir(parents=True)
+    (leftover / "junk.bin").write_bytes(b"half")
+    folder, _, reused = publish_local(source=model_dir, root=root, parts=PARTS, manifest=build_manifest(model_dir))
+    assert reused is False
+    assert not (folder / "junk.bin").exists()
+    verify_folder(folder)
+
+
+def test_verify_folder_detects_changes(model_dir, tmp_path):
+    folder, _, _ = publish_local(source=model_dir, root=tmp_path / "store", parts=PARTS,
+                                 manifest=build_manifest(model_dir))
+    verify_folder(folder)
+    weights = folder / "model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(bytes([original[0] ^ 1]) + original[1:])  # same size, one bit flipped
+    with pytest.raises(PublishError, match="model.safetensors does not match the manifest"):
+        verify_folder(folder)
+    weights.write_bytes(original + b"\0")
+    with pytest.raises(PublishError, match="does not match"):
+        verify_folder(folder)
+    weights.write_bytes(original)
+    verify_folder(folder)
+    (folder / "sub" / "extra.txt").unlink()
+    with pytest.raises(PublishError, match="extra.txt"):
+        verify_folder(folder)
+
+
+def test_verify_folder_without_manifest(tmp_path):
+    with pytest.raises(PublishError, match="no manifest.json"):
+        verify_folder(tmp_path)
+
+
+# --------------------------------------------------------------------------- paths
+@pytest.mark.parametrize("part", ["..", ".", "a/b", "a\\b", ".hidden", ""])
+def test_safe_join_refuses_escaping_parts(tmp_path, part):
+    with pytest.raises(SpecError, match="not allowed"):
+        safe_join(tmp_path, "ok", part)
+
+
+def test_safe_join_accepts_plain_names(tmp_path):
+    assert safe_join(tmp_path, "SmolLM2-135M", "gptq-4bit-128g", "abc") == tmp_path / "SmolLM2-135M/gptq-4bit-128g/abc"
+
+
+def test_local_root():
+    assert local_root("file:///srv/store") == Path("/srv/store")
+    assert local_root("file:///srv/my%20store") == Path("/srv/my store")
+    assert local_root("/srv/plain") == Path("/srv/plain")
+    assert local_root(Path("/srv/x").as_uri()) == Path("/srv/x")
+    with pytest.raises(SpecError, match="only file://"):
+        local_root("s3://bucket/models")
+    with pytest.raises(SpecError):
+        local_root("https://example.com/store")
