@@ -1,6 +1,8 @@
 """The factory flow: download → merge → quantize → benchmark → gate → publish, all recorded.
 
-Only wiring lives here; each step is a pure function with a thin task in ``tasks/``.
+Only wiring lives here; each step is a pure function with a thin task in ``tasks/``. With
+``MODELFACTORY_GPU_DEPLOYMENT`` set, quantize + benchmark run as the ``gpu-stage`` flow on the
+``gpu`` work pool (``flows/gpu_stage.py``, ``docs/gpu-pool.md``); otherwise in this process.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ import uuid
 
 from prefect import flow, runtime
 
+from modelfactory.gpu_pool import run_gpu_stage_remote
 from modelfactory.hashing import step_key
 from modelfactory.records import RunOutcome
+from modelfactory.settings import get_settings
 from modelfactory.specs import FactorySpec
 from tasks.benchmark import benchmark_task
 from tasks.download import download_task, resolve_adapter_task
@@ -37,11 +41,15 @@ def factory(spec: FactorySpec, run_id: str | None = None) -> RunOutcome:
         merged = merge_task(base, adapters, spec.merge)
         recorder.merge(merged)
 
-        quant = quantize_task(merged.model, spec.quantize, spec.benchmark.device)
-        recorder.quantize(quant)
+        if gpu_deployment := get_settings().gpu_deployment:  # GPU steps on the gpu work pool
+            quant, bench = run_gpu_stage_remote(recorder, deployment=gpu_deployment, model=merged.model,
+                                                quantize=spec.quantize, benchmark=spec.benchmark, run_id=run_id)
+        else:  # in this process
+            quant = quantize_task(merged.model, spec.quantize, spec.benchmark.device)
+            recorder.quantize(quant)
 
-        bench = benchmark_task(merged.model, quant.model, spec.benchmark)
-        recorder.benchmark(bench)
+            bench = benchmark_task(merged.model, quant.model, spec.benchmark)
+            recorder.benchmark(bench)
 
         started = time.perf_counter()
         decision = gate_task(bench, spec.gate)

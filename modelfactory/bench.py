@@ -8,10 +8,11 @@ Method (the same code, tokens and settings for both sides):
   "sliding window" method); no token is scored twice (see :func:`perplexity_windows`).
   ppl = exp(mean NLL over the scored tokens).
   The sha256 of the scored token ids is recorded, proving both sides saw the same tokens.
-- **Decode**: batch 1, greedy, after ``warmup`` untimed runs. ``ttft_ms`` is the median time of
-  ``generate(max_new_tokens=1)`` (prefill + first token); ``decode_tok_s`` is
-  ``(N - 1) / (median t_N - median t_1)`` for ``N = new_tokens`` forced tokens, i.e. the
-  steady decode rate without the prefill.
+- **Decode**: batch 1, greedy, after ``warmup`` untimed runs; ``decode_tok_s`` is
+  ``(N - 1) / (t_N - t_1)`` with medians over ``repeats``: the steady decode rate without the
+  prefill; ``ttft_ms`` is the median t_1 (prefill + first token). On CUDA (mode ``auto``) the
+  decode step runs as a hand-captured CUDA graph over a static KV cache for *both* sides
+  (:func:`measure_decode_graph`); on CPU it is HF ``generate`` (:func:`measure_decode`).
 - **Memory**: on CUDA, the caching allocator's allocated bytes after load and its peak while
   decoding / overall; on CPU, the process RSS delta over the pre-load RSS, and the peak RSS
   (VmHWM, reset via ``/proc/self/clear_refs`` before each phase). Each side runs in a fresh
@@ -89,6 +90,17 @@ def choose_kernel(requested: str, *, device: str, group_size: int, in_features: 
     if device == "cpu" and group_size > 0 and any(k % group_size for k in in_features):
         return "gptq_torch"
     return "auto"
+
+
+def choose_decode_mode(requested: str, *, device: str) -> str:
+    """``auto``: CUDA-graph decode on CUDA (see :func:`measure_decode_graph`), HF generate on CPU."""
+    if requested == "auto":
+        return "cuda_graph" if device == "cuda" else "eager"
+    if requested == "cuda_graph" and device != "cuda":
+        from modelfactory.errors import SpecError
+
+        raise SpecError("benchmark.decode.mode 'cuda_graph' needs a CUDA device: use 'auto' or 'eager' on CPU")
+    return requested
 
 
 # --------------------------------------------------------------------------- memory
@@ -195,3 +207,73 @@ def quantized_kernel_name(model) -> str:
         if any(cls.__name__ == "BaseQuantLinear" for cls in type(module).__mro__):
             return type(module).__name__
     return "dense"
+
+
+def measure_decode_graph(model, input_ids, *, new_tokens: int, warmup: int, repeats: int):
+    """Batch-1 greedy decode with a static KV cache and a hand-captured CUDA graph of one step.
+
+    HF ``generate`` is launch-bound at batch 1 (a 7B model spends more time launching kernels
+    than running them), and ``torch.compile`` does not capture GPTQModel's kernels; a CUDA graph
+    of the one-token step (embedding → all layers → argmax → position += 1) captures both dense
+    and quantized layers, so both sides are measured the same, launch-free way.
+
+    Returns ``(ttft_s, decode_tok_s, output_ids)``; ttft is prefill + first token.
+    """
+    import torch
+    from transformers import StaticCache
+
+    device = input_ids.device
+    prompt_len = input_ids.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens + 1)
+    prompt_pos = torch.arange(prompt_len, device=device)
+    token = torch.zeros((1, 1), dtype=torch.long, device=device)
+    position = torch.zeros((1,), dtype=torch.long, device=device)
+
+    def prefill() -> None:
+        cache.reset()
+        logits = model(input_ids=input_ids, past_key_values=cache, cache_position=prompt_pos, use_cache=True).logits
+        token.copy_(logits[:, -1:].argmax(-1))
+        position.fill_(prompt_len)
+
+    def step() -> None:
+        logits = model(input_ids=token, past_key_values=cache, cache_position=position,
+                       position_ids=position.unsqueeze(0), use_cache=True).logits
+        token.copy_(logits[:, -1:].argmax(-1))
+        position.add_(1)
+
+    with torch.inference_mode():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: lazy cache allocation, kernel autotuning
+            prefill()
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        prefill()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+
+        def run() -> tuple[float, float, list]:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            prefill()
+            torch.cuda.synchronize()
+            t_first = time.perf_counter() - start
+            tokens = [token.clone()]
+            for _ in range(new_tokens - 1):
+                graph.replay()
+                tokens.append(token.clone())
+            torch.cuda.synchronize()
+            return t_first, time.perf_counter() - start, tokens
+
+        for _ in range(max(warmup, 1)):
+            run()
+        firsts, alls = [], []
+        for _ in range(repeats):
+            t_first, t_all, tokens = run()
+            firsts.append(t_first)
+            alls.append(t_all)
+    t_first, t_all = statistics.median(firsts), statistics.median(alls)
+    output = torch.cat([input_ids] + tokens, dim=1)
+    return t_first, decode_rate(t_first, t_all, new_tokens), output

@@ -90,6 +90,12 @@ class WorkerError(ModelFactoryError):
     kind = "worker"
 
 
+class GpuStageError(ModelFactoryError):
+    """The GPU stage (quantize + benchmark on the ``gpu`` work pool) crashed, was cancelled or timed out."""
+
+    kind = "gpu_stage"
+
+
 class TransientError(ModelFactoryError):
     """A failure that may succeed on retry (network blip, 5xx, lock timeout)."""
 
@@ -128,6 +134,7 @@ ERRORS_BY_NAME: dict[str, type[ModelFactoryError]] = {
         PublishError,
         CatalogError,
         WorkerError,
+        GpuStageError,
         TransientError,
     )
 }

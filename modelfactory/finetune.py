@@ -73,7 +73,7 @@ def _train(base_path: str, out_dir: Path, spec: LoraTrainSpec) -> list[float]:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(loss))
+        losses.append(loss.detach().item())
         if time.perf_counter() - last > 10 or step == spec.steps - 1:
             progress(f"finetune: step {step + 1}/{spec.steps} loss {losses[-1]:.3f}")
             last = time.perf_counter()

@@ -26,11 +26,13 @@ def get_logger() -> logging.Logger | logging.LoggerAdapter:
     except ImportError:  # pragma: no cover - prefect is a hard dependency
         pass
     logger = logging.getLogger("modelfactory")
-    if not logger.handlers and not logging.getLogger().handlers:
+    if not logger.handlers:  # outside a flow run: own handler (Prefect's logging config ignores us)
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | modelfactory - %(message)s",
+                                               "%H:%M:%S"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+        logger.propagate = False
     return logger
 
 

@@ -59,6 +59,7 @@ class SideMetrics(Record):
     mem_peak_bytes: int
     decode_tok_s: float
     ttft_ms: float
+    decode_mode: str = "eager"  # eager (HF generate) | cuda_graph
     perplexity: float | None
     ppl_tokens: int
     ppl_tokens_sha256: str

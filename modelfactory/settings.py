@@ -9,6 +9,15 @@ Everything the factory writes lives under ``home`` unless a setting points elsew
 - ``cache_dir``       ``<home>/cache`` (GPTQModel/torch extension JIT cache, HF cache is HF's own)
 - ``data_dir``        optional folder holding local copies of datasets, e.g. ``../shared/data``:
   a dataset name such as ``wikitext-2-raw-v1/test`` is looked up there first.
+
+Execution (see ``docs/gpu-pool.md``):
+
+- ``gpu_deployment``  unset: quantize + benchmark run inside the factory's own process (default).
+  Set (e.g. ``gpu-stage/gpu``): they run as that Prefect deployment on the ``gpu`` work pool,
+  one flow run per GPU, and the factory waits for it (``run_deployment``).
+- ``gpu_timeout_s``   optional bound on that wait, queueing included (unset: wait; a dead
+  worker's run is marked Crashed by the zombie-run automation, which ends the wait).
+- ``gpu_poll_s``      seconds between state polls of the GPU stage's flow run.
 """
 
 from __future__ import annotations
@@ -31,6 +40,12 @@ class Settings(BaseSettings):
     data_dir: Path | None = None
     #: CPU threads GPTQModel may use (it refuses to start on 2 cores without this).
     cpu_workers: int = 2
+    #: Prefect deployment ("flow/deployment") that runs the GPU steps; unset = in-process.
+    gpu_deployment: str | None = None
+    #: Max seconds to wait for the GPU stage (queueing included); unset = no bound.
+    gpu_timeout_s: float | None = Field(default=None, gt=0)
+    #: Seconds between polls of the GPU stage's flow run state.
+    gpu_poll_s: float = Field(default=2.0, gt=0)
 
     @property
     def resolved_catalog_url(self) -> str:

@@ -197,6 +197,10 @@ class PerplexitySpec(Spec):
 
 
 class DecodeSpec(Spec):
+    mode: Literal["auto", "eager", "cuda_graph"] = Field(
+        default="auto",
+        description="auto: a CUDA graph of the static-cache decode step on CUDA, HF generate (eager) on CPU.",
+    )
     prompt: str = "The history of the city began"
     new_tokens: int = Field(default=64, ge=2, le=4096, description="Greedy tokens per timed generation.")
     warmup: int = Field(default=1, ge=0, le=10, description="Untimed generations first.")

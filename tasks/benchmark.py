@@ -72,10 +72,15 @@ def measure_side(*, model_path: str, side: str, spec: dict) -> SideMetrics:
 
     probe.reset_peak()
     dspec = bspec.decode
-    ttft_s, tok_s, out = bench.measure_decode(model, prompt_ids, new_tokens=dspec.new_tokens, warmup=dspec.warmup,
-                                              repeats=dspec.repeats, device=device)
+    decode_mode = bench.choose_decode_mode(dspec.mode, device=device)
+    if decode_mode == "cuda_graph":
+        ttft_s, tok_s, out = bench.measure_decode_graph(model, prompt_ids, new_tokens=dspec.new_tokens,
+                                                        warmup=dspec.warmup, repeats=dspec.repeats)
+    else:
+        ttft_s, tok_s, out = bench.measure_decode(model, prompt_ids, new_tokens=dspec.new_tokens,
+                                                  warmup=dspec.warmup, repeats=dspec.repeats, device=device)
     mem_peak_decode = probe.peak()
-    progress(f"benchmark[{side}]: decode {tok_s:.1f} tok/s, ttft {ttft_s * 1000:.0f} ms")
+    progress(f"benchmark[{side}]: decode ({decode_mode}) {tok_s:.1f} tok/s, ttft {ttft_s * 1000:.0f} ms")
 
     progress(f"benchmark[{side}]: perplexity over {len(ids)} tokens of {origin}")
     ppl = bench.measure_perplexity(model, ids, context_len=bspec.perplexity.context_len,
@@ -86,6 +91,7 @@ def measure_side(*, model_path: str, side: str, spec: dict) -> SideMetrics:
         kernel=kernel, disk_bytes=bench.disk_bytes(Path(model_path)), load_s=load_s, memory_kind=probe.kind,
         mem_after_load_bytes=mem_after_load, mem_peak_decode_bytes=mem_peak_decode,
         mem_peak_bytes=max(probe.peak(), mem_peak_decode), decode_tok_s=tok_s, ttft_ms=ttft_s * 1000,
+        decode_mode=decode_mode,
         perplexity=ppl, ppl_tokens=len(ids), ppl_tokens_sha256=bench.token_digest(ids),
         sample_text=tokenizer.decode(out[0], skip_special_tokens=True),
     )

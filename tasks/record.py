@@ -71,6 +71,11 @@ class RunRecorder:
             self.catalog.record_metrics(run_id=self.run_id, metrics=[MetricRecord(
                 name="merge_max_abs_logit_diff", side="", value=result.max_abs_logit_diff, unit="logit")])
 
+    def gpu_stage(self, detail: dict[str, Any], *, duration_s: float, ok: bool) -> None:
+        """The GPU stage's flow run (pool dispatch): where it ran, its final state; ``failed`` if not ok."""
+        self.catalog.record_step(run_id=self.run_id, name="gpu-stage", status="ok" if ok else "failed",
+                                 duration_s=duration_s, output_uri=None, detail=detail)
+
     def quantize(self, result: QuantResult) -> None:
         self.step("quantize", result.model, detail={"engine": result.engine, "device": result.device})
         self.catalog.record_metrics(run_id=self.run_id, metrics=[MetricRecord(

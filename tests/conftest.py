@@ -104,3 +104,12 @@ def tiny_spec(base: Path, **overrides) -> dict:
     for key, value in overrides.items():
         spec[key] = value
     return json.loads(json.dumps(spec))
+
+
+@pytest.fixture(scope="session")
+def prefect(factory_home):
+    """One ephemeral Prefect API for the whole session (starting one takes ~8 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -16,14 +16,8 @@ from modelfactory.settings import get_settings
 from modelfactory.store import local_root
 
 STEPS = ["download", "merge", "quantize", "benchmark", "gate", "publish"]
-
-
-@pytest.fixture(scope="module")
-def prefect(factory_home):
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+#: The tiny model is dominated by its (unquantized) 49k-token embedding, so GPTQ shrinks it only a little.
+TINY_GATE = {"max_ppl_increase_pct": 5.0, "max_size_ratio": 0.999}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +32,7 @@ def store_files() -> list[Path]:
 
 @pytest.fixture(scope="module")
 def passed_run(prefect, tiny_llama, tiny_lora):
-    spec = tiny_spec(tiny_llama, adapters=[{"uri": str(tiny_lora)}], gate={"max_size_ratio": 0.9})
+    spec = tiny_spec(tiny_llama, adapters=[{"uri": str(tiny_lora)}], gate=TINY_GATE)
     return run_factory(spec)
 
 
@@ -50,10 +44,10 @@ def test_passing_run_is_published_and_recorded(passed_run):
     assert detail.base_sha and len(detail.adapters) == 1 and detail.adapters[0]["sha"]
     assert detail.library_versions["gptqmodel"] == "7.6.0"
     for name in ("perplexity", "decode_tok_s", "ttft_ms", "disk_bytes", "mem_after_load_bytes"):
-        assert detail.metric(name, "fp16") is not None and detail.metric(name, "gptq") is not None, name
-    assert detail.metric("merge_max_abs_logit_diff") < 1e-3
-    assert detail.metric("size_ratio", "delta") < 0.9
-    assert [c.metric for c in detail.gate_checks] == ["max_size_ratio"] and detail.gate_passed
+        assert detail.value(name, "fp16") is not None and detail.value(name, "gptq") is not None, name
+    assert detail.value("merge_max_abs_logit_diff") < 1e-3
+    assert detail.value("size_ratio", "delta") < 1.0  # embeddings (not quantized) dominate a tiny model
+    assert [c.metric for c in detail.gate_checks] == ["max_ppl_increase_pct", "max_size_ratio"] and detail.gate_passed
     (artifact,) = detail.artifacts
     assert artifact.uri == passed_run.artifact_uri
     manifest = verify_folder(local_root(artifact.uri))
@@ -79,7 +73,7 @@ def test_quantized_checkpoint_loads_in_plain_transformers(passed_run):
 
 
 def test_identical_rerun_reuses_every_step(passed_run, tiny_llama, tiny_lora):
-    spec = tiny_spec(tiny_llama, adapters=[{"uri": str(tiny_lora)}], gate={"max_size_ratio": 0.9})
+    spec = tiny_spec(tiny_llama, adapters=[{"uri": str(tiny_lora)}], gate=TINY_GATE)
     again = run_factory(spec)
     assert again.status == "passed" and again.artifact_uri == passed_run.artifact_uri
     steps = {s.name: s.status for s in open_catalog().get_run(again.run_id).steps}
@@ -135,8 +129,8 @@ def test_unsupported_bits_fails_clearly(prefect, tiny_llama):
     assert run.error_kind == "spec" and "bits" in run.error
 
 
-def test_adapter_for_another_base_fails_before_merging(prefect, tiny_llama, tmp_path):
-    other = make_tiny_llama(tmp_path / "other", tiny_llama, hidden=32)
+def test_adapter_for_another_base_fails_before_merging(prefect, tiny_llama, smollm2_tokenizer_dir, tmp_path):
+    other = make_tiny_llama(tmp_path / "other", smollm2_tokenizer_dir, hidden=32)
     adapter = make_lora(other, tmp_path / "other-lora")
     before = store_files()
     with pytest.raises(AdapterMismatchError, match="trained on another base model"):

@@ -119,6 +119,11 @@ class RunDetail(RunSummary):
         """The metric *name* measured on *side*, or ``None``."""
         return next((m for m in self.metrics if m.name == name and m.side == side), None)
 
+    def value(self, name: str, side: str = "") -> float | None:
+        """The value of metric *name* on *side*, or ``None``."""
+        metric = self.metric(name, side)
+        return metric.value if metric else None
+
     @property
     def gate_passed(self) -> bool | None:
         """``None`` when no gate was recorded, else whether every check passed."""

@@ -1,0 +1,199 @@
+"""GPU benchmarks with the factory's own steps: ``tasks.quantize.quantize_model`` and
+``tasks.benchmark.measure_side`` (each side in its own worker process, as in a factory run).
+
+Stages (run on the GPU machine; see docs/benchmarks.md for the exact commands):
+
+  python bench/gpu_bench.py bandwidth            --out DIR
+  python bench/gpu_bench.py smollm2   --gguf F   --out DIR
+  python bench/gpu_bench.py llama7b-make
+  python bench/gpu_bench.py llama7b-quantize     --out DIR
+  python bench/gpu_bench.py llama7b-bench --kernels auto,gptq_marlin,... --out DIR
+
+Every stage writes one JSON file per measured configuration under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+GIB = 1024**3
+LLAMA7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+
+
+def _home() -> Path:
+    return Path(os.environ.get("MODELFACTORY_HOME", "/root/mfhome"))
+
+
+def _gpu() -> str:
+    import torch
+
+    return torch.cuda.get_device_name()
+
+
+def copy_bandwidth_gbs(size_gib: float = 4.0, iters: int = 20) -> float:
+    """Device-to-device copy rate, counting bytes read + bytes written (median of *iters*)."""
+    import torch
+
+    n = int(size_gib * GIB) // 2
+    src = torch.randn(n, dtype=torch.float16, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(iters + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    times = sorted(times[3:])
+    return 2 * src.numel() * src.element_size() / times[len(times) // 2] / 1e9
+
+
+def _side(model_path: str, side: str, spec: dict, log: Path) -> dict:
+    from modelfactory.devices import gpu_env
+    from modelfactory.isolation import run_isolated
+
+    return run_isolated("tasks.benchmark:measure_side", kwargs={"model_path": model_path, "side": side, "spec": spec},
+                        log_path=log, env=gpu_env())
+
+
+def _summary(fp16: dict, gptq: dict, **extra) -> dict:
+    def view(m: dict) -> dict:
+        return {"decode_tok_s": m["decode_tok_s"], "ttft_ms": m["ttft_ms"], "decode_mode": m["decode_mode"],
+                "vram_after_load_gib": m["mem_after_load_bytes"] / GIB, "vram_peak_gib": m["mem_peak_decode_bytes"] / GIB,
+                "vram_peak_all_gib": m["mem_peak_bytes"] / GIB, "disk_gb": m["disk_bytes"] / 1e9,
+                "perplexity": m["perplexity"], "ppl_tokens": m["ppl_tokens"], "kernel": m["kernel"],
+                "load_s": m["load_s"], "sample_text": m["sample_text"][:200]}
+
+    return {"gpu": _gpu(), "command": " ".join(sys.argv), **extra, "fp16": view(fp16), "gptq": view(gptq),
+            "decode_speedup": gptq["decode_tok_s"] / fp16["decode_tok_s"],
+            "vram_ratio": gptq["mem_after_load_bytes"] / fp16["mem_after_load_bytes"]}
+
+
+def _write(out: Path, name: str, data: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2))
+    print(json.dumps({k: v for k, v in data.items() if k not in ("fp16", "gptq")}, indent=None)[:600], flush=True)
+
+
+# --------------------------------------------------------------------------- stages
+def stage_bandwidth(args) -> None:
+    gbs = copy_bandwidth_gbs()
+    _write(Path(args.out), "bandwidth", {"gpu": _gpu(), "command": " ".join(sys.argv), "copy_gb_s": gbs})
+
+
+def stage_smollm2(args) -> None:
+    from modelfactory.specs import BenchmarkSpec, ModelSource, QuantSpec
+    from tasks.download import download_model
+    from tasks.quantize import quantize_model
+
+    base = download_model(source=ModelSource(uri=args.gguf))
+    qspec = QuantSpec(bits=4, group_size=128, calibration={"num_samples": 128, "seq_len": 512})
+    quant = quantize_model(model=base, spec=qspec)
+    for label, max_tokens in (("full", None), ("16k", 16384)):
+        spec = BenchmarkSpec(perplexity={"context_len": 512, "stride": 512, "max_tokens": max_tokens},
+                             decode={"new_tokens": 256, "repeats": 3}).model_dump(mode="json")
+        log = _home() / "logs" / f"smollm2-{label}.log"
+        fp16, gptq = _side(base.path, "fp16", spec, log), _side(quant.model.path, "gptq", spec, log)
+        _write(Path(args.out), f"smollm2-135m-gptq-4bit-128g-{label}", _summary(
+            fp16, gptq, model="SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp16)", quantize_s=quant.quantize_s,
+            quant_spec=qspec.model_dump(mode="json"), perplexity_method=spec["perplexity"],
+            perplexity_text="WikiText-2 raw test split (whole file)" if max_tokens is None else
+            f"WikiText-2 raw test split, first {max_tokens} tokens"))
+
+
+def _llama7b_dir() -> Path:
+    return _home() / "llama7b-random-fp16"
+
+
+def stage_llama7b_make(args) -> None:
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = _llama7b_dir()
+    if (out / "config.json").is_file():
+        print(f"{out} exists")
+        return
+    torch.manual_seed(0)
+    config = LlamaConfig(**LLAMA7B, bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+    start = time.perf_counter()
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.float16)
+    model.save_pretrained(out)
+    for f in Path(args.tokenizer).iterdir():
+        shutil.copy2(f, out / f.name)
+    print(f"made {out} in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def _llama7b_quant_spec():
+    from modelfactory.specs import QuantSpec
+
+    return QuantSpec(bits=4, group_size=128, calibration={"num_samples": 128, "seq_len": 2048})
+
+
+def stage_llama7b_quantize(args) -> None:
+    from modelfactory.records import ModelArtifact
+    from tasks.quantize import quantize_model
+
+    base = ModelArtifact(path=str(_llama7b_dir()), sha="llama7b-random-seed0", source_uri="random", kind="local")
+    qspec = _llama7b_quant_spec()
+    quant = quantize_model(model=base, spec=qspec)
+    _write(Path(args.out), "llama2-7b-shape-quantize", {
+        "gpu": _gpu(), "model": "Llama-2-7B shape, random weights", "command": " ".join(sys.argv),
+        "quantize_s": quant.quantize_s, "reused": quant.model.reused, "quant_spec": qspec.model_dump(mode="json"),
+        "path": quant.model.path})
+
+
+def stage_llama7b_bench(args) -> None:
+    from modelfactory.hashing import step_key
+    from modelfactory.specs import BenchmarkSpec
+    from modelfactory import workdir
+
+    key = step_key("quantize", model="llama7b-random-seed0", spec=_llama7b_quant_spec())
+    gptq_path = workdir.completed("quantize", key)
+    assert gptq_path, "run llama7b-quantize first"
+    quant_info = workdir.read_marker(gptq_path)
+    bandwidth = copy_bandwidth_gbs()
+    fp16 = None
+    for kernel in args.kernels.split(","):
+        spec = BenchmarkSpec(kernel=kernel, perplexity={"context_len": 2048, "stride": 2048, "max_tokens": 4096},
+                             decode={"new_tokens": 256, "warmup": 1, "repeats": 3}).model_dump(mode="json")
+        log = _home() / "logs" / f"llama7b-{kernel}.log"
+        if fp16 is None:
+            fp16 = _side(str(_llama7b_dir()), "fp16", spec, log)
+        try:
+            gptq = _side(str(gptq_path), "gptq", spec, log)
+        except Exception as exc:  # a kernel that does not load/capture here is reported, not fatal
+            _write(Path(args.out), f"llama2-7b-shape-gptq-4bit-128g-{kernel}", {
+                "gpu": _gpu(), "kernel": kernel, "command": " ".join(sys.argv), "error": str(exc)[:2000]})
+            continue
+        summary = _summary(fp16, gptq, model="Llama-2-7B shape, random weights", quantize_s=quant_info["quantize_s"],
+                           requested_kernel=kernel, copy_bandwidth_gb_s=bandwidth)
+        for side, m in (("fp16", fp16), ("gptq", gptq)):  # roofline: weight bytes read per token
+            roofline = bandwidth * 1e9 / m["disk_bytes"]
+            summary[side]["roofline_tok_s"] = roofline
+            summary[side]["roofline_fraction"] = m["decode_tok_s"] / roofline
+        _write(Path(args.out), f"llama2-7b-shape-gptq-4bit-128g-{kernel}", summary)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("stage", choices=["bandwidth", "smollm2", "llama7b-make", "llama7b-quantize", "llama7b-bench"])
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
+    parser.add_argument("--gguf")
+    parser.add_argument("--tokenizer", default=".gpu/tok32k")
+    parser.add_argument("--kernels", default="auto,gptq_marlin,gptq_triton,gptq_torch")
+    args = parser.parse_args()
+    globals()["stage_" + args.stage.replace("-", "_")](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Real Prefect processes for tests: a ``prefect server`` and the GPU host's worker script.
+
+Everything runs in its own session (process group) with its own ``PREFECT_HOME``, logs to a
+file whose tail goes into every failure message, and is stopped by process group: SIGTERM,
+a bounded wait, then SIGKILL of the whole process tree (flow-run processes included).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+START_WORKERS = REPO / "infra" / "gpu-host" / "start-workers.sh"
+#: Prefect/factory variables a child must not inherit from the test process.
+_DROP = ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_PROFILE", "PREFECT_API_KEY", "MODELFACTORY_GPU_DEPLOYMENT")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _DROP}
+    env.update({"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_CLI_COLORS": "false",
+                "PREFECT_CLI_WRAP_LINES": "false", "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"})
+    env.update(extra)
+    return env
+
+
+def wait_for(what: str, check: Callable[[], Any], *, timeout: float, every: float = 0.5,
+              diagnostics: Callable[[], str] = lambda: "") -> Any:
+    """Poll *check* until it returns something truthy; fail after *timeout* s with *diagnostics*."""
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - retried until the deadline
+            last_error = exc
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}"
+                         + (f" (last error: {last_error!r})" if last_error else "") + "\n" + diagnostics())
+
+
+def tail(path: Path, lines: int = 60) -> str:
+    if not path.is_file():
+        return f"({path} does not exist)"
+    text = path.read_text(errors="replace").splitlines()[-lines:]
+    return f"--- last {len(text)} lines of {path} ---\n" + "\n".join(text)
+
+
+def kill_tree(root_pid: int, sig: int = signal.SIGKILL) -> list[int]:
+    """Send *sig* to *root_pid* and every descendant (collected first: orphans are reparented)."""
+    try:
+        root = psutil.Process(root_pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+    for proc in procs:
+        try:
+            proc.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=15)
+    return [p.pid for p in procs]
+
+
+class Background:
+    """One background process in its own session, output to *log*."""
+
+    def __init__(self, name: str, cmd: list[str], *, env: dict[str, str], log: Path, cwd: Path = REPO) -> None:
+        self.name, self.cmd, self.env, self.log, self.cwd = name, cmd, env, log, cwd
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            out.write(f"\n===== start {self.name}: {' '.join(self.cmd)}\n".encode())
+            out.flush()
+            self.proc = subprocess.Popen(self.cmd, env=self.env, cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill_hard(self) -> list[int]:
+        """SIGKILL the process and all its descendants at once (a host dying), as a test of crash handling."""
+        assert self.proc is not None
+        pids = kill_tree(self.proc.pid)
+        self.proc.wait(timeout=15)
+        return pids
+
+    def stop(self, grace: float = 20) -> None:
+        if self.proc is None:
+            return
+        descendants: list[psutil.Process] = []
+        try:
+            descendants = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in [psutil.Process(self.proc.pid)] if self.proc.poll() is None else []:
+            descendants.append(proc)
+        for proc in descendants:  # whatever outlived the grace period (flow-run processes have own sessions)
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(descendants, timeout=15)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def tail(self, lines: int = 60) -> str:
+        return tail(self.log, lines)
+
+
+class PrefectServer(Background):
+    """``prefect server start`` on a free port, SQLite under its own ``PREFECT_HOME``."""
+
+    def __init__(self, home: Path) -> None:
+        self.port = free_port()
+        self.home = home
+        super().__init__("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                                            "--port", str(self.port)],
+                         env=child_env(PREFECT_HOME=str(home), PREFECT_UI_ENABLED="false",
+                                       PREFECT_SERVER_LOGGING_LEVEL="WARNING"),
+                         log=home / "server.log")
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def healthy(self) -> bool:
+        if not self.alive():
+            raise AssertionError(f"prefect server exited with {self.proc.returncode}\n{self.tail()}")
+        return httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200
+
+    def start_and_wait(self, timeout: float = 90) -> None:
+        self.start()
+        wait_for("the Prefect server's /api/health", self.healthy, timeout=timeout, diagnostics=self.tail)
+
+
+class GpuHostWorkers(Background):
+    """``infra/gpu-host/start-workers.sh``: the GPU host's workers, as an operator starts them."""
+
+    def __init__(self, server: PrefectServer, home: Path, *, gpu_ids: str = "0", **env: str) -> None:
+        self.server, self.gpu_ids, self.logs = server, gpu_ids, home / "logs"
+        super().__init__("gpu-workers", ["bash", str(START_WORKERS)],
+                         env=child_env(PREFECT_API_URL=server.api_url, PREFECT_HOME=str(home),
+                                       PREFECT=str(BIN / "prefect"), MODELFACTORY_GPU_IDS=gpu_ids,
+                                       MODELFACTORY_SOURCE_DIR=str(REPO), WORKER_LOG_DIR=str(home / "logs"),
+                                       PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="1",
+                                       **env),
+                         log=home / "start-workers.log")
+
+    def worker_logs(self, lines: int = 80) -> str:
+        files = sorted(self.logs.glob("*.log")) if self.logs.is_dir() else []
+        return "\n".join([self.tail(20), *(tail(f, lines) for f in files)])
+
+    def online_workers(self, pool: str = "gpu") -> list[str]:
+        response = httpx.post(f"{self.server.api_url}/work_pools/{pool}/workers/filter", json={}, timeout=5)
+        response.raise_for_status()
+        return [w["name"] for w in response.json() if w["status"] == "ONLINE"]
+
+    def start_and_wait(self, timeout: float = 90) -> None:
+        self.start()
+        expected = {f"gpu-{socket.gethostname().split('.')[0]}-{gpu}" for gpu in self.gpu_ids.split(",")}
+
+        def ready() -> bool:
+            if not self.alive():
+                raise AssertionError(f"start-workers.sh exited with {self.proc.returncode}\n{self.worker_logs()}")
+            return expected <= set(self.online_workers())
+
+        wait_for(f"workers {sorted(expected)} online", ready, timeout=timeout, diagnostics=self.worker_logs)

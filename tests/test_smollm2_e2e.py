@@ -1,0 +1,70 @@
+"""The real model end to end: SmolLM2-135M-Instruct (GGUF) + a real LoRA fine-tune, on CPU.
+
+Slow (minutes): it runs the demo's own spec, so the README's demo is what CI checks.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conftest import smollm2_gguf
+from modelfactory.catalog import open_catalog
+from modelfactory.demo import demo_spec
+from modelfactory.finetune import LoraTrainSpec, train_lora
+from modelfactory.manifest import verify_folder
+from modelfactory.runner import run_factory
+from modelfactory.specs import ModelSource
+from modelfactory.store import local_root
+from tasks.download import download_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2_spec(prefect):
+    gguf = smollm2_gguf()
+    base = download_model(source=ModelSource(uri=str(gguf)))
+    assert base.kind == "gguf" and len(base.sha) == 64
+    adapter, reused = train_lora(base_path=base.path, base_sha=base.sha, spec=LoraTrainSpec(steps=8))
+    assert not reused and (adapter / "adapter_model.safetensors").is_file()
+    return demo_spec(gguf, adapter)
+
+
+@pytest.fixture(scope="module")
+def first_run(smollm2_spec):
+    start = time.perf_counter()
+    outcome = run_factory(smollm2_spec)
+    return outcome, time.perf_counter() - start
+
+
+def test_smollm2_metrics_are_sane(first_run):
+    outcome, _ = first_run
+    detail = open_catalog().get_run(outcome.run_id)
+    fp16_ppl, gptq_ppl = detail.value("perplexity", "fp16"), detail.value("perplexity", "gptq")
+    # SmolLM2-135M on raw WikiText-2 test (16k tokens, 512-token windows): ~24 in bf16
+    assert 12 < fp16_ppl < 40, fp16_ppl
+    assert fp16_ppl < gptq_ppl < 2 * fp16_ppl, (fp16_ppl, gptq_ppl)
+    assert detail.value("ppl_increase_pct", "delta") == pytest.approx((gptq_ppl / fp16_ppl - 1) * 100)
+    assert 0.3 < detail.value("size_ratio", "delta") < 0.5
+    assert detail.value("merge_max_abs_logit_diff") < 1e-3
+    assert len(detail.base_sha) == 64  # sha256 of the GGUF file
+
+
+def test_smollm2_demo_gate_passes_and_publishes(first_run):
+    outcome, _ = first_run
+    assert outcome.status == "passed", outcome.gate
+    manifest = verify_folder(local_root(outcome.artifact_uri))
+    assert manifest["sources"]["base"]["sha"] and manifest["sources"]["adapters"]
+
+
+def test_smollm2_rerun_is_served_from_reuse(first_run, smollm2_spec):
+    outcome, first_s = first_run
+    start = time.perf_counter()
+    again = run_factory(smollm2_spec)
+    rerun_s = time.perf_counter() - start
+    steps = {s.name: s.status for s in open_catalog().get_run(again.run_id).steps}
+    assert steps["quantize"] == steps["merge"] == steps["benchmark"] == "reused", steps
+    assert again.artifact_uri == outcome.artifact_uri
+    assert rerun_s < first_s / 5, (rerun_s, first_s)
