@@ -79,15 +79,20 @@ def disk_bytes(folder: Path) -> int:
 
 
 def choose_kernel(requested: str, *, device: str, group_size: int, in_features: list[int]) -> str:
-    """The GPTQModel backend to load with.
+    """The GPTQModel backend to load with (an explicit request is kept as is).
 
-    ``auto`` lets GPTQModel pick, except on CPU when a layer width is not a multiple of the
-    group size: GPTQModel's default CPU kernel (ATen int4pack) rejects that (SmolLM2's 576-wide
-    layers with group 128), so the portable ``gptq_torch`` kernel is used instead.
+    ``auto`` on CUDA is Marlin when every layer width is a multiple of 128 (Marlin's tile), else
+    Triton. GPTQModel's own ``auto`` picks Machete on Hopper, which downloads CUTLASS on first
+    use and so fails on offline GPU hosts; Marlin was the fastest kernel measured on an H100
+    (docs/benchmarks.md). On CPU, ``auto`` lets GPTQModel pick, except when a layer width is not a
+    multiple of the group size: its default CPU kernel (ATen int4pack) rejects that (SmolLM2's
+    576-wide layers with group 128), so the portable ``gptq_torch`` kernel is used instead.
     """
     if requested != "auto":
         return requested
-    if device == "cpu" and group_size > 0 and any(k % group_size for k in in_features):
+    if device == "cuda":
+        return "gptq_marlin" if all(k % 128 == 0 for k in in_features) else "gptq_triton"
+    if group_size > 0 and any(k % group_size for k in in_features):
         return "gptq_torch"
     return "auto"
 

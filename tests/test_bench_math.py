@@ -88,7 +88,9 @@ def test_token_digest():
         ("auto", "cpu", -1, [576], "auto"),
         ("gptq_marlin", "cpu", 128, [576], "gptq_marlin"),
         ("gptq_torch", "cuda", 128, [512], "gptq_torch"),
-        ("auto", "cuda", 128, [576, 1536], "auto"),
+        ("auto", "cuda", 128, [576, 1536], "gptq_triton"),  # Marlin needs multiples of 128
+        ("auto", "cuda", 128, [4096, 11008], "gptq_marlin"),  # not GPTQModel's auto (Machete: downloads CUTLASS)
+        ("auto", "cuda", -1, [4096], "gptq_marlin"),
     ],
 )
 def test_choose_kernel(requested, device, group, widths, expected):
