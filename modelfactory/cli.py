@@ -132,6 +132,22 @@ def _adapter(text: str) -> dict:
     return {"uri": uri, "weight": float(weight)} if weight else {"uri": text}
 
 
+@app.command()
+def deploy(
+    gpus: Annotated[Optional[int], typer.Option(help="Pool-wide limit: GPUs over all GPU hosts.")] = None,
+    pool_type: Annotated[str, typer.Option(help="process (infra/gpu-host) or kubernetes (infra/k8s)")] = "process",
+    zombie_after: Annotated[float, typer.Option(help="Seconds without heartbeat before a gpu-stage run is Crashed.")] = 90,
+    name: Annotated[Optional[list[str]], typer.Option("--name", help="Only this deployment (repeatable).")] = None,
+) -> None:
+    """Apply deployments/prefect.yaml to PREFECT_API_URL: gpu pool, deployments, zombie-run automation."""
+    from modelfactory.deploy import deploy as apply_deployments
+
+    try:
+        apply_deployments(gpus=gpus, names=name, pool_type=pool_type, zombie_after_s=zombie_after)
+    except ModelFactoryError as exc:
+        _fail(exc)
+
+
 @catalog_app.command("ls")
 def catalog_ls(
     status: Annotated[Optional[str], typer.Option(help="running, passed, failed or rejected.")] = None,

@@ -200,6 +200,8 @@ def dispatch_gpu_stage(*, deployment: str, model: ModelArtifact, quantize: Quant
     """
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
     from prefect.states import Cancelled, Cancelling
 
     logger = get_logger()
@@ -207,8 +209,14 @@ def dispatch_gpu_stage(*, deployment: str, model: ModelArtifact, quantize: Quant
                   "benchmark": benchmark.model_dump(mode="json")}
     logger.info(f"gpu-stage: dispatching quantize + benchmark to deployment {deployment!r}")
     started = time.perf_counter()
-    flow_run = run_deployment(deployment, parameters=parameters, timeout=timeout_s, poll_interval=poll_s,
-                              idempotency_key=f"{run_id}:gpu-stage", tags=["modelfactory", f"run:{run_id}"])
+    try:
+        flow_run = run_deployment(deployment, parameters=parameters, timeout=timeout_s, poll_interval=poll_s,
+                                  idempotency_key=f"{run_id}:gpu-stage", tags=["modelfactory", f"run:{run_id}"])
+    except ObjectNotFound as exc:
+        raise GpuStageError(
+            f"deployment {deployment!r} (MODELFACTORY_GPU_DEPLOYMENT) does not exist on the Prefect server "
+            f"{PREFECT_API_URL.value() or '(ephemeral)'}: run `python -m modelfactory.deploy` there, or unset "
+            "MODELFACTORY_GPU_DEPLOYMENT to run the GPU steps in this process") from exc
     state = flow_run.state
     if state is None or not state.is_final():
         with get_client(sync_client=True) as client:

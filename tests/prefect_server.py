@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -183,18 +184,21 @@ class GpuHostWorkers(Background):
         files = sorted(self.logs.glob("*.log")) if self.logs.is_dir() else []
         return "\n".join([self.tail(20), *(tail(f, lines) for f in files)])
 
-    def online_workers(self, pool: str = "gpu") -> list[str]:
+    def online_workers(self, pool: str = "gpu", since: datetime | None = None) -> list[str]:
+        """Workers of *pool* that are ONLINE (and sent a heartbeat after *since*)."""
         response = httpx.post(f"{self.server.api_url}/work_pools/{pool}/workers/filter", json={}, timeout=5)
         response.raise_for_status()
-        return [w["name"] for w in response.json() if w["status"] == "ONLINE"]
+        return [w["name"] for w in response.json() if w["status"] == "ONLINE" and (
+            since is None or datetime.fromisoformat(w["last_heartbeat_time"].replace("Z", "+00:00")) > since)]
 
     def start_and_wait(self, timeout: float = 90) -> None:
+        since = datetime.now(UTC)  # a killed worker of the same name still looks ONLINE for a while
         self.start()
         expected = {f"gpu-{socket.gethostname().split('.')[0]}-{gpu}" for gpu in self.gpu_ids.split(",")}
 
         def ready() -> bool:
             if not self.alive():
                 raise AssertionError(f"start-workers.sh exited with {self.proc.returncode}\n{self.worker_logs()}")
-            return expected <= set(self.online_workers())
+            return expected <= set(self.online_workers(since=since))
 
         wait_for(f"workers {sorted(expected)} online", ready, timeout=timeout, diagnostics=self.worker_logs)

@@ -61,3 +61,8 @@ def test_catalog_ls_json_and_show(spec_file):
 def test_catalog_show_unknown_run_exits_1(prefect):
     result = runner.invoke(app, ["catalog", "show", "ffffffffffff"])
     assert result.exit_code == 1 and "catalog ls" in result.output
+
+
+def test_deploy_command_is_wired():
+    result = runner.invoke(app, ["deploy", "--help"])
+    assert result.exit_code == 0 and "gpus" in result.output and "zombie" in result.output
