@@ -118,23 +118,9 @@ def error_kind(exc: BaseException) -> str:
     return getattr(exc, "kind", None) or type(exc).__name__
 
 
-# Registry used to re-raise errors reported by worker subprocesses as the same class.
-ERRORS_BY_NAME: dict[str, type[ModelFactoryError]] = {
-    cls.__name__: cls
-    for cls in (
-        ModelFactoryError,
-        SpecError,
-        SourceError,
-        SourceNotFoundError,
-        AdapterMismatchError,
-        MergeVerificationError,
-        CalibrationError,
-        QuantizationError,
-        BenchmarkError,
-        PublishError,
-        CatalogError,
-        WorkerError,
-        GpuStageError,
-        TransientError,
-    )
-}
+def _all_subclasses(cls: type[ModelFactoryError]) -> list[type[ModelFactoryError]]:
+    return [cls] + [sub for child in cls.__subclasses__() for sub in _all_subclasses(child)]
+
+
+#: Name -> class, used to re-raise errors reported by worker subprocesses as the same class.
+ERRORS_BY_NAME: dict[str, type[ModelFactoryError]] = {cls.__name__: cls for cls in _all_subclasses(ModelFactoryError)}
