@@ -207,9 +207,60 @@ def stage_llama7b_bench(args) -> None:
         _write(Path(args.out), f"llama2-7b-shape-gptq-4bit-128g-{kernel}", summary)
 
 
+def _profile_side(model_path: str, side: str, kernel: str, steps: int) -> dict:
+    """Device time per decode step, by kernel, over *steps* CUDA-graph replays (torch.profiler/CUPTI)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoTokenizer
+
+    from modelfactory import bench
+    from modelfactory.specs import BenchmarkSpec
+    from tasks.benchmark import _load
+
+    spec = BenchmarkSpec(kernel=kernel)
+    model, _ = _load(model_path, side=side, spec=spec, device="cuda", dtype=torch.float16)
+    ids = AutoTokenizer.from_pretrained(model_path)(spec.decode.prompt, return_tensors="pt")["input_ids"].cuda()
+    decoder = bench.GraphDecoder(model, ids, max_new_tokens=steps + 8)
+    decoder.generate(steps)
+    decoder.prefill()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            decoder.graph.replay()
+        torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        device_us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+        if device_us > 0:
+            rows.append({"kernel": event.key[:160], "calls_per_step": event.count / steps,
+                         "us_per_step": device_us / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    total = sum(r["us_per_step"] for r in rows)
+    del model, decoder
+    torch.cuda.empty_cache()
+    return {"side": side, "kernel": kernel, "device_us_per_step": total, "top": rows[:25]}
+
+
+def stage_llama7b_profile(args) -> None:
+    from modelfactory import workdir
+    from modelfactory.hashing import step_key
+
+    gptq_path = workdir.completed("quantize", step_key("quantize", model="llama7b-random-seed0",
+                                                      spec=_llama7b_quant_spec()))
+    result = {"gpu": _gpu(), "command": " ".join(sys.argv), "model": "Llama-2-7B shape, random weights",
+              "fp16": _profile_side(str(_llama7b_dir()), "fp16", "auto", 64),
+              "gptq": _profile_side(str(gptq_path), "gptq", "gptq_marlin", 64)}
+    _write(Path(args.out), "llama2-7b-shape-decode-profile", result)
+    for side in ("fp16", "gptq"):
+        print(side, round(result[side]["device_us_per_step"]), "us/step")
+        for row in result[side]["top"][:8]:
+            print(f"   {row['us_per_step']:8.1f} us  x{row['calls_per_step']:.0f}  {row['kernel'][:90]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("stage", choices=["smoke", "bandwidth", "smollm2", "llama7b-make", "llama7b-quantize", "llama7b-bench"])
+    parser.add_argument("stage", choices=["smoke", "bandwidth", "smollm2", "llama7b-make", "llama7b-quantize", "llama7b-bench",
+                                          "llama7b-profile"])
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     parser.add_argument("--gguf")
     parser.add_argument("--tokenizer", default="/root/keep/tok32k")

@@ -214,71 +214,86 @@ def quantized_kernel_name(model) -> str:
     return "dense"
 
 
+class GraphDecoder:
+    """Greedy batch-1 decode: a static KV cache and a hand-captured CUDA graph of one step.
+
+    The captured step is embedding → all layers → argmax → position += 1, so replaying it needs no
+    host work at all; :meth:`prefill` (not captured) resets the cache and runs the prompt.
+    """
+
+    def __init__(self, model, input_ids, *, max_new_tokens: int) -> None:
+        import torch
+        from transformers import StaticCache
+
+        self.model, self.input_ids = model, input_ids
+        self.prompt_len = input_ids.shape[1]
+        device = input_ids.device
+        self.cache = StaticCache(config=model.config, max_cache_len=self.prompt_len + max_new_tokens + 1)
+        self.prompt_pos = torch.arange(self.prompt_len, device=device)
+        self.token = torch.zeros((1, 1), dtype=torch.long, device=device)
+        self.position = torch.zeros((1,), dtype=torch.long, device=device)
+        with torch.inference_mode():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: lazy cache allocation, kernel autotuning
+                self.prefill()
+                for _ in range(3):
+                    self._step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.prefill()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._step()
+
+    def prefill(self) -> None:
+        self.cache.reset()
+        logits = self.model(input_ids=self.input_ids, past_key_values=self.cache, cache_position=self.prompt_pos,
+                            use_cache=True).logits
+        self.token.copy_(logits[:, -1:].argmax(-1))
+        self.position.fill_(self.prompt_len)
+
+    def _step(self) -> None:
+        logits = self.model(input_ids=self.token, past_key_values=self.cache, cache_position=self.position,
+                            position_ids=self.position.unsqueeze(0), use_cache=True).logits
+        self.token.copy_(logits[:, -1:].argmax(-1))
+        self.position.add_(1)
+
+    def generate(self, new_tokens: int) -> tuple[float, float, list]:
+        """Returns ``(t_first_s, t_all_s, tokens)`` for one timed generation."""
+        import torch
+
+        with torch.inference_mode():
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            self.prefill()
+            torch.cuda.synchronize()
+            t_first = time.perf_counter() - start
+            tokens = [self.token.clone()]
+            for _ in range(new_tokens - 1):
+                self.graph.replay()
+                tokens.append(self.token.clone())
+            torch.cuda.synchronize()
+        return t_first, time.perf_counter() - start, tokens
+
+
 def measure_decode_graph(model, input_ids, *, new_tokens: int, warmup: int, repeats: int):
-    """Batch-1 greedy decode with a static KV cache and a hand-captured CUDA graph of one step.
+    """Batch-1 greedy decode through :class:`GraphDecoder`.
 
     HF ``generate`` is launch-bound at batch 1 (a 7B model spends more time launching kernels
     than running them), and ``torch.compile`` does not capture GPTQModel's kernels; a CUDA graph
-    of the one-token step (embedding → all layers → argmax → position += 1) captures both dense
-    and quantized layers, so both sides are measured the same, launch-free way.
-
-    Returns ``(ttft_s, decode_tok_s, output_ids)``; ttft is prefill + first token.
+    of the one-token step captures both dense and quantized layers, so both sides are measured
+    the same, launch-free way. Returns ``(ttft_s, decode_tok_s, output_ids)``; ttft is prefill +
+    first token.
     """
     import torch
-    from transformers import StaticCache
 
-    device = input_ids.device
-    prompt_len = input_ids.shape[1]
-    cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens + 1)
-    prompt_pos = torch.arange(prompt_len, device=device)
-    token = torch.zeros((1, 1), dtype=torch.long, device=device)
-    position = torch.zeros((1,), dtype=torch.long, device=device)
-
-    def prefill() -> None:
-        cache.reset()
-        logits = model(input_ids=input_ids, past_key_values=cache, cache_position=prompt_pos, use_cache=True).logits
-        token.copy_(logits[:, -1:].argmax(-1))
-        position.fill_(prompt_len)
-
-    def step() -> None:
-        logits = model(input_ids=token, past_key_values=cache, cache_position=position,
-                       position_ids=position.unsqueeze(0), use_cache=True).logits
-        token.copy_(logits[:, -1:].argmax(-1))
-        position.add_(1)
-
-    with torch.inference_mode():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: lazy cache allocation, kernel autotuning
-            prefill()
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        prefill()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-
-        def run() -> tuple[float, float, list]:
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            prefill()
-            torch.cuda.synchronize()
-            t_first = time.perf_counter() - start
-            tokens = [token.clone()]
-            for _ in range(new_tokens - 1):
-                graph.replay()
-                tokens.append(token.clone())
-            torch.cuda.synchronize()
-            return t_first, time.perf_counter() - start, tokens
-
-        for _ in range(max(warmup, 1)):
-            run()
-        firsts, alls = [], []
-        for _ in range(repeats):
-            t_first, t_all, tokens = run()
-            firsts.append(t_first)
-            alls.append(t_all)
+    decoder = GraphDecoder(model, input_ids, max_new_tokens=new_tokens)
+    for _ in range(max(warmup, 1)):
+        decoder.generate(new_tokens)
+    firsts, alls = [], []
+    for _ in range(repeats):
+        t_first, t_all, tokens = decoder.generate(new_tokens)
+        firsts.append(t_first)
+        alls.append(t_all)
     t_first, t_all = statistics.median(firsts), statistics.median(alls)
-    output = torch.cat([input_ids] + tokens, dim=1)
-    return t_first, decode_rate(t_first, t_all, new_tokens), output
+    return t_first, decode_rate(t_first, t_all, new_tokens), torch.cat([input_ids] + tokens, dim=1)
