@@ -222,9 +222,10 @@ def _profile_side(model_path: str, side: str, kernel: str, steps: int) -> dict:
     ids = AutoTokenizer.from_pretrained(model_path)(spec.decode.prompt, return_tensors="pt")["input_ids"].cuda()
     decoder = bench.GraphDecoder(model, ids, max_new_tokens=steps + 8)
     decoder.generate(steps)
-    decoder.prefill()
+    with torch.inference_mode():
+        decoder.prefill()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             decoder.graph.replay()
         torch.cuda.synchronize()

@@ -25,7 +25,7 @@ err_console = Console(stderr=True)
 
 
 def _fail(exc: ModelFactoryError) -> None:
-    err_console.print(f"[red]error ({exc.kind}):[/red] {exc.message}", highlight=False)
+    err_console.print(f"[red]error ({exc.kind}):[/red] {exc.message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=1)
 
 
@@ -54,7 +54,7 @@ def _run_and_report(run: Callable[[str], RunOutcome], fmt: str) -> None:
     if fmt != "json":
         colour = "green" if outcome.status == "passed" else "yellow"
         console.print(f"[{colour}]{outcome.status}[/{colour}]: {outcome.gate}"
-                      + (f"\nartifact: {outcome.artifact_uri}" if outcome.artifact_uri else ""))
+                      + (f"\nartifact: {outcome.artifact_uri}" if outcome.artifact_uri else ""), soft_wrap=True)
     if outcome.status != "passed":
         raise typer.Exit(code=2)
 

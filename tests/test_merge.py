@@ -18,6 +18,24 @@ from tasks.merge import check_adapter_fits, merge_adapters
 Q_PROJ = "model.layers.1.self_attn.q_proj"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def own_work_dir(tmp_path_factory):
+    """A work dir of this module's own, so merges made by other test modules are not reused here."""
+    import os
+
+    from modelfactory.settings import get_settings
+
+    old = os.environ.get("MODELFACTORY_WORK_DIR")
+    os.environ["MODELFACTORY_WORK_DIR"] = str(tmp_path_factory.mktemp("merge-work"))
+    get_settings.cache_clear()
+    yield
+    if old is None:
+        os.environ.pop("MODELFACTORY_WORK_DIR", None)
+    else:
+        os.environ["MODELFACTORY_WORK_DIR"] = old
+    get_settings.cache_clear()
+
+
 @pytest.fixture(scope="module")
 def base(tiny_llama) -> ModelArtifact:
     return ModelArtifact(path=str(tiny_llama), sha=tree_sha256(tiny_llama), source_uri=str(tiny_llama), kind="local")
