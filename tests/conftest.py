@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -52,6 +53,24 @@ def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tokenizer")
     tokenizer.save_pretrained(out)
     return out
+
+
+@contextlib.contextmanager
+def own_work_dir(path: Path):
+    """Point MODELFACTORY_WORK_DIR at *path* (for a test module whose steps must not be reused)."""
+    from modelfactory.settings import get_settings
+
+    old = os.environ.get("MODELFACTORY_WORK_DIR")
+    os.environ["MODELFACTORY_WORK_DIR"] = str(path)
+    get_settings.cache_clear()
+    try:
+        yield path
+    finally:
+        if old is None:
+            os.environ.pop("MODELFACTORY_WORK_DIR", None)
+        else:
+            os.environ["MODELFACTORY_WORK_DIR"] = old
+        get_settings.cache_clear()
 
 
 def make_tiny_llama(out: Path, tokenizer_dir: Path, *, hidden: int = 64, seed: int = 0) -> Path:

@@ -54,7 +54,7 @@ def test_catalog_ls_json_and_show(spec_file):
     assert shown.exit_code == 0, shown.output
     detail = json.loads(shown.output)
     assert detail["id"] == run_id and any(m["name"] == "perplexity" for m in detail["metrics"])
-    table = runner.invoke(app, ["catalog", "ls", "--status", "rejected"])
+    table = runner.invoke(app, ["catalog", "ls", "--status", "rejected"], env={"COLUMNS": "200"})
     assert table.exit_code == 0 and "cli-reject" in table.output
 
 

@@ -24,7 +24,7 @@ import psutil
 import pytest
 import yaml
 
-from conftest import tiny_spec
+from conftest import own_work_dir, tiny_spec
 from prefect_server import REPO, START_WORKERS, GpuHostWorkers, PrefectServer, wait_for
 from modelfactory.catalog import open_catalog
 from modelfactory.errors import GpuStageError
@@ -55,6 +55,14 @@ def env_settings(**values: str | None) -> Iterator[None]:
         for key, value in saved.items():
             os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
         get_settings.cache_clear()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _own_work_dir(factory_home, tmp_path_factory):
+    """Steps finished by other test modules must not be reused here: the pool must do the work.
+    Set before the workers start, so their flow runs share this work dir."""
+    with own_work_dir(tmp_path_factory.mktemp("pool-work")):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_lora, make_tiny_llama
+from conftest import make_lora, make_tiny_llama, own_work_dir
 from modelfactory.errors import AdapterMismatchError, SourceError
 from modelfactory.hashing import tree_sha256
 from modelfactory.records import AdapterArtifact, ModelArtifact
@@ -19,21 +19,10 @@ Q_PROJ = "model.layers.1.self_attn.q_proj"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def own_work_dir(tmp_path_factory):
-    """A work dir of this module's own, so merges made by other test modules are not reused here."""
-    import os
-
-    from modelfactory.settings import get_settings
-
-    old = os.environ.get("MODELFACTORY_WORK_DIR")
-    os.environ["MODELFACTORY_WORK_DIR"] = str(tmp_path_factory.mktemp("merge-work"))
-    get_settings.cache_clear()
-    yield
-    if old is None:
-        os.environ.pop("MODELFACTORY_WORK_DIR", None)
-    else:
-        os.environ["MODELFACTORY_WORK_DIR"] = old
-    get_settings.cache_clear()
+def _own_work_dir(tmp_path_factory):
+    """Merges made by other test modules must not be reused here."""
+    with own_work_dir(tmp_path_factory.mktemp("merge-work")):
+        yield
 
 
 @pytest.fixture(scope="module")
