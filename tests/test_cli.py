@@ -14,6 +14,15 @@ from modelfactory.cli import app
 runner = CliRunner()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _prefect_logging_on_real_streams():
+    """Configure Prefect's console log handler before CliRunner swaps sys.stdout/stderr: otherwise
+    it keeps the first invocation's (then closed) stream. A real CLI process has one invocation."""
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()
+
+
 @pytest.fixture(scope="module")
 def spec_file(prefect, tiny_llama, tmp_path_factory):
     path = tmp_path_factory.mktemp("specs") / "tiny.yaml"
