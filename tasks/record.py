@@ -88,9 +88,8 @@ class RunRecorder:
 
     def gate(self, decision: GateDecision, duration_s: float) -> None:
         self.step("gate", duration_s=duration_s, detail={"passed": decision.passed})
-        self.catalog.record_gate(run_id=self.run_id, checks=[GateCheckRecord(
-            metric=c.metric, threshold=c.threshold, baseline=c.baseline, candidate=c.candidate, observed=c.observed,
-            passed=c.passed, message=c.message) for c in decision.checks])
+        self.catalog.record_gate(run_id=self.run_id,
+                                 checks=[GateCheckRecord(**check.model_dump()) for check in decision.checks])
 
     def publication(self, publication: Publication, duration_s: float) -> None:
         self.step("publish", duration_s=duration_s, reused=publication.reused, output_uri=publication.uri)
