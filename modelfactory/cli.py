@@ -20,6 +20,16 @@ app = typer.Typer(help="Turn fine-tuned LLMs into verified, benchmarked, publish
                   no_args_is_help=True, pretty_exceptions_enable=False)
 catalog_app = typer.Typer(help="Query the run catalog.", no_args_is_help=True)
 app.add_typer(catalog_app, name="catalog")
+
+
+def _add_subcommands() -> None:
+    from modelfactory import cli_artifact, cli_watch
+
+    app.add_typer(cli_watch.app, name="watch", help="The watch list: repos whose new commits start the factory.")
+    app.add_typer(cli_artifact.app, name="artifact", help="Read published artifacts back and verify them.")
+
+
+_add_subcommands()
 console = Console()
 err_console = Console(stderr=True)
 
@@ -146,6 +156,19 @@ def deploy(
         apply_deployments(gpus=gpus, names=name, pool_type=pool_type, zombie_after_s=zombie_after)
     except ModelFactoryError as exc:
         _fail(exc)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+) -> None:
+    """Start the HTTP service: Hugging Face webhook, catalog JSON API and leaderboard page."""
+    import uvicorn
+
+    from modelfactory.server import create_app
+
+    uvicorn.run(create_app(), host=host, port=port, log_level="info")
 
 
 @catalog_app.command("ls")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict
 
 
@@ -112,10 +114,15 @@ class GateDecision(Record):
 
 
 class Publication(Record):
-    uri: str
+    """Where a passing artifact was published (one destination)."""
+
+    uri: str  # file:///..., s3://bucket/prefix/..., or https://<hub>/<repo>/tree/<revision>
     manifest_sha256: str
     size_bytes: int
     reused: bool = False
+    destination: Literal["file", "s3", "hub"] = "file"
+    revision: str | None = None  # Hub branch / revision the files were pushed to
+    commit: str | None = None  # Hub commit SHA of the upload
 
 
 class RunOutcome(Record):

@@ -236,7 +236,15 @@ class GateSpec(Spec):
 
 class PublishSpec(Spec):
     destination: str | None = Field(
-        default=None, description="file:// URL of the artifact store (default: MODELFACTORY_STORE_URL)."
+        default=None,
+        description="Where a passing model goes: file:///folder, s3://bucket/prefix, or hf://owner/repo "
+        "(Hugging Face Hub). Default: MODELFACTORY_STORE_URL.",
+    )
+    private: bool = Field(default=False, description="Hub only: create the repo private.")
+    revision: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,127}$",
+        description="Hub only: branch to push to (default: the quantization label, e.g. gptq-4bit-128g).",
     )
     name: str | None = Field(
         default=None,

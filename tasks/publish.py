@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urlparse
 
 from prefect import task
 
@@ -46,10 +47,27 @@ def publish_artifact(*, spec: FactorySpec, merge: MergeResult, quant: QuantResul
         engine=quant.engine,
     )
     progress(f"publish: {len(manifest['files'])} files, {manifest['total_bytes'] / 1e6:.1f} MB -> {destination}")
-    folder, digest, reused = publish_local(source=Path(quant.model.path), root=local_root(destination), parts=parts,
+    return publish_to(destination, source=Path(quant.model.path), parts=parts, manifest=manifest,
+                      private=spec.publish.private, revision=spec.publish.revision or spec.quantize.label())
+
+
+def publish_to(destination: str, *, source: Path, parts: tuple[str, str, str], manifest: dict, private: bool,
+               revision: str) -> Publication:
+    """Send *source* to *destination* by its scheme: ``file://`` (or a path), ``s3://`` or ``hf://``."""
+    scheme = urlparse(destination).scheme
+    if scheme == "s3":
+        from modelfactory.s3 import publish_s3
+
+        return publish_s3(source=source, url=destination, parts=parts, manifest=manifest)
+    if scheme == "hf":
+        from modelfactory.hub import publish_hub
+
+        repo_id = destination.removeprefix("hf://").strip("/")
+        return publish_hub(source=source, repo_id=repo_id, revision=revision, private=private, manifest=manifest)
+    folder, digest, reused = publish_local(source=source, root=local_root(destination), parts=parts,
                                            manifest=manifest)
     return Publication(uri=folder.resolve().as_uri(), manifest_sha256=digest, size_bytes=manifest["total_bytes"],
-                       reused=reused)
+                       reused=reused, destination="file")
 
 
 @task(name="publish")

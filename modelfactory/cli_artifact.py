@@ -1,0 +1,7 @@
+"""``modelfactory artifact ...``: stub, filled in by its own change."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(help="artifact commands.", no_args_is_help=True)
