@@ -18,6 +18,11 @@ Execution (see ``docs/gpu-pool.md``):
 - ``gpu_timeout_s``   optional bound on that wait, queueing included (unset: wait; a dead
   worker's run is marked Crashed by the zombie-run automation, which ends the wait).
 - ``gpu_poll_s``      seconds between state polls of the GPU stage's flow run.
+
+S3 (``modelfactory/s3/``; credentials come from the standard AWS chain, never from here):
+
+- ``s3_endpoint_url``     S3-compatible endpoint; unset: ``AWS_ENDPOINT_URL`` if set, else AWS.
+- ``s3_max_concurrency``  parallel part/file transfers; ``s3_part_size_mb`` multipart part size.
 """
 
 from __future__ import annotations
@@ -46,6 +51,12 @@ class Settings(BaseSettings):
     gpu_timeout_s: float | None = Field(default=None, gt=0)
     #: Seconds between polls of the GPU stage's flow run state.
     gpu_poll_s: float = Field(default=2.0, gt=0)
+    #: S3-compatible endpoint (MinIO, moto, ...); unset = AWS_ENDPOINT_URL, else AWS itself.
+    s3_endpoint_url: str | None = None
+    #: Parallel S3 transfers (parts and files) per upload/download.
+    s3_max_concurrency: int = Field(default=8, ge=1, le=64)
+    #: Multipart part size (and threshold) in MiB.
+    s3_part_size_mb: int = Field(default=16, ge=5, le=5120)
 
     @property
     def resolved_catalog_url(self) -> str:
