@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from modelfactory.catalog import Catalog, GateCheckRecord, MetricRecord, open_catalog
+from modelfactory.catalog import Catalog, GateCheckRecord, MetricRecord, PublicationRecord, open_catalog
 from modelfactory.errors import error_kind
 from modelfactory.log import get_logger
 from modelfactory.records import (AdapterArtifact, BenchmarkResult, GateDecision, MergeResult, ModelArtifact,
@@ -95,6 +95,10 @@ class RunRecorder:
         self.step("publish", duration_s=duration_s, reused=publication.reused, output_uri=publication.uri)
         self.catalog.record_artifact(run_id=self.run_id, kind="gptq", uri=publication.uri,
                                      manifest_sha256=publication.manifest_sha256, size_bytes=publication.size_bytes)
+        self.catalog.record_publication(run_id=self.run_id, publication=PublicationRecord(
+            destination=publication.destination, uri=publication.uri, manifest_sha256=publication.manifest_sha256,
+            size_bytes=publication.size_bytes, revision=publication.revision, commit_sha=publication.commit,
+            reused=publication.reused))
 
     def finish(self, status: str) -> None:
         self.catalog.finish_run(run_id=self.run_id, status=status)

@@ -28,6 +28,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from modelfactory.catalog import (
+    PublicationRecord,
     Catalog,
     GateCheckRecord,
     MetricRecord,
@@ -41,7 +42,9 @@ from modelfactory.errors import CatalogError
 
 REPO = Path(__file__).resolve().parents[1]
 PG_URL = os.environ.get("MODELFACTORY_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-TABLES = {"runs", "steps", "metrics", "gate_checks", "artifacts"}
+TABLES = {"runs", "steps", "metrics", "gate_checks", "artifacts", "base_models", "adapters", "run_adapters",
+          "publications", "watches", "webhook_deliveries"}
+HEAD = "0002"
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -106,10 +109,10 @@ def start(catalog: Catalog, name: str = "demo", **kwargs) -> str:
 
 def test_fresh_database_is_upgraded_to_head(catalog_url: str) -> None:
     with open_catalog(catalog_url) as cat:
-        assert cat.current_revision() == head_revision() == "0001"
+        assert cat.current_revision() == head_revision() == HEAD
         assert TABLES | {"alembic_version"} <= set(inspect(cat.engine).get_table_names())
         cat.upgrade()  # idempotent
-        assert cat.current_revision() == "0001"
+        assert cat.current_revision() == HEAD
     if catalog_url.startswith("sqlite"):
         assert Path(make_url(catalog_url).database).exists()
 
@@ -123,10 +126,10 @@ def test_migration_matches_models(catalog: Catalog) -> None:
 def test_no_auto_upgrade_on_empty_database_raises(catalog_url: str) -> None:
     with pytest.raises(CatalogError, match="modelfactory catalog upgrade") as info:
         open_catalog(catalog_url, auto_upgrade=False)
-    assert "code needs 0001" in str(info.value)
+    assert f"code needs {HEAD}" in str(info.value)
     open_catalog(catalog_url).dispose()  # upgrades
     with open_catalog(catalog_url, auto_upgrade=False) as cat:  # now at head: fine
-        assert cat.current_revision() == "0001"
+        assert cat.current_revision() == HEAD
 
 
 def test_unknown_revision_in_database_raises(catalog: Catalog) -> None:
@@ -411,3 +414,107 @@ def test_render_tables(catalog: Catalog) -> None:
     out = console.file.getvalue()
     assert run_id[:8] in out and "rejected" in out
     assert "perplexity" in out and "20" in out and "21.5" in out
+
+
+# --------------------------------------------------------------------------- 0002: sources, publications, watches
+
+
+def test_upgrade_from_0001_keeps_runs_and_fills_config(catalog_url: str) -> None:
+    with _at_revision(catalog_url, "0001") as engine:
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO runs (id, name, status, run_key, spec, adapters, library_versions, host, started_at) "
+                "VALUES ('old-run-0001', 'old', 'passed', 'k', :spec, '[]', '{}', '{}', CURRENT_TIMESTAMP)"
+            ), {"spec": json.dumps({"quantize": {"bits": 3, "group_size": 32, "desc_act": True}})})
+    with open_catalog(catalog_url) as cat:  # upgrades 0001 -> head
+        assert cat.current_revision() == HEAD
+        (run,) = cat.list_runs()
+        assert (run.id, run.config) == ("old-run-0001", "gptq-3bit-32g-actorder")
+
+
+@contextmanager
+def _at_revision(url: str, revision: str) -> Iterator:
+    with _empty(url) as cat:
+        cat.upgrade(revision)
+        yield cat.engine
+
+
+@contextmanager
+def _empty(url: str) -> Iterator[Catalog]:
+    from modelfactory.catalog.db import Catalog as _Catalog, _create_engine, _parse_url
+
+    cat = _Catalog(_create_engine(_parse_url(url)))
+    try:
+        yield cat
+    finally:
+        cat.dispose()
+
+
+def test_sources_and_publications_round_trip(catalog: Catalog) -> None:
+    spec = {"quantize": {"bits": 4, "group_size": 128}}
+    runs = []
+    for _ in range(2):
+        run_id = new_id()
+        catalog.start_run(run_id=run_id, name="r", spec=spec, run_key="k")
+        catalog.set_sources(run_id=run_id, base_uri="org/base", base_sha="b" * 40, adapters=[
+            {"uri": "org/lora-a", "sha": "1" * 40, "weight": 0.7}, {"uri": "org/lora-b", "sha": "2" * 40}])
+        runs.append(run_id)
+    catalog.set_sources(run_id=runs[1], base_uri="org/base", base_sha="b" * 40,  # re-set: replaced, not added
+                        adapters=[{"uri": "org/lora-a", "sha": "1" * 40, "weight": 1.0}])
+    with catalog.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM base_models")).scalar() == 1
+        assert conn.execute(text("SELECT count(*) FROM adapters")).scalar() == 2
+        assert conn.execute(text("SELECT count(*) FROM run_adapters")).scalar() == 3
+        linked = conn.execute(text("SELECT count(DISTINCT base_model_id) FROM runs")).scalar()
+    assert linked == 1
+    published = PublicationRecord(destination="hub", uri="http://hub/org/q/tree/gptq-4bit-128g",
+                                  manifest_sha256="d" * 64, size_bytes=123, revision="gptq-4bit-128g",
+                                  commit_sha="e" * 40)
+    catalog.record_publication(run_id=runs[0], publication=published)
+    detail = catalog.get_run(runs[0])
+    assert detail.config == "gptq-4bit-128g"
+    (pub,) = detail.publications
+    assert (pub.destination, pub.revision, pub.commit_sha, pub.reused) == ("hub", "gptq-4bit-128g", "e" * 40, False)
+    assert pub.published_at is not None
+    with pytest.raises(CatalogError, match="publication destination 'ftp'"):
+        catalog.record_publication(run_id=runs[0], publication=PublicationRecord("ftp", "ftp://x", "d" * 64, 1))
+
+
+def test_watch_list(catalog: Catalog) -> None:
+    with pytest.raises(CatalogError, match="needs its base model"):
+        catalog.add_watch(repo="me/lora", kind="adapter")
+    added = catalog.add_watch(repo="me/lora", base="org/base", spec={"quantize": {"bits": 4}})
+    assert (added.repo, added.kind, added.revision, added.last_sha) == ("me/lora", "adapter", "main", None)
+    with pytest.raises(CatalogError, match="already on the watch list"):
+        catalog.add_watch(repo="me/lora", base="org/base")
+    catalog.add_watch(repo="org/base2", kind="base")
+    catalog.set_watch_sha("me/lora", "f" * 40)
+    assert catalog.get_watch("me/lora").last_sha == "f" * 40
+    assert [w.repo for w in catalog.list_watches()] == ["me/lora", "org/base2"]
+    assert catalog.remove_watch("me/lora") is True and catalog.remove_watch("me/lora") is False
+    assert catalog.get_watch("me/lora") is None
+    with pytest.raises(CatalogError, match="not on the watch list"):
+        catalog.set_watch_sha("me/lora", "f" * 40)
+
+
+def test_claim_delivery_once_per_sha_and_delivery_id(catalog: Catalog) -> None:
+    first, record = catalog.claim_delivery(repo="me/lora", sha="a" * 40, event="repo.content", delivery_id="d1")
+    assert first and record.status == "accepted"
+    again, existing = catalog.claim_delivery(repo="me/lora", sha="a" * 40, event="repo.content", delivery_id="d2")
+    assert not again and existing.delivery_id == "d1"
+    replay, existing = catalog.claim_delivery(repo="me/lora", sha="b" * 40, event="repo.content", delivery_id="d1")
+    assert not replay and existing.sha == "a" * 40
+    catalog.update_delivery(repo="me/lora", sha="a" * 40, status="started", flow_run_id="fr-1")
+    (listed,) = catalog.list_deliveries()
+    assert (listed.status, listed.flow_run_id) == ("started", "fr-1")
+
+    # A burst of identical deliveries from several threads: exactly one claim wins.
+    results: list[bool] = []
+    def claim() -> None:
+        results.append(catalog.claim_delivery(repo="me/lora", sha="c" * 40, event="repo.content")[0])
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == [False] * 7 + [True]

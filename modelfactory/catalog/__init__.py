@@ -11,11 +11,14 @@ from modelfactory.catalog.records import (
     RUN_STATUSES,
     STEP_STATUSES,
     ArtifactRecord,
+    DeliveryRecord,
     GateCheckRecord,
     MetricRecord,
+    PublicationRecord,
     RunDetail,
     RunSummary,
     StepRecord,
+    WatchRecord,
 )
 
 __all__ = [
@@ -24,6 +27,9 @@ __all__ = [
     "RUN_STATUSES",
     "STEP_STATUSES",
     "ArtifactRecord",
+    "DeliveryRecord",
+    "PublicationRecord",
+    "WatchRecord",
     "Catalog",
     "GateCheckRecord",
     "MetricRecord",

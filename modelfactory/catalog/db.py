@@ -28,18 +28,38 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import Session, load_only, selectinload, sessionmaker
 
-from modelfactory.catalog.models import Artifact, GateCheck, Metric, Run, Step, utcnow
+from modelfactory.catalog.models import (
+    AdapterVersion,
+    Artifact,
+    BaseModelVersion,
+    GateCheck,
+    Metric,
+    Publication,
+    Run,
+    RunAdapter,
+    Step,
+    Watch,
+    WebhookDelivery,
+    utcnow,
+)
 from modelfactory.catalog.records import (
+    DELIVERY_STATUSES,
     FINAL_RUN_STATUSES,
+    PUBLICATION_DESTINATIONS,
+    WATCH_KINDS,
     METRIC_SIDES,
     RUN_STATUSES,
     STEP_STATUSES,
     ArtifactRecord,
+    DeliveryRecord,
     GateCheckRecord,
     MetricRecord,
+    PublicationRecord,
     RunDetail,
     RunSummary,
     StepRecord,
+    WatchRecord,
+    quant_columns,
 )
 from modelfactory.errors import CatalogError
 
@@ -278,6 +298,7 @@ class Catalog:
             library_versions=library_versions or {},
             host=host or {},
             started_at=utcnow(),
+            **quant_columns(spec),
         )
         with self._write(f"start run {run_id!r}") as session:
             session.add(run)
@@ -297,6 +318,17 @@ class Catalog:
             run = self._require_run(session, run_id)
             run.base_uri, run.base_sha = base_uri, base_sha
             run.adapters = [dict(adapter) for adapter in adapters]
+            run.base_model_id = _version_id(session, BaseModelVersion, base_uri, base_sha)
+            session.execute(delete(RunAdapter).where(RunAdapter.run_id == run_id))
+            session.add_all(
+                RunAdapter(
+                    run_id=run_id,
+                    position=position,
+                    adapter_id=_version_id(session, AdapterVersion, adapter["uri"], adapter["sha"]),
+                    weight=float(adapter.get("weight", 1.0)),
+                )
+                for position, adapter in enumerate(adapters)
+            )
 
     def record_step(
         self,
@@ -385,6 +417,129 @@ class Catalog:
             run = self._require_run(session, run_id)
             run.status, run.finished_at = status, utcnow()
             run.error, run.error_kind = error, error_kind
+
+    def record_publication(self, *, run_id: str, publication: PublicationRecord) -> None:
+        """Record one destination a run's artifact was published to."""
+        _check_choice("publication destination", publication.destination, PUBLICATION_DESTINATIONS)
+        row = Publication(
+            run_id=run_id,
+            destination=publication.destination,
+            uri=publication.uri,
+            revision=publication.revision,
+            commit_sha=publication.commit_sha,
+            manifest_sha256=publication.manifest_sha256,
+            size_bytes=int(publication.size_bytes),
+            reused=bool(publication.reused),
+            published_at=publication.published_at or utcnow(),
+        )
+        with self._write(f"record publication {publication.uri!r} of run {run_id!r}") as session:
+            self._require_run_id(session, run_id)
+            session.add(row)
+
+    # ---------------------------------------------------------------- watch list
+
+    def add_watch(
+        self,
+        *,
+        repo: str,
+        kind: str = "adapter",
+        base: str | None = None,
+        revision: str = "main",
+        spec: dict[str, Any] | None = None,
+        replace: bool = False,
+    ) -> WatchRecord:
+        """Watch *repo* (an adapter repo on top of *base*, or a base model repo)."""
+        _check_choice("watch kind", kind, WATCH_KINDS)
+        if kind == "adapter" and not base:
+            raise CatalogError(f"watching adapter repo {repo!r} needs its base model: give base=...")
+        now = utcnow()
+        row = {"repo": repo, "kind": kind, "base": base, "revision": revision, "spec": spec or {},
+               "last_sha": None, "created_at": now, "updated_at": now}
+        with self._write(f"add watch {repo!r}") as session:
+            existing = session.scalar(select(Watch).where(Watch.repo == repo))
+            if existing is not None and not replace:
+                raise CatalogError(
+                    f"{repo!r} is already on the watch list: remove it first "
+                    f"(`modelfactory watch rm {repo}`) or replace it"
+                )
+            if existing is not None:
+                session.delete(existing)
+                session.flush()
+            watch = Watch(**row)
+            session.add(watch)
+            session.flush()
+            return _watch(watch)
+
+    def list_watches(self) -> list[WatchRecord]:
+        with self._read("list watches") as session:
+            return [_watch(w) for w in session.scalars(select(Watch).order_by(Watch.repo))]
+
+    def get_watch(self, repo: str) -> WatchRecord | None:
+        with self._read(f"read watch {repo!r}") as session:
+            watch = session.scalar(select(Watch).where(Watch.repo == repo))
+            return _watch(watch) if watch is not None else None
+
+    def remove_watch(self, repo: str) -> bool:
+        """Stop watching *repo*; ``False`` when it was not watched."""
+        with self._write(f"remove watch {repo!r}") as session:
+            return session.execute(delete(Watch).where(Watch.repo == repo)).rowcount > 0
+
+    def set_watch_sha(self, repo: str, sha: str) -> None:
+        """Remember the commit of *repo* the factory last ran for."""
+        with self._write(f"update watch {repo!r}") as session:
+            watch = session.scalar(select(Watch).where(Watch.repo == repo))
+            if watch is None:
+                raise CatalogError(f"{repo!r} is not on the watch list: add it with `modelfactory watch add`")
+            watch.last_sha, watch.updated_at = sha, utcnow()
+
+    # ---------------------------------------------------------------- webhook deliveries
+
+    def claim_delivery(
+        self, *, repo: str, sha: str, event: str, delivery_id: str | None = None
+    ) -> tuple[bool, DeliveryRecord]:
+        """Claim (repo, sha) for one run: ``(True, new)`` the first time, ``(False, existing)`` after.
+
+        Atomic across processes (unique constraints), so retried and replayed deliveries, and a
+        burst of identical ones, start one run. A delivery id seen before is a replay even for
+        another SHA: ``(False, that delivery)``.
+        """
+        row = WebhookDelivery(repo=repo, sha=sha, event=event, status="accepted", delivery_id=delivery_id,
+                              received_at=utcnow())
+        try:
+            with self._write(f"claim delivery {repo}@{sha}") as session:
+                session.add(row)
+                session.flush()
+                return True, _delivery(row)
+        except CatalogError as exc:
+            if not isinstance(exc.__cause__, IntegrityError):
+                raise
+        with self._read(f"read delivery {repo}@{sha}") as session:
+            same = (WebhookDelivery.repo == repo) & (WebhookDelivery.sha == sha)
+            if delivery_id is not None:
+                same = same | (WebhookDelivery.delivery_id == delivery_id)
+            stmt = select(WebhookDelivery).where(same).limit(1)
+            existing = session.scalar(stmt)
+            assert existing is not None, "integrity error without a conflicting row"
+            return False, _delivery(existing)
+
+    def update_delivery(
+        self, *, repo: str, sha: str, status: str, flow_run_id: str | None = None, detail: str | None = None
+    ) -> None:
+        _check_choice("delivery status", status, DELIVERY_STATUSES)
+        with self._write(f"update delivery {repo}@{sha}") as session:
+            delivery = session.scalar(
+                select(WebhookDelivery).where(WebhookDelivery.repo == repo, WebhookDelivery.sha == sha)
+            )
+            if delivery is None:
+                raise CatalogError(f"no webhook delivery for {repo}@{sha}: claim it first")
+            delivery.status, delivery.flow_run_id, delivery.detail = status, flow_run_id, detail
+
+    def list_deliveries(self, *, repo: str | None = None, limit: int = 100) -> list[DeliveryRecord]:
+        stmt = select(WebhookDelivery).order_by(WebhookDelivery.received_at.desc()).limit(limit)
+        if repo is not None:
+            stmt = stmt.where(WebhookDelivery.repo == repo)
+        with self._read("list webhook deliveries") as session:
+            return [_delivery(d) for d in session.scalars(stmt)]
 
     # ---------------------------------------------------------------- reads
 
@@ -512,12 +667,14 @@ _SUMMARY_COLUMNS = (
     Run.started_at,
     Run.finished_at,
     Run.error,
+    Run.config,
 )
 _DETAIL_LOADS = [
     selectinload(Run.steps),
     selectinload(Run.metrics),
     selectinload(Run.gate_checks),
     selectinload(Run.artifacts),
+    selectinload(Run.publications),
 ]
 
 
@@ -554,6 +711,7 @@ def _summary_fields(run: Run) -> dict[str, Any]:
         "started_at": _aware(run.started_at),
         "finished_at": _aware(run.finished_at),
         "error": run.error,
+        "config": run.config,
     }
 
 
@@ -576,4 +734,32 @@ def _detail(run: Run) -> RunDetail:
         artifacts=tuple(
             ArtifactRecord(a.kind, a.uri, a.manifest_sha256, a.size_bytes) for a in run.artifacts
         ),
+        publications=tuple(
+            PublicationRecord(p.destination, p.uri, p.manifest_sha256, p.size_bytes, p.revision, p.commit_sha,
+                              p.reused, _aware(p.published_at))
+            for p in run.publications
+        ),
     )
+
+
+def _version_id(session: Session, model: type, uri: str, sha: str) -> int:
+    """Id of the (uri, sha) row of *model* (base model / adapter version), inserted if new."""
+    insert = sqlite_insert if session.get_bind().dialect.name == "sqlite" else postgresql_insert
+    session.execute(
+        insert(model).values(uri=uri, sha=sha, first_seen=utcnow()).on_conflict_do_nothing(
+            index_elements=["uri", "sha"]
+        )
+    )
+    found = session.scalar(select(model.id).where(model.uri == uri, model.sha == sha))
+    assert found is not None
+    return found
+
+
+def _watch(w: Watch) -> WatchRecord:
+    return WatchRecord(w.repo, w.kind, w.base, w.revision, dict(w.spec or {}), w.last_sha,
+                       _aware(w.created_at), _aware(w.updated_at))
+
+
+def _delivery(d: WebhookDelivery) -> DeliveryRecord:
+    return DeliveryRecord(d.repo, d.sha, d.event, d.status, d.delivery_id, d.flow_run_id, d.detail,
+                          _aware(d.received_at))

@@ -67,6 +67,14 @@ class Run(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error_kind: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)
+    # Denormalised from the spec at start, so ls/best filter on plain indexed columns.
+    config: Mapped[str | None] = mapped_column(String(64), index=True)  # e.g. gptq-4bit-128g
+    bits: Mapped[int | None] = mapped_column(Integer)
+    group_size: Mapped[int | None] = mapped_column(Integer)
+    desc_act: Mapped[bool | None] = mapped_column(Boolean)
+    base_model_id: Mapped[int | None] = mapped_column(
+        ForeignKey("base_models.id", ondelete="SET NULL"), index=True
+    )
 
     steps: Mapped[list[Step]] = relationship(
         cascade="all, delete-orphan", passive_deletes=True, order_by="Step.id"
@@ -81,6 +89,12 @@ class Run(Base):
     )
     artifacts: Mapped[list[Artifact]] = relationship(
         cascade="all, delete-orphan", passive_deletes=True, order_by="Artifact.id"
+    )
+    publications: Mapped[list[Publication]] = relationship(
+        cascade="all, delete-orphan", passive_deletes=True, order_by="Publication.id"
+    )
+    adapter_links: Mapped[list[RunAdapter]] = relationship(
+        cascade="all, delete-orphan", passive_deletes=True, order_by="RunAdapter.position"
     )
 
 
@@ -142,3 +156,92 @@ class Artifact(Base):
     manifest_sha256: Mapped[str | None] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)  # model files exceed 2 GiB
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class BaseModelVersion(Base):
+    """A base model at one commit (Hub repo id, local path, GGUF file or s3:// prefix + content SHA)."""
+
+    __tablename__ = "base_models"
+    __table_args__ = (UniqueConstraint("uri", "sha"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    uri: Mapped[str] = mapped_column(String(1024), index=True)
+    sha: Mapped[str] = mapped_column(String(128), index=True)
+    first_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AdapterVersion(Base):
+    """A LoRA adapter at one commit."""
+
+    __tablename__ = "adapters"
+    __table_args__ = (UniqueConstraint("uri", "sha"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    uri: Mapped[str] = mapped_column(String(1024), index=True)
+    sha: Mapped[str] = mapped_column(String(128), index=True)
+    first_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class RunAdapter(Base):
+    """The adapters merged into a run's model, in merge order, with their weights."""
+
+    __tablename__ = "run_adapters"
+    __table_args__ = (UniqueConstraint("run_id", "position"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = _run_fk()
+    position: Mapped[int] = mapped_column(Integer)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id", ondelete="RESTRICT"), index=True)
+    weight: Mapped[float] = mapped_column(Float)
+
+    adapter: Mapped[AdapterVersion] = relationship(lazy="joined")
+
+
+class Publication(Base):
+    """One destination a run's artifact was published to (file://, s3:// or the Hub)."""
+
+    __tablename__ = "publications"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = _run_fk()
+    destination: Mapped[str] = mapped_column(String(8))  # file | s3 | hub
+    uri: Mapped[str] = mapped_column(String(1024))
+    revision: Mapped[str | None] = mapped_column(String(255))
+    commit_sha: Mapped[str | None] = mapped_column(String(64))
+    manifest_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    reused: Mapped[bool] = mapped_column(Boolean, default=False)
+    published_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Watch(Base):
+    """A repo whose new commits start the factory (nightly check and webhook)."""
+
+    __tablename__ = "watches"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    repo: Mapped[str] = mapped_column(String(255), unique=True)
+    kind: Mapped[str] = mapped_column(String(8))  # adapter | base
+    base: Mapped[str | None] = mapped_column(String(1024))  # the base model of an adapter repo
+    revision: Mapped[str] = mapped_column(String(255), default="main")
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # spec fields for runs it starts
+    last_sha: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """A webhook delivery that was accepted: one per (repo, sha), one per delivery id."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (UniqueConstraint("repo", "sha"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str | None] = mapped_column(String(128), unique=True)
+    repo: Mapped[str] = mapped_column(String(255))
+    sha: Mapped[str] = mapped_column(String(128))
+    event: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))  # accepted | started | failed
+    flow_run_id: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)

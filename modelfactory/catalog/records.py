@@ -16,6 +16,10 @@ RUN_STATUSES = ("running", "passed", "failed", "rejected")
 #: The statuses :meth:`Catalog.finish_run` accepts.
 FINAL_RUN_STATUSES = ("passed", "failed", "rejected")
 STEP_STATUSES = ("ok", "reused", "failed")
+#: Run statuses of webhook deliveries.
+DELIVERY_STATUSES = ("accepted", "started", "failed")
+WATCH_KINDS = ("adapter", "base")
+PUBLICATION_DESTINATIONS = ("file", "s3", "hub")
 #: ``''`` marks a metric that belongs to neither model (e.g. a size ratio).
 METRIC_SIDES = ("fp16", "gptq", "delta", "")
 
@@ -80,6 +84,48 @@ class ArtifactRecord(_Record):
 
 
 @dataclass(frozen=True, slots=True)
+class PublicationRecord(_Record):
+    """One destination a run's artifact was published to."""
+
+    destination: str  # file | s3 | hub
+    uri: str
+    manifest_sha256: str
+    size_bytes: int
+    revision: str | None = None
+    commit_sha: str | None = None
+    reused: bool = False
+    published_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WatchRecord(_Record):
+    """A watched repo: its new commits start the factory (``modelfactory watch``)."""
+
+    repo: str
+    kind: str  # adapter | base
+    base: str | None
+    revision: str
+    spec: dict[str, Any]
+    last_sha: str | None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRecord(_Record):
+    """An accepted webhook delivery (one per repo + commit SHA)."""
+
+    repo: str
+    sha: str
+    event: str
+    status: str
+    delivery_id: str | None
+    flow_run_id: str | None
+    detail: str | None
+    received_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
 class RunSummary(_Record):
     """One line of ``modelfactory catalog ls``."""
 
@@ -92,6 +138,7 @@ class RunSummary(_Record):
     started_at: datetime
     finished_at: datetime | None
     error: str | None
+    config: str | None  # quantization label, e.g. gptq-4bit-128g
 
     @property
     def duration_s(self) -> float | None:
@@ -114,6 +161,7 @@ class RunDetail(RunSummary):
     metrics: tuple[MetricRecord, ...]
     gate_checks: tuple[GateCheckRecord, ...]
     artifacts: tuple[ArtifactRecord, ...]
+    publications: tuple[PublicationRecord, ...] = ()
 
     def metric(self, name: str, side: str = "") -> MetricRecord | None:
         """The metric *name* measured on *side*, or ``None``."""
@@ -130,3 +178,12 @@ class RunDetail(RunSummary):
         if not self.gate_checks:
             return None
         return all(c.passed for c in self.gate_checks)
+
+
+def quant_columns(spec: dict[str, Any]) -> dict[str, Any]:
+    """The run columns derived from a spec's ``quantize`` part (label as ``QuantSpec.label()``)."""
+    quant = spec.get("quantize") or {}
+    bits, group = int(quant.get("bits", 4)), int(quant.get("group_size", 128))
+    desc_act = bool(quant.get("desc_act", False))
+    label = f"gptq-{bits}bit-{'nogroup' if group == -1 else f'{group}g'}" + ("-actorder" if desc_act else "")
+    return {"config": label, "bits": bits, "group_size": group, "desc_act": desc_act}
