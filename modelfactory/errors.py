@@ -102,6 +102,12 @@ class TransientError(ModelFactoryError):
     kind = "transient"
 
 
+class HubUnavailableError(TransientError):
+    """The Hugging Face Hub could not be reached, or answered 5xx / 429 (rate limited)."""
+
+    kind = "hub_unavailable"
+
+
 def is_transient(exc: BaseException) -> bool:
     """True when *exc* (or its cause chain) is worth retrying."""
     seen: set[int] = set()

@@ -23,6 +23,8 @@ S3 (``modelfactory/s3/``; credentials come from the standard AWS chain, never fr
 
 - ``s3_endpoint_url``     S3-compatible endpoint; unset: ``AWS_ENDPOINT_URL`` if set, else AWS.
 - ``s3_max_concurrency``  parallel part/file transfers; ``s3_part_size_mb`` multipart part size.
+- ``hf_token_secret``  Prefect ``Secret`` block with the Hugging Face token (``hf://`` publishing);
+  unset: ``HF_TOKEN`` (or the token saved by ``hf auth login``).
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class Settings(BaseSettings):
     s3_max_concurrency: int = Field(default=8, ge=1, le=64)
     #: Multipart part size (and threshold) in MiB.
     s3_part_size_mb: int = Field(default=16, ge=5, le=5120)
+    #: Name of a Prefect ``Secret`` block holding the Hugging Face token; unset = ``HF_TOKEN``.
+    hf_token_secret: str | None = None
 
     @property
     def resolved_catalog_url(self) -> str:
