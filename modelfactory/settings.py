@@ -25,6 +25,12 @@ S3 (``modelfactory/s3/``; credentials come from the standard AWS chain, never fr
 - ``s3_max_concurrency``  parallel part/file transfers; ``s3_part_size_mb`` multipart part size.
 - ``hf_token_secret``  Prefect ``Secret`` block with the Hugging Face token (``hf://`` publishing);
   unset: ``HF_TOKEN`` (or the token saved by ``hf auth login``).
+
+Triggers (``docs/triggers.md``):
+
+- ``webhook_secret``       the Hugging Face webhook's secret (``X-Webhook-Secret``); unset: the
+  webhook refuses every delivery (503), it never accepts unauthenticated ones.
+- ``finetune_deployment``  ``flow/deployment`` the webhook and the nightly check start for a new commit.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -61,6 +67,10 @@ class Settings(BaseSettings):
     s3_part_size_mb: int = Field(default=16, ge=5, le=5120)
     #: Name of a Prefect ``Secret`` block holding the Hugging Face token; unset = ``HF_TOKEN``.
     hf_token_secret: str | None = None
+    #: Secret the Hugging Face webhook sends in ``X-Webhook-Secret``; unset = refuse every delivery.
+    webhook_secret: SecretStr | None = None
+    #: Deployment started for a new commit of a watched repo (webhook and nightly check).
+    finetune_deployment: str = "on-finetune/on-finetune"
 
     @property
     def resolved_catalog_url(self) -> str:
