@@ -12,8 +12,10 @@ import uuid
 
 from prefect import flow, runtime
 
+from modelfactory import workdir
 from modelfactory.gpu_pool import run_gpu_stage_remote
 from modelfactory.hashing import step_key
+from modelfactory.log import progress
 from modelfactory.records import RunOutcome
 from modelfactory.settings import get_settings
 from modelfactory.specs import FactorySpec
@@ -30,40 +32,48 @@ from tasks.record import RunRecorder
 def factory(spec: FactorySpec, run_id: str | None = None) -> RunOutcome:
     """Quantize a (fine-tuned) model with GPTQ, verify it against fp16, publish it if it passes."""
     run_id = run_id or str(uuid.uuid4())
+    run_key = step_key("run", spec=spec)
     recorder = RunRecorder.start(run_id=run_id, name=spec.name, spec=spec.model_dump(mode="json"),
-                                 run_key=step_key("run", spec=spec), flow_run_id=runtime.flow_run.id)
+                                 run_key=run_key, flow_run_id=runtime.flow_run.id)
     try:
-        base = download_task(spec.base, spec.trust_remote_code)
-        recorder.step("download", base, detail={"sha": base.sha, "kind": base.kind})
-        adapters = tuple(resolve_adapter_task(adapter) for adapter in spec.adapters)
-        recorder.sources(base, adapters)
-
-        merged = merge_task(base, adapters, spec.merge)
-        recorder.merge(merged)
-
-        if gpu_deployment := get_settings().gpu_deployment:  # GPU steps on the gpu work pool
-            quant, bench = run_gpu_stage_remote(recorder, deployment=gpu_deployment, model=merged.model,
-                                                quantize=spec.quantize, benchmark=spec.benchmark, run_id=run_id)
-        else:  # in this process
-            quant = quantize_task(merged.model, spec.quantize, spec.benchmark.device)
-            recorder.quantize(quant)
-
-            bench = benchmark_task(merged.model, quant.model, spec.benchmark)
-            recorder.benchmark(bench)
-
-        started = time.perf_counter()
-        decision = gate_task(bench, spec.gate)
-        recorder.gate(decision, time.perf_counter() - started)
-
-        publication = None
-        if decision.passed:
-            started = time.perf_counter()
-            publication = publish_task(spec, merged, quant, bench, decision)
-            recorder.publication(publication, time.perf_counter() - started)
-        status = "passed" if decision.passed else "rejected"
-        recorder.finish(status)
+        # An identical run in progress (same spec) finishes first; this one then reuses its outputs.
+        with workdir.run_lock(run_key, on_wait=progress):
+            return _steps(spec, run_id, recorder)
     except BaseException as exc:
         recorder.fail(exc)
         raise
+
+
+def _steps(spec: FactorySpec, run_id: str, recorder: RunRecorder) -> RunOutcome:
+    """download → merge → quantize → benchmark → gate → publish, each recorded as it ends."""
+    base = download_task(spec.base, spec.trust_remote_code)
+    recorder.step("download", base, detail={"sha": base.sha, "kind": base.kind})
+    adapters = tuple(resolve_adapter_task(adapter) for adapter in spec.adapters)
+    recorder.sources(base, adapters)
+
+    merged = merge_task(base, adapters, spec.merge)
+    recorder.merge(merged)
+
+    if gpu_deployment := get_settings().gpu_deployment:  # GPU steps on the gpu work pool
+        quant, bench = run_gpu_stage_remote(recorder, deployment=gpu_deployment, model=merged.model,
+                                            quantize=spec.quantize, benchmark=spec.benchmark, run_id=run_id)
+    else:  # in this process
+        quant = quantize_task(merged.model, spec.quantize, spec.benchmark.device)
+        recorder.quantize(quant)
+
+        bench = benchmark_task(merged.model, quant.model, spec.benchmark)
+        recorder.benchmark(bench)
+
+    started = time.perf_counter()
+    decision = gate_task(bench, spec.gate)
+    recorder.gate(decision, time.perf_counter() - started)
+
+    publication = None
+    if decision.passed:
+        started = time.perf_counter()
+        publication = publish_task(spec, merged, quant, bench, decision)
+        recorder.publication(publication, time.perf_counter() - started)
+    status = "passed" if decision.passed else "rejected"
+    recorder.finish(status)
     return RunOutcome(run_id=run_id, status=status, artifact_uri=publication.uri if publication else None,
                       gate=decision.summary(), ratios=bench.ratios())

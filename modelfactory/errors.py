@@ -84,6 +84,18 @@ class CatalogError(ModelFactoryError):
     kind = "catalog"
 
 
+class CatalogQueryError(CatalogError, ValueError):
+    """A catalog query was given a bad filter, sort key or threshold (the API answers 400)."""
+
+    kind = "catalog_query"
+
+
+class CatalogNotFoundError(CatalogError, LookupError):
+    """A run, artifact or base model asked for is not in the catalog (the API answers 404)."""
+
+    kind = "catalog_not_found"
+
+
 class WorkerError(ModelFactoryError):
     """An isolated worker process died without reporting a result."""
 
@@ -94,6 +106,18 @@ class GpuStageError(ModelFactoryError):
     """The GPU stage (quantize + benchmark on the ``gpu`` work pool) crashed, was cancelled or timed out."""
 
     kind = "gpu_stage"
+
+
+class DiskFullError(ModelFactoryError, OSError):
+    """A write ran out of disk space (or over a file size limit); partial output was removed."""
+
+    kind = "disk_full"
+
+
+class OutOfMemoryError(ModelFactoryError, MemoryError):
+    """A step ran out of (GPU or host) memory; not retried: the same inputs would fail again."""
+
+    kind = "out_of_memory"
 
 
 class TransientError(ModelFactoryError):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from modelfactory.errors import PublishError, SpecError
+from modelfactory.workdir import disk_full_error
 from modelfactory.manifest import MANIFEST, artifact_files, manifest_bytes, manifest_digest
 
 
@@ -50,5 +52,7 @@ def publish_local(*, source: Path, root: Path, parts: tuple[str, ...], manifest:
         os.replace(tmp, dest / MANIFEST)
     except OSError as exc:
         shutil.rmtree(dest, ignore_errors=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise disk_full_error(root, "publishing", exc) from exc
         raise PublishError(f"publishing to {dest} failed ({exc}); partial files were removed, fix and retry") from exc
     return dest, manifest_digest(data), False

@@ -1,0 +1,145 @@
+"""Faults injected for real: identical runs at once, a full disk, a lock holder that dies.
+
+The full disk is a real 1 MiB tmpfs mounted for the test (the CI machine runs tests as root);
+the concurrent runs are two real factory flow runs on the tiny model.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from conftest import own_work_dir, tiny_spec
+from modelfactory import workdir
+from modelfactory.catalog import open_catalog
+from modelfactory.errors import DiskFullError
+from modelfactory.manifest import build_manifest
+from modelfactory.runner import run_factory
+from modelfactory.store import publish_local
+
+TINY_GATE = {"max_ppl_increase_pct": 5.0, "max_size_ratio": 0.999}
+
+
+@contextmanager
+def small_disk(path: Path, size: str = "1m") -> Iterator[Path]:
+    """A real tiny file system (tmpfs of *size*) mounted at *path*."""
+    path.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs at {path} ({result.stderr.strip()}): these tests need root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+# --------------------------------------------------------------------------- disk full
+
+
+def test_publish_to_a_full_disk_removes_partial_files_and_says_so(tmp_path: Path) -> None:
+    source = tmp_path / "model"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    (source / "model.safetensors").write_bytes(os.urandom(3 << 20))  # 3 MiB onto a 1 MiB disk
+    manifest = build_manifest(source, name="m")
+    with small_disk(tmp_path / "disk") as disk:
+        with pytest.raises(DiskFullError) as info:
+            publish_local(source=source, root=disk / "store", parts=("m", "gptq-4bit-128g", "k"), manifest=manifest)
+        assert info.value.__cause__.errno == errno.ENOSPC
+        message = str(info.value)
+        assert "ran out of disk space" in message and str(disk / "store") in message and "MB free" in message
+        assert not list((disk / "store").rglob("*.safetensors")), "partial files left behind"
+        assert not (disk / "store" / "m" / "gptq-4bit-128g" / "k").exists()
+
+
+def test_step_output_on_a_full_disk_is_removed(tmp_path: Path) -> None:
+    with small_disk(tmp_path / "disk") as disk:
+        with pytest.raises(DiskFullError, match="the merge step ran out of disk space"):
+            with workdir.building("merge", "k1", root=disk) as (tmp, _marker):
+                (tmp / "model.safetensors").write_bytes(os.urandom(3 << 20))
+        assert workdir.completed("merge", "k1", root=disk) is None
+        assert list((disk / "merge").iterdir()) == []
+
+
+def test_factory_run_with_a_full_store_fails_clearly_and_publishes_nothing(prefect, tiny_llama, tmp_path):
+    with small_disk(tmp_path / "disk", size="256k") as disk:
+        spec = tiny_spec(tiny_llama, name="disk-full", gate=TINY_GATE, publish={"destination": disk.as_uri()})
+        with pytest.raises(DiskFullError):
+            run_factory(spec)
+        (run,) = open_catalog().list_runs(limit=1)
+        detail = open_catalog().get_run(run.id)
+        assert (detail.status, detail.error_kind) == ("failed", "disk_full")
+        assert "ran out of disk space" in detail.error
+        assert not detail.artifacts and not detail.publications
+        assert not [p for p in disk.rglob("*") if p.is_file()]
+
+
+# --------------------------------------------------------------------------- run lock
+
+
+def test_run_lock_waits_for_the_holder(tmp_path: Path) -> None:
+    order: list[str] = []
+    waiting = threading.Event()
+
+    def second() -> None:
+        with workdir.run_lock("key", root=tmp_path, poll_s=0.05, on_wait=lambda _msg: waiting.set()):
+            order.append("second")
+
+    with workdir.run_lock("key", root=tmp_path):
+        thread = threading.Thread(target=second)
+        thread.start()
+        assert waiting.wait(10), "second holder did not wait"
+        order.append("first")
+    thread.join(10)
+    assert order == ["first", "second"]
+
+
+def test_run_lock_of_a_killed_holder_is_released(tmp_path: Path) -> None:
+    code = (
+        "import sys, time; from pathlib import Path; from modelfactory import workdir\n"
+        f"with workdir.run_lock('key', root=Path({str(tmp_path)!r})):\n"
+        "    print('held', flush=True); time.sleep(600)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        holder.kill()
+        holder.wait(10)
+        started = time.monotonic()
+        with workdir.run_lock("key", root=tmp_path, poll_s=0.05):
+            assert time.monotonic() - started < 5
+    finally:
+        holder.kill()
+
+
+def test_two_identical_runs_at_once_one_works_the_other_reuses(prefect, tiny_llama, tmp_path):
+    spec = tiny_spec(tiny_llama, name="twins", gate=TINY_GATE)
+    outcomes: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        outcomes[i] = run_factory(spec)
+
+    with own_work_dir(tmp_path / "work"):
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(600)
+    assert len(outcomes) == 2, outcomes
+    first, second = outcomes.values()
+    assert first.status == second.status == "passed"
+    assert first.artifact_uri == second.artifact_uri
+    quantize = sorted(
+        {s.name: s.status for s in open_catalog().get_run(o.run_id).steps}["quantize"] for o in (first, second)
+    )
+    assert quantize == ["ok", "reused"], "exactly one run quantizes, the other reuses its output"
