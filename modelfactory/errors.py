@@ -120,6 +120,12 @@ class OutOfMemoryError(ModelFactoryError, MemoryError):
     kind = "out_of_memory"
 
 
+class TriggerError(ModelFactoryError):
+    """A webhook delivery or the nightly check could not start the build of a new commit."""
+
+    kind = "trigger"
+
+
 class TransientError(ModelFactoryError):
     """A failure that may succeed on retry (network blip, 5xx, lock timeout)."""
 
