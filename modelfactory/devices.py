@@ -60,3 +60,29 @@ def heartbeat(label: str, every_s: float = 15.0) -> Iterator[None]:
     finally:
         stop.set()
         thread.join(timeout=1)
+
+
+def out_of_memory(step: str, *, model_path: str, device: str, exc: BaseException, advice: str):
+    """An :class:`~modelfactory.errors.OutOfMemoryError` naming the step, model size, device memory and what to do.
+
+    Not transient: the same inputs on the same device would run out of memory again.
+    """
+    from pathlib import Path
+
+    from modelfactory.errors import OutOfMemoryError
+
+    weights = sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors"))
+    memory = "device memory unknown"
+    if device.startswith("cuda"):
+        try:
+            import torch
+
+            free, total = torch.cuda.mem_get_info()
+            memory = f"GPU {torch.cuda.get_device_name()} with {total / 2**30:.1f} GiB ({free / 2**30:.1f} GiB free now)"
+        except Exception:  # noqa: BLE001 - the message is best effort, the error is what matters
+            pass
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return OutOfMemoryError(
+        f"the {step} step ran out of memory on {device} for {model_path} ({weights / 1e9:.2f} GB of weights; "
+        f"{memory}): {advice}. ({first_line})"
+    )

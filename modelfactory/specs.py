@@ -293,6 +293,13 @@ def load_spec(path: str | Path) -> FactorySpec:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError as exc:
         raise SpecError(f"spec file {str(path)!r} does not exist: pass an existing YAML/JSON file") from exc
+    except UnicodeDecodeError as exc:
+        raise SpecError(
+            f"spec file {str(path)!r} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}): "
+            f"save it as UTF-8 YAML/JSON"
+        ) from exc
+    except IsADirectoryError as exc:
+        raise SpecError(f"spec path {str(path)!r} is a folder: pass a YAML/JSON file") from exc
     except yaml.YAMLError as exc:
         raise SpecError(f"spec file {str(path)!r} is not valid YAML/JSON: {exc}") from exc
     if not isinstance(data, dict):

@@ -8,6 +8,8 @@ canonical quantization spec; a finished one is reused.
 
 from __future__ import annotations
 
+import json
+
 import re
 import shutil
 import time
@@ -16,7 +18,7 @@ from pathlib import Path
 from prefect import task
 
 from modelfactory import workdir
-from modelfactory.devices import gpu_env, heartbeat, resolve_device, resolve_dtype
+from modelfactory.devices import gpu_env, heartbeat, out_of_memory, resolve_device, resolve_dtype
 from modelfactory.errors import CalibrationError, QuantizationError
 from modelfactory.hashing import step_key
 from modelfactory.isolation import run_isolated
@@ -82,20 +84,41 @@ def run_gptq(*, model_path: str, out_dir: str, spec: dict, device: str) -> dict:
     )
     start = time.perf_counter()
     try:
-        model = GPTQModel.load(model_path, config, dtype=dtype, device=device)
+        model = _load_for_gptq(model_path, config, dtype=dtype, device=device)
         progress(f"quantize: GPTQ {qspec.label()} on {device} ({dtype}) started")
         with heartbeat("quantize"):
             model.quantize(calibration, batch_size=qspec.batch_size, tokenizer=tokenizer)
         quantize_s = time.perf_counter() - start
         model.save(out_dir)
     except torch.OutOfMemoryError as exc:
-        raise QuantizationError(
-            f"out of memory quantizing {model_path} on {device}: lower quantize.batch_size, "
-            f"calibration.seq_len or num_samples, or use a larger GPU ({exc})"
-        ) from exc
+        raise out_of_memory("quantize", model_path=model_path, device=device, exc=exc,
+                            advice="lower quantize.batch_size, calibration.seq_len or calibration.num_samples, "
+                                   "or run on a GPU with more memory") from exc
     tokenizer.save_pretrained(out_dir)
     progress(f"quantize: done in {quantize_s:.1f} s")
     return {"quantize_s": quantize_s, "device": device, "engine": f"gptqmodel {gptqmodel.__version__}"}
+
+
+def _load_for_gptq(model_path: str, config, *, dtype, device: str):
+    """``GPTQModel.load``, with a clear error for architectures GPTQModel cannot quantize."""
+    from gptqmodel import GPTQModel
+    from gptqmodel.models.auto import MODEL_MAP
+
+    model_type = json.loads((Path(model_path) / "config.json").read_text()).get("model_type", "?")
+    if model_type not in MODEL_MAP:
+        progress(f"quantize: model_type {model_type!r} is not in GPTQModel's list; trying its module auto-detection")
+    try:
+        return GPTQModel.load(model_path, config, dtype=dtype, device=device)
+    except ValueError as exc:
+        if "Unsupport model_type" not in str(exc):
+            raise
+        known = ", ".join(sorted(k for k in MODEL_MAP if k in ("llama", "mistral", "qwen2", "qwen3", "gemma2",
+                                                                  "phi3", "gpt_neox", "opt", "falcon")))
+        raise QuantizationError(
+            f"GPTQModel cannot quantize {model_path}: its architecture (model_type {model_type!r}) is not "
+            f"supported and its layer structure could not be detected automatically. Use a model of a "
+            f"supported architecture ({known}, ... {len(MODEL_MAP)} in all), or a newer GPTQModel"
+        ) from exc
 
 
 def quantize_model(*, model: ModelArtifact, spec: QuantSpec, device: str = "auto") -> QuantResult:

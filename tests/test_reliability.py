@@ -143,3 +143,47 @@ def test_two_identical_runs_at_once_one_works_the_other_reuses(prefect, tiny_lla
         {s.name: s.status for s in open_catalog().get_run(o.run_id).steps}["quantize"] for o in (first, second)
     )
     assert quantize == ["ok", "reused"], "exactly one run quantizes, the other reuses its output"
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_architecture_gptqmodel_cannot_quantize_is_a_clear_error(tiny_llama, tmp_path):
+    """A real Mamba model (no attention/MLP blocks GPTQModel knows): refused with the model type named."""
+    import shutil
+
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from modelfactory.errors import QuantizationError
+    from modelfactory.records import ModelArtifact
+    from modelfactory.specs import QuantSpec
+    from tasks.quantize import quantize_model
+
+    model_dir = tmp_path / "mamba"
+    MambaForCausalLM(MambaConfig(vocab_size=49152, hidden_size=64, num_hidden_layers=2, state_size=8)).save_pretrained(
+        model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(tiny_llama / name, model_dir / name)
+    spec = QuantSpec.model_validate({"bits": 4, "group_size": 32, "calibration": {"num_samples": 4, "seq_len": 64}})
+    artifact = ModelArtifact(path=str(model_dir), sha="mamba", source_uri=str(model_dir), kind="local")
+    with own_work_dir(tmp_path / "work"):
+        with pytest.raises(QuantizationError, match="model_type 'mamba'") as info:
+            quantize_model(model=artifact, spec=spec, device="cpu")
+    assert "is not supported" in str(info.value) and "llama" in str(info.value)
+    assert len(str(info.value)) < 1500, "no module dump in the message"
+
+
+def test_out_of_memory_error_names_step_model_size_and_advice(tiny_llama):
+    import torch
+
+    from modelfactory.devices import out_of_memory
+    from modelfactory.errors import OutOfMemoryError, is_transient
+
+    raised = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
+    error = out_of_memory("quantize", model_path=str(tiny_llama), device="cpu", exc=raised,
+                          advice="lower quantize.batch_size")
+    assert isinstance(error, OutOfMemoryError) and not is_transient(error)
+    message = str(error)
+    assert "quantize step ran out of memory" in message and "GB of weights" in message
+    assert "lower quantize.batch_size" in message and "Tried to allocate 20.00 GiB" in message
+    assert "more detail" not in message
