@@ -142,14 +142,14 @@ class Background:
 
 
 class PrefectServer(Background):
-    """``prefect server start`` on a free port, SQLite under its own ``PREFECT_HOME``."""
+    """``prefect server start`` on a free port, SQLite under its own ``PREFECT_HOME``; *ui*: serve the UI too."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, *, ui: bool = False) -> None:
         self.port = free_port()
         self.home = home
         super().__init__("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
                                             "--port", str(self.port)],
-                         env=child_env(PREFECT_HOME=str(home), PREFECT_UI_ENABLED="false",
+                         env=child_env(PREFECT_HOME=str(home), PREFECT_UI_ENABLED=str(ui).lower(),
                                        PREFECT_SERVER_LOGGING_LEVEL="WARNING"),
                          log=home / "server.log")
 
