@@ -18,6 +18,7 @@ from pathlib import Path
 from prefect import task
 
 from modelfactory import workdir
+from modelfactory.checkpoint import check_safetensors
 from modelfactory.errors import AdapterMismatchError, MergeVerificationError
 from modelfactory.hashing import step_key
 from modelfactory.log import progress
@@ -66,6 +67,42 @@ def check_adapter_fits(*, base_dir: Path, adapter_dir: Path, adapter_label: str)
             raise AdapterMismatchError(
                 f"adapter {adapter_label!r}: {module} lora_{match['ab']} has {side}={got} but the base "
                 f"model ({base_arch}) has {expected}: the adapter was trained on another base model"
+            )
+
+
+def adapter_config(adapter_dir: Path) -> dict:
+    path = adapter_dir / "adapter_config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def check_combinable(adapters: tuple[AdapterArtifact, ...]) -> None:
+    """Refuse adapter sets peft cannot merge exactly.
+
+    Only LoRA adapters merge into plain weights. Several LoRAs combine by concatenation (peft's
+    ``cat``), which is exact for any ranks and target modules; but full copies of modules
+    (``modules_to_save``, e.g. a retrained ``lm_head``) cannot be weighted, and DoRA's magnitude
+    vectors do not add up, so those are merged only one at a time.
+    """
+    for adapter in adapters:
+        kind = adapter_config(Path(adapter.path)).get("peft_type", "LORA")
+        if str(kind).upper() != "LORA":
+            raise AdapterMismatchError(
+                f"adapter {adapter.source_uri!r} is a {kind} adapter: only LoRA adapters can be merged into "
+                f"the base weights; convert or retrain it as LoRA"
+            )
+    if len(adapters) < 2 and all(a.weight == 1.0 for a in adapters):
+        return
+    for adapter in adapters:
+        config = adapter_config(Path(adapter.path))
+        if config.get("modules_to_save"):
+            raise AdapterMismatchError(
+                f"adapter {adapter.source_uri!r} also saves full modules {config['modules_to_save']}, which "
+                f"cannot be weighted or combined with other adapters: merge it alone (weight 1.0)"
+            )
+        if config.get("use_dora"):
+            raise AdapterMismatchError(
+                f"adapter {adapter.source_uri!r} is a DoRA adapter, whose magnitude vectors cannot be weighted "
+                f"or combined with other adapters: merge it alone (weight 1.0)"
             )
 
 
@@ -128,10 +165,14 @@ def merge_adapters(*, base: ModelArtifact, adapters: tuple[AdapterArtifact, ...]
     """Merge *adapters* (in order, weighted) into *base*; reuse a finished merge with the same inputs."""
     start = time.perf_counter()
     adapters = tuple(adapters)
+    check_safetensors(Path(base.path), label=f"base model {base.source_uri}")
+    for adapter in adapters:
+        check_safetensors(Path(adapter.path), label=f"adapter {adapter.source_uri}")
     if not adapters:
         return MergeResult(base=base, model=base, adapters=(), max_abs_logit_diff=None, tolerance=spec.tolerance)
     for adapter in adapters:
         check_adapter_fits(base_dir=Path(base.path), adapter_dir=Path(adapter.path), adapter_label=adapter.source_uri)
+    check_combinable(adapters)
     key = step_key("merge", base=base.sha, adapters=[(a.sha, a.weight) for a in adapters], spec=spec)
     done = workdir.completed("merge", key)
     reused = done is not None

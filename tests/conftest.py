@@ -96,7 +96,8 @@ def tiny_llama(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_tokenizer_dir)
 
 
-def make_lora(base: Path, out: Path, *, rank: int = 4, seed: int = 1) -> Path:
+def make_lora(base: Path, out: Path, *, rank: int = 4, seed: int = 1, targets: tuple[str, ...] = ("q_proj", "v_proj"),
+              **config) -> Path:
     """A LoRA adapter with non-zero random B (so merging changes the logits)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -104,8 +105,8 @@ def make_lora(base: Path, out: Path, *, rank: int = 4, seed: int = 1) -> Path:
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"],
-                                                  init_lora_weights=False, task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets),
+                                                  init_lora_weights=False, task_type="CAUSAL_LM", **config))
     peft_model.save_pretrained(out)
     return out
 

@@ -187,3 +187,45 @@ def test_merge_two_weighted_adapters(base, lora_dirs, tiny_llama):
         assert not torch.allclose(got, unweighted, rtol=2e-3, atol=2e-4)
     # Modules no adapter targets are untouched.
     torch.testing.assert_close(merged["model.layers.0.mlp.up_proj.weight"], original["model.layers.0.mlp.up_proj.weight"])
+
+
+# --------------------------------------------------------------------------- combining different adapters
+
+
+def test_adapters_with_different_ranks_and_targets_combine_exactly(base, lora_dirs, tiny_llama, tmp_path):
+    """rank 4 on q/v + rank 8 on k/o/up: concatenation is exact, so the merge equals the weighted sum."""
+    import torch
+
+    other = make_lora(tiny_llama, tmp_path / "kou", rank=8, seed=3, targets=("k_proj", "o_proj", "up_proj"))
+    adapters = (adapter(lora_dirs[0], weight=0.7), adapter(other, weight=1.3))
+    result = merge_adapters(base=base, adapters=adapters, spec=MergeSpec(verify_batch=1, verify_tokens=32))
+    assert result.max_abs_logit_diff < 1e-3
+    merged, original = weights(Path(result.model.path)), weights(tiny_llama)
+    layer = "model.layers.0"
+    expectations = {
+        f"{layer}.self_attn.q_proj": 0.7 * lora_delta(lora_dirs[0], f"{layer}.self_attn.q_proj"),
+        f"{layer}.self_attn.k_proj": 1.3 * lora_delta(other, f"{layer}.self_attn.k_proj"),
+        f"{layer}.mlp.up_proj": 1.3 * lora_delta(other, f"{layer}.mlp.up_proj"),
+        f"{layer}.mlp.down_proj": 0,  # targeted by neither
+    }
+    for module, delta in expectations.items():
+        expected = original[f"{module}.weight"].float() + delta
+        torch.testing.assert_close(merged[f"{module}.weight"].float(), expected, rtol=2e-3, atol=2e-4)
+
+
+def test_non_lora_adapter_is_refused(base, tiny_llama, tmp_path):
+    import torch
+    from peft import IA3Config, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    get_peft_model(model, IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
+                                    task_type="CAUSAL_LM")).save_pretrained(tmp_path / "ia3")
+    with pytest.raises(AdapterMismatchError, match="is a IA3 adapter: only LoRA adapters can be merged"):
+        merge_adapters(base=base, adapters=(adapter(tmp_path / "ia3"),), spec=MergeSpec())
+
+
+def test_adapter_with_full_modules_cannot_be_combined(base, lora_dirs, tiny_llama, tmp_path):
+    full = make_lora(tiny_llama, tmp_path / "full", seed=4, modules_to_save=["lm_head"])
+    with pytest.raises(AdapterMismatchError, match=r"also saves full modules \['lm_head'\].*merge it alone"):
+        merge_adapters(base=base, adapters=(adapter(lora_dirs[0]), adapter(full)), spec=MergeSpec())

@@ -187,3 +187,38 @@ def test_out_of_memory_error_names_step_model_size_and_advice(tiny_llama):
     assert "quantize step ran out of memory" in message and "GB of weights" in message
     assert "lower quantize.batch_size" in message and "Tried to allocate 20.00 GiB" in message
     assert "more detail" not in message
+
+
+def _corrupt(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) - 100])
+    elif how == "garbled header":
+        path.write_bytes(data[:8] + b"\xff" * 16 + data[24:])
+    elif how == "not safetensors":
+        path.write_bytes(b"PK\x03\x04 this is a zip file, not safetensors")
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbled header", "not safetensors"])
+def test_corrupted_safetensors_fail_the_run_clearly(prefect, tiny_llama, tmp_path, how):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    _corrupt(base / "model.safetensors", how)
+    with own_work_dir(tmp_path / "work"):
+        from modelfactory.errors import SourceError
+
+        with pytest.raises(SourceError, match="model.safetensors is corrupted") as info:
+            run_factory(tiny_spec(base, name="corrupt"))
+    assert "download or save the model again" in str(info.value)
+    (run,) = open_catalog().list_runs(limit=1)
+    detail = open_catalog().get_run(run.id)
+    assert (detail.status, detail.error_kind) == ("failed", "source")
+    assert not detail.artifacts
+
+
+def test_sound_checkpoints_pass_the_structure_check(tiny_llama):
+    from modelfactory.checkpoint import safetensors_problem
+
+    assert safetensors_problem(tiny_llama / "model.safetensors") is None
