@@ -150,6 +150,7 @@ class PrefectServer(Background):
         super().__init__("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
                                             "--port", str(self.port)],
                          env=child_env(PREFECT_HOME=str(home), PREFECT_UI_ENABLED=str(ui).lower(),
+                                       PREFECT_UI_API_URL=f"http://127.0.0.1:{self.port}/api",  # what the UI calls
                                        PREFECT_SERVER_LOGGING_LEVEL="WARNING"),
                          log=home / "server.log")
 
