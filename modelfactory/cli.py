@@ -18,13 +18,12 @@ if TYPE_CHECKING:
 
 app = typer.Typer(help="Turn fine-tuned LLMs into verified, benchmarked, published GPTQ models.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
-catalog_app = typer.Typer(help="Query the run catalog.", no_args_is_help=True)
-app.add_typer(catalog_app, name="catalog")
 
 
 def _add_subcommands() -> None:
-    from modelfactory import cli_artifact, cli_watch
+    from modelfactory import cli_artifact, cli_catalog, cli_watch
 
+    app.add_typer(cli_catalog.app, name="catalog", help="Query the run catalog.")
     app.add_typer(cli_watch.app, name="watch", help="The watch list: repos whose new commits start the factory.")
     app.add_typer(cli_artifact.app, name="artifact", help="Read published artifacts back and verify them.")
 
@@ -169,50 +168,6 @@ def serve(
     from modelfactory.server import create_app
 
     uvicorn.run(create_app(), host=host, port=port, log_level="info")
-
-
-@catalog_app.command("ls")
-def catalog_ls(
-    status: Annotated[Optional[str], typer.Option(help="running, passed, failed or rejected.")] = None,
-    limit: Annotated[int, typer.Option(help="Most recent N runs.")] = 50,
-    format: Annotated[str, typer.Option("--format", help="table or json")] = "table",
-) -> None:
-    """List runs, newest first."""
-    from modelfactory.catalog import open_catalog
-    from modelfactory.catalog.render import runs_json, runs_table
-
-    try:
-        runs = open_catalog().list_runs(status=status, limit=limit)
-    except ModelFactoryError as exc:
-        _fail(exc)
-    if format == "json":
-        sys.stdout.write(runs_json(runs) + "\n")
-    else:
-        console.print(runs_table(runs))
-
-
-@catalog_app.command("show")
-def catalog_show(
-    run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix (>= 6 characters).")],
-    format: Annotated[str, typer.Option("--format", help="table or json")] = "table",
-) -> None:
-    """Show one run: metrics side by side, steps, gate, artifacts."""
-    try:
-        _show_run(run_id, format)
-    except ModelFactoryError as exc:
-        _fail(exc)
-
-
-@catalog_app.command("upgrade")
-def catalog_upgrade() -> None:
-    """Migrate the catalog database to the current schema."""
-    from modelfactory.catalog import open_catalog
-
-    try:
-        catalog = open_catalog(auto_upgrade=True)
-    except ModelFactoryError as exc:
-        _fail(exc)
-    console.print(f"catalog {catalog.url} at revision {catalog.current_revision()}")
 
 
 def main() -> None:

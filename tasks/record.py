@@ -102,6 +102,20 @@ class RunRecorder:
 
     def finish(self, status: str) -> None:
         self.catalog.finish_run(run_id=self.run_id, status=status)
+        self.summary_artifact()
+
+    def summary_artifact(self) -> None:
+        """Leave the run's metrics table as a Prefect markdown artifact (key ``run-<id8>``); best effort."""
+        from prefect.artifacts import create_markdown_artifact
+
+        from modelfactory.catalog.render import run_markdown
+
+        try:
+            detail = self.catalog.get_run(self.run_id)
+            create_markdown_artifact(key=artifact_key(self.run_id), markdown=run_markdown(detail),
+                                     description=f"modelfactory run {self.run_id}: {detail.status}")
+        except Exception as exc:  # noqa: BLE001 - the catalog row is the record; the artifact is a view
+            get_logger().warning(f"could not create the Prefect artifact of run {self.run_id}: {exc}")
 
     def fail(self, exc: BaseException) -> None:
         """Mark the run failed; never hides the original error if the catalog write fails too."""
@@ -110,3 +124,12 @@ class RunRecorder:
                                     error_kind=error_kind(exc))
         except Exception as record_exc:  # noqa: BLE001 - report, keep the original error
             get_logger().error(f"could not record failure of run {self.run_id}: {record_exc}")
+            return
+        self.summary_artifact()
+
+
+def artifact_key(run_id: str) -> str:
+    """The Prefect artifact key of a run's summary: ``run-`` + the first 8 characters of its id."""
+    import re
+
+    return "run-" + re.sub(r"[^a-z0-9-]", "-", run_id[:8].lower())

@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 PG_URL = os.environ.get("MODELFACTORY_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 TABLES = {"runs", "steps", "metrics", "gate_checks", "artifacts", "base_models", "adapters", "run_adapters",
           "publications", "watches", "webhook_deliveries"}
-HEAD = "0002"
+HEAD = "0003"
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -123,13 +123,24 @@ def test_migration_matches_models(catalog: Catalog) -> None:
     assert diff == []
 
 
-def test_no_auto_upgrade_on_empty_database_raises(catalog_url: str) -> None:
-    with pytest.raises(CatalogError, match="modelfactory catalog upgrade") as info:
-        open_catalog(catalog_url, auto_upgrade=False)
-    assert f"code needs {HEAD}" in str(info.value)
-    open_catalog(catalog_url).dispose()  # upgrades
-    with open_catalog(catalog_url, auto_upgrade=False) as cat:  # now at head: fine
+def test_catalog_behind_head_is_refused_until_upgraded(catalog_url: str) -> None:
+    """An empty database is created at head; an existing one behind head is never migrated silently."""
+    with _at_revision(catalog_url, "0002"):
+        pass
+    with pytest.raises(CatalogError, match=r"revision 0002, this modelfactory needs 0003: run `modelfactory "
+                                           r"catalog upgrade`"):
+        open_catalog(catalog_url)
+    with open_catalog(catalog_url, auto_upgrade=True) as cat:  # what `catalog upgrade` does
         assert cat.current_revision() == HEAD
+    with open_catalog(catalog_url) as cat:  # now at head: fine
+        assert cat.current_revision() == HEAD
+
+
+def test_tables_without_revision_are_refused(catalog_url: str) -> None:
+    with _empty(catalog_url) as cat, cat.engine.begin() as conn:
+        conn.execute(text("CREATE TABLE something_else (id INTEGER)"))
+    with pytest.raises(CatalogError, match="has tables \\(something_else\\) but no catalog schema revision"):
+        open_catalog(catalog_url)
 
 
 def test_unknown_revision_in_database_raises(catalog: Catalog) -> None:
@@ -426,7 +437,7 @@ def test_upgrade_from_0001_keeps_runs_and_fills_config(catalog_url: str) -> None
                 "INSERT INTO runs (id, name, status, run_key, spec, adapters, library_versions, host, started_at) "
                 "VALUES ('old-run-0001', 'old', 'passed', 'k', :spec, '[]', '{}', '{}', CURRENT_TIMESTAMP)"
             ), {"spec": json.dumps({"quantize": {"bits": 3, "group_size": 32, "desc_act": True}})})
-    with open_catalog(catalog_url) as cat:  # upgrades 0001 -> head
+    with open_catalog(catalog_url, auto_upgrade=True) as cat:  # upgrades 0001 -> head
         assert cat.current_revision() == HEAD
         (run,) = cat.list_runs()
         assert (run.id, run.config) == ("old-run-0001", "gptq-3bit-32g-actorder")

@@ -21,7 +21,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import Connection, Engine, create_engine, delete, event, select, text
+from sqlalchemy import Connection, Engine, create_engine, delete, event, inspect, select, text, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
@@ -61,7 +61,7 @@ from modelfactory.catalog.records import (
     WatchRecord,
     quant_columns,
 )
-from modelfactory.errors import CatalogError
+from modelfactory.errors import CatalogError, CatalogNotFoundError
 
 MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
 SUPPORTED_BACKENDS = ("sqlite", "postgresql")
@@ -73,17 +73,21 @@ POSTGRES_CONNECT_TIMEOUT_S = 10
 _WRITE_OPTION = "modelfactory_catalog_write"
 #: ``pg_advisory_xact_lock`` key serialising concurrent schema upgrades.
 _UPGRADE_LOCK_KEY = 0x6D66_6361_7461  # "mfcata"
+#: ``delta`` metrics copied onto the run row (indexed columns for ls sorting and best).
+RATIO_COLUMNS = ("ppl_increase_pct", "decode_speedup", "size_ratio", "memory_ratio")
 _URL_HINT = "e.g. sqlite:////abs/path/catalog.db or postgresql+psycopg://user@host:5432/db"
 
 
 # --------------------------------------------------------------------------- opening
 
 
-def open_catalog(url: str | None = None, *, auto_upgrade: bool = True) -> Catalog:
+def open_catalog(url: str | None = None, *, auto_upgrade: bool = False) -> Catalog:
     """Connect to the catalog at *url* (default: ``MODELFACTORY_CATALOG_URL`` / settings).
 
-    A schema behind the code's Alembic head is upgraded when *auto_upgrade*, otherwise
-    :class:`CatalogError` tells the user to run ``modelfactory catalog upgrade``.
+    An empty database (a new SQLite file, an empty PostgreSQL schema) gets the current schema.
+    An existing catalog behind the code's Alembic head is upgraded only when *auto_upgrade*
+    (what ``modelfactory catalog upgrade`` does); otherwise :class:`CatalogError` tells the
+    user to run that command, so no program silently migrates a shared database.
     """
     if url is None:
         from modelfactory.settings import get_settings
@@ -254,9 +258,17 @@ class Catalog:
                     f"run `modelfactory catalog upgrade` without a revision to reach head"
                 ) from exc
 
-    def ensure_schema(self, *, auto_upgrade: bool = True) -> None:
-        """Make sure the schema is at head: upgrade it, or raise :class:`CatalogError`."""
+    def ensure_schema(self, *, auto_upgrade: bool = False) -> None:
+        """Make sure the schema is at head, or raise :class:`CatalogError` saying what to do.
+
+        - at head: nothing to do;
+        - empty database (no Alembic revision, no tables): create the schema at head;
+        - behind head: upgrade when *auto_upgrade*, else refuse (``modelfactory catalog upgrade``);
+        - tables without a revision, or a revision this code does not know: refuse.
+        """
         current, head = self.current_revision(), head_revision()
+        if current is None and self._table_names():
+            current = self.current_revision()  # another process may have just created it
         if current == head:
             return
         if current is not None and not _known_revision(current):
@@ -265,13 +277,35 @@ class Catalog:
                 f"modelfactory does not know (its newest is {head}): upgrade modelfactory, "
                 f"or point MODELFACTORY_CATALOG_URL at another catalog"
             )
+        if current is None:
+            if tables := self._table_names():
+                raise CatalogError(
+                    f"database at {self.url} has tables ({', '.join(sorted(tables)[:5])}) but no "
+                    f"catalog schema revision: point MODELFACTORY_CATALOG_URL at an empty database or "
+                    f"an existing catalog"
+                )
+            self.upgrade()  # a brand-new catalog
+            return
         if not auto_upgrade:
-            shown = current or "none (empty database)"
             raise CatalogError(
-                f"catalog at {self.url} is at revision {shown}, code needs {head}: "
-                f"run `modelfactory catalog upgrade`"
+                f"catalog at {self.url} is at schema revision {current}, this modelfactory needs "
+                f"{head}: run `modelfactory catalog upgrade` (with the same MODELFACTORY_CATALOG_URL; "
+                f"back the database up first if it matters)"
             )
         self.upgrade()
+
+    def _table_names(self) -> list[str]:
+        with self._connection("list the tables") as connection:
+            return [t for t in inspect(connection).get_table_names() if t != "alembic_version"]
+
+    @contextmanager
+    def reading(self, what: str) -> Iterator[Session]:
+        """A read-only session for the query functions (``modelfactory.catalog.queries``).
+
+        *what* completes "failed to ..." in the :class:`CatalogError` raised on a database error.
+        """
+        with self._read(what) as session:
+            yield session
 
     # ---------------------------------------------------------------- writes
 
@@ -372,6 +406,10 @@ class Catalog:
         with self._write(f"record metrics of run {run_id!r}") as session:
             self._require_run_id(session, run_id)
             _upsert(session, Metric, list(rows.values()), keys=("run_id", "name", "side"))
+            ratios = {name: row["value"] for (name, side), row in rows.items()
+                      if side == "delta" and name in RATIO_COLUMNS}
+            if ratios:  # the denormalised copies ls / best sort and filter on
+                session.execute(update(Run).where(Run.id == run_id).values(**ratios))
 
     def record_gate(self, *, run_id: str, checks: Sequence[GateCheckRecord]) -> None:
         """Record the gate verdict of a run, replacing any previous one."""
@@ -574,6 +612,10 @@ class Catalog:
 
     # ---------------------------------------------------------------- helpers
 
+    def resolve_id(self, session: Session, run_id: str) -> str:
+        """The full id of run *run_id* (itself or a unique 6+ character prefix), else raise."""
+        return self._resolve_id(session, run_id)
+
     def _resolve_id(self, session: Session, run_id: str) -> str:
         """*run_id* itself, or the one id it is a unique prefix of."""
         if session.scalar(select(Run.id).where(Run.id == run_id)) is not None:
@@ -588,7 +630,7 @@ class Catalog:
                     f"run id prefix {run_id!r} matches several runs ({', '.join(matches)}...): "
                     f"give more characters of the id"
                 )
-        raise CatalogError(
+        raise CatalogNotFoundError(
             f"no run with id {run_id!r} in the catalog at {self.url} (prefixes need "
             f"{MIN_PREFIX}+ characters), list runs with `modelfactory catalog ls`"
         )
@@ -604,7 +646,7 @@ class Catalog:
             raise self._no_run(run_id)
 
     def _no_run(self, run_id: str) -> CatalogError:
-        return CatalogError(
+        return CatalogNotFoundError(
             f"no run with id {run_id!r} in the catalog at {self.url}: call start_run first "
             f"(list runs with `modelfactory catalog ls`)"
         )

@@ -49,6 +49,13 @@ class Base(DeclarativeBase):
 
 class Run(Base):
     __tablename__ = "runs"
+    __table_args__ = (
+        # 0003: the query shapes of ls (filter, newest first) and best (base, passed, ppl bound).
+        Index("ix_runs_status_started_at", "status", "started_at"),
+        Index("ix_runs_base_model_id_started_at", "base_model_id", "started_at"),
+        Index("ix_runs_config_started_at", "config", "started_at"),
+        Index("ix_runs_base_model_id_status_ppl_increase_pct", "base_model_id", "status", "ppl_increase_pct"),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     flow_run_id: Mapped[str | None] = mapped_column(String(64))
@@ -75,6 +82,12 @@ class Run(Base):
     base_model_id: Mapped[int | None] = mapped_column(
         ForeignKey("base_models.id", ondelete="SET NULL"), index=True
     )
+    # Denormalised from the run's ``delta`` metrics as they are recorded (0003), so ls can sort
+    # and best can rank on plain indexed columns instead of pivoting the metrics table.
+    ppl_increase_pct: Mapped[float | None] = mapped_column(Float)
+    decode_speedup: Mapped[float | None] = mapped_column(Float)
+    size_ratio: Mapped[float | None] = mapped_column(Float)
+    memory_ratio: Mapped[float | None] = mapped_column(Float)
 
     steps: Mapped[list[Step]] = relationship(
         cascade="all, delete-orphan", passive_deletes=True, order_by="Step.id"
@@ -152,8 +165,8 @@ class Artifact(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     run_id: Mapped[str] = _run_fk()
     kind: Mapped[str] = mapped_column(String(32))
-    uri: Mapped[str] = mapped_column(String(1024))
-    manifest_sha256: Mapped[str | None] = mapped_column(String(64))
+    uri: Mapped[str] = mapped_column(String(1024), index=True)  # 0003: lineage by URI
+    manifest_sha256: Mapped[str | None] = mapped_column(String(64), index=True)  # 0003: lineage by SHA
     size_bytes: Mapped[int] = mapped_column(BigInteger)  # model files exceed 2 GiB
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
@@ -205,7 +218,7 @@ class Publication(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     run_id: Mapped[str] = _run_fk()
     destination: Mapped[str] = mapped_column(String(8))  # file | s3 | hub
-    uri: Mapped[str] = mapped_column(String(1024))
+    uri: Mapped[str] = mapped_column(String(1024), index=True)  # 0003: lineage by URI
     revision: Mapped[str | None] = mapped_column(String(255))
     commit_sha: Mapped[str | None] = mapped_column(String(64))
     manifest_sha256: Mapped[str] = mapped_column(String(64), index=True)

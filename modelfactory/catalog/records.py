@@ -187,3 +187,91 @@ def quant_columns(spec: dict[str, Any]) -> dict[str, Any]:
     desc_act = bool(quant.get("desc_act", False))
     label = f"gptq-{bits}bit-{'nogroup' if group == -1 else f'{group}g'}" + ("-actorder" if desc_act else "")
     return {"config": label, "bits": bits, "group_size": group, "desc_act": desc_act}
+
+
+# --------------------------------------------------------------------------- query results
+
+
+@dataclass(frozen=True, slots=True)
+class RunRow(RunSummary):
+    """One run as ``catalog ls``, ``best`` and the leaderboard show it: config and gate ratios."""
+
+    bits: int | None
+    group_size: int | None
+    desc_act: bool | None
+    adapters: tuple[dict[str, Any], ...]  # {uri, sha, weight} in merge order
+    ppl_increase_pct: float | None
+    decode_speedup: float | None
+    size_ratio: float | None
+    memory_ratio: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class BestBuild(_Record):
+    """``catalog best``: the Pareto front of passing builds of one base model, and its best point.
+
+    The front holds the builds no other candidate beats on both perplexity increase (lower is
+    better) and the objective (*by*: decode speed-up higher, size or memory ratio lower); it is
+    sorted by perplexity increase. ``best`` is the front's point with the best objective.
+    """
+
+    base: str
+    by: str
+    max_ppl_increase_pct: float | None
+    candidates: int
+    best: RunRow | None
+    front: tuple[RunRow, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ComparedMetric(_Record):
+    """One metric (name, side) across the compared runs; deltas are relative to the first run."""
+
+    name: str
+    side: str
+    unit: str
+    values: tuple[float | None, ...]
+    #: ``(value / first - 1) * 100`` per run (``None`` for the first run or a missing value).
+    change_pct: tuple[float | None, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison(_Record):
+    runs: tuple[RunDetail, ...]
+    metrics: tuple[ComparedMetric, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LineageNode(_Record):
+    """One link of a lineage chain: ``base`` → ``adapter``… → ``spec`` → ``run`` → ``artifact`` → ``publication``."""
+
+    kind: str
+    ref: str  # URI, run id or spec label
+    sha: str | None = None  # commit SHA, content hash or manifest sha256
+    detail: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Lineage(_Record):
+    """Where an artifact came from and where it went.
+
+    *ref* was resolved as a run id, an artifact/publication URI or a manifest sha256 (*matched_by*);
+    ``run_id`` is the run the chain follows (for an artifact: the earliest run that produced it),
+    ``runs`` every run that produced the same artifact (reruns reuse it).
+    """
+
+    ref: str
+    matched_by: str  # run | uri | manifest
+    run_id: str
+    runs: tuple[str, ...]
+    nodes: tuple[LineageNode, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Board(_Record):
+    """The leaderboard of one base model: its finished builds, passing ones first, fastest first."""
+
+    base_uri: str
+    base_sha: str
+    runs: int  # finished builds of this base (the rows may be capped)
+    rows: tuple[RunRow, ...]

@@ -1,14 +1,16 @@
-"""Rich tables and JSON for ``modelfactory catalog ls`` / ``show``."""
+"""Rich tables, JSON, CSV and Markdown for the ``modelfactory catalog`` commands and run artifacts."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from rich.table import Table
 
-from modelfactory.catalog.records import RunDetail, RunSummary
+from modelfactory.catalog.records import BestBuild, Comparison, Lineage, RunDetail, RunRow, RunSummary
 
 STATUS_STYLES = {
     "running": "cyan",
@@ -98,3 +100,155 @@ def _caption(detail: RunDetail) -> str:
 def runs_json(runs: Sequence[RunSummary | RunDetail]) -> str:
     """The runs as a JSON array (datetimes as ISO 8601 strings)."""
     return json.dumps([run.to_dict() for run in runs], indent=2)
+
+
+# --------------------------------------------------------------------------- query results
+
+RATIO_HEADERS = (("ppl_increase_pct", "ppl +%"), ("decode_speedup", "speed-up"), ("size_ratio", "size"),
+                 ("memory_ratio", "memory"))
+
+
+def _adapters(adapters: Sequence[dict]) -> str:
+    return ", ".join(f"{a.get('uri', '')}@{str(a.get('sha') or '')[:8]}" for a in adapters)
+
+
+def _row_values(row: RunRow) -> list[str]:
+    return [row.id[:8], row.name, _status(row.status), row.config or "-",
+            row.base_uri or (row.base_sha or "")[:12], _adapters(row.adapters), _when(row.started_at),
+            *(_number(getattr(row, name)) for name, _ in RATIO_HEADERS)]
+
+
+def rows_table(rows: Sequence[RunRow], *, title: str = "runs") -> Table:
+    """``catalog ls``: one row per run with its config and gate ratios."""
+    table = Table(title=title)
+    for header in ("id", "name", "status", "config", "base", "adapters", "started (UTC)"):
+        table.add_column(header, no_wrap=header in ("id", "started (UTC)"))
+    for _, header in RATIO_HEADERS:
+        table.add_column(header, justify="right")
+    for row in rows:
+        table.add_row(*_row_values(row))
+    return table
+
+
+def best_table(best: BestBuild) -> Table:
+    """``catalog best``: the Pareto front, the best build marked with ★."""
+    bound = "any" if best.max_ppl_increase_pct is None else f"<= {best.max_ppl_increase_pct:g}%"
+    table = rows_table(best.front, title=f"best build of {best.base} by {best.by} · ppl increase {bound} · "
+                       f"{best.candidates} passing candidates, Pareto front:")
+    table.columns[0].header = "id"
+    if best.best is not None:
+        table.caption = f"★ best: {best.best.id} ({best.best.name}, {best.best.config})"
+    return table
+
+
+def comparison_table(comparison: Comparison) -> Table:
+    """``catalog compare``: one column per run; changes in % against the first run."""
+    runs = comparison.runs
+    table = Table(title="compare " + " vs ".join(r.id[:8] for r in runs))
+    table.add_column("")
+    for run in runs:
+        table.add_column(f"{run.id[:8]}\n{run.name}", justify="right")
+    table.add_column("unit")
+    for label, values in (("status", [_status(r.status) for r in runs]), ("config", [r.config or "-" for r in runs]),
+                          ("base", [r.base_uri or "-" for r in runs]),
+                          ("adapters", [_adapters(r.adapters) or "-" for r in runs]),
+                          ("gate", [{None: "-", True: "passed", False: "failed"}[r.gate_passed] for r in runs])):
+        table.add_row(label, *values, "")
+    for metric in comparison.metrics:
+        cells = [_number(metric.values[0])] + [
+            _number(v) + (f" ({c:+.1f}%)" if c is not None else "")
+            for v, c in zip(metric.values[1:], metric.change_pct[1:], strict=True)]
+        table.add_row(f"{metric.name} {metric.side}".strip(), *cells, metric.unit)
+    return table
+
+
+def lineage_table(lineage: Lineage) -> Table:
+    """``catalog lineage``: base → adapters → spec → run → artifacts → publications, one link a row."""
+    table = Table(title=f"lineage of {lineage.ref} (matched {lineage.matched_by}; run {lineage.run_id}"
+                        + (f", {len(lineage.runs)} runs produced it" if len(lineage.runs) > 1 else "") + ")")
+    for header in ("link", "ref", "sha", "detail"):
+        table.add_column(header, overflow="fold")
+    for node in lineage.nodes:
+        detail = {k: v for k, v in node.detail.items() if k != "spec" and v is not None}
+        table.add_row(node.kind, node.ref, node.sha or "", ", ".join(f"{k}={v}" for k, v in detail.items()))
+    return table
+
+
+# --------------------------------------------------------------------------- CSV
+
+
+def _csv(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([["" if v is None else v for v in row] for row in rows])
+    return out.getvalue()
+
+
+ROW_FIELDS = ("id", "name", "status", "config", "bits", "group_size", "desc_act", "base_uri", "base_sha",
+              "started_at", "finished_at", "ppl_increase_pct", "decode_speedup", "size_ratio", "memory_ratio")
+
+
+def rows_csv(rows: Sequence[RunRow], *, extra: Callable[[RunRow], Sequence[object]] | None = None,
+             extra_header: Sequence[str] = ()) -> str:
+    def values(row: RunRow) -> list[object]:
+        base = [v.isoformat() if isinstance(v, datetime) else v for v in (getattr(row, f) for f in ROW_FIELDS)]
+        return base + [_adapters(row.adapters)] + list(extra(row) if extra else [])
+    return _csv([*ROW_FIELDS, "adapters", *extra_header], [values(r) for r in rows])
+
+
+def detail_csv(detail: RunDetail) -> str:
+    """``catalog show --format csv``: the run's metrics, one (name, side) a line."""
+    return _csv(("run_id", "metric", "side", "value", "unit"),
+                [(detail.id, m.name, m.side, m.value, m.unit) for m in detail.metrics])
+
+
+def comparison_csv(comparison: Comparison) -> str:
+    ids = [r.id for r in comparison.runs]
+    header = ["metric", "side", "unit", *ids, *(f"change_pct_{i[:8]}" for i in ids[1:])]
+    return _csv(header, [(m.name, m.side, m.unit, *m.values, *m.change_pct[1:]) for m in comparison.metrics])
+
+
+def best_csv(best: BestBuild) -> str:
+    best_id = best.best.id if best.best else None
+    return rows_csv(best.front, extra=lambda r: [r.id == best_id], extra_header=["best"])
+
+
+def lineage_csv(lineage: Lineage) -> str:
+    return _csv(("link", "ref", "sha", "detail"),
+                [(n.kind, n.ref, n.sha, json.dumps(n.detail, default=str)) for n in lineage.nodes])
+
+
+def record_json(record: object) -> str:
+    """Any catalog record (or a list of them) as indented JSON."""
+    if isinstance(record, (list, tuple)):
+        return json.dumps([r.to_dict() for r in record], indent=2)
+    return json.dumps(record.to_dict(), indent=2)  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- markdown (Prefect artifact)
+
+
+def run_markdown(detail: RunDetail) -> str:
+    """A run's metrics table in Markdown (fp16 / gptq / delta side by side), with the gate verdict."""
+    def cell(value: float | None) -> str:
+        return "" if value is None else f"{value:.6g}"
+
+    lines = [f"# run `{detail.id}` · {detail.name} · **{detail.status}**", "",
+             f"config `{detail.config or '-'}` · base `{detail.base_uri or '-'}` @ `{(detail.base_sha or '-')[:12]}`"]
+    if detail.adapters:
+        lines.append(f" · adapters {_adapters(detail.adapters)}")
+    sides = ["fp16", "gptq", "delta", ""]
+    lines += ["", "| metric | fp16 | gptq | delta | value | unit |", "|---|---:|---:|---:|---:|---|"]
+    for name in dict.fromkeys(m.name for m in detail.metrics):
+        unit = next(m.unit for m in detail.metrics if m.name == name)
+        lines.append(f"| {name} | " + " | ".join(cell(detail.value(name, side)) for side in sides) + f" | {unit} |")
+    if detail.gate_checks:
+        lines += ["", "| gate check | threshold | observed | passed |", "|---|---:|---:|---|"]
+        lines += [f"| {c.metric} | {c.threshold:g} | {cell(c.observed)} | {'yes' if c.passed else '**no**'} |"
+                  for c in detail.gate_checks]
+    for artifact in detail.artifacts:
+        lines += ["", f"artifact ({artifact.kind}): `{artifact.uri}` manifest `{artifact.manifest_sha256}`"]
+    if detail.error:
+        lines += ["", f"**{detail.error_kind or 'error'}**: {_short(detail.error, 500)}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,158 @@
+"""The read-only catalog JSON API of ``modelfactory serve`` on SQLite and PostgreSQL (TestClient),
+one real HTTP round trip through uvicorn, and the refusal to start on a catalog behind head."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from fastapi.testclient import TestClient
+
+from modelfactory.errors import CatalogError
+from modelfactory.server import create_app
+from modelfactory.server import api as api_module
+from test_catalog import _at_revision, catalog, catalog_url  # noqa: F401 - fixtures
+from test_catalog_queries import BASE_A, LORA_Y, SHA_A, Seeded, seed
+
+
+@contextmanager
+def catalog_env(url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Point the app (settings + its per-URL catalog cache) at *url*."""
+    from modelfactory.settings import get_settings
+
+    monkeypatch.setenv("MODELFACTORY_CATALOG_URL", url)
+    get_settings.cache_clear()
+    api_module._catalog.cache_clear()
+    try:
+        yield
+    finally:
+        for cached in list(_cached_catalogs()):
+            cached.dispose()
+        api_module._catalog.cache_clear()
+        monkeypatch.delenv("MODELFACTORY_CATALOG_URL")
+        get_settings.cache_clear()
+
+
+def _cached_catalogs():
+    try:
+        yield api_module.get_catalog()
+    except CatalogError:
+        return
+
+
+@contextmanager
+def serve(url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """``modelfactory serve``'s app under uvicorn in a thread on a free loopback port → base URL."""
+    import uvicorn
+
+    with catalog_env(url, monkeypatch), socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.should_exit = True
+            thread.join(timeout=10)
+
+
+@pytest.fixture
+def api(catalog_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[TestClient, Seeded]]:  # noqa: F811
+    from modelfactory.catalog import open_catalog
+
+    with open_catalog(catalog_url) as cat:
+        seeded = seed(cat)
+        with catalog_env(catalog_url, monkeypatch), TestClient(create_app()) as client:
+            yield client, seeded
+
+
+def names(seeded: Seeded, runs: list[dict]) -> list[str]:
+    by_id = {v: k for k, v in seeded.ids.items()}
+    return [by_id[r["id"]] for r in runs]
+
+
+def test_runs_endpoint_has_the_ls_filters(api) -> None:
+    client, seeded = api
+    get = lambda **params: client.get("/api/runs", params=params)  # noqa: E731
+    assert names(seeded, get(base=BASE_A, status="passed", sort="speed", limit=2).json()["runs"]) == [
+        "a-3g128", "a-3g128-ao"]
+    assert names(seeded, get(adapter=LORA_Y, bits=3, desc_act="true").json()["runs"]) == ["a-3g128-ao"]
+    assert names(seeded, get(config="gptq-4bit-32g").json()["runs"]) == ["a-4g32"]
+    assert names(seeded, get(since="2026-01-08", until="2026-01-08").json()["runs"]) == ["b-4g128"]
+    row = get(base=SHA_A[:8], group_size=64).json()["runs"][0]
+    assert row["status"] == "rejected" and row["decode_speedup"] == 2.1 and row["started_at"].startswith("2026-01-05")
+    bad = get(status="done")
+    assert bad.status_code == 400 and bad.json()["detail"]["error"] == "catalog_query"
+    assert "is not one of" in bad.json()["detail"]["message"]
+    assert get(sort="fastest").status_code == 400 and get(since="soon").status_code == 400
+    assert get(limit=0).status_code == 422
+
+
+def test_run_compare_best_lineage_leaderboard(api) -> None:
+    client, seeded = api
+    run_id = seeded.ids["a-3g128"]
+    detail = client.get(f"/api/runs/{run_id[:8]}").json()
+    assert detail["id"] == run_id and {m["name"] for m in detail["metrics"]} >= {"perplexity", "decode_speedup"}
+    missing = client.get("/api/runs/ffffffff")
+    assert missing.status_code == 404 and "catalog ls" in missing.json()["detail"]["message"]
+
+    compared = client.get("/api/compare", params=[("run", seeded.ids["a-4g128"]), ("run", run_id)]).json()
+    assert [r["id"] for r in compared["runs"]] == [seeded.ids["a-4g128"], run_id]
+    assert client.get("/api/compare", params={"run": run_id}).status_code == 400
+
+    best = client.get("/api/best", params={"base": BASE_A, "max_ppl_increase": "3%", "by": "speed"}).json()
+    assert best["best"]["id"] == run_id and len(best["front"]) == 4 and best["candidates"] == 5
+    assert client.get("/api/best", params={"base": BASE_A, "max_ppl_increase": "0.01%"}).status_code == 404
+    assert client.get("/api/best", params={"base": "org/none"}).status_code == 404
+    assert client.get("/api/best", params={"base": BASE_A, "by": "ppl"}).status_code == 400
+
+    manifest = seeded.manifests["a-3g128"]
+    chain = client.get(f"/api/lineage/{manifest}").json()
+    assert chain["run_id"] == run_id and chain["nodes"][0] == {"kind": "base", "ref": BASE_A, "sha": SHA_A,
+                                                               "detail": {}}
+    uri = next(n["ref"] for n in chain["nodes"] if n["kind"] == "artifact")
+    assert client.get("/api/lineage", params={"ref": uri}).json()["matched_by"] == "uri"
+    assert client.get(f"/api/lineage/{uri}").json()["matched_by"] == "uri"  # slashes in the path
+    assert client.get("/api/lineage/file:///nowhere").status_code == 404
+
+    boards = client.get("/api/leaderboard").json()["boards"]
+    assert [b["base_uri"] for b in boards] == ["org/mistral-base", BASE_A]
+
+
+def test_real_http_round_trip(catalog_url: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    from modelfactory.catalog import open_catalog
+
+    with open_catalog(catalog_url) as cat:
+        seeded = seed(cat)
+    with serve(catalog_url, monkeypatch) as base_url:
+        with urllib.request.urlopen(f"{base_url}/api/runs?status=passed&base={BASE_A}&limit=3") as response:
+            assert response.headers["content-type"] == "application/json"
+            runs = json.load(response)["runs"]
+        assert names(seeded, runs) == ["a-8g128", "a-3g128-ao", "a-3g128"]
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(f"{base_url}/api/runs/not-a-run")
+        assert info.value.code == 404
+
+
+def test_app_refuses_to_start_on_a_catalog_behind_head(catalog_url: str,  # noqa: F811
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    with _at_revision(catalog_url, "0002"):
+        pass
+    with catalog_env(catalog_url, monkeypatch):
+        with pytest.raises(CatalogError, match="run `modelfactory catalog upgrade`"):
+            with TestClient(create_app()):
+                pass

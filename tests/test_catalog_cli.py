@@ -1,0 +1,93 @@
+"""``modelfactory catalog ls/show/compare/best/lineage/upgrade`` in-process (CliRunner) on a seeded
+SQLite catalog: filters reach the queries, every format renders, errors exit 1 with the reason."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from modelfactory.catalog import open_catalog
+from modelfactory.cli import app
+from test_catalog import _at_revision
+from test_catalog_queries import BASE_A, LORA_Y, SHA_A, seed
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from modelfactory.settings import get_settings
+
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    with open_catalog(url) as cat:
+        seeded = seed(cat)
+    monkeypatch.setenv("MODELFACTORY_CATALOG_URL", url)
+    monkeypatch.setenv("COLUMNS", "250")
+    get_settings.cache_clear()
+
+    def invoke(*args: str, code: int = 0) -> str:
+        result = runner.invoke(app, ["catalog", *args])
+        assert result.exit_code == code, result.output
+        return result.output
+
+    yield invoke, seeded, url
+    get_settings.cache_clear()
+
+
+def test_ls_filters_sort_and_formats(cli) -> None:
+    invoke, seeded, _ = cli
+    runs = json.loads(invoke("ls", "--base", BASE_A, "--status", "passed", "--bits", "3", "--format", "json"))
+    assert [r["name"] for r in runs] == ["a-3g128-ao", "a-3g128"]
+    runs = json.loads(invoke("ls", "--adapter", LORA_Y, "--no-desc-act", "--sort", "speed", "--format", "json"))
+    assert [r["name"] for r in runs] == ["a-2g64", "b-4g128"]
+    rows = list(csv.DictReader(io.StringIO(invoke("ls", "--since", "2026-01-02", "--until", "2026-01-03",
+                                                  "--group-size", "128", "--format", "csv"))))
+    assert [r["name"] for r in rows] == ["a-3g128"] and rows[0]["base_sha"] == SHA_A
+    table = invoke("ls", "--config", "gptq-8bit-128g")
+    assert "a-8g128" in table and "speed-up" in table and "a-4g128" not in table
+    assert "is not one of" in invoke("ls", "--status", "done", code=1)
+    assert "--sort" in invoke("ls", "--sort", "fastest", code=2)
+
+
+def test_show_compare_best_lineage(cli) -> None:
+    invoke, seeded, _ = cli
+    run_id = seeded.ids["a-3g128"]
+    assert json.loads(invoke("show", run_id[:8], "--format", "json"))["id"] == run_id
+    assert "decode_speedup,delta,1.6,x" in invoke("show", run_id, "--format", "csv")
+    compared = invoke("compare", seeded.ids["a-4g128"], run_id)
+    assert "(+23.1%)" in compared and "gptq-3bit-128g" in compared
+    assert "give 2 to 20 run ids" in invoke("compare", run_id, code=1)
+    best = json.loads(invoke("best", "--base", BASE_A, "--max-ppl-increase", "3%", "--format", "json"))
+    assert best["best"]["id"] == run_id and best["by"] == "speed"
+    assert "★ best: " + run_id in invoke("best", "--base", BASE_A, "--max-ppl-increase", "3%")
+    by_size = list(csv.DictReader(io.StringIO(invoke("best", "--base", SHA_A, "--by", "size", "--format", "csv"))))
+    assert [r["name"] for r in by_size if r["best"] == "True"] == ["a-3g128-ao"]
+    assert "no passing build of 'org/llama-base' within a 0.01% perplexity increase" in invoke(
+        "best", "--base", BASE_A, "--max-ppl-increase", "0.01%", code=1)
+    chain = invoke("lineage", seeded.manifests["a-3g128"])
+    assert "matched manifest" in chain and SHA_A in chain and "publication" in chain
+    assert json.loads(invoke("lineage", run_id, "--format", "json"))["nodes"][0]["sha"] == SHA_A
+    assert "is no run id, artifact or publication URI" in invoke("lineage", "file:///nowhere", code=1)
+
+
+def test_upgrade_is_required_for_a_catalog_behind_head(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelfactory.settings import get_settings
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    with _at_revision(url, "0002"):
+        pass
+    monkeypatch.setenv("MODELFACTORY_CATALOG_URL", url)
+    get_settings.cache_clear()
+    try:
+        refused = runner.invoke(app, ["catalog", "ls"])
+        assert refused.exit_code == 1 and "run `modelfactory catalog upgrade`" in refused.output
+        upgraded = runner.invoke(app, ["catalog", "upgrade"])
+        assert upgraded.exit_code == 0 and "at revision 0003" in upgraded.output
+        assert runner.invoke(app, ["catalog", "ls", "--format", "json"]).output.strip() == "[]"
+    finally:
+        get_settings.cache_clear()

@@ -1,0 +1,338 @@
+"""The catalog queries (ls filters and sorts, compare, best / Pareto, lineage, leaderboard) and
+their renderings, on SQLite and PostgreSQL (the ``catalog`` fixture of test_catalog.py).
+
+:func:`seed` builds a small catalog whose expected answers are worked out by hand below; the API
+and page tests reuse it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import pytest
+from rich.console import Console
+from sqlalchemy import text
+
+from modelfactory.catalog import Catalog, GateCheckRecord, MetricRecord, PublicationRecord, open_catalog
+from modelfactory.catalog.queries import (
+    RunFilter,
+    best_build,
+    compare_runs,
+    leaderboard,
+    lineage,
+    parse_percent,
+    parse_when,
+    query_runs,
+)
+from modelfactory.catalog.render import (
+    best_csv,
+    best_table,
+    comparison_csv,
+    comparison_table,
+    detail_csv,
+    lineage_csv,
+    lineage_table,
+    record_json,
+    rows_csv,
+    rows_table,
+    run_markdown,
+)
+from modelfactory.errors import CatalogNotFoundError, CatalogQueryError
+from test_catalog import _at_revision, catalog, catalog_url  # noqa: F401 - fixtures
+
+BASE_A, SHA_A = "org/llama-base", "a1" * 20
+BASE_B, SHA_B = "org/mistral-base", "b2" * 20
+LORA_X, SHA_X = "me/lora-x", "c3" * 20
+LORA_Y, SHA_Y = "me/lora-y", "d4" * 20
+
+#: name: (base, adapters, bits, group, desc_act, status, ppl increase %, speed-up, size, memory, day of Jan 2026)
+BUILDS = {
+    "a-4g128":    ("A", ["X"], 4, 128, False, "passed", 1.0, 1.30, 0.30, 0.32, 1),
+    "a-4g32":     ("A", ["X"], 4, 32, False, "passed", 0.8, 1.20, 0.33, 0.35, 2),
+    "a-3g128":    ("A", ["X"], 3, 128, False, "passed", 2.5, 1.60, 0.24, 0.27, 3),
+    "a-3g128-ao": ("A", ["X", "Y"], 3, 128, True, "passed", 2.5, 1.55, 0.24, 0.27, 4),  # dominated by a-3g128
+    "a-2g64":     ("A", ["Y"], 2, 64, False, "rejected", 9.0, 2.10, 0.15, 0.19, 5),
+    "a-8g128":    ("A", [], 8, 128, False, "passed", 0.1, 0.90, 0.55, 0.57, 6),
+    "a-failed":   ("A", ["X"], 4, 128, False, "failed", None, None, None, None, 7),
+    "b-4g128":    ("B", ["Y"], 4, 128, False, "passed", 1.5, 1.40, 0.29, 0.31, 8),
+    "b-running":  ("B", [], 4, 128, False, "running", None, None, None, None, 9),
+}
+
+
+@dataclass
+class Seeded:
+    catalog: Catalog
+    ids: dict[str, str] = field(default_factory=dict)
+    manifests: dict[str, str] = field(default_factory=dict)
+
+    def names(self, rows) -> list[str]:
+        by_id = {v: k for k, v in self.ids.items()}
+        return [by_id[r.id] for r in rows]
+
+
+def seed(catalog: Catalog) -> Seeded:
+    """The builds of :data:`BUILDS`, with steps, metrics, gate, artifacts and publications."""
+    seeded = Seeded(catalog)
+    bases = {"A": (BASE_A, SHA_A), "B": (BASE_B, SHA_B)}
+    adapters = {"X": (LORA_X, SHA_X), "Y": (LORA_Y, SHA_Y)}
+    for name, (base, ads, bits, group, desc_act, status, ppl, speed, size, memory, day) in BUILDS.items():
+        run_id = str(uuid.uuid4())
+        seeded.ids[name] = run_id
+        spec = {"name": name, "quantize": {"bits": bits, "group_size": group, "desc_act": desc_act}}
+        catalog.start_run(run_id=run_id, name=name, spec=spec, run_key=f"key-{name}")
+        catalog.set_sources(run_id=run_id, base_uri=bases[base][0], base_sha=bases[base][1],
+                            adapters=[{"uri": adapters[a][0], "sha": adapters[a][1], "weight": 1.0} for a in ads])
+        catalog.record_step(run_id=run_id, name="download", status="ok", duration_s=1.0)
+        if ppl is not None:
+            fp16_ppl, fp16_tok = 10.0, 100.0
+            catalog.record_metrics(run_id=run_id, metrics=[
+                MetricRecord("perplexity", "fp16", fp16_ppl, "ppl"),
+                MetricRecord("perplexity", "gptq", fp16_ppl * (1 + ppl / 100), "ppl"),
+                MetricRecord("decode_tok_s", "fp16", fp16_tok, "tok/s"),
+                MetricRecord("decode_tok_s", "gptq", fp16_tok * speed, "tok/s"),
+                MetricRecord("ppl_increase_pct", "delta", ppl, "%"),
+                MetricRecord("decode_speedup", "delta", speed, "x"),
+                MetricRecord("size_ratio", "delta", size, "x"),
+                MetricRecord("memory_ratio", "delta", memory, "x"),
+            ])
+            catalog.record_gate(run_id=run_id, checks=[GateCheckRecord(
+                "max_ppl_increase_pct", 5.0, fp16_ppl, fp16_ppl * (1 + ppl / 100), ppl, ppl <= 5.0, f"ppl +{ppl}%")])
+        if status == "passed":
+            manifest = (f"{len(seeded.manifests):x}" * 64)[:64]
+            seeded.manifests[name] = manifest
+            uri = f"file:///store/{name}/{run_id[:8]}"
+            catalog.record_artifact(run_id=run_id, kind="gptq", uri=uri, manifest_sha256=manifest, size_bytes=1000)
+            catalog.record_publication(run_id=run_id, publication=PublicationRecord("file", uri, manifest, 1000))
+            catalog.record_publication(run_id=run_id, publication=PublicationRecord(
+                "hub", f"https://huggingface.co/org/{name}/tree/gptq", manifest, 1000, revision="gptq",
+                commit_sha="e" * 40))
+        if status != "running":
+            catalog.finish_run(run_id=run_id, status=status, error="boom" if status == "failed" else None)
+        started = datetime(2026, 1, day, 12, 0, tzinfo=UTC)
+        with catalog.engine.begin() as conn:
+            conn.execute(text("UPDATE runs SET started_at = :t WHERE id = :id"), {"t": started, "id": run_id})
+    return seeded
+
+
+@pytest.fixture
+def seeded(catalog: Catalog) -> Seeded:  # noqa: F811
+    return seed(catalog)
+
+
+def ls(seeded: Seeded, sort: str = "newest", limit: int = 50, **filters) -> list[str]:
+    return seeded.names(query_runs(seeded.catalog, filters=RunFilter(**filters), sort=sort, limit=limit))
+
+
+# --------------------------------------------------------------------------- ls
+
+
+def test_ls_filters(seeded: Seeded) -> None:
+    all_a = ["a-failed", "a-8g128", "a-2g64", "a-3g128-ao", "a-3g128", "a-4g32", "a-4g128"]
+    assert ls(seeded) == ["b-running", "b-4g128", *all_a]  # newest first
+    assert ls(seeded, base=BASE_A) == all_a
+    assert ls(seeded, base=SHA_A) == ls(seeded, base=SHA_A[:7]) == all_a  # SHA or a 7+ prefix
+    assert ls(seeded, base=SHA_A[:6]) == []  # too short a prefix matches nothing
+    assert ls(seeded, base="org/unknown") == []
+    assert ls(seeded, adapter=LORA_Y) == ["b-4g128", "a-2g64", "a-3g128-ao"]
+    assert ls(seeded, adapter=SHA_Y[:10], base=BASE_A) == ["a-2g64", "a-3g128-ao"]
+    assert ls(seeded, status="passed", base=BASE_A) == ["a-8g128", "a-3g128-ao", "a-3g128", "a-4g32", "a-4g128"]
+    assert ls(seeded, bits=3) == ["a-3g128-ao", "a-3g128"]
+    assert ls(seeded, bits=4, group_size=128, status="passed") == ["b-4g128", "a-4g128"]
+    assert ls(seeded, desc_act=True) == ["a-3g128-ao"]
+    assert ls(seeded, config="gptq-3bit-128g-actorder") == ["a-3g128-ao"]
+    assert ls(seeded, config="gptq-4bit-32g") == ["a-4g32"]
+    assert ls(seeded, since=parse_when("2026-01-03"), until=parse_when("2026-01-05", end=True)) == [
+        "a-2g64", "a-3g128-ao", "a-3g128"]  # since inclusive, a bare-date until covers that day
+    assert ls(seeded, until=parse_when("2026-01-02T00:00:00Z")) == ["a-4g128"]
+    assert ls(seeded, limit=2) == ["b-running", "b-4g128"]
+
+
+def test_ls_sorts_with_missing_values_last(seeded: Seeded) -> None:
+    assert ls(seeded, "oldest", limit=3) == ["a-4g128", "a-4g32", "a-3g128"]
+    assert ls(seeded, "speed")[:3] == ["a-2g64", "a-3g128", "a-3g128-ao"]
+    assert ls(seeded, "speed")[-2:] == ["b-running", "a-failed"]  # no ratios: last, newest first
+    assert ls(seeded, "ppl", base=BASE_A)[:3] == ["a-8g128", "a-4g32", "a-4g128"]
+    assert ls(seeded, "size", status="passed")[:1] == ["a-3g128-ao"]  # tie with a-3g128: newest first
+    assert ls(seeded, "memory", status="passed")[-1] == "a-8g128"
+    assert ls(seeded, "name", limit=2) == ["a-2g64", "a-3g128"]
+
+
+def test_ls_rows_carry_config_sources_and_ratios(seeded: Seeded) -> None:
+    (row,) = query_runs(seeded.catalog, filters=RunFilter(config="gptq-3bit-128g-actorder"))
+    assert (row.bits, row.group_size, row.desc_act, row.config) == (3, 128, True, "gptq-3bit-128g-actorder")
+    assert (row.base_uri, row.base_sha) == (BASE_A, SHA_A)
+    assert [a["uri"] for a in row.adapters] == [LORA_X, LORA_Y]
+    assert (row.ppl_increase_pct, row.decode_speedup, row.size_ratio, row.memory_ratio) == (2.5, 1.55, 0.24, 0.27)
+    assert row.started_at == datetime(2026, 1, 4, 12, tzinfo=UTC)
+    assert json.loads(record_json([row]))[0]["adapters"][1]["sha"] == SHA_Y
+
+
+def test_ls_rejects_bad_input(seeded: Seeded) -> None:
+    with pytest.raises(CatalogQueryError, match="run status 'done' is not one of"):
+        RunFilter(status="done")
+    with pytest.raises(CatalogQueryError, match="sort key 'fastest' is not one of newest, oldest"):
+        query_runs(seeded.catalog, sort="fastest")
+    with pytest.raises(CatalogQueryError, match="give a limit from 1 to"):
+        query_runs(seeded.catalog, limit=0)
+    with pytest.raises(CatalogQueryError, match="is empty: give a 'since' before 'until'"):
+        RunFilter(since=parse_when("2026-02-01"), until=parse_when("2026-01-01"))
+    with pytest.raises(CatalogQueryError, match="'yesterday' is not an ISO date"):
+        parse_when("yesterday")
+    assert parse_percent("3%") == parse_percent(" 3 ") == parse_percent(3) == 3.0
+    with pytest.raises(CatalogQueryError, match="'three' is not a percentage"):
+        parse_percent("three")
+    with pytest.raises(CatalogQueryError, match=">= 0"):
+        parse_percent("-1%")
+
+
+def test_ratio_columns_follow_delta_metrics(catalog: Catalog) -> None:  # noqa: F811
+    run_id = str(uuid.uuid4())
+    catalog.start_run(run_id=run_id, name="r", spec={}, run_key="k")
+    catalog.record_metrics(run_id=run_id, metrics=[MetricRecord("decode_speedup", "delta", 1.1, "x"),
+                                                   MetricRecord("decode_speedup", "gptq", 9.0, "x")])
+    catalog.record_metrics(run_id=run_id, metrics=[MetricRecord("decode_speedup", "delta", 1.7, "x"),
+                                                   MetricRecord("size_ratio", "delta", 0.3, "x")])
+    (row,) = query_runs(catalog)
+    assert (row.decode_speedup, row.size_ratio, row.ppl_increase_pct) == (1.7, 0.3, None)
+
+
+# --------------------------------------------------------------------------- best
+
+
+def test_best_is_the_pareto_front_point_with_the_best_objective(seeded: Seeded) -> None:
+    best = best_build(seeded.catalog, base=BASE_A, max_ppl_increase_pct="3%", by="speed")
+    # candidates: passed builds of A within 3%: a-8g128, a-4g32, a-4g128, a-3g128, a-3g128-ao (a-2g64 rejected)
+    assert best.candidates == 5
+    assert seeded.names(best.front) == ["a-8g128", "a-4g32", "a-4g128", "a-3g128"]  # a-3g128-ao is dominated
+    assert seeded.names([best.best]) == ["a-3g128"]
+    tighter = best_build(seeded.catalog, base=SHA_A, max_ppl_increase_pct=1.0, by="speed")
+    assert seeded.names([tighter.best]) == ["a-4g128"] and tighter.candidates == 3
+    by_size = best_build(seeded.catalog, base=BASE_A, by="size")
+    # equal size/ppl: a-3g128-ao (newer) is kept, a-3g128 drops out as a duplicate point
+    assert seeded.names(by_size.front) == ["a-8g128", "a-4g32", "a-4g128", "a-3g128-ao"]
+    assert seeded.names([by_size.best]) == ["a-3g128-ao"]
+    by_memory = best_build(seeded.catalog, base=BASE_A, max_ppl_increase_pct=0.9, by="memory")
+    assert seeded.names(by_memory.front) == ["a-8g128", "a-4g32"] and seeded.names([by_memory.best]) == ["a-4g32"]
+    only_y = best_build(seeded.catalog, base=BASE_A, by="speed", filters=RunFilter(adapter=LORA_Y))
+    assert seeded.names([only_y.best]) == ["a-3g128-ao"]  # the passing build that merged lora-y
+    assert best_build(seeded.catalog, base=BASE_B, by="speed").best.name == "b-4g128"
+
+
+def test_best_without_candidates_or_base(seeded: Seeded) -> None:
+    none = best_build(seeded.catalog, base=BASE_A, max_ppl_increase_pct=0.05)
+    assert none.best is None and none.front == () and none.candidates == 0
+    with pytest.raises(CatalogNotFoundError, match="was built on base model 'org/nothing'"):
+        best_build(seeded.catalog, base="org/nothing")
+    with pytest.raises(CatalogQueryError, match="objective 'ppl' is not one of speed, size, memory"):
+        best_build(seeded.catalog, base=BASE_A, by="ppl")
+
+
+# --------------------------------------------------------------------------- compare / lineage / leaderboard
+
+
+def test_compare_runs_side_by_side_with_changes(seeded: Seeded) -> None:
+    first, second = seeded.ids["a-4g128"], seeded.ids["a-3g128"]
+    comparison = compare_runs(seeded.catalog, [first[:8], second])
+    assert [r.id for r in comparison.runs] == [first, second]
+    metrics = {(m.name, m.side): m for m in comparison.metrics}
+    speed = metrics[("decode_speedup", "delta")]
+    assert speed.values == (1.3, 1.6) and speed.change_pct[0] is None
+    assert speed.change_pct[1] == pytest.approx((1.6 / 1.3 - 1) * 100)
+    failed = compare_runs(seeded.catalog, [first, seeded.ids["a-failed"]])  # a run without metrics
+    assert {m.values[1] for m in failed.metrics} == {None}
+    with pytest.raises(CatalogQueryError, match="give 2 to 20 run ids"):
+        compare_runs(seeded.catalog, [first])
+    with pytest.raises(CatalogQueryError, match="is given twice"):
+        compare_runs(seeded.catalog, [first, first[:8]])
+    with pytest.raises(CatalogNotFoundError, match="no run with id 'ffffffff'"):
+        compare_runs(seeded.catalog, [first, "ffffffff"])
+
+
+def test_lineage_from_run_uri_or_manifest(seeded: Seeded) -> None:
+    run_id, manifest = seeded.ids["a-3g128-ao"], seeded.manifests["a-3g128-ao"]
+    by_run = lineage(seeded.catalog, run_id[:8])
+    assert by_run.matched_by == "run" and by_run.run_id == run_id
+    assert [n.kind for n in by_run.nodes] == ["base", "adapter", "adapter", "spec", "run", "artifact",
+                                              "publication", "publication"]
+    base, lora_x, lora_y, spec = by_run.nodes[:4]
+    assert (base.ref, base.sha) == (BASE_A, SHA_A)
+    assert (lora_x.ref, lora_x.sha, lora_y.ref, lora_y.detail["position"]) == (LORA_X, SHA_X, LORA_Y, 1)
+    assert spec.ref == "gptq-3bit-128g-actorder" and spec.detail["spec"]["quantize"]["bits"] == 3
+    assert {n.sha for n in by_run.nodes[5:]} == {manifest}
+    hub = f"https://huggingface.co/org/a-3g128-ao/tree/gptq"
+    by_uri = lineage(seeded.catalog, hub)
+    assert by_uri.matched_by == "uri" and by_uri.run_id == run_id and by_uri.nodes == by_run.nodes
+    # a rerun that reused the artifact: both runs are listed, the chain follows the earliest
+    rerun = str(uuid.uuid4())
+    seeded.catalog.start_run(run_id=rerun, name="rerun", spec={}, run_key="key-rerun")
+    seeded.catalog.record_publication(run_id=rerun, publication=PublicationRecord(
+        "file", f"file:///store/rerun", manifest, 1000, reused=True))
+    by_sha = lineage(seeded.catalog, manifest.upper())
+    assert by_sha.matched_by == "manifest" and by_sha.runs == (run_id, rerun) and by_sha.run_id == run_id
+    assert [n.detail["run_id"] for n in by_sha.nodes if n.kind == "publication"][-1] == rerun
+    with pytest.raises(CatalogNotFoundError, match="is no run id, artifact or publication URI, or manifest"):
+        lineage(seeded.catalog, "file:///nowhere")
+
+
+def test_leaderboard_per_base(seeded: Seeded) -> None:
+    boards = leaderboard(seeded.catalog)
+    assert [b.base_uri for b in boards] == [BASE_B, BASE_A]  # most recent finished run first
+    board_a = boards[1]
+    assert board_a.runs == 6 and seeded.names(board_a.rows) == [
+        "a-3g128", "a-3g128-ao", "a-4g128", "a-4g32", "a-8g128", "a-2g64"]  # passed by speed, then rejected
+    (only,) = leaderboard(seeded.catalog, base=SHA_B, rows=5)
+    assert seeded.names(only.rows) == ["b-4g128"]
+    with pytest.raises(CatalogNotFoundError):
+        leaderboard(seeded.catalog, base="org/nothing")
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def test_renderings(seeded: Seeded) -> None:
+    cat = seeded.catalog
+    rows = query_runs(cat, filters=RunFilter(base=BASE_A))
+    best = best_build(cat, base=BASE_A, max_ppl_increase_pct=3)
+    comparison = compare_runs(cat, [seeded.ids["a-4g128"], seeded.ids["a-3g128"]])
+    chain = lineage(cat, seeded.ids["a-4g128"])
+    console = Console(file=io.StringIO(), width=250, color_system=None)
+    for table in (rows_table(rows), best_table(best), comparison_table(comparison), lineage_table(chain)):
+        console.print(table)
+    out = console.file.getvalue()
+    assert "a-3g128-ao" in out and "★ best: " + seeded.ids["a-3g128"] in out
+    assert "(+23.1%)" in out and SHA_A in out
+    parsed = list(csv.DictReader(io.StringIO(rows_csv(rows))))
+    assert [r["name"] for r in parsed] == [r.name for r in rows] and parsed[-1]["decode_speedup"] == "1.3"
+    assert [r["best"] for r in csv.DictReader(io.StringIO(best_csv(best)))] == ["False"] * 3 + ["True"]
+    header = next(csv.reader(io.StringIO(comparison_csv(comparison))))
+    assert header[:3] == ["metric", "side", "unit"] and len(header) == 6
+    assert [r["link"] for r in csv.DictReader(io.StringIO(lineage_csv(chain)))][:2] == ["base", "adapter"]
+    detail = cat.get_run(seeded.ids["a-4g128"])
+    assert "perplexity,fp16,10.0,ppl" in detail_csv(detail)
+    markdown = run_markdown(detail)
+    assert "| perplexity | 10 | 10.1 |" in markdown and "| max_ppl_increase_pct | 5 | 1 | yes |" in markdown
+
+
+# --------------------------------------------------------------------------- migration 0003
+
+
+def test_upgrade_from_0002_backfills_ratios_and_sources(catalog_url: str) -> None:  # noqa: F811
+    with _at_revision(catalog_url, "0002") as engine, engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO runs (id, name, status, run_key, spec, adapters, library_versions, host, started_at, "
+            "base_uri, base_sha, config, bits, group_size, desc_act) VALUES ('old-0002', 'old', 'passed', 'k', "
+            "'{}', :adapters, '{}', '{}', CURRENT_TIMESTAMP, 'org/old', 'f00d', 'gptq-4bit-128g', 4, 128, :f)"),
+            {"adapters": json.dumps([{"uri": "me/old-lora", "sha": "beef", "weight": 0.5}]), "f": False})
+        for name, value in (("decode_speedup", 1.5), ("ppl_increase_pct", 2.0)):
+            conn.execute(text("INSERT INTO metrics (run_id, name, side, value, unit) "
+                              "VALUES ('old-0002', :n, 'delta', :v, 'x')"), {"n": name, "v": value})
+    with open_catalog(catalog_url, auto_upgrade=True) as cat:
+        (row,) = query_runs(cat, filters=RunFilter(base="org/old", adapter="me/old-lora"))
+        assert (row.decode_speedup, row.ppl_increase_pct, row.size_ratio) == (1.5, 2.0, None)
+        assert best_build(cat, base="f00d").best.id == "old-0002"
+        assert lineage(cat, "old-0002").nodes[1].detail["weight"] == 0.5

@@ -1,0 +1,73 @@
+"""The leaderboard page: server-side HTML + inline SVG, checked in headless Chromium (Playwright)
+against a seeded catalog served by uvicorn; the screenshot is kept under test-artifacts/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from browser import open_browser, screenshot_path
+from modelfactory.catalog import open_catalog
+from modelfactory.server import create_app
+from modelfactory.server.plot import nice_ticks
+from test_api import catalog_env, serve
+from test_catalog_queries import BASE_A, seed
+
+
+@pytest.fixture
+def seeded_url(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    with open_catalog(url) as cat:
+        yield url, seed(cat)
+
+
+def test_leaderboard_in_chromium(seeded_url, monkeypatch: pytest.MonkeyPatch) -> None:
+    url, seeded = seeded_url
+    with serve(url, monkeypatch) as base_url, open_browser() as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 1600})
+        page.goto(f"{base_url}/leaderboard")
+        assert page.title() == "modelfactory leaderboard"
+        boards = page.locator("section.board")
+        assert boards.count() == 2
+        board_a = page.locator(f'section.board[data-base="{BASE_A}"]')
+        rows = board_a.locator("table.leaderboard tbody tr")
+        assert rows.count() == 6  # finished builds of base A: 5 passed + 1 rejected (failed runs are not builds)
+        assert rows.nth(0).get_attribute("data-run") == seeded.ids["a-3g128"]
+        assert "★" in rows.nth(0).inner_text() and "best" in rows.nth(0).get_attribute("class")
+        assert rows.nth(5).locator("td.status").inner_text() == "rejected"
+        plot = board_a.locator("svg.plot")
+        assert plot.is_visible() and plot.bounding_box()["width"] > 300
+        assert plot.locator("circle.point.pass").count() == 5 and plot.locator("path.point.fail").count() == 1
+        assert plot.locator("circle.best").count() == 1
+        best_point = plot.locator(f'circle.point[data-run="{seeded.ids["a-3g128"]}"]')
+        assert "ppl +2.5%" in best_point.locator("title").text_content()
+        page.screenshot(path=str(screenshot_path("leaderboard.png")), full_page=True)
+
+        page.goto(f"{base_url}/?x=size")  # the same page at /, size ratio on the x axis
+        assert "disk size ratio" in page.locator("section.board svg").first.text_content()
+        page.screenshot(path=str(screenshot_path("leaderboard-size.png")), full_page=True)
+    assert screenshot_path("leaderboard.png").stat().st_size > 10_000
+
+
+def test_leaderboard_html_without_browser(seeded_url, monkeypatch: pytest.MonkeyPatch) -> None:
+    url, _seeded = seeded_url
+    with catalog_env(url, monkeypatch), TestClient(create_app()) as client:
+        html = client.get("/leaderboard", params={"base": BASE_A}).text
+        assert html.count('<section class="board"') == 1 and "<script" not in html and "http" not in html.split(
+            "<body>")[1].replace('xmlns="http://www.w3.org/2000/svg"', "")  # nothing fetched from elsewhere
+        assert client.get("/leaderboard", params={"base": "org/none"}).status_code == 404
+        assert client.get("/leaderboard", params={"x": "ppl"}).status_code == 422
+
+
+def test_empty_catalog_page(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with catalog_env(f"sqlite:///{tmp_path / 'new' / 'catalog.db'}", monkeypatch), TestClient(create_app()) as client:
+        page = client.get("/")  # a brand-new embedded catalog is created, not refused
+        assert page.status_code == 200 and "No finished builds" in page.text
+
+
+def test_nice_ticks() -> None:
+    assert nice_ticks(0.9, 2.1) == [0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25]
+    assert nice_ticks(0, 9) == [0, 2, 4, 6, 8, 10]
+    assert nice_ticks(1.0, 1.0) == [1.0, 1.2, 1.4, 1.6, 1.8, 2.0]  # a single value gets a unit range
