@@ -5,7 +5,8 @@ what they need exists and then runs ``prefect --no-prompt deploy`` on that file:
 
 1. the ``gpu`` work pool (type ``process`` by default; ``kubernetes`` with
    ``infra/k8s/gpu-base-job-template.json``), with an optional pool-wide concurrency limit
-   (the total number of GPUs behind it);
+   (the total number of GPUs behind it), and the ``cpu`` process pool of the factory, nightly and
+   on-finetune deployments (``docs/triggers.md``);
 2. every deployment in ``deployments/prefect.yaml`` (or the ones named);
 3. the ``modelfactory: crash silent gpu-stage runs`` automation: a ``gpu-stage`` flow run whose
    heartbeats stop (worker or host died) is marked ``Crashed`` after *zombie_after_s* seconds,
@@ -27,6 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from modelfactory.gpu_pool import GPU_POOL
+
+#: Process pool of the light flows: factory (on demand), nightly, on-finetune.
+CPU_POOL = "cpu"
 
 #: Flow whose runs the zombie automation watches (the flow in ``flows/gpu_stage.py``).
 GPU_FLOW = "gpu-stage"
@@ -52,7 +56,9 @@ def k8s_base_job_template(root: Path | None = None) -> dict[str, Any]:
 
 
 def ensure_work_pool(name: str = GPU_POOL, *, pool_type: str = "process", concurrency_limit: int | None = None,
-                     base_job_template: dict[str, Any] | None = None) -> None:
+                     base_job_template: dict[str, Any] | None = None,
+                     description: str = "modelfactory GPU steps: one worker per GPU (--limit 1, CUDA_VISIBLE_DEVICES)",
+                     ) -> None:
     """Create work pool *name*, or update its concurrency limit / base job template."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
@@ -69,7 +75,7 @@ def ensure_work_pool(name: str = GPU_POOL, *, pool_type: str = "process", concur
             client.create_work_pool(WorkPoolCreate(
                 name=name, type=pool_type, concurrency_limit=concurrency_limit,
                 base_job_template=base_job_template or {},
-                description="modelfactory GPU steps: one worker per GPU (--limit 1, CUDA_VISIBLE_DEVICES)"))
+                description=description))
             return
         if pool.type != pool_type:
             raise ValueError(f"work pool {name!r} exists with type {pool.type!r}, not {pool_type!r}: "
@@ -152,6 +158,8 @@ def deploy(*, gpus: int | None = None, names: list[str] | None = None, pool_type
     root = root or source_dir()
     template = k8s_base_job_template(root) if pool_type == "kubernetes" else None
     ensure_work_pool(GPU_POOL, pool_type=pool_type, concurrency_limit=gpus, base_job_template=template)
+    ensure_work_pool(CPU_POOL, pool_type="process", description="modelfactory factory, nightly and on-finetune "
+                     "flows: `prefect worker start --pool cpu --type process`")
     deploy_from_yaml(names=names, root=root)
     ensure_zombie_automation(zombie_after_s=zombie_after_s)
 
@@ -166,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     deploy(gpus=args.gpus, names=args.names, pool_type=args.pool_type, zombie_after_s=args.zombie_after)
     print(f"deployed {', '.join(args.names or ['all deployments'])} from {prefect_file()} "
-          f"to work pool {GPU_POOL!r} ({args.pool_type}); zombie runs crash after {args.zombie_after:.0f} s")
+          f"(work pools {CPU_POOL!r}, {GPU_POOL!r} ({args.pool_type})); zombie gpu-stage runs crash after "
+          f"{args.zombie_after:.0f} s")
     return 0
 
 
