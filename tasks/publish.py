@@ -12,6 +12,7 @@ from prefect import task
 from modelfactory.errors import PublishError
 from modelfactory.log import progress
 from modelfactory.manifest import build_manifest
+from modelfactory.prefect_utils import retry_transient
 from modelfactory.records import BenchmarkResult, GateDecision, MergeResult, Publication, QuantResult
 from modelfactory.settings import get_settings
 from modelfactory.specs import FactorySpec
@@ -70,7 +71,12 @@ def publish_to(destination: str, *, source: Path, parts: tuple[str, str, str], m
                        reused=reused, destination="file")
 
 
-@task(name="publish")
+#: Publishing is idempotent (content-keyed, manifest last), so transient failures are safe to retry.
+PUBLISH_RETRY_DELAYS_S = [5, 20, 60]
+
+
+@task(name="publish", retries=len(PUBLISH_RETRY_DELAYS_S), retry_delay_seconds=PUBLISH_RETRY_DELAYS_S,
+      retry_condition_fn=retry_transient)
 def publish_task(spec: FactorySpec, merge: MergeResult, quant: QuantResult, bench: BenchmarkResult,
                  decision: GateDecision) -> Publication:
     return publish_artifact(spec=spec, merge=merge, quant=quant, bench=bench, decision=decision)
