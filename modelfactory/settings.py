@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     #: Parallel S3 transfers (parts and files) per upload/download.
     s3_max_concurrency: int = Field(default=8, ge=1, le=64)
     #: Multipart part size (and threshold) in MiB.
-    s3_part_size_mb: int = Field(default=16, ge=5, le=5120)
+    s3_part_size_mb: int = Field(default=8, ge=5, le=5120)
     #: Name of a Prefect ``Secret`` block holding the Hugging Face token; unset = ``HF_TOKEN``.
     hf_token_secret: str | None = None
     #: Secret the Hugging Face webhook sends in ``X-Webhook-Secret``; unset = refuse every delivery.

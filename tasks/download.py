@@ -4,6 +4,9 @@
 - Local folder → sha256 content hash of its files.
 - ``.gguf`` file → dequantized by transformers, saved as fp16 safetensors under a key derived
   from the file's sha256 (reused on the next run).
+- ``s3://bucket/prefix`` → downloaded into the keyed work dir, identified by the prefix's
+  ``manifest.json`` sha256 when it has one (every file checked), else by its listing (keys,
+  sizes, ETags); reused on the next run (``modelfactory/s3/fetch.py``).
 """
 
 from __future__ import annotations
@@ -124,11 +127,11 @@ def download_model(*, source: ModelSource, trust_remote_code: bool = False) -> M
     start = time.perf_counter()
     kind = classify_source(source.uri)
     if kind == "s3":
-        raise SourceError(
-            f"base model {source.uri!r}: s3:// sources are not supported by this version yet; "
-            "copy the prefix to a local folder and pass that folder"
-        )
-    if kind == "gguf":
+        from modelfactory.s3 import fetch_source
+
+        path, sha, reused = fetch_source(url=source.uri, what="base model")
+        artifact = ModelArtifact(path=str(path), sha=sha, source_uri=source.uri, kind="s3", reused=reused)
+    elif kind == "gguf":
         artifact = _from_gguf(Path(source.uri).expanduser())
     elif kind == "local":
         path = Path(source.uri).expanduser().resolve()
@@ -157,8 +160,13 @@ def resolve_adapter(*, spec: AdapterSpec) -> AdapterArtifact:
         repo_id = spec.uri.removeprefix("hf://")
         sha = resolve_hub_revision(repo_id, spec.revision)
         path, uri = download_hub(repo_id, sha), f"hf://{repo_id}"
+    elif kind == "s3":
+        from modelfactory.s3 import fetch_source
+
+        path, sha, _ = fetch_source(url=spec.uri, what="adapter")
+        uri = spec.uri
     else:
-        raise SourceError(f"adapter {spec.uri!r}: only local folders and Hub repos are supported")
+        raise SourceError(f"adapter {spec.uri!r}: only local folders, Hub repos and s3:// prefixes are supported")
     if not (path / "adapter_config.json").is_file():
         raise SourceError(
             f"adapter {spec.uri!r} has no adapter_config.json: point at a folder saved by peft's save_pretrained"

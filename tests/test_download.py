@@ -78,8 +78,14 @@ def test_no_weights_at_all(tmp_path):
         check_model_dir(folder, trust_remote_code=False)
 
 
-def test_s3_source_not_supported_yet():
-    with pytest.raises(SourceError, match="s3://") as info:
+def test_s3_source_without_credentials_fails_clearly(monkeypatch, tmp_path):
+    """s3:// sources work (tests/test_s3.py); with no AWS credentials at all the error says so."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(SourceError, match="s3://bucket/models/llama.*no usable AWS credentials") as info:
         download_model(source=ModelSource(uri="s3://bucket/models/llama"))
     assert not isinstance(info.value, SourceNotFoundError)
 
