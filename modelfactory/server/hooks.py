@@ -77,14 +77,14 @@ def _handle(payload: HubWebhookPayload) -> JSONResponse:
                                               "content update (repo.content/update)")
     if payload.repo.type != "model":
         return _answer(200, "ignored", reason=f"{payload.repo.type} repos are not built, only model repos")
-    catalog = open_catalog()
-    watch = catalog.get_watch(repo)
-    if watch is None:
-        return _answer(200, "ignored", reason="repo is not on the watch list (modelfactory watch add)")
-    sha = payload.new_commit(watch.revision)
-    if sha is None:
-        return _answer(200, "ignored", reason=f"branch {watch.revision!r} did not move to a new commit")
-    started = start_build(repo=repo, sha=sha, event="webhook", catalog=catalog)
+    with open_catalog() as catalog:
+        watch = catalog.get_watch(repo)
+        if watch is None:
+            return _answer(200, "ignored", reason="repo is not on the watch list (modelfactory watch add)")
+        sha = payload.new_commit(watch.revision)
+        if sha is None:
+            return _answer(200, "ignored", reason=f"branch {watch.revision!r} did not move to a new commit")
+        started = start_build(repo=repo, sha=sha, event="webhook", catalog=catalog)
     if started.status == "duplicate":
         return _answer(200, "duplicate", repo=repo, sha=sha, flow_run_id=started.flow_run_id)
     return _answer(202, "accepted", repo=repo, sha=sha, flow_run_id=started.flow_run_id)
