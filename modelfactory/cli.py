@@ -108,7 +108,7 @@ def run(
     min_decode_speedup: Annotated[Optional[float], typer.Option(help="Gate: min decode speed-up.")] = None,
     max_size_ratio: Annotated[Optional[float], typer.Option(help="Gate: max disk size ratio.")] = None,
     max_memory_ratio: Annotated[Optional[float], typer.Option(help="Gate: max memory ratio.")] = None,
-    destination: Annotated[Optional[str], typer.Option(help="Artifact store URL (file://...).")] = None,
+    destination: Annotated[Optional[str], typer.Option(help="Where to publish: file://folder, s3://bucket/prefix or hf://owner/repo.")] = None,
     format: Annotated[str, typer.Option("--format", help="table or json")] = "table",
 ) -> None:
     """Run the factory on a spec file and/or flags."""

@@ -18,7 +18,7 @@ from pathlib import Path
 from prefect import task
 
 from modelfactory import workdir
-from modelfactory.errors import SourceError, SourceNotFoundError, SpecError, TransientError
+from modelfactory.errors import HubUnavailableError, SourceError, SourceNotFoundError, SpecError
 from modelfactory.hashing import file_sha256, step_key, tree_sha256
 from modelfactory.log import progress
 from modelfactory.prefect_utils import retry_transient
@@ -29,13 +29,43 @@ MODEL_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.t
 
 
 # --------------------------------------------------------------------------- Hub
+def hub_token() -> str | None:
+    """The token for Hub reads: the Secret block named by ``MODELFACTORY_HF_TOKEN_SECRET``, else
+    ``HF_TOKEN`` / the saved login (``None``: anonymous, enough for public repos)."""
+    from modelfactory.settings import get_settings
+
+    if get_settings().hf_token_secret:
+        from modelfactory.hub_auth import publish_token
+
+        return publish_token()
+    return None  # huggingface_hub falls back to HF_TOKEN / the saved login itself
+
+
+def _hub_failure(exc: Exception, *, what: str) -> Exception:
+    """Map a huggingface_hub failure to the factory's errors: only outages are transient."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    status = getattr(getattr(exc, "response", None), "status_code", None) if isinstance(exc, HfHubHTTPError) else None
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if status in (401, 403):
+        return SourceError(
+            f"the Hub refused access to {what} ({status}: {reason}): check the token (HF_TOKEN or the "
+            f"Secret block named by MODELFACTORY_HF_TOKEN_SECRET) and that it may read this repo"
+        )
+    if status == 404:
+        return SourceNotFoundError(f"{what} was not found on the Hub ({reason}): check the repo id and revision")
+    if status is None or status == 429 or status >= 500:
+        return HubUnavailableError(f"could not reach the Hub for {what} ({reason}); retrying may help")
+    return SourceError(f"the Hub answered {status} for {what} ({reason})")
+
+
 def resolve_hub_revision(repo_id: str, revision: str | None) -> str:
     """The commit SHA that *revision* (default: main) of *repo_id* points at."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        info = HfApi().model_info(repo_id, revision=revision)
+        info = HfApi(token=hub_token()).model_info(repo_id, revision=revision)
     except RevisionNotFoundError as exc:
         raise SourceNotFoundError(
             f"revision {revision!r} of Hub repo {repo_id!r} does not exist: use an existing branch, tag or commit"
@@ -46,8 +76,8 @@ def resolve_hub_revision(repo_id: str, revision: str | None) -> str:
         ) from exc
     except HFValidationError as exc:
         raise SpecError(f"malformed Hugging Face repo id {repo_id!r}: {exc}") from exc
-    except OSError as exc:  # connection errors: worth a retry
-        raise TransientError(f"could not reach the Hub for {repo_id!r} ({exc}); retrying may help") from exc
+    except OSError as exc:  # HTTP errors and connection errors
+        raise _hub_failure(exc, what=f"{repo_id!r}") from exc
     if not info.sha:
         raise SourceError(f"the Hub returned no commit SHA for {repo_id!r}@{revision}: try an explicit revision")
     return info.sha
@@ -57,12 +87,11 @@ def download_hub(repo_id: str, sha: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, revision=sha, allow_patterns=MODEL_PATTERNS))
+        return Path(snapshot_download(repo_id, revision=sha, allow_patterns=MODEL_PATTERNS, token=hub_token()))
     except OSError as exc:
-        raise TransientError(f"download of {repo_id}@{sha[:12]} failed ({exc}); retrying may help") from exc
+        raise _hub_failure(exc, what=f"{repo_id}@{sha[:12]}") from exc
 
 
-# --------------------------------------------------------------------------- checks
 def check_model_dir(path: Path, *, trust_remote_code: bool) -> dict:
     """Fail early, with a clear message, on folders that are not loadable causal-LM checkpoints."""
     config_path = path / "config.json"

@@ -1,0 +1,118 @@
+"""Fuzzing the webhook (hypothesis), through the real FastAPI app and catalog: no request gets a 500,
+no answer leaks the secret or a stack trace, and only the exact secret gets past the door."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from modelfactory.settings import get_settings
+
+SECRET = "fuzz-webhook-secret-7f3a"
+FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "200")), deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+ALLOWED = {200, 400, 401, 413, 422}
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=50),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=25,
+)
+VALID = {
+    "event": {"action": "update", "scope": "repo.content"},
+    "repo": {"type": "model", "name": "nobody/not-watched", "headSha": "a" * 40},
+    "updatedRefs": [{"ref": "refs/heads/main", "oldSha": "b" * 40, "newSha": "a" * 40}],
+    "webhook": {"id": "6543", "version": 3},
+}
+PATHS = [("event",), ("event", "action"), ("event", "scope"), ("repo",), ("repo", "type"), ("repo", "name"),
+         ("repo", "headSha"), ("updatedRefs",), ("updatedRefs", 0), ("updatedRefs", 0, "ref"),
+         ("updatedRefs", 0, "newSha"), ("webhook",)]
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    from fastapi.testclient import TestClient
+
+    from modelfactory.server import create_app
+
+    home = tmp_path_factory.mktemp("webhook-fuzz")
+    old = {k: os.environ.get(k) for k in ("MODELFACTORY_WEBHOOK_SECRET", "MODELFACTORY_CATALOG_URL")}
+    os.environ["MODELFACTORY_WEBHOOK_SECRET"] = SECRET
+    os.environ["MODELFACTORY_CATALOG_URL"] = f"sqlite:///{home / 'catalog.db'}"
+    get_settings.cache_clear()
+    try:
+        with TestClient(create_app(), raise_server_exceptions=False) as test_client:
+            yield test_client
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        get_settings.cache_clear()
+
+
+def check(response) -> None:
+    assert response.status_code in ALLOWED, (response.status_code, response.text)
+    assert SECRET not in response.text
+    assert "Traceback" not in response.text and 'File "' not in response.text
+    response.json()  # always a JSON answer
+
+
+def post(client, body: bytes, secret: str = SECRET):
+    return client.post("/hooks/huggingface", content=body,
+                       headers={"X-Webhook-Secret": secret, "Content-Type": "application/json"})
+
+
+@FUZZ
+@given(st.binary(max_size=2000))
+def test_arbitrary_bytes(client, body):
+    check(post(client, body))
+
+
+@FUZZ
+@given(json_values)
+def test_arbitrary_json(client, value):
+    check(post(client, json.dumps(value).encode()))
+
+
+@FUZZ
+@given(st.sampled_from(PATHS), json_values)
+def test_one_field_of_a_real_payload_replaced(client, path, value):
+    payload = copy.deepcopy(VALID)
+    node = payload
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    response = post(client, json.dumps(payload).encode())
+    check(response)
+    assert response.status_code != 202, "an unwatched repo never starts a build"
+
+
+#: Header values a client can send: visible ASCII, and raw bytes 0x80-0xff (read as latin-1).
+header_values = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=60) | st.binary(
+    max_size=60).map(lambda raw: bytes(b for b in raw if b >= 0x80 or 32 <= b < 127))
+
+
+@FUZZ
+@given(header_values | st.sampled_from([SECRET, SECRET + " ", SECRET[:-1], SECRET.upper(), ""]))
+def test_only_the_exact_secret_gets_in(client, secret):
+    response = post(client, json.dumps(VALID).encode(), secret=secret)
+    check(response)
+    assert (response.status_code == 401) == (secret != SECRET)
+
+
+def test_valid_payload_for_an_unwatched_repo_is_ignored(client):
+    response = post(client, json.dumps(VALID).encode())
+    assert response.status_code == 200 and response.json()["status"] == "ignored"
+
+
+def test_oversized_body_is_refused_without_reading_it_all(client):
+    response = post(client, b'{"pad": "' + b"x" * (1 << 20) + b'"}')
+    assert response.status_code == 413
+    check(response)
