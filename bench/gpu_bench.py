@@ -8,6 +8,10 @@ Stages (run on the GPU machine; see docs/benchmarks.md for the exact commands):
   python bench/gpu_bench.py llama7b-make
   python bench/gpu_bench.py llama7b-quantize     --out DIR
   python bench/gpu_bench.py llama7b-bench --kernels auto,gptq_marlin,... --out DIR
+  python bench/gpu_bench.py llama7b-profile [--treatment fused_compiled_graph] --out DIR
+  python bench/gpu_bench.py marlin-prewarm       (Marlin JIT on the CPU, e.g. while quantizing)
+  python bench/gpu_bench.py llama7b-treatments --sides fp16|gptq [--treatments a,b] --out DIR
+  python bench/gpu_bench.py treatments-summary --inputs FP16_JSON,GPTQ_JSON --out bench/results
 
 Every stage writes one JSON file per measured configuration under ``--out``.
 """
@@ -207,7 +211,7 @@ def stage_llama7b_bench(args) -> None:
         _write(Path(args.out), f"llama2-7b-shape-gptq-4bit-128g-{kernel}", summary)
 
 
-def _profile_side(model_path: str, side: str, kernel: str, steps: int) -> dict:
+def _profile_side(model_path: str, side: str, kernel: str, steps: int, treatment: str = "graph") -> dict:
     """Device time per decode step, by kernel, over *steps* CUDA-graph replays (torch.profiler/CUPTI)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -220,7 +224,10 @@ def _profile_side(model_path: str, side: str, kernel: str, steps: int) -> dict:
     spec = BenchmarkSpec(kernel=kernel)
     model, _ = _load(model_path, side=side, spec=spec, device="cuda", dtype=torch.float16)
     ids = AutoTokenizer.from_pretrained(model_path)(spec.decode.prompt, return_tensors="pt")["input_ids"].cuda()
-    decoder = bench.GraphDecoder(model, ids, max_new_tokens=steps + 8)
+    opts = bench.GRAPH_TREATMENTS[treatment]
+    if opts["fuse"]:
+        bench.fuse_projections(model, marlin_atomics=opts.get("marlin_atomics", False))
+    decoder = bench.GraphDecoder(model, ids, max_new_tokens=steps + 8, compile=opts["compile"])
     decoder.generate(steps)
     with torch.inference_mode():
         decoder.prefill()
@@ -239,33 +246,123 @@ def _profile_side(model_path: str, side: str, kernel: str, steps: int) -> dict:
     total = sum(r["us_per_step"] for r in rows)
     del model, decoder
     torch.cuda.empty_cache()
-    return {"side": side, "kernel": kernel, "device_us_per_step": total, "top": rows[:25]}
+    return {"side": side, "kernel": kernel, "treatment": treatment, "device_us_per_step": total,
+            "kernel_launches_per_step": sum(r["calls_per_step"] for r in rows), "top": rows[:40]}
 
 
 def stage_llama7b_profile(args) -> None:
     from modelfactory import workdir
+    from modelfactory.devices import gpu_env
+
+    os.environ.update(gpu_env())  # in-process load: use the factory's Marlin JIT cache
     from modelfactory.hashing import step_key
 
     gptq_path = workdir.completed("quantize", step_key("quantize", model="llama7b-random-seed0",
                                                       spec=_llama7b_quant_spec()))
     result = {"gpu": _gpu(), "command": " ".join(sys.argv), "model": "Llama-2-7B shape, random weights",
-              "fp16": _profile_side(str(_llama7b_dir()), "fp16", "auto", 64),
-              "gptq": _profile_side(str(gptq_path), "gptq", "gptq_marlin", 64)}
-    _write(Path(args.out), "llama2-7b-shape-decode-profile", result)
+              "fp16": _profile_side(str(_llama7b_dir()), "fp16", "auto", 64, args.treatment),
+              "gptq": _profile_side(str(gptq_path), "gptq", "gptq_marlin", 64, args.treatment)}
+    suffix = "" if args.treatment == "graph" else "-" + args.treatment.replace("_", "-")
+    _write(Path(args.out), "llama2-7b-shape-decode-profile" + suffix, result)
     for side in ("fp16", "gptq"):
         print(side, round(result[side]["device_us_per_step"]), "us/step")
         for row in result[side]["top"][:8]:
             print(f"   {row['us_per_step']:8.1f} us  x{row['calls_per_step']:.0f}  {row['kernel'][:90]}")
 
 
+# --------------------------------------------------------------------------- decode-step treatments (issue 7)
+def stage_marlin_prewarm(args) -> None:
+    """JIT-compile GPTQModel's Marlin fp16 extension into the factory's cache (CPU work: run it
+    in the background while the quantize stage uses the GPU)."""
+    from modelfactory.devices import gpu_env
+
+    os.environ.update(gpu_env())
+    import torch
+    from gptqmodel.utils.marlin import prewarm_marlin_extension
+
+    start = time.perf_counter()
+    ok = prewarm_marlin_extension(torch.float16)
+    print(f"marlin prewarm: {ok} in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def _gptq_path() -> Path:
+    from modelfactory import workdir
+    from modelfactory.hashing import step_key
+
+    path = workdir.completed("quantize", step_key("quantize", model="llama7b-random-seed0", spec=_llama7b_quant_spec()))
+    assert path, "run llama7b-quantize first"
+    return path
+
+
+def stage_llama7b_treatments(args) -> None:
+    """Every decode-step treatment of ``modelfactory.bench.GRAPH_TREATMENTS`` on one side per worker
+    process (``tasks.benchmark.measure_treatments``), each checked against the eager model."""
+    from modelfactory import bench, workdir
+    from modelfactory.devices import gpu_env
+    from modelfactory.isolation import run_isolated
+    from modelfactory.specs import BenchmarkSpec
+
+    gptq_path = _gptq_path()
+    spec = BenchmarkSpec(kernel=args.kernel, decode={"new_tokens": 256, "warmup": 1, "repeats": 3}).model_dump(mode="json")
+    bandwidth = copy_bandwidth_gbs()
+    for side in args.sides.split(","):
+        path = str(_llama7b_dir()) if side == "fp16" else str(gptq_path)
+        log = _home() / "logs" / f"llama7b-treatments-{side}.log"
+        result = run_isolated("tasks.benchmark:measure_treatments",
+                              kwargs={"model_path": path, "side": side, "spec": spec,
+                                      "treatments": args.treatments.split(",")}, log_path=log, env=gpu_env())
+        result.update(gpu=_gpu(), command=" ".join(sys.argv), copy_bandwidth_gb_s=bandwidth,
+                      disk_bytes=bench.disk_bytes(Path(path)), requested_kernel=args.kernel if side == "gptq" else None,
+                      quantize_s=workdir.read_marker(gptq_path)["quantize_s"])
+        _write(Path(args.out), f"treatments-{side}{args.tag}", result)
+        for name, row in result["treatments"].items():
+            print(f"  {side:5s} {name:22s} " + (f"{row['decode_tok_s']:7.1f} tok/s  check {row['check']}"
+                                               if "decode_tok_s" in row else row.get("error", "")[:300]), flush=True)
+
+
+def stage_treatments_summary(args) -> None:
+    """Combine ``treatments-fp16*.json`` and ``treatments-gptq*.json`` (``--inputs``) into one
+    result file per treatment (same treatment on both sides) under ``--out``."""
+    fp16 = json.loads(Path(args.inputs.split(",")[0]).read_text())
+    gptq = json.loads(Path(args.inputs.split(",")[1]).read_text())
+    for name in gptq["treatments"]:
+        f_row, g_row = fp16["treatments"].get(name, {}), gptq["treatments"][name]
+        if "decode_tok_s" not in f_row or "decode_tok_s" not in g_row:
+            continue
+        out = {"gpu": gptq["gpu"], "model": "Llama-2-7B shape, random weights", "decode_step": name,
+               "command": {"fp16": fp16["command"], "gptq": gptq["command"], "summary": " ".join(sys.argv)},
+               "quantize_s": gptq["quantize_s"], "copy_bandwidth_gb_s": gptq["copy_bandwidth_gb_s"],
+               "new_tokens": 256, "batch": 1}
+        for side, data, row in (("fp16", fp16, f_row), ("gptq", gptq, g_row)):
+            roofline = data["copy_bandwidth_gb_s"] * 1e9 / data["disk_bytes"]
+            out[side] = {"decode_tok_s": row["decode_tok_s"], "ttft_ms": row["ttft_ms"],
+                         "vram_after_load_gib": data["mem_after_load_bytes"] / GIB,
+                         "vram_peak_gib": row["mem_peak_decode_bytes"] / GIB, "disk_gb": data["disk_bytes"] / 1e9,
+                         "kernel": data["kernel"], "load_s": data["load_s"], "compile_s": row["compile_s"],
+                         "check_vs_eager": row["check"], "check_passed": row["check_passed"],
+                         "roofline_tok_s": roofline, "roofline_fraction": row["decode_tok_s"] / roofline,
+                         "sample_text": row["sample_text"]}
+        out["decode_speedup"] = g_row["decode_tok_s"] / f_row["decode_tok_s"]
+        out["vram_ratio"] = gptq["mem_after_load_bytes"] / fp16["mem_after_load_bytes"]
+        out["roofline_fraction"] = out["gptq"]["roofline_fraction"]
+        _write(Path(args.out), f"llama2-7b-shape-gptq-4bit-128g-marlin-{name.replace('_', '-')}{args.tag}", out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("stage", choices=["smoke", "bandwidth", "smollm2", "llama7b-make", "llama7b-quantize", "llama7b-bench",
-                                          "llama7b-profile"])
+                                          "llama7b-profile", "marlin-prewarm", "llama7b-treatments",
+                                          "treatments-summary"])
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     parser.add_argument("--gguf")
     parser.add_argument("--tokenizer", default="/root/keep/tok32k")
     parser.add_argument("--kernels", default="auto,gptq_marlin,gptq_triton,gptq_torch")
+    parser.add_argument("--kernel", default="gptq_marlin")
+    parser.add_argument("--sides", default="fp16,gptq")
+    parser.add_argument("--treatments", default="graph,compiled_graph,fused_graph,fused_compiled_graph")
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--treatment", default="graph", help="llama7b-profile: decode-step treatment")
+    parser.add_argument("--inputs", help="treatments-summary: FP16_JSON,GPTQ_JSON")
     args = parser.parse_args()
     globals()["stage_" + args.stage.replace("-", "_")](args)
 

@@ -41,8 +41,12 @@ def _load(model_path: str, *, side: str, spec: BenchmarkSpec, device: str, dtype
     return model, kernel
 
 
-def measure_side(*, model_path: str, side: str, spec: dict) -> SideMetrics:
-    """Worker body: load one model and measure it (runs in a fresh process)."""
+def measure_side(*, model_path: str, side: str, spec: dict, treatment: str | None = None) -> SideMetrics:
+    """Worker body: load one model and measure it (runs in a fresh process).
+
+    *treatment*: how the CUDA-graph decode step is prepared (a key of
+    :data:`modelfactory.bench.GRAPH_TREATMENTS`; default :data:`~modelfactory.bench.DEFAULT_GRAPH_TREATMENT`).
+    """
     import gptqmodel  # noqa: F401 - imported on both sides before the memory baseline, so its
     import torch       # footprint is not counted as model memory on one side only
     from transformers import AutoTokenizer
@@ -74,8 +78,12 @@ def measure_side(*, model_path: str, side: str, spec: dict) -> SideMetrics:
     dspec = bspec.decode
     decode_mode = bench.choose_decode_mode(dspec.mode, device=device)
     if decode_mode == "cuda_graph":
-        ttft_s, tok_s, out = bench.measure_decode_graph(model, prompt_ids, new_tokens=dspec.new_tokens,
-                                                        warmup=dspec.warmup, repeats=dspec.repeats)
+        model, ttft_s, tok_s, out, used, check = _graph_decode_checked(
+            model, prompt_ids, dspec, treatment or bench.DEFAULT_GRAPH_TREATMENT,
+            reload=lambda: _load(model_path, side=side, spec=bspec, device=device, dtype=getattr(torch, dtype_name))[0])
+        decode_mode = f"cuda_graph:{used}"
+        progress(f"benchmark[{side}]: {used} vs eager reference: max logits rel err "
+                 f"{check['logits_max_rel_err']:.2e}, top-1 {check['teacher_forced_top1_agreement']:.2f}")
     else:
         ttft_s, tok_s, out = bench.measure_decode(model, prompt_ids, new_tokens=dspec.new_tokens,
                                                   warmup=dspec.warmup, repeats=dspec.repeats, device=device)
@@ -95,6 +103,93 @@ def measure_side(*, model_path: str, side: str, spec: dict) -> SideMetrics:
         perplexity=ppl, ppl_tokens=len(ids), ppl_tokens_sha256=bench.token_digest(ids),
         sample_text=tokenizer.decode(out[0], skip_special_tokens=True),
     )
+
+
+#: Greedy steps of the eager reference each decode-step treatment is checked against.
+CHECK_STEPS = 32
+
+
+def _graph_decode_checked(model, prompt_ids, dspec, treatment: str, *, reload):
+    """CUDA-graph decode with *treatment*, checked against the eager reference first.
+
+    A treatment whose logits drift from the eager model's (:func:`modelfactory.bench.check_passes`)
+    is not timed: the model is reloaded and the plain graph is used instead. Returns
+    ``(model, ttft_s, tok_s, output_ids, treatment_used, check)``.
+    """
+    opts = bench.GRAPH_TREATMENTS[treatment]
+    ref = bench.reference_decode(model, prompt_ids, steps=CHECK_STEPS)
+    if opts["fuse"]:
+        bench.fuse_projections(model, marlin_atomics=opts.get("marlin_atomics", False))
+    decoder = bench.GraphDecoder(model, prompt_ids, max_new_tokens=dspec.new_tokens, compile=opts["compile"])
+    check = decoder.check(*ref)
+    if not bench.check_passes(check) and treatment != "graph":
+        progress(f"benchmark: {treatment} failed its check against the eager model ({check}): plain graph instead")
+        del decoder, model
+        model = reload()
+        treatment = "graph"
+        decoder = bench.GraphDecoder(model, prompt_ids, max_new_tokens=dspec.new_tokens)
+        check = decoder.check(*ref)
+    if not bench.check_passes(check):
+        raise BenchmarkError(f"CUDA-graph decode disagrees with the eager model: {check}")
+    ttft_s, tok_s, out = bench.measure_decode_graph(model, prompt_ids, new_tokens=dspec.new_tokens,
+                                                    warmup=dspec.warmup, repeats=dspec.repeats, decoder=decoder)
+    return model, ttft_s, tok_s, out, treatment, check
+
+
+def measure_treatments(*, model_path: str, side: str, spec: dict, treatments: list[str]) -> dict:
+    """Worker body for the GPU benchmark script: one load, every decode-step treatment in order.
+
+    Each treatment is checked against the same eager reference (taken before any fusion) and
+    timed like :func:`measure_side`. Fusing treatments change the model in place, so list the
+    unfused ones first. Returns ``{"load_s", "mem_after_load_bytes", "kernel", "reference_tokens",
+    "treatments": {name: {...}}}``.
+    """
+    import gptqmodel  # noqa: F401
+    import torch
+    from transformers import AutoTokenizer
+
+    bspec = BenchmarkSpec.model_validate(spec)
+    dspec = bspec.decode
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    prompt_ids = tokenizer(dspec.prompt, return_tensors="pt")["input_ids"].to("cuda")
+    probe = bench.MemoryProbe("cuda")
+    start = time.perf_counter()
+    model, _ = _load(model_path, side=side, spec=bspec, device="cuda", dtype=torch.float16)
+    result = {"side": side, "load_s": time.perf_counter() - start, "mem_after_load_bytes": probe.current(),
+              "kernel": bench.quantized_kernel_name(model) if side == "gptq" else "dense", "treatments": {}}
+    ref_tokens, ref_logits = bench.reference_decode(model, prompt_ids, steps=CHECK_STEPS)
+    result["reference_tokens"] = ref_tokens
+    fused = False
+    for name in treatments:
+        opts = bench.GRAPH_TREATMENTS[name]
+        row: dict = {}
+        try:
+            if opts["fuse"] and not fused:
+                row["fused_modules"] = bench.fuse_projections(model, marlin_atomics=opts.get("marlin_atomics", False))
+                fused = opts
+            if fused and (not opts["fuse"] or fused.get("marlin_atomics") != opts.get("marlin_atomics")):
+                raise ValueError("treatment needs another fusion than the model already has: run it in its own process")
+            probe.reset_peak()
+            decoder = bench.GraphDecoder(model, prompt_ids, max_new_tokens=dspec.new_tokens, compile=opts["compile"])
+            row["compile_s"] = decoder.compile_s
+            row["check"] = decoder.check(ref_tokens, ref_logits)
+            row["check_passed"] = bench.check_passes(row["check"])
+            ttft_s, tok_s, out = bench.measure_decode_graph(model, prompt_ids, new_tokens=dspec.new_tokens,
+                                                            warmup=dspec.warmup, repeats=dspec.repeats,
+                                                            decoder=decoder)
+            row.update(decode_tok_s=tok_s, ttft_ms=ttft_s * 1000, mem_peak_decode_bytes=probe.peak(),
+                       mem_now_bytes=probe.current(), sample_text=tokenizer.decode(out[0], skip_special_tokens=True)[:200])
+            del decoder
+        except Exception as exc:  # reported, not fatal: the other treatments still run
+            import traceback
+
+            row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+            row["traceback"] = traceback.format_exc()[-3000:]
+        torch.cuda.empty_cache()
+        progress(f"benchmark[{side}] {name}: " + ", ".join(f"{k}={v}" for k, v in row.items()
+                                                           if k not in ("traceback", "sample_text")))
+        result["treatments"][name] = row
+    return result
 
 
 def _host_fingerprint() -> dict:

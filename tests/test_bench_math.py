@@ -161,3 +161,43 @@ def test_measure_perplexity_matches_reference(fp32_model, eval_ids, context_len,
     # A random 2-layer model is close to a uniform guess over its 49152-token vocabulary.
     assert 1_000 < got < 1_000_000
 
+
+
+# --------------------------------------------------------------------------- decode-step treatments
+def _small_llama():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                         pad_token_id=2, eos_token_id=2)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_fused_projections_compute_the_same_model():
+    """q/k/v and gate/up fused into one GEMM each: same greedy tokens and logits (fp32), old weights freed."""
+    import torch
+
+    from modelfactory.bench import fuse_projections, reference_decode
+
+    model = _small_llama()
+    ids = torch.tensor([[5, 17, 33, 9, 100]])
+    tokens, logits = reference_decode(model, ids, steps=8)
+    old_q = model.model.layers[0].self_attn.q_proj
+    assert fuse_projections(model) == 4  # 2 attention + 2 MLP modules
+    assert old_q.weight.numel() == 0
+    assert not hasattr(model.model.layers[0].self_attn, "q_proj")
+    fused_tokens, fused_logits = reference_decode(model, ids, steps=8)
+    assert fused_tokens == tokens
+    assert torch.allclose(fused_logits, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_treatment_check_threshold():
+    from modelfactory.bench import DEFAULT_GRAPH_TREATMENT, GRAPH_TREATMENTS, check_passes
+
+    assert DEFAULT_GRAPH_TREATMENT in GRAPH_TREATMENTS
+    good = {"logits_max_rel_err": 1e-2, "teacher_forced_top1_agreement": 1.0}
+    assert check_passes(good)
+    assert not check_passes({**good, "logits_max_rel_err": float("inf")})
+    assert not check_passes({**good, "teacher_forced_top1_agreement": 0.5})
