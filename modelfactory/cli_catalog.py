@@ -182,3 +182,23 @@ def catalog_upgrade() -> None:
     except ModelFactoryError as exc:
         _fail(exc)
     console.print(f"catalog {catalog.url} at revision {catalog.current_revision()}", soft_wrap=True)
+
+
+@app.command("import")
+def catalog_import(
+    uris: Annotated[list[str], typer.Argument(help="Artifact URIs (file:// or s3:// folders holding a manifest.json).")],
+) -> None:
+    """Record published artifacts from their manifests (after the catalog was down at the end of a run).
+
+    Safe to repeat: an artifact the catalog knows is left alone; the unfinished run that published
+    it is completed; otherwise a new run is recorded.
+    """
+    from modelfactory.recovery import import_artifact
+
+    catalog = _open()
+    for uri in uris:
+        try:
+            result = import_artifact(catalog, uri=uri)
+        except ModelFactoryError as exc:
+            _fail(exc)
+        console.print(f"{result.action}: run {result.run_id} ← {uri}", soft_wrap=True, highlight=False)

@@ -114,6 +114,12 @@ class DiskFullError(ModelFactoryError, OSError):
     kind = "disk_full"
 
 
+class PublishDiskFullError(DiskFullError, PublishError):
+    """The artifact store's disk filled up while publishing (a publish error and a disk-full error)."""
+
+    kind = "disk_full"
+
+
 class OutOfMemoryError(ModelFactoryError, MemoryError):
     """A step ran out of (GPU or host) memory; not retried: the same inputs would fail again."""
 

@@ -20,7 +20,16 @@ EXCLUDED = {"_COMPLETE.json", MANIFEST}
 
 
 def artifact_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in EXCLUDED)
+    """The files of an artifact folder; a symlink leading outside the folder is refused."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in EXCLUDED)
+    root = folder.resolve()
+    for path in files:
+        if path.is_symlink() and not path.resolve().is_relative_to(root):
+            raise PublishError(
+                f"{path} is a symlink to {path.resolve()}, outside the artifact folder {folder}: refusing to "
+                f"publish it; artifacts may only hold their own files"
+            )
+    return files
 
 
 def build_manifest(folder: Path, **extra: Any) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from modelfactory.errors import PublishError, SpecError
+from modelfactory.errors import PublishDiskFullError, PublishError, SpecError
 from modelfactory.workdir import disk_full_error
 from modelfactory.manifest import MANIFEST, artifact_files, manifest_bytes, manifest_digest
 
@@ -26,7 +26,14 @@ def safe_join(root: Path, *parts: str) -> Path:
     for part in parts:
         if not part or part in (".", "..") or "/" in part or "\\" in part or part.startswith("."):
             raise SpecError(f"artifact path component {part!r} is not allowed: use plain names")
-    return root.joinpath(*parts)
+    path = root.joinpath(*parts)
+    # A symlink inside the store (e.g. store/name -> /etc) must not carry a publish outside it.
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise SpecError(
+            f"artifact path {str(path)!r} resolves to {str(path.resolve())!r}, outside the store {str(root)!r} "
+            f"(a symlink in the store?): remove the link or publish elsewhere"
+        )
+    return path
 
 
 def publish_local(*, source: Path, root: Path, parts: tuple[str, ...], manifest: dict) -> tuple[Path, str, bool]:
@@ -53,6 +60,6 @@ def publish_local(*, source: Path, root: Path, parts: tuple[str, ...], manifest:
     except OSError as exc:
         shutil.rmtree(dest, ignore_errors=True)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise disk_full_error(root, "publishing", exc) from exc
+            raise disk_full_error(root, "publishing", exc, kind=PublishDiskFullError) from exc
         raise PublishError(f"publishing to {dest} failed ({exc}); partial files were removed, fix and retry") from exc
     return dest, manifest_digest(data), False

@@ -68,13 +68,13 @@ def building(step: str, key: str, *, root: Path | None = None) -> Iterator[tuple
         raise
 
 
-def disk_full_error(where: Path, what: str, exc: OSError) -> DiskFullError:
+def disk_full_error(where: Path, what: str, exc: OSError, *, kind: type[DiskFullError] = DiskFullError) -> DiskFullError:
     """A :class:`DiskFullError` for *what* writing under *where*, with the free space left there."""
     try:
         free = f"{shutil.disk_usage(where).free / 1e6:.1f} MB free"
     except OSError:
         free = "free space unknown"
-    return DiskFullError(
+    return kind(
         f"{what} ran out of disk space writing under {where} ({exc.strerror}; {free}); its partial files "
         f"were removed: free space there, or point MODELFACTORY_WORK_DIR / MODELFACTORY_STORE_URL at a "
         f"bigger disk, then run again"

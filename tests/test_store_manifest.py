@@ -167,3 +167,23 @@ def test_local_root():
         local_root("s3://bucket/models")
     with pytest.raises(SpecError):
         local_root("https://example.com/store")
+
+
+def test_safe_join_refuses_a_symlink_leading_out_of_the_store(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "name").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(SpecError, match="outside the store"):
+        safe_join(tmp_path / "store", "name", "gptq-4bit-128g", "key")
+
+
+def test_publish_refuses_an_artifact_with_a_symlink_out_of_it(model_dir, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours")
+    (model_dir / "leak.txt").symlink_to(secret)
+    try:
+        with pytest.raises(PublishError, match="symlink to .*outside the artifact folder"):
+            build_manifest(model_dir)
+    finally:
+        (model_dir / "leak.txt").unlink()

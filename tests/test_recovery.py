@@ -1,0 +1,174 @@
+"""The catalog goes away at the start or at the end of a run, for real: a TCP proxy in front of
+PostgreSQL that drops every connection the moment it sees a chosen SQL statement (and refuses new
+ones until restored). Afterwards nothing is lost and nothing is recorded twice: the published
+artifact's manifest re-records the run (``modelfactory catalog import``)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from conftest import own_work_dir, tiny_spec
+from modelfactory.catalog import open_catalog
+from modelfactory.errors import CatalogError
+from modelfactory.recovery import import_artifact, local_artifact_uris
+from modelfactory.runner import run_factory
+from modelfactory.settings import get_settings
+from test_catalog import postgres_schema_url
+
+pytestmark = pytest.mark.postgres
+TINY_GATE = {"max_ppl_increase_pct": 5.0, "max_size_ratio": 0.999}
+
+
+class CuttingProxy:
+    """Forwards 127.0.0.1:port → PostgreSQL; ``cut_on`` bytes in a client packet take the database "down"."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.cut_on: bytes | None = None
+        self.down = threading.Event()
+        self.cut_seen = threading.Event()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            if self.down.is_set():
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target)
+            with self._lock:
+                self._conns += [client, upstream]
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if from_client and self.cut_on and self.cut_on in data:
+                    self.cut_seen.set()
+                    self.cut()
+                    return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        """The database is gone: every open connection dropped, new ones refused."""
+        self.down.set()
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for sock in conns:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            except OSError:
+                pass
+
+    def restore(self) -> None:
+        self.cut_on = None
+        self.down.clear()
+
+    def close(self) -> None:
+        self._server.close()
+        self.cut()
+
+
+@contextmanager
+def catalog_behind_proxy() -> Iterator[tuple[CuttingProxy, str, str]]:
+    """(proxy, url through the proxy, direct url) of a fresh PostgreSQL schema, set as the catalog."""
+    with postgres_schema_url() as direct:
+        url = make_url(direct)
+        proxy = CuttingProxy((url.host or "127.0.0.1", url.port or 5432))
+        proxied = url.set(port=proxy.port).update_query_dict({"sslmode": "disable"}).render_as_string(
+            hide_password=False)
+        open_catalog(direct).dispose()  # create the schema
+        old = os.environ.get("MODELFACTORY_CATALOG_URL")
+        os.environ["MODELFACTORY_CATALOG_URL"] = proxied
+        get_settings.cache_clear()
+        try:
+            yield proxy, proxied, direct
+        finally:
+            proxy.close()
+            os.environ.pop("MODELFACTORY_CATALOG_URL", None)
+            if old is not None:
+                os.environ["MODELFACTORY_CATALOG_URL"] = old
+            get_settings.cache_clear()
+
+
+def test_catalog_down_at_the_start_fails_clearly_before_any_work(prefect, tiny_llama, tmp_path):
+    with catalog_behind_proxy() as (proxy, _proxied, direct), own_work_dir(tmp_path / "work") as work:
+        proxy.cut()
+        with pytest.raises(CatalogError, match="cannot connect to the catalog") as info:
+            run_factory(tiny_spec(tiny_llama, name="db-down-start", gate=TINY_GATE))
+        assert "is the database running?" in str(info.value)
+        assert not any(work.rglob("_COMPLETE.json")), "steps ran without a catalog"
+        proxy.restore()
+        assert open_catalog(direct).list_runs() == []
+
+
+def test_catalog_down_at_the_end_then_the_manifest_re_records_the_run_once(prefect, tiny_llama, tmp_path):
+    store = tmp_path / "store"
+    spec = tiny_spec(tiny_llama, name="db-down-end", gate=TINY_GATE, publish={"destination": store.as_uri()})
+    with catalog_behind_proxy() as (proxy, _proxied, direct):
+        proxy.cut_on = b"INSERT INTO publications"  # the model is published; recording it fails
+        with pytest.raises(CatalogError):
+            run_factory(spec)
+        assert proxy.cut_seen.is_set()
+        (uri,) = local_artifact_uris(store)  # published: complete, manifest written last
+        proxy.restore()
+
+        catalog = open_catalog(direct)
+        (stale,) = catalog.list_runs()
+        assert stale.status == "running", "the run could not be closed while the database was down"
+        assert not catalog.get_run(stale.id).artifacts
+
+        first = import_artifact(catalog, uri=uri)
+        assert (first.action, first.run_id) == ("completed", stale.id)
+        again = import_artifact(catalog, uri=uri)
+        assert (again.action, again.run_id) == ("already-recorded", stale.id)
+
+        (run,) = catalog.list_runs()
+        detail = catalog.get_run(run.id)
+        assert detail.status == "passed" and detail.gate_passed
+        assert [a.uri for a in detail.artifacts] == [uri] and len(detail.publications) == 1
+        assert detail.value("perplexity", "gptq") and detail.value("ppl_increase_pct", "delta") is not None
+        assert [s.name for s in detail.steps][:3] == ["download", "merge", "quantize"]
+
+        # A rerun once the database is back: every step reused, the same artifact, a second run row.
+        outcome = run_factory(spec)
+        assert outcome.status == "passed" and outcome.artifact_uri == uri
+        assert len(catalog.list_runs()) == 2
+
+
+def test_import_into_an_empty_catalog_creates_the_run(prefect, tiny_llama, tmp_path):
+    store = tmp_path / "store"
+    spec = tiny_spec(tiny_llama, name="import-fresh", gate=TINY_GATE, publish={"destination": store.as_uri()})
+    outcome = run_factory(spec)
+    with open_catalog(f"sqlite:///{tmp_path / 'fresh' / 'catalog.db'}") as fresh:
+        created = import_artifact(fresh, uri=outcome.artifact_uri)
+        assert created.action == "created"
+        detail = fresh.get_run(created.run_id)
+        assert detail.status == "passed" and detail.spec["name"] == "import-fresh"
+        assert detail.base_sha and detail.adapters == []
+        assert import_artifact(fresh, uri=outcome.artifact_uri).action == "already-recorded"
