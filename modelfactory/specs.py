@@ -201,6 +201,11 @@ class DecodeSpec(Spec):
         default="auto",
         description="auto: a CUDA graph of the static-cache decode step on CUDA, HF generate (eager) on CPU.",
     )
+    graph_treatment: Literal["graph", "fused_graph", "compiled_graph", "fused_compiled_graph"] = Field(
+        default="fused_compiled_graph",
+        description="cuda_graph only, same for both sides: fuse q/k/v and gate/up, torch.compile the step, "
+        "or both, before capturing the graph (checked against the eager model; falls back to graph).",
+    )
     prompt: str = "The history of the city began"
     new_tokens: int = Field(default=64, ge=2, le=4096, description="Greedy tokens per timed generation.")
     warmup: int = Field(default=1, ge=0, le=10, description="Untimed generations first.")

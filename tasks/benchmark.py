@@ -79,7 +79,7 @@ def measure_side(*, model_path: str, side: str, spec: dict, treatment: str | Non
     decode_mode = bench.choose_decode_mode(dspec.mode, device=device)
     if decode_mode == "cuda_graph":
         model, ttft_s, tok_s, out, used, check = _graph_decode_checked(
-            model, prompt_ids, dspec, treatment or bench.DEFAULT_GRAPH_TREATMENT,
+            model, prompt_ids, dspec, treatment or dspec.graph_treatment,
             reload=lambda: _load(model_path, side=side, spec=bspec, device=device, dtype=getattr(torch, dtype_name))[0])
         decode_mode = f"cuda_graph:{used}"
         progress(f"benchmark[{side}]: {used} vs eager reference: max logits rel err "
