@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     gpu_timeout_s: float | None = Field(default=None, gt=0)
     #: Seconds between polls of the GPU stage's flow run state.
     gpu_poll_s: float = Field(default=2.0, gt=0)
+    #: Checkpoint GPTQ quantization layer by layer (where GPTQModel supports it: Llama-family,
+    #: true_sequential), so a killed quantization resumes instead of starting over. Off by default:
+    #: GPTQModel needs its disk offload for it, which made 7B quantization on the H100 ~7x slower.
+    quantize_checkpoints: bool = False
     #: S3-compatible endpoint (MinIO, moto, ...); unset = AWS_ENDPOINT_URL, else AWS itself.
     s3_endpoint_url: str | None = None
     #: Parallel S3 transfers (parts and files) per upload/download.

@@ -24,6 +24,7 @@ from modelfactory.hashing import step_key
 from modelfactory.isolation import run_isolated
 from modelfactory.log import progress
 from modelfactory.records import ModelArtifact, QuantResult
+from modelfactory.settings import get_settings
 from modelfactory.specs import CalibrationSpec, QuantSpec
 from modelfactory.textdata import load_text, require_tokens
 
@@ -60,11 +61,47 @@ def build_calibration(tokenizer, spec: CalibrationSpec) -> tuple[list[dict[str, 
     return [{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows], origin
 
 
-def run_gptq(*, model_path: str, out_dir: str, spec: dict, device: str) -> dict:
-    """Worker body (runs in the isolated process): quantize *model_path* into *out_dir*."""
+def checkpointable(model_path: str, spec: QuantSpec) -> bool:
+    """Whether GPTQModel 7.6 can checkpoint this quantization: a Llama-family safetensors model,
+    quantized layer by layer (``true_sequential``)."""
+    folder = Path(model_path)
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    has_safetensors = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+    return model_type == "llama" and spec.true_sequential and has_safetensors
+
+
+def checkpoint_progress(folder: Path) -> tuple[int, int] | None:
+    """``(steps done, steps in all)`` of the newest GPTQModel checkpoint in *folder*, or ``None``."""
+    try:
+        refs = json.loads((folder / "CURRENT").read_text())["generations"]
+        manifests = [json.loads((folder / "objects" / ref).read_text()) for ref in refs]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    newest = max(manifests, key=lambda m: m.get("cursor", -1), default=None)
+    if not newest:
+        return None
+    return int(newest["cursor"]), len(newest.get("identity", {}).get("execution_plan", []))
+
+
+def _scrub_local_paths(out_dir: str) -> None:
+    """Drop the machine-local offload/checkpoint path GPTQModel writes into quantize_config.json."""
+    path = Path(out_dir) / "quantize_config.json"
+    config = json.loads(path.read_text())
+    meta = config.get("meta") or {}
+    if meta.pop("offload_to_disk_path", None) is not None:
+        meta["offload_to_disk"] = False
+        path.write_text(json.dumps(config, indent=2))
+
+
+def run_gptq(*, model_path: str, out_dir: str, spec: dict, device: str, checkpoint_dir: str | None = None) -> dict:
+    """Worker body (runs in the isolated process): quantize *model_path* into *out_dir*.
+
+    With *checkpoint_dir* (kept across attempts by :func:`quantize_model`), GPTQModel commits each
+    finished layer there, and an attempt after a crash resumes from the last one.
+    """
     import torch
     import gptqmodel
-    from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel import CheckpointConfig, GPTQModel, QuantizeConfig
     from transformers import AutoTokenizer
 
     qspec = QuantSpec.model_validate(spec)
@@ -80,16 +117,26 @@ def run_gptq(*, model_path: str, out_dir: str, spec: dict, device: str) -> dict:
         desc_act=qspec.desc_act,
         sym=qspec.sym,
         true_sequential=qspec.true_sequential,
-        offload_to_disk=False,  # keeps machine-local temp paths out of the saved quantize_config
+        # Checkpointing needs GPTQModel's disk offload; its path is scrubbed from the saved config.
+        offload_to_disk=checkpoint_dir is not None,
+        offload_to_disk_path=str(Path(checkpoint_dir) / "offload") if checkpoint_dir else None,
     )
+    checkpoint = None
+    if checkpoint_dir is not None:
+        checkpoint = CheckpointConfig(path=str(Path(checkpoint_dir) / "layers"), resume="auto")
+        done = checkpoint_progress(Path(checkpoint_dir) / "layers")
+        if done is not None:
+            progress(f"quantize: resuming from the layer checkpoint in {checkpoint_dir}: "
+                     f"step {done[0]} of {done[1]} already done")
     start = time.perf_counter()
     try:
         model = _load_for_gptq(model_path, config, dtype=dtype, device=device)
         progress(f"quantize: GPTQ {qspec.label()} on {device} ({dtype}) started")
         with heartbeat("quantize"):
-            model.quantize(calibration, batch_size=qspec.batch_size, tokenizer=tokenizer)
+            model.quantize(calibration, batch_size=qspec.batch_size, tokenizer=tokenizer, checkpoint=checkpoint)
         quantize_s = time.perf_counter() - start
         model.save(out_dir)
+        _scrub_local_paths(out_dir)
     except torch.OutOfMemoryError as exc:
         raise out_of_memory("quantize", model_path=model_path, device=device, exc=exc,
                             advice="lower quantize.batch_size, calibration.seq_len or calibration.num_samples, "
@@ -132,6 +179,9 @@ def quantize_model(*, model: ModelArtifact, spec: QuantSpec, device: str = "auto
         info = workdir.read_marker(done)
     else:
         log_path = workdir.step_dir("quantize", key).with_suffix(".log")
+        # Outlives a failed attempt (unlike the build folder), so the next attempt resumes from it.
+        checkpoint_dir = workdir.step_dir("quantize", key).parent / f".{key}.checkpoint"
+        use_checkpoint = get_settings().quantize_checkpoints and checkpointable(model.path, spec)
         with workdir.building("quantize", key) as (tmp, marker):
             scratch = tmp.parent / f".{key}.scratch"  # GPTQModel writes ./logs into its cwd
             scratch.mkdir(exist_ok=True)
@@ -139,13 +189,14 @@ def quantize_model(*, model: ModelArtifact, spec: QuantSpec, device: str = "auto
                 info = run_isolated(
                     "tasks.quantize:run_gptq",
                     kwargs={"model_path": model.path, "out_dir": str(tmp), "spec": spec.model_dump(mode="json"),
-                            "device": device},
+                            "device": device, "checkpoint_dir": str(checkpoint_dir) if use_checkpoint else None},
                     log_path=log_path, env=gpu_env(), cwd=scratch, unexpected=QuantizationError,
                     library_progress=GPTQMODEL_LAYER,
                 )
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
             marker.update(info, source_sha=model.sha, spec=spec.model_dump(mode="json"))
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
         done = workdir.step_dir("quantize", key)
     artifact = ModelArtifact(path=str(done), sha=key, source_uri=model.source_uri, kind="gptq", reused=reused,
                              duration_s=time.perf_counter() - start)

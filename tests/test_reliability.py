@@ -7,6 +7,8 @@ the concurrent runs are two real factory flow runs on the tiny model.
 from __future__ import annotations
 
 import errno
+import json
+import re
 import os
 import subprocess
 import sys
@@ -24,6 +26,7 @@ from modelfactory.catalog import open_catalog
 from modelfactory.errors import DiskFullError
 from modelfactory.manifest import build_manifest
 from modelfactory.runner import run_factory
+from modelfactory.settings import get_settings
 from modelfactory.store import publish_local
 
 TINY_GATE = {"max_ppl_increase_pct": 5.0, "max_size_ratio": 0.999}
@@ -222,3 +225,115 @@ def test_sound_checkpoints_pass_the_structure_check(tiny_llama):
     from modelfactory.checkpoint import safetensors_problem
 
     assert safetensors_problem(tiny_llama / "model.safetensors") is None
+
+
+# --------------------------------------------------------------------------- killed quantization resumes
+
+
+def _quantize_in_thread(model, spec, box):
+    from tasks.quantize import quantize_model
+
+    try:
+        box["result"] = quantize_model(model=model, spec=spec, device="cpu")
+    except BaseException as exc:  # noqa: BLE001 - handed to the test
+        box["error"] = exc
+
+
+def _kill_worker_after_layer_checkpoints(work: Path, commits: int = 2, timeout: float = 300) -> None:
+    """Wait until GPTQModel publishes *commits* new checkpoint generations (its ``CURRENT`` file
+    changes: one per finished layer), then SIGKILL the worker process."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    seen: list[str] = []
+    while time.monotonic() < deadline and len(seen) <= commits:
+        current = list((work / "quantize").glob(".*.checkpoint/layers/CURRENT"))
+        content = current[0].read_text() if current else None
+        if content and (not seen or content != seen[-1]):
+            seen.append(content)  # the first one is the starting point, then one per commit
+        time.sleep(0.01)
+    if len(seen) <= commits:
+        pytest.fail(f"the quantization committed only {len(seen) - 1} layer checkpoint(s) under {work}")
+    workers = [p for p in psutil.Process().children(recursive=True) if "modelfactory.worker" in " ".join(p.cmdline())]
+    assert workers, "no worker process to kill"
+    for worker in workers:
+        worker.kill()
+
+
+def test_killed_quantization_resumes_from_its_layer_checkpoint(tmp_path, smollm2_tokenizer_dir, request):
+    """8-layer Llama: an uninterrupted run vs one whose worker is SIGKILLed after two layer checkpoints."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from modelfactory.errors import WorkerError
+    from modelfactory.hashing import tree_sha256
+    from modelfactory.records import ModelArtifact
+    from modelfactory.specs import QuantSpec
+
+    model_dir = tmp_path / "llama8"
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    LlamaForCausalLM(config).to(torch.float16).save_pretrained(model_dir)
+    for file in smollm2_tokenizer_dir.iterdir():
+        shutil.copy2(file, model_dir / file.name)
+    model = ModelArtifact(path=str(model_dir), sha=tree_sha256(model_dir), source_uri=str(model_dir), kind="local")
+    spec = QuantSpec.model_validate({"bits": 4, "group_size": 32, "calibration": {"num_samples": 32, "seq_len": 256}})
+
+    timings = {}
+    os.environ["MODELFACTORY_QUANTIZE_CHECKPOINTS"] = "true"
+    get_settings.cache_clear()
+    request.addfinalizer(lambda: (os.environ.pop("MODELFACTORY_QUANTIZE_CHECKPOINTS", None),
+                                  get_settings.cache_clear()))
+    with own_work_dir(tmp_path / "work-full"):
+        started = time.perf_counter()
+        box: dict = {}
+        _quantize_in_thread(model, spec, box)
+        timings["uninterrupted_s"] = time.perf_counter() - started
+        full = box["result"]
+    with own_work_dir(tmp_path / "work-killed") as work:
+        started = time.perf_counter()
+        box = {}
+        thread = threading.Thread(target=_quantize_in_thread, args=(model, spec, box))
+        thread.start()
+        _kill_worker_after_layer_checkpoints(work)
+        thread.join(120)
+        timings["until_killed_s"] = time.perf_counter() - started
+        assert isinstance(box.get("error"), WorkerError), box  # "exited with code -9 without a result"
+        assert not list((work / "quantize").glob("*/_COMPLETE.json")), "a killed quantization left an output"
+        assert list((work / "quantize").glob(".*.checkpoint/layers/CURRENT")), "no layer checkpoint was kept"
+
+        started = time.perf_counter()
+        box = {}
+        _quantize_in_thread(model, spec, box)
+        timings["resumed_s"] = time.perf_counter() - started
+        resumed = box["result"]
+        log = next_log(work).read_text(errors="replace")
+        resumed_at = re.search(r"resuming from the layer checkpoint .*: step (\d+) of (\d+) already done", log)
+        assert resumed_at, "the second attempt did not resume"
+        done, total = map(int, resumed_at.groups())
+        assert 0 < done < total, (done, total)
+        timings["steps_skipped"], timings["steps_total"] = done, total
+        assert not list((work / "quantize").glob(".*.checkpoint")), "checkpoint kept after success"
+
+    a = load_file(Path(full.model.path) / "model.safetensors")
+    b = load_file(Path(resumed.model.path) / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed result differs"
+    saved = json.loads((Path(resumed.model.path) / "quantize_config.json").read_text())
+    assert "offload_to_disk_path" not in saved.get("meta", {}), "machine-local path in the checkpoint"
+    timings["saved_s"] = timings["uninterrupted_s"] - timings["resumed_s"]
+    print(f"\nquantize resume timings: {json.dumps({k: round(v, 1) for k, v in timings.items()})}")
+
+
+def next_log(work: Path) -> Path:
+    """The quantize step's worker log in *work* (one key per test), waiting for it to appear."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        logs = list((work / "quantize").glob("*.log")) if (work / "quantize").exists() else []
+        if logs:
+            return logs[0]
+        time.sleep(0.2)
+    pytest.fail(f"no quantize log appeared under {work}")
