@@ -4,9 +4,10 @@ The manifest of every published artifact holds what its run measured and decided
 SHAs, both sides' metrics, the gate) — so when the catalog was unreachable at the end of a run
 (the model was published, the catalog never heard), nothing is lost:
 
-1. an artifact whose manifest digest the catalog already knows is left alone (never twice);
-2. else the newest unfinished run with the same run key (``running``/``failed``, no artifact) —
-   the run that published it and then lost its database — is completed;
+1. an artifact whose manifest digest a finished run already recorded as published is left alone;
+2. else the run that recorded part of it (its artifact row but not the rest), or the newest
+   unfinished run with the same run key (``running``/``failed``, no artifact) — the run that
+   published it and then lost its database — is completed (rows it has are not added twice);
 3. else a new run is recorded (e.g. into a fresh catalog).
 """
 
@@ -55,12 +56,12 @@ def import_artifact(catalog: Catalog, *, uri: str) -> ImportResult:
         if key not in manifest:
             raise PublishError(f"manifest of {uri} has no {key!r}: it was not written by a factory run, "
                                f"so there is nothing to record")
-    if known := _run_with_manifest(catalog, digest):
-        return ImportResult(known, "already-recorded", digest)
-
     spec = parse_spec(manifest["spec"], origin=f"manifest of {uri}")
     run_key = step_key("run", spec=spec)
-    run_id = _unfinished_run(catalog, run_key)
+    known = _run_with_manifest(catalog, digest)
+    if known and _complete(catalog, known, digest):
+        return ImportResult(known, "already-recorded", digest)
+    run_id = known or _unfinished_run(catalog, run_key)
     action = "completed" if run_id else "created"
     if run_id is None:
         run_id = str(uuid.uuid4())
@@ -76,10 +77,13 @@ def import_artifact(catalog: Catalog, *, uri: str) -> ImportResult:
     catalog.record_metrics(run_id=run_id, metrics=benchmark_metrics(bench))
     catalog.record_gate(run_id=run_id, checks=[GateCheckRecord(**check) for check in manifest["gate"]["checks"]])
     size = int(manifest["total_bytes"])
-    catalog.record_artifact(run_id=run_id, kind="gptq", uri=uri, manifest_sha256=digest, size_bytes=size)
-    destination = "s3" if urlparse(uri).scheme == "s3" else "file"
-    catalog.record_publication(run_id=run_id, publication=PublicationRecord(
-        destination=destination, uri=uri, manifest_sha256=digest, size_bytes=size))
+    detail = catalog.get_run(run_id)
+    if not any(a.manifest_sha256 == digest for a in detail.artifacts):
+        catalog.record_artifact(run_id=run_id, kind="gptq", uri=uri, manifest_sha256=digest, size_bytes=size)
+    if not any(p.manifest_sha256 == digest for p in detail.publications):
+        destination = "s3" if urlparse(uri).scheme == "s3" else "file"
+        catalog.record_publication(run_id=run_id, publication=PublicationRecord(
+            destination=destination, uri=uri, manifest_sha256=digest, size_bytes=size))
     catalog.finish_run(run_id=run_id, status="passed" if manifest["gate"]["passed"] else "rejected")
     return ImportResult(run_id, action, digest)
 
@@ -89,6 +93,13 @@ def _run_with_manifest(catalog: Catalog, digest: str) -> str | None:
         found = connection.scalar(select(Artifact.run_id).where(Artifact.manifest_sha256 == digest).limit(1))
         return found or connection.scalar(
             select(Publication.run_id).where(Publication.manifest_sha256 == digest).limit(1))
+
+
+def _complete(catalog: Catalog, run_id: str, digest: str) -> bool:
+    """Whether *run_id* is finished and recorded the publication of manifest *digest*."""
+    detail = catalog.get_run(run_id)
+    published = any(p.manifest_sha256 == digest for p in detail.publications)
+    return detail.status in ("passed", "rejected") and published
 
 
 def _unfinished_run(catalog: Catalog, run_key: str) -> str | None:
