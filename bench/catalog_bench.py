@@ -7,7 +7,13 @@ PostgreSQL. Not a test: a measurement whose numbers go to ``bench/results/catalo
 
 PostgreSQL: ``--pg-url`` (default ``postgresql+psycopg://postgres@127.0.0.1:5432/test``); the
 benchmark creates its own schema there and drops it afterwards. Seeding uses bulk inserts
-(``executemany`` on SQLite, ``COPY`` on PostgreSQL), then ``ANALYZE``.
+(``executemany`` on SQLite, ``COPY`` on PostgreSQL), then ``ANALYZE`` (SQLite) / ``VACUUM ANALYZE``
+(PostgreSQL: what autovacuum does to a table after bulk inserts -- it sets the visibility map that
+index-only scans need; the test server runs with autovacuum off, so the benchmark does it itself).
+
+The report records the load average around each backend (the numbers are only comparable on a
+quiet machine) and, for every query, the plan of one call (``EXPLAIN QUERY PLAN`` on SQLite,
+``EXPLAIN`` on PostgreSQL) of each statement it runs.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sqlalchemy import create_engine, text  # noqa: E402
+from sqlalchemy import create_engine, event, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
 from modelfactory.catalog import Catalog, open_catalog  # noqa: E402
@@ -157,8 +163,11 @@ def load(catalog: Catalog, tables: dict[str, list[dict[str, Any]]]) -> None:
                                             else row[c] for c in columns])
                 for name in ("base_models", "adapters"):
                     cursor.execute(f"SELECT setval(pg_get_serial_sequence('{name}', 'id'), (SELECT max(id) FROM {name}))")
-                cursor.execute("ANALYZE")
             raw.commit()
+            raw.driver_connection.autocommit = True  # VACUUM runs outside a transaction
+            with raw.cursor() as cursor:
+                cursor.execute("VACUUM ANALYZE")
+            raw.driver_connection.autocommit = False
         finally:
             raw.close()
         return
@@ -169,7 +178,9 @@ def load(catalog: Catalog, tables: dict[str, list[dict[str, Any]]]) -> None:
             with conn.begin():
                 for start in range(0, len(rows), 20_000):
                     conn.execute(table.insert(), rows[start:start + 20_000])
-        conn.exec_driver_sql("ANALYZE")
+        with conn.begin():  # committed: outside a transaction block SQLAlchemy 2 rolls ANALYZE back
+            conn.exec_driver_sql("ANALYZE")
+        assert conn.exec_driver_sql("SELECT count(*) FROM sqlite_stat1").scalar(), "ANALYZE left no statistics"
 
 
 # --------------------------------------------------------------------------- measuring
@@ -192,6 +203,37 @@ def measure(fn: Callable[[random.Random], Any], iterations: int, seed: int = 1) 
         fn(rng)
         samples.append((time.perf_counter() - started) * 1000)
     return percentiles(samples)
+
+
+def load_average() -> list[float]:
+    """1, 5 and 15 minute load averages (how busy the machine was)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def explain(engine: Any, fn: Callable[[random.Random], Any]) -> list[dict[str, Any]]:
+    """The plan of every SELECT that one call of *fn* runs."""
+    captured: list[tuple[str, Any]] = []
+
+    def grab(_conn: Any, _cursor: Any, statement: str, params: Any, _context: Any, _many: bool) -> None:
+        if statement.lstrip().upper().startswith(("SELECT", "(SELECT", "WITH")):
+            captured.append((statement, params))
+
+    event.listen(engine, "before_cursor_execute", grab)
+    try:
+        fn(random.Random(7))
+    finally:
+        event.remove(engine, "before_cursor_execute", grab)
+    plans = []
+    with engine.connect() as conn:
+        for statement, params in captured:
+            if engine.dialect.name == "sqlite":
+                rows = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params).all()
+                plan = [row[3] for row in rows]
+            else:
+                rows = conn.exec_driver_sql("EXPLAIN (COSTS OFF) " + statement, params).all()
+                plan = [row[0] for row in rows]
+            plans.append({"sql": " ".join(statement.split())[:300], "plan": plan})
+    return plans
 
 
 def query_mix(catalog: Catalog, sample: dict[str, Any]) -> dict[str, Callable[[random.Random], Any]]:
@@ -295,8 +337,11 @@ def bench_backend(url: str, tables: dict[str, list[dict[str, Any]]], sample: dic
         version = conn.execute(text("SELECT sqlite_version()" if url.startswith("sqlite") else "SHOW server_version")
                                ).scalar()
     results: dict[str, Any] = {}
+    plans: dict[str, Any] = {}
+    load_before = load_average()
     for name, fn in query_mix(catalog, sample).items():
         results[name] = measure(fn, iterations)
+        plans[name] = explain(catalog.engine, fn)
         print(f"  {name:42s} p50 {results[name]['p50_ms']:7.2f} ms  p95 {results[name]['p95_ms']:7.2f} ms", flush=True)
     os.environ["MODELFACTORY_CATALOG_URL"] = url
     get_settings.cache_clear()
@@ -306,11 +351,15 @@ def bench_backend(url: str, tables: dict[str, list[dict[str, Any]]], sample: dic
             results[name] = measure(fn, iterations)
             print(f"  {name:42s} p50 {results[name]['p50_ms']:7.2f} ms  p95 {results[name]['p95_ms']:7.2f} ms",
                   flush=True)
+    load_after = load_average()
     api_module.get_catalog().dispose()
     api_module._catalog.cache_clear()
     catalog.dispose()
-    return {"server_version": version, "seed_s": round(seed_s, 1), "rows": counts, "queries": results,
-            "all_p95_within_target": all(r["p95_ms"] <= TARGET_P95_MS for r in results.values())}
+    print(f"  load average before {load_before}, after {load_after}", flush=True)
+    return {"server_version": version, "seed_s": round(seed_s, 1), "rows": counts,
+            "load_average_1_5_15_min": {"before": load_before, "after": load_after}, "queries": results,
+            "all_p95_within_target": all(r["p95_ms"] <= TARGET_P95_MS for r in results.values()),
+            "plans": plans}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "command": "python bench/catalog_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "runs": args.runs, "iterations": args.iterations, "target_p95_ms": TARGET_P95_MS,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_average_1_5_15_min_at_start": load_average()},
         "when": datetime.now(UTC).isoformat(timespec="seconds"), "backends": {},
     }
     for backend in args.backends.split(","):

@@ -201,6 +201,110 @@ def test_ratio_columns_follow_delta_metrics(catalog: Catalog) -> None:  # noqa: 
     assert (row.decode_speedup, row.size_ratio, row.ppl_increase_pct) == (1.7, 0.3, None)
 
 
+def _add_build(catalog: Catalog, name: str, *, base: tuple[str, str], status: str, day: int, hour: int = 12,
+               ratios: tuple[float, float, float, float] | None = None, bits: int = 4) -> str:
+    """One more run (no artifacts) for the order/front checks below."""
+    run_id = str(uuid.uuid4())
+    catalog.start_run(run_id=run_id, name=name, spec={"quantize": {"bits": bits, "group_size": 128}},
+                      run_key=f"key-{name}")
+    catalog.set_sources(run_id=run_id, base_uri=base[0], base_sha=base[1], adapters=[])
+    if ratios is not None:
+        catalog.record_metrics(run_id=run_id, metrics=[
+            MetricRecord(metric, "delta", value, "x") for metric, value in zip(
+                ("ppl_increase_pct", "decode_speedup", "size_ratio", "memory_ratio"), ratios)])
+    if status != "running":
+        catalog.finish_run(run_id=run_id, status=status)
+    with catalog.engine.begin() as conn:
+        conn.execute(text("UPDATE runs SET started_at = :t WHERE id = :id"),
+                     {"t": datetime(2026, 1, day, hour, 0, tzinfo=UTC), "id": run_id})
+    return run_id
+
+
+SHA_A2 = "a9" * 20  # a second commit of BASE_A: a base URI then matches two base model versions
+
+
+@pytest.fixture
+def two_versions(seeded: Seeded) -> Seeded:
+    """The seeded builds plus builds of a second SHA of BASE_A: ties with version 1, missing ratios,
+    equal starts (then the id decides)."""
+    more = {
+        "a2-fast":    ("passed", 10, 12, (2.0, 1.60, 0.24, 0.27)),   # ties a-3g128 on speed and size
+        "a2-slow":    ("passed", 11, 12, (0.5, 1.05, 0.50, 0.52)),
+        "a2-rej":     ("rejected", 12, 12, (7.0, 2.30, 0.14, 0.18)),
+        "a2-failed":  ("failed", 13, 12, None),
+        "a2-failed2": ("failed", 13, 12, None),                       # same start as a2-failed
+        "a2-run":     ("running", 14, 12, None),
+        "a2-same":    ("passed", 15, 12, (2.0, 1.60, 0.24, 0.27)),    # an equal point, newer
+    }
+    for name, (status, day, hour, ratios) in more.items():
+        two_versions_id = _add_build(seeded.catalog, name, base=(BASE_A, SHA_A2), status=status, day=day,
+                                     hour=hour, ratios=ratios)
+        seeded.ids[name] = two_versions_id
+    return seeded
+
+
+def _expected_order(rows, sort: str) -> list[str]:
+    """The documented ls order, worked out in Python: the key in its direction, missing values last,
+    ties newest first, then by id descending."""
+    key_name, direction = {"ppl": ("ppl_increase_pct", 1), "speed": ("decode_speedup", -1),
+                           "size": ("size_ratio", 1), "memory": ("memory_ratio", 1), "name": ("name", 1),
+                           "newest": ("started_at", -1), "oldest": ("started_at", 1)}[sort]
+    ordered = sorted(rows, key=lambda r: r.id, reverse=True)
+    ordered.sort(key=lambda r: r.started_at, reverse=True)
+    present = [r for r in ordered if getattr(r, key_name) is not None]
+    present.sort(key=lambda r: getattr(r, key_name), reverse=direction < 0)
+    return [r.id for r in present] + [r.id for r in ordered if getattr(r, key_name) is None]
+
+
+@pytest.mark.parametrize("sort", ["ppl", "speed", "size", "memory", "newest", "oldest", "name"])
+def test_ls_sort_orders_across_base_versions_and_missing_values(two_versions: Seeded, sort: str) -> None:
+    """Ratio sorts read runs with the value, then those without (0004); a base matching several
+    versions is merged from one ordered read per version: same order as one big sort, at every limit."""
+    cat = two_versions.catalog
+    for filters in (RunFilter(base=BASE_A), RunFilter(), RunFilter(status="passed"), RunFilter(base=SHA_A2),
+                    RunFilter(base=BASE_A, status="failed"), RunFilter(base=BASE_A, bits=4)):
+        everything = query_runs(cat, filters=filters, sort="newest", limit=1000)
+        expected = _expected_order(everything, sort)
+        for limit in range(1, len(expected) + 2):
+            got = [r.id for r in query_runs(cat, filters=filters, sort=sort, limit=limit)]
+            assert got == expected[:limit], (filters, limit)
+
+
+def _brute_front(rows, by: str) -> list[str]:
+    """The Pareto front as docs/catalog.md defines it, by brute force over candidate rows."""
+    attr, higher = {"speed": ("decode_speedup", True), "size": ("size_ratio", False),
+                    "memory": ("memory_ratio", False)}[by]
+    sign = 1 if higher else -1
+    ordered = sorted(rows, key=lambda r: r.id, reverse=True)
+    ordered.sort(key=lambda r: r.started_at, reverse=True)
+    ordered.sort(key=lambda r: (r.ppl_increase_pct, -sign * getattr(r, attr)))
+    front, best = [], None
+    for r in ordered:
+        value = sign * getattr(r, attr)
+        if best is None or value > best:
+            front.append(r.id)
+            best = value
+    return front
+
+
+@pytest.mark.parametrize("by", ["speed", "size", "memory"])
+def test_best_front_across_base_versions_matches_brute_force(two_versions: Seeded, by: str) -> None:
+    """0004 computes the front in SQL (a running MAX/MIN window): same front, best and candidate
+    count as the definition, with equal points (the newest is kept) and two versions of the base."""
+    cat = two_versions.catalog
+    for limit in (None, 0.5, 1.0, 2.0, 2.5, 3.0, 100.0):
+        found = best_build(cat, base=BASE_A, max_ppl_increase_pct=limit, by=by)
+        rows = [r for r in query_runs(cat, filters=RunFilter(base=BASE_A, status="passed"), limit=1000)
+                if r.ppl_increase_pct is not None and (limit is None or r.ppl_increase_pct <= limit)]
+        assert found.candidates == len(rows)
+        assert [r.id for r in found.front] == _brute_front(rows, by), limit
+        assert (found.best.id if found.best else None) == (_brute_front(rows, by) or [None])[-1]
+    # a2-same and a2-fast equal a-3g128 (ppl 2.0 vs 2.5 aside): the newest equal point is on the front
+    front = two_versions.names(best_build(cat, base=BASE_A, by="speed").front)
+    assert "a2-same" in front and "a2-fast" not in front
+    assert two_versions.names([best_build(cat, base=SHA_A2, by="speed").best]) == ["a2-same"]
+
+
 # --------------------------------------------------------------------------- best
 
 

@@ -621,8 +621,9 @@ class Catalog:
         if session.scalar(select(Run.id).where(Run.id == run_id)) is not None:
             return run_id
         if len(run_id) >= MIN_PREFIX:
-            stmt = select(Run.id).where(Run.id.startswith(run_id, autoescape=True)).limit(3)
-            matches = list(session.scalars(stmt))
+            matches = self._ids_with_prefix(session, run_id)
+            if not matches and run_id != run_id.lower():  # ids are lowercase UUIDs: ABCDEF12 finds abcdef12-...
+                matches = self._ids_with_prefix(session, run_id.lower())
             if len(matches) == 1:
                 return matches[0]
             if len(matches) > 1:
@@ -634,6 +635,26 @@ class Catalog:
             f"no run with id {run_id!r} in the catalog at {self.url} (prefixes need "
             f"{MIN_PREFIX}+ characters), list runs with `modelfactory catalog ls`"
         )
+
+    @staticmethod
+    def _ids_with_prefix(session: Session, prefix: str) -> list[str]:
+        """Up to 3 run ids starting with *prefix* (case-sensitive), read from an index.
+
+        SQLite: the range ``prefix <= id < next`` (*next*: the prefix with its last character
+        incremented) on the primary key (``LIKE 'p%'`` is case-insensitive there and never uses an
+        index). PostgreSQL: ``LIKE 'p%'`` on ``ix_runs_id_pattern`` (``varchar_pattern_ops``: a
+        byte-order index whatever the database collation, where a range on the primary key would
+        follow the collation's order and miss ids under e.g. en_US).
+        """
+        if session.get_bind().dialect.name == "sqlite":
+            match = Run.id >= prefix
+            if ord(prefix[-1]) < 0x10FFFF:
+                match &= Run.id < prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        else:
+            escaped = prefix.replace("/", "//").replace("%", "/%").replace("_", "/_")
+            match = Run.id.like(escaped + "%", escape="/")
+        found = session.scalars(select(Run.id).where(match).order_by(Run.id).limit(3))
+        return [run_id for run_id in found if run_id.startswith(prefix)]
 
     def _require_run(self, session: Session, run_id: str) -> Run:
         run = session.get(Run, run_id)

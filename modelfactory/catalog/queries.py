@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, func, or_, select
+from sqlalchemy import ColumnElement, Select, func, or_, select, union_all
+from sqlalchemy.sql import operators
 from sqlalchemy.orm import Session, selectinload
 
 from modelfactory.catalog.db import Catalog, _aware
@@ -136,20 +137,70 @@ def query_runs(
     filters = filters or RunFilter()
     column, direction = SORTS[sort]
     with catalog.reading("list runs") as session:
-        stmt = _filtered(session, select(*_ROW_COLUMNS), filters)
+        base_ids: list[int] | None = None
+        if filters.base is not None:
+            base_ids = _version_ids(session, BaseModelVersion, filters.base)
+            if not base_ids:
+                return []
+        stmt = _filtered(session, select(*_ROW_COLUMNS), filters, base_ids=base_ids)
         if stmt is None:
             return []
+        ties = (Run.started_at.desc(), Run.id.desc())
         order = column.desc() if direction == "desc" else column.asc()
-        if column.expression.nullable:  # ratios of unfinished runs; started_at keeps its index order
-            order = order.nulls_last()
-        stmt = stmt.order_by(order, Run.started_at.desc(), Run.id.desc()).limit(limit)
-        return [_row(r) for r in session.execute(stmt)]
+        if not column.expression.nullable:  # started_at, name: one query (indexes lead with each filter)
+            return [_row(r) for r in session.execute(stmt.order_by(order, *ties).limit(limit))]
+        # A ratio (missing on unfinished runs, which sort last): the runs that have it, in its order,
+        # then, if the page is not full, those without it, newest first. Two queries that an index on
+        # (filter column, ratio) / (filter column, started_at) answers in order; one ORDER BY ... NULLS
+        # LAST is not (PostgreSQL's default index order puts NULLs first when descending, SQLite's
+        # puts them first when ascending), so it would sort every matching run.
+        rows = _top(session, stmt.where(column.is_not(None)), (order, *ties), limit, base_ids)
+        if len(rows) < limit:
+            missing = stmt.where(column.is_(None)).order_by(*ties).limit(limit - len(rows))
+            rows += [_row(r) for r in session.execute(missing)]
+        return rows
 
 
-def _filtered(session: Session, stmt: Select, filters: RunFilter) -> Select | None:
-    """*stmt* with the WHERE clauses of *filters*; ``None`` when a base/adapter matches nothing."""
+#: Up to this many base model versions, a base filter is one ordered, limited scan per version.
+_MAX_SPLIT_BASES = 32
+
+
+def _top(session: Session, stmt: Select, order: tuple[Any, ...], limit: int,
+         base_ids: list[int] | None) -> list[RunRow]:
+    """The first *limit* rows of *stmt* in *order* (a gate ratio, then newest first).
+
+    A base URI usually matches several base model versions (one per commit SHA); ``base_model_id
+    IN (...)`` cannot be read in ratio order from the index on (base_model_id, ratio), so every
+    matching run would be sorted. Instead: the first *limit* of each version (an index range read in
+    order, stopped at *limit*), merged -- UNION ALL of at most ``len(base_ids) * limit`` rows, sorted.
+    Newest-first lists do not split: there the planner walks (status, started_at), (config,
+    started_at) or started_at newest first and filters, which stops early for any common base; split
+    per version, a filter that matches few runs of each would make every part read far.
+    """
+    if base_ids is None or len(base_ids) == 1 or len(base_ids) > _MAX_SPLIT_BASES:
+        return [_row(r) for r in session.execute(stmt.order_by(*order).limit(limit))]
+    parts = [select(stmt.where(Run.base_model_id == base_id).order_by(*order).limit(limit).subquery())
+             for base_id in base_ids]
+    merged = union_all(*parts).subquery()
+    outer = [_on(merged, key) for key in order]
+    return [_row(r) for r in session.execute(select(merged).order_by(*outer).limit(limit))]
+
+
+def _on(subquery: Any, key: Any) -> Any:
+    """The ORDER BY element *key* (``Run.x.asc()`` / ``.desc()``) re-targeted at *subquery*'s column."""
+    column = subquery.c[key.element.key]
+    return column.desc() if key.modifier is operators.desc_op else column.asc()
+
+
+def _filtered(session: Session, stmt: Select, filters: RunFilter, *,
+              base_ids: list[int] | None = None) -> Select | None:
+    """*stmt* with the WHERE clauses of *filters*; ``None`` when a base/adapter matches nothing.
+
+    *base_ids*: the base model versions of ``filters.base`` when the caller looked them up already.
+    """
     if filters.base is not None:
-        base_ids = _version_ids(session, BaseModelVersion, filters.base)
+        if base_ids is None:
+            base_ids = _version_ids(session, BaseModelVersion, filters.base)
         if not base_ids:
             return None
         stmt = stmt.where(Run.base_model_id.in_(base_ids))
@@ -244,41 +295,76 @@ def best_build(
     column, higher_better = OBJECTIVES[by]
     base_filter = RunFilter(**{**_filter_fields(filters), "base": base, "status": "passed"})
     with catalog.reading(f"find the best build of {base!r}") as session:
-        if not _version_ids(session, BaseModelVersion, base):
+        base_ids = _version_ids(session, BaseModelVersion, base)
+        if not base_ids:
             raise CatalogNotFoundError(
                 f"no run in the catalog at {catalog.url} was built on base model {base!r}: give its URI "
                 f"or commit SHA as `catalog ls` shows it"
             )
-        stmt = _filtered(session, select(Run.id, Run.ppl_increase_pct, column), base_filter)
+        stmt = _filtered(session, select(Run.id, Run.ppl_increase_pct.label("ppl"), column.label("objective"),
+                                         Run.started_at), base_filter, base_ids=base_ids)
         assert stmt is not None
-        stmt = stmt.where(Run.ppl_increase_pct.is_not(None), column.is_not(None))
+        # ``objective + 0``: the same test, but no index on (status, objective) looks usable for it -- a
+        # SQLite catalog without ANALYZE statistics would otherwise scan every passing run that way.
+        stmt = stmt.where(Run.ppl_increase_pct.is_not(None), (column + 0).is_not(None))
         if max_ppl_increase_pct is not None:
             stmt = stmt.where(Run.ppl_increase_pct <= max_ppl_increase_pct)
-        objective_order = column.desc() if higher_better else column.asc()
-        stmt = stmt.order_by(Run.ppl_increase_pct.asc(), objective_order, Run.started_at.desc())
-        candidates = session.execute(stmt).all()
-        front_ids = _pareto_front([(r[0], r[2]) for r in candidates], higher_better=higher_better)
+        front_ids, candidates = _pareto_front(session, stmt, higher_better=higher_better)
         rows = {r.id: r for r in (_row(x) for x in session.execute(
             select(*_ROW_COLUMNS).where(Run.id.in_(front_ids))))} if front_ids else {}
     front = tuple(rows[i] for i in front_ids)
-    return BestBuild(base=base, by=by, max_ppl_increase_pct=max_ppl_increase_pct, candidates=len(candidates),
+    return BestBuild(base=base, by=by, max_ppl_increase_pct=max_ppl_increase_pct, candidates=candidates,
                      best=front[-1] if front else None, front=front)
 
 
-def _pareto_front(points: Sequence[tuple[str, float]], *, higher_better: bool) -> list[str]:
-    """Ids of the front of *points* (sorted by perplexity increase, then objective best first).
+def _pareto_front(session: Session, candidates: Select, *, higher_better: bool) -> tuple[list[str], int]:
+    """Ids of the Pareto front of *candidates* (id, ppl, objective, started_at) in front order, and
+    how many candidates there are -- computed in the database, which returns only the front.
 
-    A point joins when its objective strictly beats every point with a lower or equal perplexity
-    increase; the last one joined has the best objective.
+    Definition: in the order perplexity increase ascending, objective best first, newest first (then
+    id), a candidate is on the front when its objective strictly beats that of every candidate before
+    it; the last one on the front has the best objective. Equal points: the first (newest) joins.
+
+    Four statements, each answered from ``ix_runs_best`` (base model version, status, perplexity
+    increase, every objective, started_at, id: no table row is read) or a (base_model_id, objective)
+    index:
+
+    1. count, lowest perplexity increase ``p_min``, best objective ``o_best`` (one index-only pass);
+    2. ``o_first``: the best objective among candidates at ``p_min`` (the front's first point) and
+       ``p_last``: the lowest perplexity increase among candidates at ``o_best`` (its last point);
+    3. the front, as a running best (MAX / MIN window over the preceding rows) over the rectangle
+       ``ppl <= p_last`` and objective at least as good as ``o_first`` only: a candidate with a higher
+       perplexity increase comes after the last front point, one with a worse objective than the
+       first point never beats it, and neither changes the running best of the rows kept -- so the
+       window sorts a fraction of the candidates, not all of them.
     """
-    front: list[str] = []
-    best: float | None = None
-    for run_id, objective in points:
-        value = objective if higher_better else -objective
-        if best is None or value > best:
-            front.append(run_id)
-            best = value
-    return front
+    sub = candidates.subquery()
+    best_of = func.max if higher_better else func.min
+    count, p_min, o_best = session.execute(
+        select(func.count(), func.min(sub.c.ppl), best_of(sub.c.objective))).one()
+    if not count:
+        return [], 0
+    # ``+ 0``: no MIN/MAX-by-index shortcut (walking (status, objective) across every base model);
+    # each is a seek on ix_runs_best (ppl = p_min) / on an index (…, objective) (objective = o_best).
+    o_first = select(best_of(sub.c.objective + 0)).where(sub.c.ppl == p_min).scalar_subquery()
+    p_last = select(func.min(sub.c.ppl + 0)).where(sub.c.objective == o_best).scalar_subquery()
+    o_first, p_last = session.execute(select(o_first, p_last)).one()
+    kept = candidates.where(Run.ppl_increase_pct <= p_last)
+    objective = candidates.selected_columns.objective
+    kept = kept.where(objective >= o_first if higher_better else objective <= o_first)
+    # MATERIALIZED: the kept rows are read once, by the index range above, rather than SQLite's planner
+    # walking the window's ORDER BY from (status, ppl_increase_pct) across every base model.
+    c = kept.cte("candidates").prefix_with("MATERIALIZED").c
+    objective_first = c.objective.desc() if higher_better else c.objective.asc()
+    order = (c.ppl.asc(), objective_first, c.started_at.desc(), c.id.desc())
+    running = best_of(c.objective).over(order_by=order, rows=(None, -1))
+    ranked = select(c.id, c.ppl, c.objective, c.started_at, running.label("before")).subquery()
+    r = ranked.c
+    beats = r.objective > r.before if higher_better else r.objective < r.before
+    stmt = (select(r.id).where(or_(r.before.is_(None), beats))
+            .order_by(r.ppl.asc(), r.objective.desc() if higher_better else r.objective.asc(),
+                      r.started_at.desc(), r.id.desc()))
+    return list(session.scalars(stmt)), count
 
 
 def _filter_fields(filters: RunFilter | None) -> dict[str, Any]:
