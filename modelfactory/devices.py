@@ -79,6 +79,8 @@ def out_of_memory(step: str, *, model_path: str, device: str, exc: BaseException
 
             free, total = torch.cuda.mem_get_info()
             memory = f"GPU {torch.cuda.get_device_name()} with {total / 2**30:.1f} GiB ({free / 2**30:.1f} GiB free now)"
+            if fraction := get_settings().cuda_memory_fraction:
+                memory += f", this step capped at {fraction * total / 2**30:.2f} GiB by MODELFACTORY_CUDA_MEMORY_FRACTION"
         except Exception:  # noqa: BLE001 - the message is best effort, the error is what matters
             pass
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -86,3 +88,16 @@ def out_of_memory(step: str, *, model_path: str, device: str, exc: BaseException
         f"the {step} step ran out of memory on {device} for {model_path} ({weights / 1e9:.2f} GB of weights; "
         f"{memory}): {advice}. ({first_line})"
     )
+
+
+def apply_memory_cap(device: str) -> None:
+    """Apply ``MODELFACTORY_CUDA_MEMORY_FRACTION`` to this process's CUDA allocator (no-op on CPU)."""
+    fraction = get_settings().cuda_memory_fraction
+    if fraction is None or not device.startswith("cuda"):
+        return
+    import torch
+
+    torch.cuda.set_per_process_memory_fraction(fraction)
+    total = torch.cuda.get_device_properties(0).total_memory
+    progress(f"GPU memory capped at {fraction:g} of {total / 2**30:.1f} GiB = {fraction * total / 2**30:.2f} GiB "
+             f"(MODELFACTORY_CUDA_MEMORY_FRACTION)")

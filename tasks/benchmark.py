@@ -14,7 +14,7 @@ from pathlib import Path
 from prefect import task
 
 from modelfactory import bench, workdir
-from modelfactory.devices import gpu_env, resolve_device, resolve_dtype
+from modelfactory.devices import apply_memory_cap, gpu_env, out_of_memory, resolve_device, resolve_dtype
 from modelfactory.errors import BenchmarkError
 from modelfactory.hashing import step_key
 from modelfactory.isolation import run_isolated
@@ -42,6 +42,19 @@ def _load(model_path: str, *, side: str, spec: BenchmarkSpec, device: str, dtype
 
 
 def measure_side(*, model_path: str, side: str, spec: dict, treatment: str | None = None) -> SideMetrics:
+    """Worker body: :func:`_measure_side`, with CUDA out-of-memory turned into a clear, final error."""
+    import torch
+
+    try:
+        return _measure_side(model_path=model_path, side=side, spec=spec, treatment=treatment)
+    except torch.OutOfMemoryError as exc:
+        device = resolve_device(BenchmarkSpec.model_validate(spec).device)
+        raise out_of_memory(f"benchmark ({side})", model_path=model_path, device=device, exc=exc,
+                            advice="lower benchmark.perplexity.context_len or decode.new_tokens, or run on a "
+                                   "GPU with more free memory") from exc
+
+
+def _measure_side(*, model_path: str, side: str, spec: dict, treatment: str | None = None) -> SideMetrics:
     """Worker body: load one model and measure it (runs in a fresh process).
 
     *treatment*: how the CUDA-graph decode step is prepared (a key of
@@ -53,6 +66,7 @@ def measure_side(*, model_path: str, side: str, spec: dict, treatment: str | Non
 
     bspec = BenchmarkSpec.model_validate(spec)
     device = resolve_device(bspec.device)
+    apply_memory_cap(device)
     if device == "cpu":
         # Both sides run eagerly on CPU: GPTQModel's torch kernel would otherwise torch.compile its
         # dequantization per layer shape, which costs minutes on a small CPU and is not what we measure.

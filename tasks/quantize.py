@@ -18,7 +18,7 @@ from pathlib import Path
 from prefect import task
 
 from modelfactory import workdir
-from modelfactory.devices import gpu_env, heartbeat, out_of_memory, resolve_device, resolve_dtype
+from modelfactory.devices import apply_memory_cap, gpu_env, heartbeat, out_of_memory, resolve_device, resolve_dtype
 from modelfactory.errors import CalibrationError, QuantizationError
 from modelfactory.hashing import step_key
 from modelfactory.isolation import run_isolated
@@ -106,6 +106,7 @@ def run_gptq(*, model_path: str, out_dir: str, spec: dict, device: str, checkpoi
 
     qspec = QuantSpec.model_validate(spec)
     device = resolve_device(device)
+    apply_memory_cap(device)
     dtype = getattr(torch, resolve_dtype("auto", device))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     calibration, origin = build_calibration(tokenizer, qspec.calibration)
