@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     s3_max_concurrency: int = Field(default=8, ge=1, le=64)
     #: Multipart part size (and threshold) in MiB.
     s3_part_size_mb: int = Field(default=8, ge=5, le=5120)
+    #: Name of a Prefect ``Secret`` block holding AWS credentials as JSON (``aws_access_key_id``,
+    #: ``aws_secret_access_key``, optional ``aws_session_token`` / ``region_name``); unset = the AWS chain.
+    aws_credentials_secret: str | None = None
     #: Name of a Prefect ``Secret`` block holding the Hugging Face token; unset = ``HF_TOKEN``.
     hf_token_secret: str | None = None
     #: Secret the Hugging Face webhook sends in ``X-Webhook-Secret``; unset = refuse every delivery.

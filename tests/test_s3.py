@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from conftest import REPO, make_lora, tiny_spec
 from modelfactory.artifacts import download_artifact, verify_artifact
-from modelfactory.errors import PublishError, SourceError, SourceNotFoundError, TransientError
+from modelfactory.errors import PublishError, SourceError, SourceNotFoundError, SpecError, TransientError
 from modelfactory.log import get_logger
 from modelfactory.manifest import MANIFEST, build_manifest
 from modelfactory.s3 import S3Url, abort_stale_uploads, fetch_source, publish_s3, verify_s3
@@ -328,3 +328,35 @@ def test_factory_flow_sources_from_and_publishes_to_s3(prefect, moto_s3, tiny_ll
         assert again.status == "passed" and again.artifact_uri == outcome.artifact_uri
         steps = {s.name: s.status for s in open_catalog().get_run(again.run_id).steps}
         assert steps["download"] == steps["quantize"] == steps["publish"] == "reused"
+
+
+def test_credentials_from_a_prefect_secret_block(prefect, moto_s3, tmp_path, monkeypatch):
+    """No AWS variables at all: the client signs with the keys stored in a Prefect Secret block."""
+    from prefect.blocks.system import Secret
+
+    from modelfactory.s3.client import make_client
+    from modelfactory.settings import get_settings
+
+    key_id, secret = "AKIAFROMSECRETBLOCK01", "secret-from-the-block-9f2"
+    Secret(value={"aws_access_key_id": key_id, "aws_secret_access_key": secret, "region_name": "us-east-1"}).save(
+        "mf-aws-test", overwrite=True)
+    with s3_environment(moto_s3.url):
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+        monkeypatch.setenv("MODELFACTORY_AWS_CREDENTIALS_SECRET", "mf-aws-test")
+        get_settings.cache_clear()
+        client = make_client()
+        assert client._request_signer._credentials.access_key == key_id  # signed with the block's keys
+        client.create_bucket(Bucket="from-block")
+        source = make_artifact(tmp_path / "artifact", big_mb=1)
+        publication = publish_s3(source=source, url="s3://from-block/models", parts=PARTS, manifest=manifest_for(source))
+        assert publication.uri.startswith("s3://from-block/models/")
+
+        monkeypatch.setenv("MODELFACTORY_AWS_CREDENTIALS_SECRET", "no-such-block")
+        get_settings.cache_clear()
+        with pytest.raises(SpecError, match="Secret block 'no-such-block' could not be loaded") as info:
+            make_client()
+        assert secret not in str(info.value)
+    get_settings.cache_clear()

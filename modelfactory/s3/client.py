@@ -1,7 +1,8 @@
 """S3 plumbing shared by publishing, verification and source downloads.
 
 - :class:`S3Url` parses ``s3://bucket/prefix`` (the prefix is a "folder": it always ends in ``/``).
-- :func:`make_client` builds a boto3 client from the standard AWS credential chain
+- :func:`make_client` builds a boto3 client from a Prefect ``Secret`` block
+  (``MODELFACTORY_AWS_CREDENTIALS_SECRET``) or else the standard AWS credential chain
   (env vars, ``AWS_PROFILE``/config files, SSO, instance/container roles) with retries for
   throttling, 5xx and connection errors, and the endpoint from ``MODELFACTORY_S3_ENDPOINT_URL``
   (else boto3's own ``AWS_ENDPOINT_URL``). Credentials are never logged or stored.
@@ -103,8 +104,38 @@ def make_client():
         request_checksum_calculation="when_required",
         response_checksum_validation="when_supported",
     )
-    session = boto3.session.Session()
+    session = boto3.session.Session(**secret_block_credentials())
     return session.client("s3", endpoint_url=endpoint, config=config)
+
+
+#: Keys a credentials Secret block may hold (boto3 ``Session`` arguments).
+CREDENTIAL_KEYS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token", "region_name")
+
+
+def secret_block_credentials() -> dict[str, str]:
+    """AWS credentials from the Prefect ``Secret`` block named by ``MODELFACTORY_AWS_CREDENTIALS_SECRET``
+    (a JSON object), or ``{}`` for boto3's standard chain. Values are never logged."""
+    name = get_settings().aws_credentials_secret
+    if not name:
+        return {}
+    from prefect.blocks.system import Secret
+
+    hint = (f"store a JSON object with aws_access_key_id and aws_secret_access_key in Secret block {name!r} "
+            f"on the Prefect API this run uses, or unset MODELFACTORY_AWS_CREDENTIALS_SECRET")
+    try:
+        value = Secret.load(name).get()
+    except (ValueError, KeyError) as exc:  # a missing block document is a ValueError
+        raise SpecError(f"Prefect Secret block {name!r} could not be loaded: {hint}") from exc
+    if isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = None
+    if not isinstance(value, dict) or not {"aws_access_key_id", "aws_secret_access_key"} <= set(value):
+        raise SpecError(f"Prefect Secret block {name!r} does not hold AWS credentials: {hint}")
+    return {key: str(value[key]) for key in CREDENTIAL_KEYS if value.get(key)}
 
 
 def make_manager(client):
