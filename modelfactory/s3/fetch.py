@@ -91,12 +91,8 @@ def _download_files(client, *, folder: S3Url, rels: list[str], dest: Path) -> No
             target.parent.mkdir(parents=True, exist_ok=True)
             futures.append(manager.download(folder.bucket, folder.key(rel), str(target),
                                             extra_args={"ChecksumMode": "ENABLED"}))
-        try:
-            for future in futures:
-                future.result()
-        except BaseException:
-            manager.shutdown(cancel=True)
-            raise
+        for future in futures:  # a failure cancels the rest on leaving the `with` (see s3.publish.upload_tree)
+            future.result()
 
 
 def _check_files(entries: list[dict], dest: Path, *, where: str, error: type[ModelFactoryError]) -> None:

@@ -105,12 +105,11 @@ def upload_tree(client, *, source: Path, files: list[Path], dest: S3Url) -> None
     with make_manager(client) as manager:
         futures = [manager.upload(str(file), dest.bucket, dest.key(file.relative_to(source).as_posix()),
                                   extra_args=dict(CHECKSUM)) for file in files]
-        try:
-            for future in futures:
-                future.result()
-        except BaseException:
-            manager.shutdown(cancel=True)  # stop the other transfers; each aborts its multipart upload
-            raise
+        # A failure leaves the `with`, whose exit cancels the other transfers (each aborts its multipart
+        # upload). Not manager.shutdown(cancel=True): s3transfer's shutdown() passes its arguments on
+        # shifted by one and raises TypeError whenever a transfer is still in flight.
+        for future in futures:
+            future.result()
 
 
 def copy_tree(client, *, rel_paths: list[str], source: S3Url, dest: S3Url) -> None:
@@ -118,12 +117,8 @@ def copy_tree(client, *, rel_paths: list[str], source: S3Url, dest: S3Url) -> No
     with make_manager(client) as manager:
         futures = [manager.copy({"Bucket": source.bucket, "Key": source.key(rel)}, dest.bucket, dest.key(rel),
                                 extra_args=dict(CHECKSUM)) for rel in rel_paths]
-        try:
-            for future in futures:
-                future.result()
-        except BaseException:
-            manager.shutdown(cancel=True)
-            raise
+        for future in futures:  # a failure cancels the rest on leaving the `with` (see upload_tree)
+            future.result()
 
 
 def _existing(client, final: S3Url) -> str | None:
