@@ -24,7 +24,7 @@ demo: setup
 	$(BIN)/modelfactory demo
 
 test: setup
-	$(BIN)/python -m pytest -ra --durations=15 --basetemp=$(abspath .mf/pytest)
+	mkdir -p .mf && $(BIN)/python -m pytest -ra --durations=15 --basetemp=$(abspath .mf/pytest)
 
 test-fast: setup
 	$(BIN)/python -m pytest -ra -m "not slow"
