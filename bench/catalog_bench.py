@@ -42,7 +42,13 @@ from sqlalchemy.engine import make_url  # noqa: E402
 
 from modelfactory.catalog import Catalog, open_catalog  # noqa: E402
 from modelfactory.catalog.models import Base  # noqa: E402
-from modelfactory.catalog.queries import RunFilter, best_build, compare_runs, lineage, query_runs  # noqa: E402
+from modelfactory.catalog.queries import (  # noqa: E402
+    RunFilter,
+    best_build,
+    compare_runs,
+    lineage,
+    query_runs,
+)
 
 TARGET_P95_MS = 50.0
 SIDE_METRICS = {"perplexity": "ppl", "decode_tok_s": "tok/s", "ttft_ms": "ms", "disk_bytes": "B", "load_s": "s",
@@ -324,9 +330,9 @@ def bench_backend(url: str, tables: dict[str, list[dict[str, Any]]], sample: dic
                   iterations: int) -> dict[str, Any]:
     from fastapi.testclient import TestClient
 
-    from modelfactory.server import api as api_module
-    from modelfactory.server import create_app
-    from modelfactory.settings import get_settings
+    from modelfactory.core.settings import get_settings
+    from modelfactory.interfaces.server import api as api_module
+    from modelfactory.interfaces.server import create_app
 
     catalog = open_catalog(url)
     started = time.perf_counter()

@@ -60,8 +60,8 @@ def copy_bandwidth_gbs(size_gib: float = 4.0, iters: int = 20) -> float:
 
 
 def _side(model_path: str, side: str, spec: dict, log: Path) -> dict:
-    from modelfactory.devices import gpu_env
-    from modelfactory.isolation import run_isolated
+    from modelfactory.core.devices import gpu_env
+    from modelfactory.core.isolation import run_isolated
 
     return run_isolated("tasks.benchmark:measure_side", kwargs={"model_path": model_path, "side": side, "spec": spec},
                         log_path=log, env=gpu_env())
@@ -92,7 +92,7 @@ def stage_smoke(args) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from modelfactory import bench
+    from modelfactory.benchmark import harness as bench
 
     torch.manual_seed(0)
     config = LlamaConfig(**{**LLAMA7B, "hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 4,
@@ -114,7 +114,7 @@ def stage_bandwidth(args) -> None:
 
 
 def stage_smollm2(args) -> None:
-    from modelfactory.specs import BenchmarkSpec, ModelSource, QuantSpec
+    from modelfactory.core.specs import BenchmarkSpec, ModelSource, QuantSpec
     from tasks.download import download_model
     from tasks.quantize import quantize_model
 
@@ -159,13 +159,13 @@ def stage_llama7b_make(args) -> None:
 
 
 def _llama7b_quant_spec():
-    from modelfactory.specs import QuantSpec
+    from modelfactory.core.specs import QuantSpec
 
     return QuantSpec(bits=4, group_size=128, calibration={"num_samples": 128, "seq_len": 2048})
 
 
 def stage_llama7b_quantize(args) -> None:
-    from modelfactory.records import ModelArtifact
+    from modelfactory.core.records import ModelArtifact
     from tasks.quantize import quantize_model
 
     base = ModelArtifact(path=str(_llama7b_dir()), sha="llama7b-random-seed0", source_uri="random", kind="local")
@@ -178,9 +178,9 @@ def stage_llama7b_quantize(args) -> None:
 
 
 def stage_llama7b_bench(args) -> None:
-    from modelfactory.hashing import step_key
-    from modelfactory.specs import BenchmarkSpec
-    from modelfactory import workdir
+    from modelfactory.core import workdir
+    from modelfactory.core.hashing import step_key
+    from modelfactory.core.specs import BenchmarkSpec
 
     key = step_key("quantize", model="llama7b-random-seed0", spec=_llama7b_quant_spec())
     gptq_path = workdir.completed("quantize", key)
@@ -217,8 +217,8 @@ def _profile_side(model_path: str, side: str, kernel: str, steps: int, treatment
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoTokenizer
 
-    from modelfactory import bench
-    from modelfactory.specs import BenchmarkSpec
+    from modelfactory.benchmark import harness as bench
+    from modelfactory.core.specs import BenchmarkSpec
     from tasks.benchmark import _load
 
     spec = BenchmarkSpec(kernel=kernel)
@@ -251,11 +251,11 @@ def _profile_side(model_path: str, side: str, kernel: str, steps: int, treatment
 
 
 def stage_llama7b_profile(args) -> None:
-    from modelfactory import workdir
-    from modelfactory.devices import gpu_env
+    from modelfactory.core import workdir
+    from modelfactory.core.devices import gpu_env
 
     os.environ.update(gpu_env())  # in-process load: use the factory's Marlin JIT cache
-    from modelfactory.hashing import step_key
+    from modelfactory.core.hashing import step_key
 
     gptq_path = workdir.completed("quantize", step_key("quantize", model="llama7b-random-seed0",
                                                       spec=_llama7b_quant_spec()))
@@ -274,7 +274,7 @@ def stage_llama7b_profile(args) -> None:
 def stage_marlin_prewarm(args) -> None:
     """JIT-compile GPTQModel's Marlin fp16 extension into the factory's cache (CPU work: run it
     in the background while the quantize stage uses the GPU)."""
-    from modelfactory.devices import gpu_env
+    from modelfactory.core.devices import gpu_env
 
     os.environ.update(gpu_env())
     import torch
@@ -286,8 +286,8 @@ def stage_marlin_prewarm(args) -> None:
 
 
 def _gptq_path() -> Path:
-    from modelfactory import workdir
-    from modelfactory.hashing import step_key
+    from modelfactory.core import workdir
+    from modelfactory.core.hashing import step_key
 
     path = workdir.completed("quantize", step_key("quantize", model="llama7b-random-seed0", spec=_llama7b_quant_spec()))
     assert path, "run llama7b-quantize first"
@@ -295,12 +295,13 @@ def _gptq_path() -> Path:
 
 
 def stage_llama7b_treatments(args) -> None:
-    """Every decode-step treatment of ``modelfactory.bench.GRAPH_TREATMENTS`` on one side per worker
+    """Every decode-step treatment of ``modelfactory.benchmark.harness.GRAPH_TREATMENTS`` on one side per worker
     process (``tasks.benchmark.measure_treatments``), each checked against the eager model."""
-    from modelfactory import bench, workdir
-    from modelfactory.devices import gpu_env
-    from modelfactory.isolation import run_isolated
-    from modelfactory.specs import BenchmarkSpec
+    from modelfactory.benchmark import harness as bench
+    from modelfactory.core import workdir
+    from modelfactory.core.devices import gpu_env
+    from modelfactory.core.isolation import run_isolated
+    from modelfactory.core.specs import BenchmarkSpec
 
     gptq_path = _gptq_path()
     spec = BenchmarkSpec(kernel=args.kernel, decode={"new_tokens": 256, "warmup": 1, "repeats": 3}).model_dump(mode="json")

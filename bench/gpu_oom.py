@@ -36,9 +36,9 @@ def make_model(out: Path, tokenizer: Path) -> Path:
 
 def attempt(spec: dict, fraction: float) -> dict:
     from modelfactory.catalog import open_catalog
-    from modelfactory.errors import is_transient
-    from modelfactory.runner import run_factory
-    from modelfactory.settings import get_settings
+    from modelfactory.core.errors import is_transient
+    from modelfactory.core.settings import get_settings
+    from modelfactory.interfaces.runner import run_factory
 
     os.environ["MODELFACTORY_CUDA_MEMORY_FRACTION"] = str(fraction)
     get_settings.cache_clear()

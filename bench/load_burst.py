@@ -1,7 +1,7 @@
 """Load burst: N factory runs fired at once against a GPU pool of S slots (issue 6, "Load").
 
 A real ``prefect server`` on loopback, the ``gpu`` pool + deployments applied by
-``modelfactory.deploy`` (pool concurrency limit S), ``infra/gpu-host/start-workers.sh`` with S
+``modelfactory.interfaces.deploy`` (pool concurrency limit S), ``infra/gpu-host/start-workers.sh`` with S
 workers (``CUDA_VISIBLE_DEVICES=0..S-1``, ``--limit 1``; the CPU plays the GPUs), then N threads
 call ``runner.run_factory`` at the same moment with ``MODELFACTORY_GPU_DEPLOYMENT=gpu-stage/gpu``
 on the tiny random Llama. Every run gets its own ``quantize.damp_percent``, so every run has its
@@ -56,8 +56,8 @@ for _path in (REPO, REPO / "tests"):
 from conftest import make_tiny_llama, smollm2_gguf, tiny_spec  # noqa: E402
 from prefect_server import GpuHostWorkers, PrefectServer, wait_for  # noqa: E402
 
+from modelfactory.core.settings import get_settings  # noqa: E402
 from modelfactory.gpu_pool import DEFAULT_GPU_DEPLOYMENT, GPU_POOL  # noqa: E402
-from modelfactory.settings import get_settings  # noqa: E402
 
 GPU_FLOW = "gpu-stage"
 GPU_STEPS = ["download", "merge", "gpu-stage", "quantize", "benchmark", "gate", "publish"]
@@ -112,7 +112,7 @@ def make_tokenizer(out: Path) -> Path:
 
 
 class PoolRig:
-    """Prefect server + ``modelfactory.deploy(gpus=slots)`` + start-workers.sh with *slots* workers;
+    """Prefect server + ``modelfactory.interfaces.deploy(gpus=slots)`` + start-workers.sh with *slots* workers;
     inside it, this process's flows talk to the server and dispatch their GPU steps to the pool.
     Set MODELFACTORY_HOME / _WORK_DIR before entering: the workers inherit them."""
 
@@ -127,7 +127,7 @@ class PoolRig:
         from prefect.logging.handlers import APILogWorker
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
-        from modelfactory.deploy import deploy
+        from modelfactory.interfaces.deploy import deploy
 
         stack = self._stack
         try:
@@ -293,7 +293,7 @@ def run_burst(rig: PoolRig, tiny_llama: Path, *, runs: int = 20, timeout_s: floa
               probe: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Fire *runs* factory runs at once, wait for all, measure and check; the report (JSON-able)."""
     from modelfactory.catalog import open_catalog
-    from modelfactory.runner import run_factory
+    from modelfactory.interfaces.runner import run_factory
 
     slots = rig.slots
     catalog = open_catalog()

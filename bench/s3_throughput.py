@@ -11,7 +11,7 @@ Two payloads:
 
 Measured per payload (best of ``--repeats``, MB/s = 1e6 bytes/s):
 
-- ``factory_upload``: ``modelfactory.s3.publish.upload_tree`` (transfer manager, all files at
+- ``factory_upload``: ``modelfactory.publishing.s3.upload_tree`` (transfer manager, all files at
   once, ``MODELFACTORY_S3_PART_SIZE_MB`` parts, ``MODELFACTORY_S3_MAX_CONCURRENCY`` threads,
   SHA-256 checksum per part),
 - ``factory_publish`` (folder only): the whole ``publish_s3`` (staging upload, server-side copy
@@ -94,7 +94,7 @@ def empty_bucket(client, bucket: str) -> None:
 @contextlib.contextmanager
 def single_stream_parts(size: int):
     """Part size above *size*: the factory's transfers use one request per file."""
-    from modelfactory.settings import get_settings
+    from modelfactory.core.settings import get_settings
 
     old = os.environ.get("MODELFACTORY_S3_PART_SIZE_MB")
     os.environ["MODELFACTORY_S3_PART_SIZE_MB"] = str(min(5120, size // (1 << 20) + 1))
@@ -110,10 +110,10 @@ def single_stream_parts(size: int):
 
 
 def measure(label: str, folder: Path, *, server, repeats: int, ranged_repeats: int, publish: bool) -> dict:
-    from modelfactory.manifest import artifact_files, build_manifest
-    from modelfactory.s3 import S3Url, download_s3, make_client, publish_s3
+    from modelfactory.core.manifest import artifact_files, build_manifest
+    from modelfactory.publishing.s3 import publish_s3, upload_tree
+    from modelfactory.s3 import S3Url, download_s3, make_client
     from modelfactory.s3.fetch import _download_files
-    from modelfactory.s3.publish import upload_tree
 
     size = folder_bytes(folder)
     files = artifact_files(folder)
@@ -206,8 +206,8 @@ def main() -> None:
 
     from s3_server import MotoS3, s3_environment
 
-    from modelfactory.log import get_logger
-    from modelfactory.settings import get_settings
+    from modelfactory.core.log import get_logger
+    from modelfactory.core.settings import get_settings
 
     get_logger().setLevel("WARNING")
     work = Path(tempfile.mkdtemp(prefix="s3bench-data-"))

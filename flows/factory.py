@@ -12,13 +12,18 @@ import uuid
 
 from prefect import flow, runtime
 
-from modelfactory import workdir
-from modelfactory.gpu_pool import run_gpu_stage_remote
-from modelfactory.hashing import step_key
-from modelfactory.log import progress
-from modelfactory.records import RunOutcome
-from modelfactory.settings import get_settings
-from modelfactory.specs import FactorySpec
+from modelfactory.core import workdir
+from modelfactory.core.hashing import step_key
+from modelfactory.core.log import progress
+from modelfactory.core.records import (
+    BenchmarkResult,
+    ModelArtifact,
+    QuantResult,
+    RunOutcome,
+)
+from modelfactory.core.settings import get_settings
+from modelfactory.core.specs import BenchmarkSpec, FactorySpec, QuantSpec
+from modelfactory.gpu_pool import dispatch_gpu_stage
 from tasks.benchmark import benchmark_task
 from tasks.download import download_task, resolve_adapter_task
 from tasks.gate import gate_task
@@ -55,7 +60,7 @@ def _steps(spec: FactorySpec, run_id: str, recorder: RunRecorder) -> RunOutcome:
     recorder.merge(merged)
 
     if gpu_deployment := get_settings().gpu_deployment:  # GPU steps on the gpu work pool
-        quant, bench = run_gpu_stage_remote(recorder, deployment=gpu_deployment, model=merged.model,
+        quant, bench = _gpu_stage_on_pool(recorder, deployment=gpu_deployment, model=merged.model,
                                             quantize=spec.quantize, benchmark=spec.benchmark, run_id=run_id)
     else:  # in this process
         quant = quantize_task(merged.model, spec.quantize, spec.benchmark.device)
@@ -77,3 +82,21 @@ def _steps(spec: FactorySpec, run_id: str, recorder: RunRecorder) -> RunOutcome:
     recorder.finish(status)
     return RunOutcome(run_id=run_id, status=status, artifact_uri=publication.uri if publication else None,
                       gate=decision.summary(), ratios=bench.ratios())
+
+
+def _gpu_stage_on_pool(recorder: RunRecorder, *, deployment: str, model: ModelArtifact, quantize: QuantSpec,
+                         benchmark: BenchmarkSpec, run_id: str) -> tuple[QuantResult, BenchmarkResult]:
+    """The factory's GPU steps through the pool: dispatch, record what came back, raise on failure."""
+    settings = get_settings()
+    stage = dispatch_gpu_stage(deployment=deployment, model=model, quantize=quantize, benchmark=benchmark,
+                               run_id=run_id, timeout_s=settings.gpu_timeout_s, poll_s=settings.gpu_poll_s)
+    outcome = stage.outcome
+    ok = stage.state_type == "COMPLETED" and outcome is not None and outcome.benchmark is not None
+    recorder.gpu_stage(stage.detail(), duration_s=stage.run_s or 0.0, ok=ok)
+    if outcome is not None and outcome.quantize is not None:
+        recorder.quantize(outcome.quantize)  # recorded even when the benchmark then failed
+    if not ok:
+        raise stage.error()
+    assert outcome is not None and outcome.quantize is not None and outcome.benchmark is not None
+    recorder.benchmark(outcome.benchmark)
+    return outcome.quantize, outcome.benchmark

@@ -1,21 +1,54 @@
 """The GPU stage: quantize + benchmark as one flow, deployed to the ``gpu`` work pool.
 
-The factory flow calls it through ``run_deployment`` when ``MODELFACTORY_GPU_DEPLOYMENT`` is set
-(see :mod:`modelfactory.gpu_pool` and ``docs/gpu-pool.md``). One flow run holds one GPU: each GPU
+The factory flow dispatches it through ``run_deployment`` when ``MODELFACTORY_GPU_DEPLOYMENT`` is
+set (:mod:`modelfactory.gpu_pool`, ``docs/gpu-pool.md``). One flow run holds one GPU: each GPU
 worker serves one flow run at a time and sees only its own device (``CUDA_VISIBLE_DEVICES``).
 Wiring only; the steps are the same tasks the in-process factory runs.
 """
 
 from __future__ import annotations
 
+import uuid
+
 from prefect import flow, runtime
 
-from modelfactory.gpu_pool import GpuStageOutcome, run_gpu_steps
-from modelfactory.records import ModelArtifact
-from modelfactory.specs import BenchmarkSpec, QuantSpec
+from modelfactory.core.errors import ModelFactoryError
+from modelfactory.core.log import get_logger
+from modelfactory.core.records import ModelArtifact
+from modelfactory.core.specs import BenchmarkSpec, QuantSpec
+from modelfactory.gpu_pool import (
+    GpuStageOutcome,
+    current_placement,
+    outcome_path,
+    write_outcome,
+)
+from modelfactory.gpu_pool.outcome import now_iso
+from tasks.benchmark import benchmark_task
+from tasks.quantize import quantize_task
 
 
 @flow(name="gpu-stage", log_prints=True, validate_parameters=True)
 def gpu_stage(model: ModelArtifact, quantize: QuantSpec, benchmark: BenchmarkSpec) -> GpuStageOutcome:
-    """GPTQ-quantize *model* and benchmark it against itself in fp16, on this worker's GPU."""
-    return run_gpu_steps(model, quantize, benchmark, flow_run_id=runtime.flow_run.id)
+    """GPTQ-quantize *model* and benchmark it against itself in fp16, on this worker's GPU.
+
+    The outcome (records, where it ran, or the error) is written for the factory either way.
+    """
+    flow_run_id = runtime.flow_run.id
+    placement = current_placement(flow_run_id)
+    path = outcome_path(flow_run_id or f"local-{uuid.uuid4()}")
+    get_logger().info(f"gpu-stage: on {placement.hostname} (pid {placement.pid}), "
+                      f"CUDA_VISIBLE_DEVICES={placement.cuda_visible_devices}, device {placement.device}")
+    quant = bench = None
+    try:
+        quant = quantize_task(model, quantize, benchmark.device)
+        bench = benchmark_task(model, quant.model, benchmark)
+    except BaseException as exc:
+        message = exc.message if isinstance(exc, ModelFactoryError) else (str(exc) or repr(exc))
+        write_outcome(path, GpuStageOutcome(
+            placement=placement.model_copy(update={"finished_at": now_iso()}), quantize=quant,
+            error_type=type(exc).__name__, error_message=message[:4000]))
+        raise
+    outcome = GpuStageOutcome(placement=placement.model_copy(update={"finished_at": now_iso()}),
+                              quantize=quant, benchmark=bench)
+    write_outcome(path, outcome)
+    return outcome

@@ -2,7 +2,7 @@
 
 For each watch: resolve the watched branch to its commit now (``HfApi.model_info``, which honours
 ``HF_ENDPOINT``), compare it with the watch's ``last_sha``, and for a new one start the
-``on-finetune`` deployment (:func:`modelfactory.watch.start_build`: claimed once per commit, so a
+``on-finetune`` deployment (:func:`modelfactory.triggers.watch.start_build`: claimed once per commit, so a
 commit the webhook already started is not built twice). Nothing changed: nothing runs. A watch
 whose repo cannot be resolved does not stop the others; the flow run fails at the end, naming it.
 Scheduled by ``deployments/prefect.yaml`` (cron); ``dry_run`` only reports.
@@ -16,10 +16,10 @@ from prefect import flow, task
 from pydantic import BaseModel, ConfigDict
 
 from modelfactory.catalog import open_catalog
-from modelfactory.errors import ModelFactoryError, TriggerError
-from modelfactory.log import get_logger
-from modelfactory.prefect_utils import retry_transient
-from modelfactory.watch import resolve_head, start_build
+from modelfactory.core.errors import ModelFactoryError, TriggerError
+from modelfactory.core.log import get_logger
+from modelfactory.core.retries import retry_transient
+from modelfactory.triggers.watch import resolve_head, start_build
 
 
 class WatchCheck(BaseModel):

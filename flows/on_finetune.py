@@ -1,6 +1,6 @@
 """The ``on-finetune`` flow: build one new commit of a watched repo (webhook or nightly check).
 
-Started by :func:`modelfactory.watch.start_build` (``run_deployment`` on the ``on-finetune``
+Started by :func:`modelfactory.triggers.watch.start_build` (``run_deployment`` on the ``on-finetune``
 deployment, ``deployments/prefect.yaml``); it can also be run by hand from the Prefect UI with a
 repo and a commit SHA. The factory runs as its subflow; its catalog run id is this flow run's id,
 so the id the webhook answered with is also the id to look up (``modelfactory catalog show ID``).
@@ -15,10 +15,10 @@ from pydantic import Field
 
 from flows.factory import factory
 from modelfactory.catalog import open_catalog
-from modelfactory.errors import SpecError
-from modelfactory.log import get_logger
-from modelfactory.records import RunOutcome
-from modelfactory.watch import COMMIT_SHA, spec_for_commit
+from modelfactory.core.errors import SpecError
+from modelfactory.core.log import get_logger
+from modelfactory.core.records import RunOutcome
+from modelfactory.triggers.watch import COMMIT_SHA, spec_for_commit
 
 
 @flow(name="on-finetune", log_prints=True, validate_parameters=True)

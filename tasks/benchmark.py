@@ -1,6 +1,6 @@
 """Step 4 — benchmark: the GPTQ model against its own fp16 baseline, with one harness.
 
-Each side is measured in its own fresh worker process (see :mod:`modelfactory.bench` for the
+Each side is measured in its own fresh worker process (see :mod:`modelfactory.benchmark.harness` for the
 method), one after the other, so memory numbers are not polluted by the other side.
 """
 
@@ -13,15 +13,22 @@ from pathlib import Path
 
 from prefect import task
 
-from modelfactory import bench, workdir
-from modelfactory.devices import apply_memory_cap, gpu_env, out_of_memory, resolve_device, resolve_dtype
-from modelfactory.errors import BenchmarkError
-from modelfactory.hashing import step_key
-from modelfactory.isolation import run_isolated
-from modelfactory.log import progress
-from modelfactory.records import BenchmarkResult, ModelArtifact, SideMetrics
-from modelfactory.specs import BenchmarkSpec
-from modelfactory.textdata import load_text
+from modelfactory.benchmark import harness as bench
+from modelfactory.core import workdir
+from modelfactory.core.devices import (
+    apply_memory_cap,
+    gpu_env,
+    out_of_memory,
+    resolve_device,
+    resolve_dtype,
+)
+from modelfactory.core.errors import BenchmarkError
+from modelfactory.core.hashing import step_key
+from modelfactory.core.isolation import run_isolated
+from modelfactory.core.log import progress
+from modelfactory.core.records import BenchmarkResult, ModelArtifact, SideMetrics
+from modelfactory.core.specs import BenchmarkSpec
+from modelfactory.sources.text import load_text
 
 
 def _load(model_path: str, *, side: str, spec: BenchmarkSpec, device: str, dtype):
@@ -58,10 +65,10 @@ def _measure_side(*, model_path: str, side: str, spec: dict, treatment: str | No
     """Worker body: load one model and measure it (runs in a fresh process).
 
     *treatment*: how the CUDA-graph decode step is prepared (a key of
-    :data:`modelfactory.bench.GRAPH_TREATMENTS`; default :data:`~modelfactory.bench.DEFAULT_GRAPH_TREATMENT`).
+    :data:`modelfactory.benchmark.harness.GRAPH_TREATMENTS`; default :data:`~modelfactory.benchmark.harness.DEFAULT_GRAPH_TREATMENT`).
     """
     import gptqmodel  # noqa: F401 - imported on both sides before the memory baseline, so its
-    import torch       # footprint is not counted as model memory on one side only
+    import torch  # footprint is not counted as model memory on one side only
     from transformers import AutoTokenizer
 
     bspec = BenchmarkSpec.model_validate(spec)
@@ -126,7 +133,7 @@ CHECK_STEPS = 32
 def _graph_decode_checked(model, prompt_ids, dspec, treatment: str, *, reload):
     """CUDA-graph decode with *treatment*, checked against the eager reference first.
 
-    A treatment whose logits drift from the eager model's (:func:`modelfactory.bench.check_passes`)
+    A treatment whose logits drift from the eager model's (:func:`modelfactory.benchmark.harness.check_passes`)
     is not timed: the model is reloaded and the plain graph is used instead. Returns
     ``(model, ttft_s, tok_s, output_ids, treatment_used, check)``.
     """

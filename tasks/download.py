@@ -11,126 +11,21 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from prefect import task
 
-from modelfactory import workdir
-from modelfactory.errors import HubUnavailableError, SourceError, SourceNotFoundError, SpecError
-from modelfactory.hashing import file_sha256, step_key, tree_sha256
-from modelfactory.log import progress
-from modelfactory.prefect_utils import retry_transient
-from modelfactory.records import AdapterArtifact, ModelArtifact
-from modelfactory.specs import AdapterSpec, ModelSource, classify_source
-
-MODEL_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-
-
-# --------------------------------------------------------------------------- Hub
-def hub_token() -> str | None:
-    """The token for Hub reads: the Secret block named by ``MODELFACTORY_HF_TOKEN_SECRET``, else
-    ``HF_TOKEN`` / the saved login (``None``: anonymous, enough for public repos)."""
-    from modelfactory.settings import get_settings
-
-    if get_settings().hf_token_secret:
-        from modelfactory.hub_auth import publish_token
-
-        return publish_token()
-    return None  # huggingface_hub falls back to HF_TOKEN / the saved login itself
-
-
-def _hub_failure(exc: Exception, *, what: str) -> Exception:
-    """Map a huggingface_hub failure to the factory's errors: only outages are transient."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    status = getattr(getattr(exc, "response", None), "status_code", None) if isinstance(exc, HfHubHTTPError) else None
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if status in (401, 403):
-        return SourceError(
-            f"the Hub refused access to {what} ({status}: {reason}): check the token (HF_TOKEN or the "
-            f"Secret block named by MODELFACTORY_HF_TOKEN_SECRET) and that it may read this repo"
-        )
-    if status == 404:
-        return SourceNotFoundError(f"{what} was not found on the Hub ({reason}): check the repo id and revision")
-    if status is None or status == 429 or status >= 500:
-        return HubUnavailableError(f"could not reach the Hub for {what} ({reason}); retrying may help")
-    return SourceError(f"the Hub answered {status} for {what} ({reason})")
-
-
-def resolve_hub_revision(repo_id: str, revision: str | None) -> str:
-    """The commit SHA that *revision* (default: main) of *repo_id* points at."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
-
-    try:
-        info = HfApi(token=hub_token()).model_info(repo_id, revision=revision)
-    except RevisionNotFoundError as exc:
-        raise SourceNotFoundError(
-            f"revision {revision!r} of Hub repo {repo_id!r} does not exist: use an existing branch, tag or commit"
-        ) from exc
-    except RepositoryNotFoundError as exc:
-        raise SourceNotFoundError(
-            f"Hub repo {repo_id!r} does not exist or is private: check the id, or set HF_TOKEN for private repos"
-        ) from exc
-    except HFValidationError as exc:
-        raise SpecError(f"malformed Hugging Face repo id {repo_id!r}: {exc}") from exc
-    except OSError as exc:  # HTTP errors and connection errors
-        raise _hub_failure(exc, what=f"{repo_id!r}") from exc
-    if not info.sha:
-        raise SourceError(f"the Hub returned no commit SHA for {repo_id!r}@{revision}: try an explicit revision")
-    return info.sha
-
-
-def download_hub(repo_id: str, sha: str) -> Path:
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, revision=sha, allow_patterns=MODEL_PATTERNS, token=hub_token()))
-    except OSError as exc:
-        raise _hub_failure(exc, what=f"{repo_id}@{sha[:12]}") from exc
-
-
-def check_model_dir(path: Path, *, trust_remote_code: bool) -> dict:
-    """Fail early, with a clear message, on folders that are not loadable causal-LM checkpoints."""
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise SourceError(f"{str(path)!r} has no config.json: point at a Hugging Face model folder")
-    config = json.loads(config_path.read_text())
-    if config.get("auto_map") and not trust_remote_code:
-        raise SourceError(
-            f"model at {str(path)!r} ships its own Python code (auto_map in config.json); "
-            "set trust_remote_code: true in the spec only if you trust its author"
-        )
-    if not any(path.glob("*.safetensors")):
-        pickled = [p.name for p in path.glob("*.bin")]
-        detail = f" (found pickled {pickled[:3]}; convert them to safetensors)" if pickled else ""
-        raise SourceError(f"{str(path)!r} has no .safetensors weights{detail}")
-    return config
-
-
-# --------------------------------------------------------------------------- GGUF
-def dequantize_gguf(gguf_path: Path, out_dir: Path) -> None:
-    """Load a GGUF file through transformers (dequantized) and save dense fp16 safetensors."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float16)
-    # The weights are dense now, but transformers keeps the GGUF quantizer attached and then
-    # refuses save_pretrained ("quantized with GGUF and is not serializable").
-    model.hf_quantizer = None
-    model.config.__dict__.pop("quantization_config", None)
-    # transformers maps GGUF's EOS to <|im_start|>; the model config carries the GGUF's own id.
-    eos_id = model.config.eos_token_id
-    if isinstance(eos_id, int):
-        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+from modelfactory.core import workdir
+from modelfactory.core.errors import SourceError, SourceNotFoundError
+from modelfactory.core.hashing import file_sha256, step_key, tree_sha256
+from modelfactory.core.log import progress
+from modelfactory.core.records import AdapterArtifact, ModelArtifact
+from modelfactory.core.retries import retry_transient
+from modelfactory.core.specs import AdapterSpec, ModelSource, classify_source
+from modelfactory.sources.gguf import dequantize_gguf
+from modelfactory.sources.hub import download_hub, resolve_hub_revision
+from modelfactory.sources.model_dir import check_model_dir
 
 
 def _from_gguf(path: Path) -> ModelArtifact:
@@ -150,7 +45,6 @@ def _from_gguf(path: Path) -> ModelArtifact:
     return ModelArtifact(path=str(done), sha=sha, source_uri=str(path), kind="gguf", reused=reused)
 
 
-# --------------------------------------------------------------------------- entry points
 def download_model(*, source: ModelSource, trust_remote_code: bool = False) -> ModelArtifact:
     """Resolve *source* to a local model folder plus its pinned SHA / content hash."""
     start = time.perf_counter()

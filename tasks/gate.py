@@ -11,8 +11,13 @@ from collections.abc import Callable
 
 from prefect import task
 
-from modelfactory.records import BenchmarkResult, GateCheck, GateDecision, SideMetrics
-from modelfactory.specs import GateSpec
+from modelfactory.core.records import (
+    BenchmarkResult,
+    GateCheck,
+    GateDecision,
+    SideMetrics,
+)
+from modelfactory.core.specs import GateSpec
 
 #: gate field -> (ratio name in BenchmarkResult.ratios(), side value, "max"|"min", unit label)
 _RULES: dict[str, tuple[str, Callable[[SideMetrics], float | None], str, str]] = {

@@ -17,13 +17,13 @@ from pathlib import Path
 
 from prefect import task
 
-from modelfactory import workdir
-from modelfactory.checkpoint import check_safetensors
-from modelfactory.errors import AdapterMismatchError, MergeVerificationError
-from modelfactory.hashing import step_key
-from modelfactory.log import progress
-from modelfactory.records import AdapterArtifact, MergeResult, ModelArtifact
-from modelfactory.specs import MergeSpec
+from modelfactory.core import workdir
+from modelfactory.core.errors import AdapterMismatchError, MergeVerificationError
+from modelfactory.core.hashing import step_key
+from modelfactory.core.log import progress
+from modelfactory.core.records import AdapterArtifact, MergeResult, ModelArtifact
+from modelfactory.core.specs import MergeSpec
+from modelfactory.sources.safetensors_check import check_safetensors
 
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",

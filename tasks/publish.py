@@ -9,14 +9,20 @@ from urllib.parse import urlparse
 
 from prefect import task
 
-from modelfactory.errors import PublishError
-from modelfactory.log import progress
-from modelfactory.manifest import build_manifest
-from modelfactory.prefect_utils import retry_transient
-from modelfactory.records import BenchmarkResult, GateDecision, MergeResult, Publication, QuantResult
-from modelfactory.settings import get_settings
-from modelfactory.specs import FactorySpec
-from modelfactory.store import local_root, publish_local
+from modelfactory.core.errors import PublishError
+from modelfactory.core.log import progress
+from modelfactory.core.manifest import build_manifest
+from modelfactory.core.records import (
+    BenchmarkResult,
+    GateDecision,
+    MergeResult,
+    Publication,
+    QuantResult,
+)
+from modelfactory.core.retries import retry_transient
+from modelfactory.core.settings import get_settings
+from modelfactory.core.specs import FactorySpec
+from modelfactory.publishing.local import local_root, publish_local
 
 
 def artifact_name(spec: FactorySpec) -> str:
@@ -57,11 +63,11 @@ def publish_to(destination: str, *, source: Path, parts: tuple[str, str, str], m
     """Send *source* to *destination* by its scheme: ``file://`` (or a path), ``s3://`` or ``hf://``."""
     scheme = urlparse(destination).scheme
     if scheme == "s3":
-        from modelfactory.s3 import publish_s3
+        from modelfactory.publishing.s3 import publish_s3
 
         return publish_s3(source=source, url=destination, parts=parts, manifest=manifest)
     if scheme == "hf":
-        from modelfactory.hub import publish_hub
+        from modelfactory.publishing.hub import publish_hub
 
         repo_id = destination.removeprefix("hf://").strip("/")
         return publish_hub(source=source, repo_id=repo_id, revision=revision, private=private, manifest=manifest)

@@ -9,7 +9,6 @@ canonical quantization spec; a finished one is reused.
 from __future__ import annotations
 
 import json
-
 import re
 import shutil
 import time
@@ -17,16 +16,23 @@ from pathlib import Path
 
 from prefect import task
 
-from modelfactory import workdir
-from modelfactory.devices import apply_memory_cap, gpu_env, heartbeat, out_of_memory, resolve_device, resolve_dtype
-from modelfactory.errors import CalibrationError, QuantizationError
-from modelfactory.hashing import step_key
-from modelfactory.isolation import run_isolated
-from modelfactory.log import progress
-from modelfactory.records import ModelArtifact, QuantResult
-from modelfactory.settings import get_settings
-from modelfactory.specs import CalibrationSpec, QuantSpec
-from modelfactory.textdata import load_text, require_tokens
+from modelfactory.core import workdir
+from modelfactory.core.devices import (
+    apply_memory_cap,
+    gpu_env,
+    heartbeat,
+    out_of_memory,
+    resolve_device,
+    resolve_dtype,
+)
+from modelfactory.core.errors import CalibrationError, QuantizationError
+from modelfactory.core.hashing import step_key
+from modelfactory.core.isolation import run_isolated
+from modelfactory.core.log import progress
+from modelfactory.core.records import ModelArtifact, QuantResult
+from modelfactory.core.settings import get_settings
+from modelfactory.core.specs import CalibrationSpec, QuantSpec
+from modelfactory.sources.text import load_text, require_tokens
 
 #: GPTQModel's per-layer progress line, forwarded to the Prefect log.
 GPTQMODEL_LAYER = (re.compile(r"layer \[(\d+) of (\d+)\]"), "quantize: layer {0} of {1}")
@@ -99,8 +105,8 @@ def run_gptq(*, model_path: str, out_dir: str, spec: dict, device: str, checkpoi
     With *checkpoint_dir* (kept across attempts by :func:`quantize_model`), GPTQModel commits each
     finished layer there, and an attempt after a crash resumes from the last one.
     """
-    import torch
     import gptqmodel
+    import torch
     from gptqmodel import CheckpointConfig, GPTQModel, QuantizeConfig
     from transformers import AutoTokenizer
 

@@ -9,32 +9,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from modelfactory.catalog import Catalog, GateCheckRecord, MetricRecord, PublicationRecord, open_catalog
-from modelfactory.errors import error_kind
-from modelfactory.log import get_logger
-from modelfactory.records import (AdapterArtifact, BenchmarkResult, GateDecision, MergeResult, ModelArtifact,
-                                  Publication, QuantResult)
-from modelfactory.versions import host_info, library_versions
-
-#: SideMetrics fields recorded as metrics, with their units.
-SIDE_METRICS = {
-    "perplexity": "ppl", "decode_tok_s": "tok/s", "ttft_ms": "ms", "disk_bytes": "B", "load_s": "s",
-    "mem_after_load_bytes": "B", "mem_peak_decode_bytes": "B", "mem_peak_bytes": "B",
-}
-RATIO_UNITS = {"ppl_increase_pct": "%", "decode_speedup": "x", "size_ratio": "x", "memory_ratio": "x"}
-
-
-def benchmark_metrics(result: BenchmarkResult) -> list[MetricRecord]:
-    metrics = []
-    for side in (result.fp16, result.gptq):
-        for name, unit in SIDE_METRICS.items():
-            value = getattr(side, name)
-            if value is not None:
-                metrics.append(MetricRecord(name=name, side=side.side, value=float(value), unit=unit))
-    for name, value in result.ratios().items():
-        if value is not None:
-            metrics.append(MetricRecord(name=name, side="delta", value=float(value), unit=RATIO_UNITS[name]))
-    return metrics
+from modelfactory.catalog import (
+    Catalog,
+    GateCheckRecord,
+    MetricRecord,
+    PublicationRecord,
+    open_catalog,
+)
+from modelfactory.catalog.metrics import benchmark_metrics
+from modelfactory.core.errors import error_kind
+from modelfactory.core.log import get_logger
+from modelfactory.core.records import (
+    AdapterArtifact,
+    BenchmarkResult,
+    GateDecision,
+    MergeResult,
+    ModelArtifact,
+    Publication,
+    QuantResult,
+)
+from modelfactory.core.versions import host_info, library_versions
 
 
 class RunRecorder:

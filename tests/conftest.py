@@ -35,7 +35,7 @@ def factory_home(tmp_path_factory) -> Path:
         "HF_DATASETS_OFFLINE": "1",
     })
     os.environ.pop("MODELFACTORY_CATALOG_URL", None)
-    from modelfactory.settings import get_settings
+    from modelfactory.core.settings import get_settings
 
     get_settings.cache_clear()
     return home
@@ -58,7 +58,7 @@ def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
 @contextlib.contextmanager
 def own_work_dir(path: Path):
     """Point MODELFACTORY_WORK_DIR at *path* (for a test module whose steps must not be reused)."""
-    from modelfactory.settings import get_settings
+    from modelfactory.core.settings import get_settings
 
     old = os.environ.get("MODELFACTORY_WORK_DIR")
     os.environ["MODELFACTORY_WORK_DIR"] = str(path)

@@ -650,7 +650,7 @@ def hub_client_env(endpoint: str, cache: Path, *, token: str | None = WRITE_TOKE
         mp.setattr(constants, "HF_TOKEN_PATH", str(cache / "no-saved-token"))
         mp.setattr(constants, "HF_STORED_TOKENS_PATH", str(cache / "no-saved-tokens"))
         mp.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-        from modelfactory.settings import get_settings
+        from modelfactory.core.settings import get_settings
 
         get_settings.cache_clear()
         try:

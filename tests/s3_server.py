@@ -77,7 +77,7 @@ class MotoS3:
 @contextlib.contextmanager
 def s3_environment(endpoint: str, **extra: str) -> Iterator[None]:
     """AWS test credentials and the factory's endpoint setting for the duration of the block."""
-    from modelfactory.settings import get_settings
+    from modelfactory.core.settings import get_settings
 
     values = {**TEST_CREDENTIALS, "MODELFACTORY_S3_ENDPOINT_URL": endpoint, "AWS_EC2_METADATA_DISABLED": "true",
               **extra}

@@ -14,18 +14,18 @@ from contextlib import contextmanager
 
 import pytest
 from fastapi.testclient import TestClient
-
-from modelfactory.errors import CatalogError
-from modelfactory.server import create_app
-from modelfactory.server import api as api_module
 from test_catalog import _at_revision, catalog, catalog_url  # noqa: F401 - fixtures
 from test_catalog_queries import BASE_A, LORA_Y, SHA_A, Seeded, seed
+
+from modelfactory.core.errors import CatalogError
+from modelfactory.interfaces.server import api as api_module
+from modelfactory.interfaces.server import create_app
 
 
 @contextmanager
 def catalog_env(url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Point the app (settings + its per-URL catalog cache) at *url*."""
-    from modelfactory.settings import get_settings
+    from modelfactory.core.settings import get_settings
 
     monkeypatch.setenv("MODELFACTORY_CATALOG_URL", url)
     get_settings.cache_clear()

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from modelfactory.bench import (
+from modelfactory.benchmark.harness import (
     choose_kernel,
     decode_rate,
     disk_bytes,
@@ -179,7 +179,7 @@ def test_fused_projections_compute_the_same_model():
     """q/k/v and gate/up fused into one GEMM each: same greedy tokens and logits (fp32), old weights freed."""
     import torch
 
-    from modelfactory.bench import fuse_projections, reference_decode
+    from modelfactory.benchmark.harness import fuse_projections, reference_decode
 
     model = _small_llama()
     ids = torch.tensor([[5, 17, 33, 9, 100]])
@@ -194,7 +194,11 @@ def test_fused_projections_compute_the_same_model():
 
 
 def test_treatment_check_threshold():
-    from modelfactory.bench import DEFAULT_GRAPH_TREATMENT, GRAPH_TREATMENTS, check_passes
+    from modelfactory.benchmark.harness import (
+        DEFAULT_GRAPH_TREATMENT,
+        GRAPH_TREATMENTS,
+        check_passes,
+    )
 
     assert DEFAULT_GRAPH_TREATMENT in GRAPH_TREATMENTS
     good = {"logits_max_rel_err": 1e-2, "teacher_forced_top1_agreement": 1.0}

@@ -28,17 +28,17 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from modelfactory.catalog import (
-    PublicationRecord,
     Catalog,
     GateCheckRecord,
     MetricRecord,
+    PublicationRecord,
     RunDetail,
     head_revision,
     open_catalog,
 )
 from modelfactory.catalog.models import Base, created_on
 from modelfactory.catalog.render import run_detail_table, runs_json, runs_table
-from modelfactory.errors import CatalogError
+from modelfactory.core.errors import CatalogError
 
 REPO = Path(__file__).resolve().parents[1]
 PG_URL = os.environ.get("MODELFACTORY_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -162,7 +162,7 @@ def test_sqlite_uses_wal(tmp_path: Path) -> None:
 
 
 def test_default_url_comes_from_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from modelfactory.settings import get_settings
+    from modelfactory.core.settings import get_settings
 
     monkeypatch.delenv("MODELFACTORY_CATALOG_URL", raising=False)
     monkeypatch.setenv("MODELFACTORY_HOME", str(tmp_path / "mfhome"))
@@ -479,7 +479,8 @@ def _at_revision(url: str, revision: str) -> Iterator:
 
 @contextmanager
 def _empty(url: str) -> Iterator[Catalog]:
-    from modelfactory.catalog.db import Catalog as _Catalog, _create_engine, _parse_url
+    from modelfactory.catalog.db import Catalog as _Catalog
+    from modelfactory.catalog.db import _create_engine, _parse_url
 
     cat = _Catalog(_create_engine(_parse_url(url)))
     try:

@@ -9,19 +9,19 @@ import json
 from pathlib import Path
 
 import pytest
+from test_catalog import _at_revision
+from test_catalog_queries import BASE_A, LORA_Y, SHA_A, seed
 from typer.testing import CliRunner
 
 from modelfactory.catalog import open_catalog
-from modelfactory.cli import app
-from test_catalog import _at_revision
-from test_catalog_queries import BASE_A, LORA_Y, SHA_A, seed
+from modelfactory.interfaces.cli.main import app
 
 runner = CliRunner()
 
 
 @pytest.fixture
 def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from modelfactory.settings import get_settings
+    from modelfactory.core.settings import get_settings
 
     url = f"sqlite:///{tmp_path / 'catalog.db'}"
     with open_catalog(url) as cat:
@@ -76,7 +76,7 @@ def test_show_compare_best_lineage(cli) -> None:
 
 
 def test_upgrade_is_required_for_a_catalog_behind_head(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from modelfactory.settings import get_settings
+    from modelfactory.core.settings import get_settings
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
     with _at_revision(url, "0002"):

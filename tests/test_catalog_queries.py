@@ -17,8 +17,15 @@ from datetime import UTC, datetime
 import pytest
 from rich.console import Console
 from sqlalchemy import text
+from test_catalog import _at_revision, catalog, catalog_url  # noqa: F401 - fixtures
 
-from modelfactory.catalog import Catalog, GateCheckRecord, MetricRecord, PublicationRecord, open_catalog
+from modelfactory.catalog import (
+    Catalog,
+    GateCheckRecord,
+    MetricRecord,
+    PublicationRecord,
+    open_catalog,
+)
 from modelfactory.catalog.queries import (
     RunFilter,
     best_build,
@@ -42,8 +49,7 @@ from modelfactory.catalog.render import (
     rows_table,
     run_markdown,
 )
-from modelfactory.errors import CatalogNotFoundError, CatalogQueryError
-from test_catalog import _at_revision, catalog, catalog_url  # noqa: F401 - fixtures
+from modelfactory.core.errors import CatalogNotFoundError, CatalogQueryError
 
 BASE_A, SHA_A = "org/llama-base", "a1" * 20
 BASE_B, SHA_B = "org/mistral-base", "b2" * 20

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import yaml
+from conftest import tiny_spec
 from typer.testing import CliRunner
 
-from conftest import tiny_spec
-from modelfactory.cli import app
+from modelfactory.interfaces.cli.main import app
 
 runner = CliRunner()
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from modelfactory.errors import SourceError, SourceNotFoundError
-from modelfactory.hashing import tree_sha256
-from modelfactory.specs import ModelSource
+from modelfactory.core.errors import SourceError, SourceNotFoundError
+from modelfactory.core.hashing import tree_sha256
+from modelfactory.core.specs import ModelSource
 from tasks.download import check_model_dir, download_model
 
 

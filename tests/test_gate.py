@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from modelfactory.errors import SpecError
-from modelfactory.records import BenchmarkResult, SideMetrics
-from modelfactory.specs import GateSpec, parse_spec
+from modelfactory.core.errors import SpecError
+from modelfactory.core.records import BenchmarkResult, SideMetrics
+from modelfactory.core.specs import GateSpec, parse_spec
 from tasks.gate import evaluate_gate
 
 

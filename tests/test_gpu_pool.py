@@ -23,14 +23,14 @@ import httpx
 import psutil
 import pytest
 import yaml
-
 from conftest import own_work_dir, tiny_spec
 from prefect_server import REPO, START_WORKERS, GpuHostWorkers, PrefectServer, wait_for
+
 from modelfactory.catalog import open_catalog
-from modelfactory.errors import GpuStageError
+from modelfactory.core.errors import GpuStageError
+from modelfactory.core.settings import get_settings
 from modelfactory.gpu_pool import DEFAULT_GPU_DEPLOYMENT, read_outcome
-from modelfactory.runner import run_factory
-from modelfactory.settings import get_settings
+from modelfactory.interfaces.runner import run_factory
 
 pytestmark = pytest.mark.pool
 
@@ -79,12 +79,11 @@ def server(factory_home, tmp_path_factory) -> Iterator[PrefectServer]:
 def pool(server) -> Iterator[PrefectServer]:
     """The server with the gpu pool, the gpu-stage deployment and the zombie automation; this
     process's flows talk to it and dispatch their GPU steps to it."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from modelfactory.deploy import deploy
-
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from modelfactory.interfaces.deploy import deploy
 
     with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
         deploy(gpus=1, zombie_after_s=ZOMBIE_AFTER_S)
@@ -217,7 +216,7 @@ def test_infra_files_declare_the_gpu_pool_setup():
 
 
 def test_gpu_stage_end_states_map_to_the_factory_errors():
-    from modelfactory.errors import QuantizationError
+    from modelfactory.core.errors import QuantizationError
     from modelfactory.gpu_pool import GpuPlacement, GpuStageOutcome, GpuStageRun
 
     placement = GpuPlacement(flow_run_id="f", hostname="h", pid=1, cuda_visible_devices="3", device="cpu",
@@ -241,7 +240,7 @@ def test_gpu_stage_end_states_map_to_the_factory_errors():
 
 def test_unknown_deployment_fails_clearly(pool, tiny_llama):
     with env_settings(MODELFACTORY_GPU_DEPLOYMENT="gpu-stage/nope"):
-        with pytest.raises(GpuStageError, match=r"'gpu-stage/nope' .* does not exist .* modelfactory.deploy"):
+        with pytest.raises(GpuStageError, match=r"'gpu-stage/nope' .* does not exist .* modelfactory.interfaces.deploy"):
             run_factory(pool_spec(tiny_llama, "pool-nope"))
     (run,) = open_catalog().list_runs(limit=1)
     assert run.status == "failed" and "gpu-stage/nope" in run.error
@@ -249,7 +248,7 @@ def test_unknown_deployment_fails_clearly(pool, tiny_llama):
 
 def test_server_accepts_the_kubernetes_base_job_template(pool):
     """The Prefect server validates the template (every placeholder declared as a variable)."""
-    from modelfactory.deploy import ensure_work_pool, k8s_base_job_template
+    from modelfactory.interfaces.deploy import ensure_work_pool, k8s_base_job_template
 
     template = k8s_base_job_template()
     ensure_work_pool("gpu-k8s", pool_type="kubernetes", base_job_template=template, concurrency_limit=8)

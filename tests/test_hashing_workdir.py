@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from modelfactory import workdir
-from modelfactory.hashing import canonical_json, step_key, tree_sha256
-from modelfactory.specs import QuantSpec
+from modelfactory.core import workdir
+from modelfactory.core.hashing import canonical_json, step_key, tree_sha256
+from modelfactory.core.specs import QuantSpec
 
 
 # --------------------------------------------------------------------------- hashing

@@ -9,13 +9,24 @@ import re
 from pathlib import Path
 
 import pytest
-
 from conftest import make_lora, tiny_spec
 from hub_server import OWNER, READ_TOKEN, WRITE_TOKEN, LocalHub, local_hub, upload_model  # noqa: F401 (fixture)
-from modelfactory.errors import HubUnavailableError, PublishError, SourceError, SourceNotFoundError, is_transient
-from modelfactory.hub import publish_hub
-from modelfactory.manifest import MANIFEST, build_manifest, manifest_bytes, verify_folder
-from modelfactory.specs import AdapterSpec, FactorySpec, ModelSource
+
+from modelfactory.core.errors import (
+    HubUnavailableError,
+    PublishError,
+    SourceError,
+    SourceNotFoundError,
+    is_transient,
+)
+from modelfactory.core.manifest import (
+    MANIFEST,
+    build_manifest,
+    manifest_bytes,
+    verify_folder,
+)
+from modelfactory.core.specs import AdapterSpec, FactorySpec, ModelSource
+from modelfactory.publishing.hub import publish_hub
 
 BASE_REPO = f"{OWNER}/tiny-llama"
 LORA_REPO = f"{OWNER}/tiny-lora"
@@ -195,7 +206,7 @@ def test_model_card(local_hub, published):
 
 
 def test_card_redacts_credentials():
-    from modelfactory.modelcard import redact
+    from modelfactory.publishing.modelcard import redact
 
     text = redact("s3://AKIA:secret@minio/x https://h/f?X-Amz-Signature=abc&x=1 hf_abcdefghijklmnopqrstu T0K",
                   secrets=["T0K"])
@@ -293,7 +304,7 @@ def test_unreachable_hub_is_transient(local_hub, tmp_path, monkeypatch):
 def test_token_from_a_prefect_secret_block(prefect, local_hub, hub_models, tmp_path, monkeypatch, caplog):
     from prefect.blocks.system import Secret
 
-    from modelfactory.settings import get_settings
+    from modelfactory.core.settings import get_settings
 
     Secret(value=WRITE_TOKEN).save("mf-test-hf-token", overwrite=True)
     monkeypatch.delenv("HF_TOKEN")
@@ -322,7 +333,7 @@ def test_factory_downloads_from_the_hub_and_publishes_to_it(prefect, local_hub, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from modelfactory.catalog import open_catalog
-    from modelfactory.runner import run_factory
+    from modelfactory.interfaces.runner import run_factory
 
     repo_id = f"{OWNER}/tiny-llama-gptq"
     base_sha = api().model_info(BASE_REPO).sha  # main's head (another test may have moved it)

@@ -1,5 +1,5 @@
 """Load, for real: a burst of factory runs fired at once against a 2-slot GPU pool (a `prefect server`,
-`modelfactory.deploy(gpus=2)`, `start-workers.sh` with two CPU "GPUs", --limit 1 each).
+`modelfactory.interfaces.deploy(gpus=2)`, `start-workers.sh` with two CPU "GPUs", --limit 1 each).
 
 The same code as `bench/load_burst.py` (which runs 20 and writes bench/results/load-burst-20.json),
 with a smaller burst: every run passes, never more than 2 gpu-stage runs at once (sampled every
@@ -19,7 +19,6 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-
 from conftest import REPO, own_work_dir
 
 sys.path.insert(0, str(REPO / "bench"))

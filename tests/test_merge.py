@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import make_lora, make_tiny_llama, own_work_dir
-from modelfactory.errors import AdapterMismatchError, SourceError
-from modelfactory.hashing import tree_sha256
-from modelfactory.records import AdapterArtifact, ModelArtifact
-from modelfactory.specs import AdapterSpec, MergeSpec
+
+from modelfactory.core.errors import AdapterMismatchError, SourceError
+from modelfactory.core.hashing import tree_sha256
+from modelfactory.core.records import AdapterArtifact, ModelArtifact
+from modelfactory.core.specs import AdapterSpec, MergeSpec
 from tasks.download import resolve_adapter
 from tasks.merge import check_adapter_fits, merge_adapters
 

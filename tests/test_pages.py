@@ -6,14 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
-
 from browser import open_browser, screenshot_path
-from modelfactory.catalog import open_catalog
-from modelfactory.server import create_app
-from modelfactory.server.plot import nice_ticks
+from fastapi.testclient import TestClient
 from test_api import catalog_env, serve
 from test_catalog_queries import BASE_A, seed
+
+from modelfactory.catalog import open_catalog
+from modelfactory.interfaces.server import create_app
+from modelfactory.interfaces.server.plot import nice_ticks
 
 
 @pytest.fixture

@@ -13,15 +13,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from sqlalchemy.engine import make_url
-
 from conftest import own_work_dir, tiny_spec
-from modelfactory.catalog import open_catalog
-from modelfactory.errors import CatalogError
-from modelfactory.recovery import import_artifact, local_artifact_uris
-from modelfactory.runner import run_factory
-from modelfactory.settings import get_settings
+from sqlalchemy.engine import make_url
 from test_catalog import postgres_schema_url
+
+from modelfactory.catalog import open_catalog
+from modelfactory.catalog.recovery import import_artifact, local_artifact_uris
+from modelfactory.core.errors import CatalogError
+from modelfactory.core.settings import get_settings
+from modelfactory.interfaces.runner import run_factory
 
 pytestmark = pytest.mark.postgres
 TINY_GATE = {"max_ppl_increase_pct": 5.0, "max_size_ratio": 0.999}

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import errno
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -19,15 +19,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
 from conftest import own_work_dir, tiny_spec
-from modelfactory import workdir
+
 from modelfactory.catalog import open_catalog
-from modelfactory.errors import DiskFullError
-from modelfactory.manifest import build_manifest
-from modelfactory.runner import run_factory
-from modelfactory.settings import get_settings
-from modelfactory.store import publish_local
+from modelfactory.core import workdir
+from modelfactory.core.errors import DiskFullError
+from modelfactory.core.manifest import build_manifest
+from modelfactory.core.settings import get_settings
+from modelfactory.interfaces.runner import run_factory
+from modelfactory.publishing.local import publish_local
 
 TINY_GATE = {"max_ppl_increase_pct": 5.0, "max_size_ratio": 0.999}
 
@@ -109,7 +109,7 @@ def test_run_lock_waits_for_the_holder(tmp_path: Path) -> None:
 
 def test_run_lock_of_a_killed_holder_is_released(tmp_path: Path) -> None:
     code = (
-        "import sys, time; from pathlib import Path; from modelfactory import workdir\n"
+        "import sys, time; from pathlib import Path; from modelfactory.core import workdir\n"
         f"with workdir.run_lock('key', root=Path({str(tmp_path)!r})):\n"
         "    print('held', flush=True); time.sleep(600)\n"
     )
@@ -157,9 +157,9 @@ def test_architecture_gptqmodel_cannot_quantize_is_a_clear_error(tiny_llama, tmp
 
     from transformers import MambaConfig, MambaForCausalLM
 
-    from modelfactory.errors import QuantizationError
-    from modelfactory.records import ModelArtifact
-    from modelfactory.specs import QuantSpec
+    from modelfactory.core.errors import QuantizationError
+    from modelfactory.core.records import ModelArtifact
+    from modelfactory.core.specs import QuantSpec
     from tasks.quantize import quantize_model
 
     model_dir = tmp_path / "mamba"
@@ -179,8 +179,8 @@ def test_architecture_gptqmodel_cannot_quantize_is_a_clear_error(tiny_llama, tmp
 def test_out_of_memory_error_names_step_model_size_and_advice(tiny_llama):
     import torch
 
-    from modelfactory.devices import out_of_memory
-    from modelfactory.errors import OutOfMemoryError, is_transient
+    from modelfactory.core.devices import out_of_memory
+    from modelfactory.core.errors import OutOfMemoryError, is_transient
 
     raised = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
     error = out_of_memory("quantize", model_path=str(tiny_llama), device="cpu", exc=raised,
@@ -210,7 +210,7 @@ def test_corrupted_safetensors_fail_the_run_clearly(prefect, tiny_llama, tmp_pat
     shutil.copytree(tiny_llama, base)
     _corrupt(base / "model.safetensors", how)
     with own_work_dir(tmp_path / "work"):
-        from modelfactory.errors import SourceError
+        from modelfactory.core.errors import SourceError
 
         with pytest.raises(SourceError, match="model.safetensors is corrupted") as info:
             run_factory(tiny_spec(base, name="corrupt"))
@@ -222,7 +222,7 @@ def test_corrupted_safetensors_fail_the_run_clearly(prefect, tiny_llama, tmp_pat
 
 
 def test_sound_checkpoints_pass_the_structure_check(tiny_llama):
-    from modelfactory.checkpoint import safetensors_problem
+    from modelfactory.sources.safetensors_check import safetensors_problem
 
     assert safetensors_problem(tiny_llama / "model.safetensors") is None
 
@@ -254,7 +254,7 @@ def _kill_worker_after_layer_checkpoints(work: Path, commits: int = 2, timeout: 
         time.sleep(0.01)
     if len(seen) <= commits:
         pytest.fail(f"the quantization committed only {len(seen) - 1} layer checkpoint(s) under {work}")
-    workers = [p for p in psutil.Process().children(recursive=True) if "modelfactory.worker" in " ".join(p.cmdline())]
+    workers = [p for p in psutil.Process().children(recursive=True) if "modelfactory.core.isolated_child" in " ".join(p.cmdline())]
     assert workers, "no worker process to kill"
     for worker in workers:
         worker.kill()
@@ -268,10 +268,10 @@ def test_killed_quantization_resumes_from_its_layer_checkpoint(tmp_path, smollm2
     from safetensors.torch import load_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from modelfactory.errors import WorkerError
-    from modelfactory.hashing import tree_sha256
-    from modelfactory.records import ModelArtifact
-    from modelfactory.specs import QuantSpec
+    from modelfactory.core.errors import WorkerError
+    from modelfactory.core.hashing import tree_sha256
+    from modelfactory.core.records import ModelArtifact
+    from modelfactory.core.specs import QuantSpec
 
     model_dir = tmp_path / "llama8"
     torch.manual_seed(0)

@@ -11,16 +11,23 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO, make_lora, tiny_spec
+from s3_server import MotoS3, moto_s3, s3_bucket, s3_env, s3_environment  # noqa: F401 (fixtures)
 from typer.testing import CliRunner
 
-from conftest import REPO, make_lora, tiny_spec
-from modelfactory.artifacts import download_artifact, verify_artifact
-from modelfactory.errors import PublishError, SourceError, SourceNotFoundError, SpecError, TransientError
-from modelfactory.log import get_logger
-from modelfactory.manifest import MANIFEST, build_manifest
-from modelfactory.s3 import S3Url, abort_stale_uploads, fetch_source, publish_s3, verify_s3
-from modelfactory.specs import AdapterSpec, ModelSource
-from s3_server import MotoS3, moto_s3, s3_bucket, s3_env, s3_environment  # noqa: F401 (fixtures)
+from modelfactory.core.errors import (
+    PublishError,
+    SourceError,
+    SourceNotFoundError,
+    SpecError,
+    TransientError,
+)
+from modelfactory.core.log import get_logger
+from modelfactory.core.manifest import MANIFEST, build_manifest
+from modelfactory.core.specs import AdapterSpec, ModelSource
+from modelfactory.publishing.artifacts import download_artifact, verify_artifact
+from modelfactory.publishing.s3 import abort_stale_uploads, publish_s3
+from modelfactory.s3 import S3Url, fetch_source, verify_s3
 from tasks.download import download_model, resolve_adapter
 
 get_logger()  # bind the stderr log handler before CliRunner swaps the streams
@@ -58,7 +65,7 @@ def multipart_uploads(client, bucket: str) -> list[dict]:
 @pytest.fixture()
 def small_parts(monkeypatch):
     """5 MiB parts (S3's minimum) so a 12 MiB file is a 3-part multipart upload."""
-    from modelfactory.settings import get_settings
+    from modelfactory.core.settings import get_settings
 
     monkeypatch.setenv("MODELFACTORY_S3_PART_SIZE_MB", "5")
     get_settings.cache_clear()
@@ -106,8 +113,8 @@ def test_publish_verify_download_and_republish(s3_env, s3_bucket, small_parts, t
 
 
 def test_cli_verify_and_download_s3_and_file(s3_env, s3_bucket, tmp_path):
-    from modelfactory.cli import app
-    from modelfactory.store import publish_local
+    from modelfactory.interfaces.cli.main import app
+    from modelfactory.publishing.local import publish_local
 
     source = make_artifact(tmp_path / "artifact", big_mb=1)
     pub = publish_s3(source=source, url=f"s3://{s3_bucket}/m", parts=PARTS, manifest=manifest_for(source))
@@ -139,7 +146,7 @@ def test_upload_failing_midway_leaves_no_manifest_and_no_multipart_uploads(s3_en
     """The connection dies after 2 uploaded parts: TransientError, nothing visible, nothing dangling."""
     from botocore.exceptions import EndpointConnectionError
 
-    import modelfactory.s3.publish as s3_publish
+    import modelfactory.publishing.s3 as s3_publish
 
     source = make_artifact(tmp_path / "artifact", big_mb=30)  # 7 parts
     calls = {"parts": 0}
@@ -174,8 +181,8 @@ def test_upload_failing_midway_leaves_no_manifest_and_no_multipart_uploads(s3_en
 KILLED_PUBLISH = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    import modelfactory.s3.publish as p
-    from modelfactory.manifest import build_manifest
+    import modelfactory.publishing.s3 as p
+    from modelfactory.core.manifest import build_manifest
     from modelfactory.s3.client import make_client
 
     def slow_client():
@@ -296,7 +303,7 @@ TINY_GATE = {"max_ppl_increase_pct": 5.0, "max_size_ratio": 0.999}
 
 def test_factory_flow_sources_from_and_publishes_to_s3(prefect, moto_s3, tiny_llama, tiny_lora, tmp_path):
     from modelfactory.catalog import open_catalog
-    from modelfactory.runner import run_factory
+    from modelfactory.interfaces.runner import run_factory
 
     bucket = "flow-bucket"
     with s3_environment(moto_s3.url):
@@ -334,8 +341,8 @@ def test_credentials_from_a_prefect_secret_block(prefect, moto_s3, tmp_path, mon
     """No AWS variables at all: the client signs with the keys stored in a Prefect Secret block."""
     from prefect.blocks.system import Secret
 
+    from modelfactory.core.settings import get_settings
     from modelfactory.s3.client import make_client
-    from modelfactory.settings import get_settings
 
     key_id, secret = "AKIAFROMSECRETBLOCK01", "secret-from-the-block-9f2"
     Secret(value={"aws_access_key_id": key_id, "aws_secret_access_key": secret, "region_name": "us-east-1"}).save(

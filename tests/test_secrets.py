@@ -15,16 +15,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, inspect, text
-from sqlalchemy.engine import make_url
-
 from conftest import make_lora, own_work_dir, tiny_spec
 from hub_server import OWNER, WRITE_TOKEN, local_hub, upload_model  # noqa: F401 (fixture)
-from modelfactory.errors import ModelFactoryError
-from modelfactory.runner import run_factory
-from modelfactory.settings import get_settings
 from s3_server import moto_s3, s3_environment  # noqa: F401 (fixture)
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.engine import make_url
 from test_catalog import postgres_schema_url
+
+from modelfactory.core.errors import ModelFactoryError
+from modelfactory.core.settings import get_settings
+from modelfactory.interfaces.runner import run_factory
 
 pytestmark = pytest.mark.postgres
 
@@ -101,7 +101,7 @@ def prefect_records() -> str:
 def test_no_secret_appears_in_any_output(prefect, local_hub, moto_s3, tiny_llama, tmp_path, capfd):
     from fastapi.testclient import TestClient
 
-    from modelfactory.server import create_app
+    from modelfactory.interfaces.server import create_app
 
     secrets = {"HF token": WRITE_TOKEN, "wrong HF token": WRONG_HF_TOKEN, "AWS key id": AWS_KEY_ID,
                "AWS secret": AWS_SECRET, "DB password": DB_PASSWORD, "webhook secret": WEBHOOK_SECRET}

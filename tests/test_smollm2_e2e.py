@@ -8,15 +8,15 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from conftest import smollm2_gguf
+
 from modelfactory.catalog import open_catalog
-from modelfactory.demo import demo_spec
-from modelfactory.finetune import LoraTrainSpec, train_lora
-from modelfactory.manifest import verify_folder
-from modelfactory.runner import run_factory
-from modelfactory.specs import ModelSource
-from modelfactory.store import local_root
+from modelfactory.core.manifest import verify_folder
+from modelfactory.core.specs import ModelSource
+from modelfactory.interfaces.demo import demo_spec
+from modelfactory.interfaces.runner import run_factory
+from modelfactory.publishing.local import local_root
+from modelfactory.sources.finetune import LoraTrainSpec, train_lora
 from tasks.download import download_model
 
 pytestmark = pytest.mark.slow

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from modelfactory.errors import SpecError
-from modelfactory.specs import (
+from modelfactory.core.errors import SpecError
+from modelfactory.core.specs import (
     SUPPORTED_BITS,
     SUPPORTED_GROUP_SIZES,
     FactorySpec,

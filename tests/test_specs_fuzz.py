@@ -8,8 +8,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modelfactory.errors import SpecError
-from modelfactory.specs import FactorySpec, load_spec, parse_spec
+from modelfactory.core.errors import SpecError
+from modelfactory.core.specs import FactorySpec, load_spec, parse_spec
 
 FUZZ = settings(max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", "300")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -9,10 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from modelfactory import store
-from modelfactory.errors import PublishError, SpecError
-from modelfactory.manifest import MANIFEST, build_manifest, manifest_bytes, manifest_digest, verify_folder
-from modelfactory.store import local_root, publish_local, safe_join
+from modelfactory.core.errors import PublishError, SpecError
+from modelfactory.core.manifest import (
+    MANIFEST,
+    build_manifest,
+    manifest_bytes,
+    manifest_digest,
+    verify_folder,
+)
+from modelfactory.publishing import local as store
+from modelfactory.publishing.local import local_root, publish_local, safe_join
 
 PARTS = ("SmolLM2-135M", "gptq-4bit-128g", "0123abcd")
 

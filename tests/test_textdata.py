@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from modelfactory.errors import CalibrationError, SourceNotFoundError
-from modelfactory.settings import get_settings
-from modelfactory.specs import TextSource
-from modelfactory.textdata import load_text, local_candidates, require_tokens
+from modelfactory.core.errors import CalibrationError, SourceNotFoundError
+from modelfactory.core.settings import get_settings
+from modelfactory.core.specs import TextSource
+from modelfactory.sources.text import load_text, local_candidates, require_tokens
 from tasks.quantize import calibration_windows
 
 

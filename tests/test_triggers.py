@@ -1,5 +1,5 @@
 """Triggers, for real: `prefect server` (with its UI), the deployments of `deployments/prefect.yaml`
-applied by `modelfactory.deploy`, a process worker on the `cpu` pool, `modelfactory serve` (the
+applied by `modelfactory.interfaces.deploy`, a process worker on the `cpu` pool, `modelfactory serve` (the
 webhook), and a loopback stand-in for the Hugging Face Hub (the endpoints `HfApi.model_info` and
 `snapshot_download` use), reached through HF_ENDPOINT by the worker's flow runs.
 
@@ -28,11 +28,19 @@ from urllib.parse import unquote, urlparse
 
 import httpx
 import pytest
-from typer.testing import CliRunner
-
 from browser import open_browser, screenshot_path
 from conftest import make_lora, tiny_spec
-from prefect_server import BIN, REPO, Background, PrefectServer, child_env, free_port, wait_for
+from prefect_server import (
+    BIN,
+    REPO,
+    Background,
+    PrefectServer,
+    child_env,
+    free_port,
+    wait_for,
+)
+from typer.testing import CliRunner
+
 from modelfactory.catalog import open_catalog
 
 pytestmark = pytest.mark.pool
@@ -138,7 +146,7 @@ def _own_catalog(tmp_path_factory) -> Iterator[None]:
     """
     import os
 
-    from modelfactory.settings import get_settings
+    from modelfactory.core.settings import get_settings
 
     old = os.environ.get("MODELFACTORY_CATALOG_URL")
     os.environ["MODELFACTORY_CATALOG_URL"] = f"sqlite:///{tmp_path_factory.mktemp('triggers-catalog') / 'catalog.db'}"
@@ -187,7 +195,7 @@ def deployed(server) -> Iterator[PrefectServer]:
     from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from modelfactory.deploy import deploy
+    from modelfactory.interfaces.deploy import deploy
 
     with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
         started = time.perf_counter()
@@ -302,7 +310,7 @@ def deliver(url: str, payload: Any, *, secret: str | None = SECRET, raw: bytes |
 
 
 def watch_add(repo: str, *args: str) -> None:
-    from modelfactory.cli import app
+    from modelfactory.interfaces.cli.main import app
 
     result = CliRunner().invoke(app, ["watch", "add", repo, *args])
     assert result.exit_code == 0, result.output
@@ -469,8 +477,8 @@ def test_webhook_refuses_and_ignores_without_starting_anything(hooks, deployed):
 def test_webhook_without_a_configured_secret_refuses_everything(monkeypatch):
     from fastapi.testclient import TestClient
 
-    from modelfactory.server import create_app
-    from modelfactory.settings import get_settings
+    from modelfactory.core.settings import get_settings
+    from modelfactory.interfaces.server import create_app
 
     monkeypatch.delenv("MODELFACTORY_WEBHOOK_SECRET", raising=False)
     get_settings.cache_clear()
@@ -507,7 +515,7 @@ def test_burst_of_50_deliveries_for_5_commits_starts_5_runs(hooks, deployed, tin
 
 
 def test_watch_cli_adds_lists_and_removes(tiny_llama):
-    from modelfactory.cli import app
+    from modelfactory.interfaces.cli.main import app
 
     cli = CliRunner()
     repo = "mf-test/cli-lora"

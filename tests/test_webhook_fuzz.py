@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modelfactory.settings import get_settings
+from modelfactory.core.settings import get_settings
 
 SECRET = "fuzz-webhook-secret-7f3a"
 FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "200")), deadline=None,
@@ -38,7 +38,7 @@ PATHS = [("event",), ("event", "action"), ("event", "scope"), ("repo",), ("repo"
 def client(tmp_path_factory):
     from fastapi.testclient import TestClient
 
-    from modelfactory.server import create_app
+    from modelfactory.interfaces.server import create_app
 
     home = tmp_path_factory.mktemp("webhook-fuzz")
     old = {k: os.environ.get(k) for k in ("MODELFACTORY_WEBHOOK_SECRET", "MODELFACTORY_CATALOG_URL")}

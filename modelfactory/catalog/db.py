@@ -21,11 +21,26 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import Connection, Engine, create_engine, delete, event, inspect, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    create_engine,
+    delete,
+    event,
+    inspect,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    IntegrityError,
+    NoSuchModuleError,
+    SQLAlchemyError,
+)
 from sqlalchemy.orm import Session, load_only, selectinload, sessionmaker
 
 from modelfactory.catalog.models import (
@@ -45,11 +60,11 @@ from modelfactory.catalog.models import (
 from modelfactory.catalog.records import (
     DELIVERY_STATUSES,
     FINAL_RUN_STATUSES,
-    PUBLICATION_DESTINATIONS,
-    WATCH_KINDS,
     METRIC_SIDES,
+    PUBLICATION_DESTINATIONS,
     RUN_STATUSES,
     STEP_STATUSES,
+    WATCH_KINDS,
     ArtifactRecord,
     DeliveryRecord,
     GateCheckRecord,
@@ -61,7 +76,7 @@ from modelfactory.catalog.records import (
     WatchRecord,
     quant_columns,
 )
-from modelfactory.errors import CatalogError, CatalogNotFoundError
+from modelfactory.core.errors import CatalogError, CatalogNotFoundError
 
 MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
 SUPPORTED_BACKENDS = ("sqlite", "postgresql")
@@ -90,7 +105,7 @@ def open_catalog(url: str | None = None, *, auto_upgrade: bool = False) -> Catal
     user to run that command, so no program silently migrates a shared database.
     """
     if url is None:
-        from modelfactory.settings import get_settings
+        from modelfactory.core.settings import get_settings
 
         url = get_settings().resolved_catalog_url
     catalog = Catalog(_create_engine(_parse_url(url)))

@@ -18,8 +18,8 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, func, or_, select, union_all
-from sqlalchemy.sql import operators
 from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.sql import operators
 
 from modelfactory.catalog.db import Catalog, _aware
 from modelfactory.catalog.models import (
@@ -32,8 +32,8 @@ from modelfactory.catalog.models import (
 )
 from modelfactory.catalog.records import (
     RUN_STATUSES,
-    Board,
     BestBuild,
+    Board,
     ComparedMetric,
     Comparison,
     Lineage,
@@ -41,7 +41,7 @@ from modelfactory.catalog.records import (
     RunDetail,
     RunRow,
 )
-from modelfactory.errors import CatalogNotFoundError, CatalogQueryError
+from modelfactory.core.errors import CatalogNotFoundError, CatalogQueryError
 
 #: ``sort`` keys of :func:`query_runs` (each in its natural direction; ties: newest first).
 SORTS = {

@@ -10,7 +10,14 @@ from datetime import datetime
 
 from rich.table import Table
 
-from modelfactory.catalog.records import BestBuild, Comparison, Lineage, RunDetail, RunRow, RunSummary
+from modelfactory.catalog.records import (
+    BestBuild,
+    Comparison,
+    Lineage,
+    RunDetail,
+    RunRow,
+    RunSummary,
+)
 
 STATUS_STYLES = {
     "running": "cyan",

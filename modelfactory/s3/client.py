@@ -17,8 +17,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import urlparse, urlunparse
 
-from modelfactory.errors import ModelFactoryError, SpecError, TransientError
-from modelfactory.settings import get_settings
+from modelfactory.core.errors import (
+    ModelFactoryError,
+    PublishError,
+    SpecError,
+    TransientError,
+)
+from modelfactory.core.settings import get_settings
 
 MIB = 1 << 20
 #: Default boto3 attempts per request (standard mode: throttling, 5xx, connection errors, with backoff).
@@ -179,8 +184,15 @@ def s3_errors(what: str, *, url: str, fatal: type[ModelFactoryError],
     connection errors, 5xx and throttling (after boto3's own retries) → :class:`TransientError`.
     """
     from boto3.exceptions import Boto3Error
-    from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError, CredentialRetrievalError,
-                                     NoCredentialsError, PartialCredentialsError, ReadTimeoutError)
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectionError,
+        CredentialRetrievalError,
+        NoCredentialsError,
+        PartialCredentialsError,
+        ReadTimeoutError,
+    )
     from s3transfer.exceptions import RetriesExceededError
 
     where = f"{url} (endpoint {redacted(endpoint_url())})"
@@ -209,3 +221,34 @@ def s3_errors(what: str, *, url: str, fatal: type[ModelFactoryError],
             raise TransientError(f"{what} {where}: S3 error {code or status} persisted after "
                                  f"{max_attempts()} attempts; retry later") from exc
         raise fatal(f"{what} {where} failed: {exc}") from exc
+
+
+#: The pointer object a published model folder keeps to its newest artifact.
+LATEST = "latest.json"
+
+
+def check_bucket(client, url: S3Url, *, fatal: type[ModelFactoryError] = PublishError,
+                 missing: type[ModelFactoryError] | None = None) -> None:
+    """Fail clearly when the bucket is missing (*missing*, default *fatal*) or the credentials cannot use it."""
+    from botocore.exceptions import ClientError
+
+    with s3_errors("checking bucket of", url=str(url), fatal=fatal):
+        try:
+            client.head_bucket(Bucket=url.bucket)
+        except ClientError as exc:  # HEAD has no error body: 404 is the only hint of a missing bucket
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                raise (missing or fatal)(f"bucket {url.bucket!r} of {url} does not exist: create it or fix "
+                                         "the URL") from exc
+            raise
+
+
+def read_object(client, bucket: str, key: str) -> bytes | None:
+    """The bytes of ``bucket/key``, or ``None`` when there is no such object."""
+    from botocore.exceptions import ClientError
+
+    try:
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise

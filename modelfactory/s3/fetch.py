@@ -19,14 +19,26 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from modelfactory import workdir
-from modelfactory.errors import ModelFactoryError, PublishError, SourceError, SourceNotFoundError
-from modelfactory.hashing import file_sha256, step_key
-from modelfactory.log import progress
-from modelfactory.manifest import MANIFEST, manifest_digest
-from modelfactory.s3.client import S3Url, make_client, make_manager, s3_errors
-from modelfactory.s3.publish import LATEST, check_bucket, read_object
-from modelfactory.settings import get_settings
+from modelfactory.core import workdir
+from modelfactory.core.errors import (
+    ModelFactoryError,
+    PublishError,
+    SourceError,
+    SourceNotFoundError,
+)
+from modelfactory.core.hashing import file_sha256, step_key
+from modelfactory.core.log import progress
+from modelfactory.core.manifest import MANIFEST, manifest_digest
+from modelfactory.core.settings import get_settings
+from modelfactory.s3.client import (
+    LATEST,
+    S3Url,
+    check_bucket,
+    make_client,
+    make_manager,
+    read_object,
+    s3_errors,
+)
 
 _CHUNK = 1 << 20
 

@@ -21,7 +21,7 @@ def _url() -> str:
     url = config.get_main_option("sqlalchemy.url")
     if url:
         return url
-    from modelfactory.settings import get_settings
+    from modelfactory.core.settings import get_settings
 
     return get_settings().resolved_catalog_url
 

@@ -1,0 +1,26 @@
+"""A benchmark result as catalog metric rows: each side's measurements and the fp16 → GPTQ ratios."""
+
+from __future__ import annotations
+
+from modelfactory.catalog.records import MetricRecord
+from modelfactory.core.records import BenchmarkResult
+
+#: SideMetrics fields recorded as metrics, with their units.
+SIDE_METRICS = {
+    "perplexity": "ppl", "decode_tok_s": "tok/s", "ttft_ms": "ms", "disk_bytes": "B", "load_s": "s",
+    "mem_after_load_bytes": "B", "mem_peak_decode_bytes": "B", "mem_peak_bytes": "B",
+}
+RATIO_UNITS = {"ppl_increase_pct": "%", "decode_speedup": "x", "size_ratio": "x", "memory_ratio": "x"}
+
+
+def benchmark_metrics(result: BenchmarkResult) -> list[MetricRecord]:
+    metrics = []
+    for side in (result.fp16, result.gptq):
+        for name, unit in SIDE_METRICS.items():
+            value = getattr(side, name)
+            if value is not None:
+                metrics.append(MetricRecord(name=name, side=side.side, value=float(value), unit=unit))
+    for name, value in result.ratios().items():
+        if value is not None:
+            metrics.append(MetricRecord(name=name, side="delta", value=float(value), unit=RATIO_UNITS[name]))
+    return metrics

@@ -1,0 +1,120 @@
+"""Re-record a published artifact in the catalog from its manifest (``modelfactory catalog import``).
+
+The manifest of every published artifact holds what its run measured and decided (spec, source
+SHAs, both sides' metrics, the gate) — so when the catalog was unreachable at the end of a run
+(the model was published, the catalog never heard), nothing is lost:
+
+1. an artifact whose manifest digest a finished run already recorded as published is left alone;
+2. else the run that recorded part of it (its artifact row but not the rest), or the newest
+   unfinished run with the same run key (``running``/``failed``, no artifact) — the run that
+   published it and then lost its database — is completed (rows it has are not added twice);
+3. else a new run is recorded (e.g. into a fresh catalog).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from sqlalchemy import select
+
+from modelfactory.catalog import Catalog, GateCheckRecord, PublicationRecord
+from modelfactory.catalog.metrics import benchmark_metrics
+from modelfactory.catalog.models import Artifact, Publication, Run
+from modelfactory.core.errors import PublishError
+from modelfactory.core.hashing import step_key
+from modelfactory.core.manifest import (
+    manifest_bytes,
+    manifest_digest,
+    verify_folder,
+)
+from modelfactory.core.records import BenchmarkResult, SideMetrics
+from modelfactory.core.specs import parse_spec
+from modelfactory.publishing.local import local_root
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    run_id: str
+    action: str  # already-recorded | completed | created
+    manifest_sha256: str
+
+
+def read_manifest(uri: str) -> dict[str, Any]:
+    """The manifest of the artifact at *uri* (``file://`` or ``s3://``), every file's hash checked."""
+    if urlparse(uri).scheme == "s3":
+        from modelfactory.s3.fetch import verify_s3
+
+        return verify_s3(url=uri)
+    return verify_folder(local_root(uri))
+
+
+def import_artifact(catalog: Catalog, *, uri: str) -> ImportResult:
+    """Record the artifact at *uri* in *catalog* (idempotent, see the module docstring)."""
+    manifest = read_manifest(uri)
+    digest = manifest_digest(manifest_bytes(manifest))
+    for key in ("spec", "sources", "metrics", "gate"):
+        if key not in manifest:
+            raise PublishError(f"manifest of {uri} has no {key!r}: it was not written by a factory run, "
+                               f"so there is nothing to record")
+    spec = parse_spec(manifest["spec"], origin=f"manifest of {uri}")
+    run_key = step_key("run", spec=spec)
+    known = _run_with_manifest(catalog, digest)
+    if known and _complete(catalog, known, digest):
+        return ImportResult(known, "already-recorded", digest)
+    run_id = known or _unfinished_run(catalog, run_key)
+    action = "completed" if run_id else "created"
+    if run_id is None:
+        run_id = str(uuid.uuid4())
+        catalog.start_run(run_id=run_id, name=spec.name, spec=spec.model_dump(mode="json"), run_key=run_key,
+                          library_versions={"imported_from": uri, "engine": manifest.get("engine")})
+    sources = manifest["sources"]
+    catalog.set_sources(run_id=run_id, base_uri=sources["base"]["uri"], base_sha=sources["base"]["sha"],
+                        adapters=[{"uri": a["source_uri"], "sha": a["sha"], "weight": a.get("weight", 1.0)}
+                                  for a in sources.get("adapters", [])])
+    metrics = manifest["metrics"]
+    bench = BenchmarkResult(fp16=SideMetrics.model_validate(metrics["fp16"]),
+                            gptq=SideMetrics.model_validate(metrics["gptq"]), path=uri)
+    catalog.record_metrics(run_id=run_id, metrics=benchmark_metrics(bench))
+    catalog.record_gate(run_id=run_id, checks=[GateCheckRecord(**check) for check in manifest["gate"]["checks"]])
+    size = int(manifest["total_bytes"])
+    detail = catalog.get_run(run_id)
+    if not any(a.manifest_sha256 == digest for a in detail.artifacts):
+        catalog.record_artifact(run_id=run_id, kind="gptq", uri=uri, manifest_sha256=digest, size_bytes=size)
+    if not any(p.manifest_sha256 == digest for p in detail.publications):
+        destination = "s3" if urlparse(uri).scheme == "s3" else "file"
+        catalog.record_publication(run_id=run_id, publication=PublicationRecord(
+            destination=destination, uri=uri, manifest_sha256=digest, size_bytes=size))
+    catalog.finish_run(run_id=run_id, status="passed" if manifest["gate"]["passed"] else "rejected")
+    return ImportResult(run_id, action, digest)
+
+
+def _run_with_manifest(catalog: Catalog, digest: str) -> str | None:
+    with catalog.engine.connect() as connection:
+        found = connection.scalar(select(Artifact.run_id).where(Artifact.manifest_sha256 == digest).limit(1))
+        return found or connection.scalar(
+            select(Publication.run_id).where(Publication.manifest_sha256 == digest).limit(1))
+
+
+def _complete(catalog: Catalog, run_id: str, digest: str) -> bool:
+    """Whether *run_id* is finished and recorded the publication of manifest *digest*."""
+    detail = catalog.get_run(run_id)
+    published = any(p.manifest_sha256 == digest for p in detail.publications)
+    return detail.status in ("passed", "rejected") and published
+
+
+def _unfinished_run(catalog: Catalog, run_key: str) -> str | None:
+    """The newest run with *run_key* that never recorded an artifact and did not pass or get rejected."""
+    has_artifact = select(Artifact.id).where(Artifact.run_id == Run.id).exists()
+    stmt = (select(Run.id).where(Run.run_key == run_key, Run.status.in_(("running", "failed")), ~has_artifact)
+            .order_by(Run.started_at.desc()).limit(1))
+    with catalog.engine.connect() as connection:
+        return connection.scalar(stmt)
+
+
+def local_artifact_uris(root: Path) -> list[str]:
+    """Every complete artifact (folder with a manifest) under a ``file://`` store folder."""
+    return sorted(p.parent.resolve().as_uri() for p in root.rglob("manifest.json"))

@@ -1,0 +1,103 @@
+"""Device/dtype choices shared by the GPU steps (pure functions, no model objects)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from modelfactory.core.log import progress
+from modelfactory.core.settings import get_settings
+
+
+def resolve_device(requested: str = "auto") -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        from modelfactory.core.errors import SpecError
+
+        raise SpecError("device 'cuda' was requested but no CUDA GPU is visible: use device 'auto' or 'cpu'")
+    return requested
+
+
+def resolve_dtype(requested: str, device: str) -> str:
+    """``auto``: float16 on CUDA; bfloat16 on CPU, where fp16 matmuls are ~9x slower."""
+    if requested != "auto":
+        return requested
+    return "float16" if device == "cuda" else "bfloat16"
+
+
+def gpu_env() -> dict[str, str]:
+    """Environment for GPTQModel/torch workers: persistent JIT caches and CPU worker count."""
+    cache = get_settings().resolved_cache_dir
+    return {
+        "GPTQMODEL_CPU_WORKERS": str(get_settings().cpu_workers),
+        "GPTQMODEL_TORCH_EXTENSIONS_DIR": str(cache / "gptqmodel" / "torch_extensions"),
+        "GPTQMODEL_CACHE_DIR": str(cache / "gptqmodel"),
+        "TORCH_EXTENSIONS_DIR": str(cache / "torch_extensions"),
+        "TRITON_CACHE_DIR": os.environ.get("TRITON_CACHE_DIR", str(cache / "triton")),
+    }
+
+
+@contextmanager
+def heartbeat(label: str, every_s: float = 15.0) -> Iterator[None]:
+    """Print a progress line every *every_s* seconds while a long library call runs."""
+    stop = threading.Event()
+    start = time.perf_counter()
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            progress(f"{label}: still running ({time.perf_counter() - start:.0f} s)")
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=1)
+
+
+def out_of_memory(step: str, *, model_path: str, device: str, exc: BaseException, advice: str):
+    """An :class:`~modelfactory.core.errors.OutOfMemoryError` naming the step, model size, device memory and what to do.
+
+    Not transient: the same inputs on the same device would run out of memory again.
+    """
+    from pathlib import Path
+
+    from modelfactory.core.errors import OutOfMemoryError
+
+    weights = sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors"))
+    memory = "device memory unknown"
+    if device.startswith("cuda"):
+        try:
+            import torch
+
+            free, total = torch.cuda.mem_get_info()
+            memory = f"GPU {torch.cuda.get_device_name()} with {total / 2**30:.1f} GiB ({free / 2**30:.1f} GiB free now)"
+            if fraction := get_settings().cuda_memory_fraction:
+                memory += f", this step capped at {fraction * total / 2**30:.2f} GiB by MODELFACTORY_CUDA_MEMORY_FRACTION"
+        except Exception:  # noqa: BLE001 - the message is best effort, the error is what matters
+            pass
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return OutOfMemoryError(
+        f"the {step} step ran out of memory on {device} for {model_path} ({weights / 1e9:.2f} GB of weights; "
+        f"{memory}): {advice}. ({first_line})"
+    )
+
+
+def apply_memory_cap(device: str) -> None:
+    """Apply ``MODELFACTORY_CUDA_MEMORY_FRACTION`` to this process's CUDA allocator (no-op on CPU)."""
+    fraction = get_settings().cuda_memory_fraction
+    if fraction is None or not device.startswith("cuda"):
+        return
+    import torch
+
+    torch.cuda.set_per_process_memory_fraction(fraction)
+    total = torch.cuda.get_device_properties(0).total_memory
+    progress(f"GPU memory capped at {fraction:g} of {total / 2**30:.1f} GiB = {fraction * total / 2**30:.2f} GiB "
+             f"(MODELFACTORY_CUDA_MEMORY_FRACTION)")

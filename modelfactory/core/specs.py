@@ -1,0 +1,334 @@
+"""The factory's input: pydantic v2 specs (frozen, ``extra="forbid"``).
+
+They are the flow's parameters, so Prefect renders them as the typed run form and validates
+them before a run starts. ``FactorySpec.model_json_schema()`` is that form.
+
+Canonical JSON of a spec (``canonical_json(spec)``) feeds the step keys, so every field that
+changes an output must live here, and nothing that does not.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from modelfactory.core.errors import SpecError
+
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
+SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Spec(BaseModel):
+    """Base of every spec: immutable, unknown fields rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- sources
+SourceKind = Literal["hub", "local", "gguf", "s3"]
+
+
+def classify_source(uri: str) -> SourceKind:
+    """Tell a Hub repo id, a local folder, a ``.gguf`` file and an ``s3://`` prefix apart.
+
+    Raises :class:`SpecError` for strings that are none of these (e.g. ``a/b/c`` that is not
+    an existing path), so typos fail before any download starts.
+    """
+    if uri.startswith("s3://"):
+        return "s3"
+    if uri.startswith("hf://"):
+        uri = uri[len("hf://") :]
+        if not HUB_REPO_ID.match(uri) or "--" in uri or ".." in uri:
+            raise SpecError(
+                f"malformed Hugging Face repo id {uri!r}: expected 'owner/name' "
+                "(letters, digits, '-', '_', '.'); fix the model URI"
+            )
+        return "hub"
+    path = Path(uri).expanduser()
+    if uri.lower().endswith(".gguf"):
+        return "gguf"
+    if path.is_absolute() or uri.startswith((".", "~")) or path.exists():
+        return "local"
+    if HUB_REPO_ID.match(uri) and "--" not in uri and ".." not in uri:
+        return "hub"
+    raise SpecError(
+        f"model source {uri!r} is neither an existing local path, a .gguf file, an s3:// prefix "
+        "nor a Hugging Face repo id 'owner/name': fix the URI (prefix Hub ids with hf:// to be explicit)"
+    )
+
+
+class ModelSource(Spec):
+    """Where a base model comes from."""
+
+    uri: Annotated[
+        str,
+        Field(
+            min_length=1,
+            description="Hub repo id ('owner/name' or 'hf://owner/name'), a local folder, "
+            "a .gguf file (dequantized to fp16), or an s3:// prefix.",
+        ),
+    ]
+    revision: str | None = Field(
+        default=None, description="Hub branch, tag or commit; resolved to a commit SHA before download."
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _known_kind(cls, uri: str) -> str:
+        classify_source(uri)
+        return uri
+
+    @property
+    def kind(self) -> SourceKind:
+        return classify_source(self.uri)
+
+    @property
+    def repo_id(self) -> str:
+        return self.uri.removeprefix("hf://")
+
+
+class AdapterSpec(Spec):
+    """A peft LoRA adapter to merge into the base model."""
+
+    uri: str = Field(min_length=1, description="Hub repo id or local folder holding adapter_config.json.")
+    revision: str | None = Field(default=None, description="Hub revision of the adapter.")
+    weight: float = Field(default=1.0, gt=0, le=10, description="Scale of this adapter's delta.")
+
+    @field_validator("uri")
+    @classmethod
+    def _known_kind(cls, uri: str) -> str:
+        if classify_source(uri) == "gguf":
+            raise SpecError(f"adapter {uri!r} is a .gguf file: adapters must be peft folders or Hub repos")
+        return uri
+
+
+class MergeSpec(Spec):
+    tolerance: float = Field(
+        default=1e-3, gt=0, description="Max |merged - unmerged| logit difference (computed in fp32)."
+    )
+    verify_batch: int = Field(default=2, ge=1, le=16, description="Sequences in the equivalence check.")
+    verify_tokens: int = Field(default=64, ge=4, le=2048, description="Tokens per verification sequence.")
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- text data
+class TextSource(Spec):
+    """Text for calibration or evaluation.
+
+    Resolution order: ``path`` if given (a file, or a folder of ``*.txt``); else
+    ``$MODELFACTORY_DATA_DIR/<config or dataset>/<split>.txt`` when that file exists; else
+    ``datasets.load_dataset(dataset, config, split=split)[text_field]`` (needs the Hub).
+    """
+
+    path: str | None = Field(default=None, description="Local text file or folder of .txt files.")
+    dataset: str = Field(default="wikitext", description="datasets name (used when no local copy).")
+    config: str | None = Field(default="wikitext-2-raw-v1", description="datasets config name.")
+    split: str = Field(default="test", description="datasets split.")
+    text_field: str = "text"
+
+    def label(self) -> str:
+        return self.path or f"{self.dataset}/{self.config}:{self.split}"
+
+
+def _calibration_text() -> TextSource:
+    return TextSource(dataset="wikitext", config="wikitext-2-v1", split="validation")
+
+
+class CalibrationSpec(Spec):
+    text: TextSource = Field(default_factory=_calibration_text, description="Calibration text.")
+    num_samples: int = Field(default=128, ge=1, le=4096, description="Calibration sequences.")
+    seq_len: int = Field(default=512, ge=16, le=32768, description="Tokens per calibration sequence.")
+    seed: int = 0
+
+
+class QuantSpec(Spec):
+    """GPTQ settings (GPTQModel ``QuantizeConfig``)."""
+
+    bits: int = Field(default=4, description="Weight bits: 2, 3, 4 or 8.",
+                      json_schema_extra={"enum": list(SUPPORTED_BITS)})
+    group_size: int = Field(default=128, description="Columns per scale group (-1: one group per row).",
+                            json_schema_extra={"enum": list(SUPPORTED_GROUP_SIZES)})
+    damp_percent: float = Field(default=0.05, gt=0, lt=1, description="Hessian dampening.")
+    desc_act: bool = Field(default=False, description="Quantize columns in activation order.")
+    sym: bool = Field(default=True, description="Symmetric quantization.")
+    true_sequential: bool = Field(default=True, description="Quantize sub-layers in order.")
+    batch_size: int = Field(default=4, ge=1, le=256, description="Calibration forward batch size.")
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, bits: int) -> int:
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits={bits} is not supported by GPTQ: use one of {SUPPORTED_BITS}")
+        return bits
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, group: int) -> int:
+        if group not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(f"group_size={group} is not supported: use one of {SUPPORTED_GROUP_SIZES}")
+        return group
+
+    def label(self) -> str:
+        """Branch-style name, e.g. ``gptq-4bit-128g`` or ``gptq-4bit-32g-actorder``."""
+        group = "nogroup" if self.group_size == -1 else f"{self.group_size}g"
+        return f"gptq-{self.bits}bit-{group}" + ("-actorder" if self.desc_act else "")
+
+
+# --------------------------------------------------------------------------- benchmark
+class PerplexitySpec(Spec):
+    text: TextSource = Field(default_factory=TextSource, description="Evaluation text (WikiText-2 test).")
+    context_len: int = Field(default=512, ge=16, le=32768, description="Tokens per window.")
+    stride: int = Field(default=512, ge=1, le=32768, description="Window step; < context_len overlaps.")
+    max_tokens: int | None = Field(
+        default=16384, ge=32, description="Score at most this many tokens from the start (None: all)."
+    )
+
+    @model_validator(mode="after")
+    def _stride_le_context(self) -> PerplexitySpec:
+        if self.stride > self.context_len:
+            raise ValueError(f"stride={self.stride} > context_len={self.context_len}: tokens would be skipped")
+        return self
+
+
+class DecodeSpec(Spec):
+    mode: Literal["auto", "eager", "cuda_graph"] = Field(
+        default="auto",
+        description="auto: a CUDA graph of the static-cache decode step on CUDA, HF generate (eager) on CPU.",
+    )
+    graph_treatment: Literal["graph", "fused_graph", "compiled_graph", "fused_compiled_graph"] = Field(
+        default="fused_compiled_graph",
+        description="cuda_graph only, same for both sides: fuse q/k/v and gate/up, torch.compile the step, "
+        "or both, before capturing the graph (checked against the eager model; falls back to graph).",
+    )
+    prompt: str = "The history of the city began"
+    new_tokens: int = Field(default=64, ge=2, le=4096, description="Greedy tokens per timed generation.")
+    warmup: int = Field(default=1, ge=0, le=10, description="Untimed generations first.")
+    repeats: int = Field(default=3, ge=1, le=20, description="Timed generations (median is reported).")
+
+
+class BenchmarkSpec(Spec):
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: cuda when present.")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        default="auto", description="Compute dtype. auto: float16 on cuda, bfloat16 on cpu."
+    )
+    kernel: str = Field(default="auto", description="GPTQModel backend (auto, gptq_marlin, gptq_torch, ...).")
+    perplexity: PerplexitySpec = Field(default_factory=PerplexitySpec)
+    decode: DecodeSpec = Field(default_factory=DecodeSpec)
+    reuse: bool = Field(default=True, description="Reuse a finished benchmark with identical inputs.")
+
+
+# --------------------------------------------------------------------------- gate / publish
+class GateSpec(Spec):
+    """Per-metric thresholds; an unset threshold is not checked."""
+
+    max_ppl_increase_pct: float | None = Field(
+        default=None, ge=0, description="Max perplexity increase of GPTQ over fp16, in percent."
+    )
+    min_decode_speedup: float | None = Field(
+        default=None, gt=0, description="Min decode tok/s ratio GPTQ / fp16."
+    )
+    max_size_ratio: float | None = Field(default=None, gt=0, description="Max disk size ratio GPTQ / fp16.")
+    max_memory_ratio: float | None = Field(
+        default=None, gt=0, description="Max memory-after-load ratio GPTQ / fp16."
+    )
+
+
+class PublishSpec(Spec):
+    destination: str | None = Field(
+        default=None,
+        description="Where a passing model goes: file:///folder, s3://bucket/prefix, or hf://owner/repo "
+        "(Hugging Face Hub). Default: MODELFACTORY_STORE_URL.",
+    )
+    private: bool = Field(default=False, description="Hub only: create the repo private.")
+    revision: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,127}$",
+        description="Hub only: branch to push to (default: the quantization label, e.g. gptq-4bit-128g).",
+    )
+    name: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$",
+        description="Artifact name (default: derived from the base model).",
+    )
+
+
+class FactorySpec(Spec):
+    """Everything one factory run needs."""
+
+    name: str = Field(default="run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$", description="Run label.")
+    base: ModelSource
+    adapters: tuple[AdapterSpec, ...] = Field(default=(), description="LoRA adapters merged in order.")
+    merge: MergeSpec = Field(default_factory=MergeSpec)
+    quantize: QuantSpec = Field(default_factory=QuantSpec)
+    benchmark: BenchmarkSpec = Field(default_factory=BenchmarkSpec)
+    gate: GateSpec = Field(default_factory=GateSpec)
+    publish: PublishSpec = Field(default_factory=PublishSpec)
+    trust_remote_code: bool = Field(default=False, description="Allow models that ship Python code.")
+
+
+# --------------------------------------------------------------------------- loading
+def _format_validation_error(exc: ValidationError, origin: str) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "<root>"
+        value = err.get("input")
+        shown = repr(value) if not isinstance(value, dict) else "{...}"
+        lines.append(f"  {where}: {err['msg']} (got {shown})")
+    return f"invalid spec in {origin}:\n" + "\n".join(lines) + "\nfix these fields and run again"
+
+
+def parse_spec(data: dict[str, Any], *, origin: str = "spec") -> FactorySpec:
+    """Validate a dict into a :class:`FactorySpec`, raising :class:`SpecError` with every problem."""
+    try:
+        return FactorySpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_format_validation_error(exc, origin)) from exc
+
+
+def load_spec(path: str | Path) -> FactorySpec:
+    """Read a YAML or JSON spec file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise SpecError(f"spec file {str(path)!r} does not exist: pass an existing YAML/JSON file") from exc
+    except UnicodeDecodeError as exc:
+        raise SpecError(
+            f"spec file {str(path)!r} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}): "
+            f"save it as UTF-8 YAML/JSON"
+        ) from exc
+    except IsADirectoryError as exc:
+        raise SpecError(f"spec path {str(path)!r} is a folder: pass a YAML/JSON file") from exc
+    except yaml.YAMLError as exc:
+        raise SpecError(f"spec file {str(path)!r} is not valid YAML/JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SpecError(f"spec file {str(path)!r} must hold a mapping at the top, got {type(data).__name__}")
+    return parse_spec(data, origin=str(path))
+
+
+def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge *overrides* (e.g. CLI flags, ``None`` = not given) into *base*."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_overrides(merged[key], value)
+        elif isinstance(value, dict):
+            merged[key] = merge_overrides({}, value)
+        else:
+            merged[key] = value
+    return merged

@@ -1,0 +1,123 @@
+"""The factory side of the GPU stage: run the ``gpu-stage`` deployment, wait, read its outcome."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Any
+
+from modelfactory.core.errors import ERRORS_BY_NAME, GpuStageError, ModelFactoryError
+from modelfactory.core.log import get_logger
+from modelfactory.core.records import ModelArtifact, Record
+from modelfactory.core.settings import get_settings
+from modelfactory.core.specs import BenchmarkSpec, QuantSpec
+from modelfactory.gpu_pool.outcome import (
+    GPU_POOL,
+    GpuStageOutcome,
+    outcome_path,
+    read_outcome,
+)
+
+
+class GpuStageRun(Record):
+    """The factory's view of one GPU stage flow run, once it ended (or the wait did)."""
+
+    deployment: str
+    flow_run_id: str
+    flow_run_name: str
+    state_type: str  # COMPLETED, FAILED, CRASHED, CANCELLED, ... (or SCHEDULED/RUNNING on timeout)
+    state_name: str
+    state_message: str | None
+    queued_s: float | None
+    run_s: float | None
+    outcome: GpuStageOutcome | None
+
+    def detail(self) -> dict[str, Any]:
+        """The catalog's ``gpu-stage`` step detail."""
+        placement = self.outcome.placement if self.outcome else None
+        return {
+            "deployment": self.deployment,
+            "flow_run_id": self.flow_run_id,
+            "flow_run_name": self.flow_run_name,
+            "state": self.state_type,
+            "message": self.state_message,
+            "queued_s": self.queued_s,
+            "hostname": placement.hostname if placement else None,
+            "cuda_visible_devices": placement.cuda_visible_devices if placement else None,
+            "device": placement.device if placement else None,
+        }
+
+    def error(self) -> ModelFactoryError:
+        """The error this run ended with, as the factory raises it."""
+        where = f"GPU stage flow run {self.flow_run_name!r} ({self.flow_run_id}) of deployment {self.deployment}"
+        if self.outcome is not None and self.outcome.error_type:
+            cls = ERRORS_BY_NAME.get(self.outcome.error_type)
+            if cls is not None:
+                return cls(self.outcome.error_message or "")
+            return GpuStageError(f"{where} failed: {self.outcome.error_type}: {self.outcome.error_message}")
+        if self.state_type == "CRASHED":
+            return GpuStageError(
+                f"{where} crashed ({self.state_name}: {self.state_message or 'no message'}): its worker or host "
+                "died mid-run, so nothing it was building is kept. Check the GPU worker (infra/gpu-host), then "
+                "run the factory again: finished steps are reused")
+        if self.state_type in ("CANCELLED", "CANCELLING"):
+            return GpuStageError(f"{where} was cancelled ({self.state_message or 'no message'})")
+        if self.state_type == "COMPLETED":
+            return GpuStageError(
+                f"{where} completed but left no outcome at {outcome_path(self.flow_run_id)}: the GPU worker "
+                "and the factory must share MODELFACTORY_WORK_DIR (same host, or the same mounted volume)")
+        if self.state_type in ("SCHEDULED", "PENDING", "RUNNING", "PAUSED", "LATE"):
+            return GpuStageError(
+                f"{where} did not finish within MODELFACTORY_GPU_TIMEOUT_S={get_settings().gpu_timeout_s} s "
+                f"(still {self.state_name}; cancelled): are GPU workers running on pool {GPU_POOL!r}? "
+                "(infra/gpu-host/start-workers.sh)")
+        return GpuStageError(f"{where} ended {self.state_name}: {self.state_message or 'no message'}")
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+    return (end - start).total_seconds() if start and end else None
+
+
+def dispatch_gpu_stage(*, deployment: str, model: ModelArtifact, quantize: QuantSpec, benchmark: BenchmarkSpec,
+                       run_id: str, timeout_s: float | None = None, poll_s: float = 2.0) -> GpuStageRun:
+    """Run the GPU stage as a flow run of *deployment* and wait for it (a subflow of the caller).
+
+    Returns when the run is final or *timeout_s* passed (then the run is cancelled).
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+    from prefect.states import Cancelled, Cancelling
+
+    logger = get_logger()
+    parameters = {"model": model.model_dump(mode="json"), "quantize": quantize.model_dump(mode="json"),
+                  "benchmark": benchmark.model_dump(mode="json")}
+    logger.info(f"gpu-stage: dispatching quantize + benchmark to deployment {deployment!r}")
+    started = time.perf_counter()
+    try:
+        flow_run = run_deployment(deployment, parameters=parameters, timeout=timeout_s, poll_interval=poll_s,
+                                  idempotency_key=f"{run_id}:gpu-stage", tags=["modelfactory", f"run:{run_id}"])
+    except ObjectNotFound as exc:
+        raise GpuStageError(
+            f"deployment {deployment!r} (MODELFACTORY_GPU_DEPLOYMENT) does not exist on the Prefect server "
+            f"{PREFECT_API_URL.value() or '(ephemeral)'}: run `python -m modelfactory.interfaces.deploy` there, or unset "
+            "MODELFACTORY_GPU_DEPLOYMENT to run the GPU steps in this process") from exc
+    state = flow_run.state
+    if state is None or not state.is_final():
+        with get_client(sync_client=True) as client:
+            running = state is not None and state.is_running()
+            client.set_flow_run_state(flow_run.id, Cancelling() if running else Cancelled(
+                message="the factory stopped waiting (MODELFACTORY_GPU_TIMEOUT_S)"), force=True)
+    outcome = read_outcome(str(flow_run.id))
+    result = GpuStageRun(
+        deployment=deployment, flow_run_id=str(flow_run.id), flow_run_name=flow_run.name,
+        state_type=state.type.value if state else "UNKNOWN", state_name=state.name if state else "unknown",
+        state_message=state.message if state else None,
+        queued_s=_seconds(flow_run.expected_start_time, flow_run.start_time),
+        run_s=flow_run.total_run_time.total_seconds() if flow_run.total_run_time else None, outcome=outcome)
+    logger.info(f"gpu-stage: flow run {flow_run.name} ended {result.state_name} after "
+                f"{time.perf_counter() - started:.0f} s (queued {result.queued_s or 0:.0f} s)"
+                + (f" on {outcome.placement.hostname}, CUDA_VISIBLE_DEVICES={outcome.placement.cuda_visible_devices}"
+                   if outcome else ""))
+    return result

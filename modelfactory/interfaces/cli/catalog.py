@@ -1,0 +1,208 @@
+"""``modelfactory catalog ...``: query the run catalog (the queries live in ``modelfactory.catalog.queries``;
+this module only parses options and renders: ``--format table|json|csv``)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from enum import Enum
+from typing import Annotated, Any, NoReturn, Optional
+
+import typer
+from rich.console import Console
+
+from modelfactory.core.errors import ModelFactoryError
+
+app = typer.Typer(help="Query the run catalog.", no_args_is_help=True)
+console = Console()
+err_console = Console(stderr=True)
+
+
+class Format(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+class Sort(str, Enum):
+    newest = "newest"
+    oldest = "oldest"
+    ppl = "ppl"
+    speed = "speed"
+    size = "size"
+    memory = "memory"
+    name = "name"
+
+
+class Objective(str, Enum):
+    speed = "speed"
+    size = "size"
+    memory = "memory"
+
+
+FormatOption = Annotated[Format, typer.Option("--format", help="table, json or csv")]
+
+
+def _fail(exc: ModelFactoryError) -> NoReturn:
+    err_console.print(f"[red]error ({exc.kind}):[/red] {exc.message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=1)
+
+
+def _emit(fmt: Format, *, table: Callable[[], Any], json: Callable[[], str], csv: Callable[[], str]) -> None:
+    if fmt is Format.json:
+        sys.stdout.write(json() + "\n")
+    elif fmt is Format.csv:
+        sys.stdout.write(csv())
+    else:
+        console.print(table())
+
+
+def _open():
+    from modelfactory.catalog import open_catalog
+
+    return open_catalog()
+
+
+@app.command("ls")
+def catalog_ls(
+    base: Annotated[Optional[str], typer.Option(help="Base model URI or commit SHA (7+ character prefix).")] = None,
+    adapter: Annotated[Optional[str], typer.Option(help="Adapter URI or commit SHA (7+ character prefix).")] = None,
+    status: Annotated[Optional[str], typer.Option(help="running, passed, failed or rejected.")] = None,
+    bits: Annotated[Optional[int], typer.Option(help="GPTQ bits.")] = None,
+    group_size: Annotated[Optional[int], typer.Option(help="GPTQ group size (-1 = per row).")] = None,
+    desc_act: Annotated[Optional[bool], typer.Option("--desc-act/--no-desc-act", help="Activation order.")] = None,
+    config: Annotated[Optional[str], typer.Option(help="Config label, e.g. gptq-4bit-128g.")] = None,
+    since: Annotated[Optional[str], typer.Option(help="Started at or after (ISO date/datetime, UTC).")] = None,
+    until: Annotated[Optional[str], typer.Option(help="Started before (a bare date includes that day).")] = None,
+    sort: Annotated[Sort, typer.Option(help="newest, oldest, ppl (lowest increase), speed (fastest), size, "
+                                            "memory (smallest ratio), name.")] = Sort.newest,
+    limit: Annotated[int, typer.Option(help="At most N runs.")] = 50,
+    format: FormatOption = Format.table,
+) -> None:
+    """List runs matching every given filter (newest first unless --sort)."""
+    from modelfactory.catalog.queries import RunFilter, parse_when, query_runs
+    from modelfactory.catalog.render import record_json, rows_csv, rows_table
+
+    try:
+        filters = RunFilter(base=base, adapter=adapter, status=status, bits=bits, group_size=group_size,
+                            desc_act=desc_act, config=config, since=parse_when(since) if since else None,
+                            until=parse_when(until, end=True) if until else None)
+        rows = query_runs(_open(), filters=filters, sort=sort.value, limit=limit)
+    except ModelFactoryError as exc:
+        _fail(exc)
+    _emit(format, table=lambda: rows_table(rows), json=lambda: record_json(rows), csv=lambda: rows_csv(rows))
+
+
+@app.command("show")
+def catalog_show(
+    run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix (>= 6 characters).")],
+    format: FormatOption = Format.table,
+) -> None:
+    """Show one run: metrics side by side, steps, gate, artifacts."""
+    from modelfactory.catalog.render import detail_csv, record_json, run_detail_table
+
+    try:
+        detail = _open().get_run(run_id)
+    except ModelFactoryError as exc:
+        _fail(exc)
+    _emit(format, table=lambda: run_detail_table(detail), json=lambda: record_json(detail),
+          csv=lambda: detail_csv(detail))
+
+
+@app.command("compare")
+def catalog_compare(
+    run_ids: Annotated[list[str], typer.Argument(help="Two or more run ids (or unique prefixes).")],
+    format: FormatOption = Format.table,
+) -> None:
+    """Runs side by side: config, gate and every metric, with % change against the first run."""
+    from modelfactory.catalog.queries import compare_runs
+    from modelfactory.catalog.render import (
+        comparison_csv,
+        comparison_table,
+        record_json,
+    )
+
+    try:
+        comparison = compare_runs(_open(), run_ids)
+    except ModelFactoryError as exc:
+        _fail(exc)
+    _emit(format, table=lambda: comparison_table(comparison), json=lambda: record_json(comparison),
+          csv=lambda: comparison_csv(comparison))
+
+
+@app.command("best")
+def catalog_best(
+    base: Annotated[str, typer.Option(help="Base model URI or commit SHA.")],
+    max_ppl_increase: Annotated[Optional[str], typer.Option(help="Max perplexity increase, e.g. 3%.")] = None,
+    by: Annotated[Objective, typer.Option(help="speed (highest decode speed-up), size or memory (lowest ratio).")]
+    = Objective.speed,
+    adapter: Annotated[Optional[str], typer.Option(help="Only builds with this adapter (URI or SHA).")] = None,
+    bits: Annotated[Optional[int], typer.Option(help="Only this many GPTQ bits.")] = None,
+    format: FormatOption = Format.table,
+) -> None:
+    """The Pareto-best passing build of a base model (exit 1 when none qualifies)."""
+    from modelfactory.catalog.queries import RunFilter, best_build, parse_percent
+    from modelfactory.catalog.render import best_csv, best_table, record_json
+    from modelfactory.core.errors import CatalogNotFoundError
+
+    try:
+        limit = parse_percent(max_ppl_increase) if max_ppl_increase is not None else None
+        best = best_build(_open(), base=base, max_ppl_increase_pct=limit, by=by.value,
+                          filters=RunFilter(adapter=adapter, bits=bits))
+        if best.best is None:
+            bound = f" within a {limit:g}% perplexity increase" if limit is not None else ""
+            raise CatalogNotFoundError(
+                f"no passing build of {base!r}{bound} has {by.value} measured: relax --max-ppl-increase, "
+                f"or list the runs with `modelfactory catalog ls --base {base}`"
+            )
+    except ModelFactoryError as exc:
+        _fail(exc)
+    _emit(format, table=lambda: best_table(best), json=lambda: record_json(best), csv=lambda: best_csv(best))
+
+
+@app.command("lineage")
+def catalog_lineage(
+    artifact: Annotated[str, typer.Argument(help="Run id (prefix), artifact or publication URI, or manifest sha256.")],
+    format: FormatOption = Format.table,
+) -> None:
+    """Where an artifact came from: base SHA → adapters → spec → run → artifact → publications."""
+    from modelfactory.catalog.queries import lineage
+    from modelfactory.catalog.render import lineage_csv, lineage_table, record_json
+
+    try:
+        chain = lineage(_open(), artifact)
+    except ModelFactoryError as exc:
+        _fail(exc)
+    _emit(format, table=lambda: lineage_table(chain), json=lambda: record_json(chain), csv=lambda: lineage_csv(chain))
+
+
+@app.command("upgrade")
+def catalog_upgrade() -> None:
+    """Migrate the catalog database to the current schema (Alembic; safe to run twice)."""
+    from modelfactory.catalog import open_catalog
+
+    try:
+        catalog = open_catalog(auto_upgrade=True)
+    except ModelFactoryError as exc:
+        _fail(exc)
+    console.print(f"catalog {catalog.url} at revision {catalog.current_revision()}", soft_wrap=True)
+
+
+@app.command("import")
+def catalog_import(
+    uris: Annotated[list[str], typer.Argument(help="Artifact URIs (file:// or s3:// folders holding a manifest.json).")],
+) -> None:
+    """Record published artifacts from their manifests (after the catalog was down at the end of a run).
+
+    Safe to repeat: an artifact the catalog knows is left alone; the unfinished run that published
+    it is completed; otherwise a new run is recorded.
+    """
+    from modelfactory.catalog.recovery import import_artifact
+
+    catalog = _open()
+    for uri in uris:
+        try:
+            result = import_artifact(catalog, uri=uri)
+        except ModelFactoryError as exc:
+            _fail(exc)
+        console.print(f"{result.action}: run {result.run_id} ← {uri}", soft_wrap=True, highlight=False)

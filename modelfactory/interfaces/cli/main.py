@@ -1,0 +1,184 @@
+"""``modelfactory`` command line: demo, run, catalog."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from modelfactory.core.errors import ModelFactoryError
+
+if TYPE_CHECKING:
+    from modelfactory.core.records import RunOutcome
+
+app = typer.Typer(help="Turn fine-tuned LLMs into verified, benchmarked, published GPTQ models.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+def _add_subcommands() -> None:
+    from modelfactory.interfaces.cli import artifact as cli_artifact
+    from modelfactory.interfaces.cli import catalog as cli_catalog
+    from modelfactory.interfaces.cli import watch as cli_watch
+
+    app.add_typer(cli_catalog.app, name="catalog", help="Query the run catalog.")
+    app.add_typer(cli_watch.app, name="watch", help="The watch list: repos whose new commits start the factory.")
+    app.add_typer(cli_artifact.app, name="artifact", help="Read published artifacts back and verify them.")
+
+
+_add_subcommands()
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(exc: ModelFactoryError) -> None:
+    err_console.print(f"[red]error ({exc.kind}):[/red] {exc.message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=1)
+
+
+def _show_run(run_id: str, fmt: str = "table") -> None:
+    from modelfactory.catalog import open_catalog
+    from modelfactory.catalog.render import run_detail_table
+
+    detail = open_catalog().get_run(run_id)
+    if fmt == "json":
+        console.print_json(json.dumps(detail.to_dict()))
+    else:
+        console.print(run_detail_table(detail))
+
+
+def _run_and_report(run: Callable[[str], RunOutcome], fmt: str) -> None:
+    """Run, then print the run's metrics table and decision; exit 1 on failure, 2 on rejection."""
+    import uuid
+
+    run_id = str(uuid.uuid4())
+    try:
+        outcome = run(run_id)
+    except ModelFactoryError as exc:
+        _show_failed(run_id)
+        _fail(exc)
+    _show_run(outcome.run_id, fmt)
+    if fmt != "json":
+        colour = "green" if outcome.status == "passed" else "yellow"
+        console.print(f"[{colour}]{outcome.status}[/{colour}]: {outcome.gate}"
+                      + (f"\nartifact: {outcome.artifact_uri}" if outcome.artifact_uri else ""), soft_wrap=True)
+    if outcome.status != "passed":
+        raise typer.Exit(code=2)
+
+
+def _show_failed(run_id: str) -> None:
+    try:
+        _show_run(run_id)
+    except ModelFactoryError:
+        pass  # the run never reached the catalog (e.g. catalog down): the error below says why
+
+
+@app.command()
+def demo(
+    finetune_steps: Annotated[int, typer.Option(help="LoRA fine-tune steps before the factory run.")] = 24,
+    format: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+) -> None:
+    """Run the whole factory on the real SmolLM2-135M-Instruct with a freshly trained LoRA adapter."""
+    from modelfactory.interfaces.demo import run_demo
+
+    _run_and_report(lambda run_id: run_demo(finetune_steps=finetune_steps, run_id=run_id), format)
+
+
+@app.command()
+def run(
+    spec: Annotated[Optional[Path], typer.Option(help="YAML/JSON spec file; flags below override it.")] = None,
+    base: Annotated[Optional[str], typer.Option(help="Base model: Hub id, local folder or .gguf file.")] = None,
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision of the base model.")] = None,
+    adapter: Annotated[Optional[list[str]], typer.Option(help="LoRA adapter (repeatable); 'PATH@WEIGHT' sets a weight.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Run name.")] = None,
+    bits: Annotated[Optional[int], typer.Option(help="GPTQ bits (2, 3, 4, 8).")] = None,
+    group_size: Annotated[Optional[int], typer.Option(help="GPTQ group size (-1 = per row).")] = None,
+    damp_percent: Annotated[Optional[float], typer.Option(help="GPTQ dampening.")] = None,
+    desc_act: Annotated[Optional[bool], typer.Option("--desc-act/--no-desc-act", help="Activation order.")] = None,
+    sym: Annotated[Optional[bool], typer.Option("--sym/--no-sym", help="Symmetric quantization.")] = None,
+    true_sequential: Annotated[Optional[bool], typer.Option("--true-sequential/--no-true-sequential")] = None,
+    calibration_path: Annotated[Optional[str], typer.Option(help="Calibration text file or folder.")] = None,
+    num_samples: Annotated[Optional[int], typer.Option(help="Calibration sequences.")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="Calibration sequence length.")] = None,
+    ppl_max_tokens: Annotated[Optional[int], typer.Option(help="Perplexity token budget.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
+    max_ppl_increase_pct: Annotated[Optional[float], typer.Option(help="Gate: max perplexity increase %.")] = None,
+    min_decode_speedup: Annotated[Optional[float], typer.Option(help="Gate: min decode speed-up.")] = None,
+    max_size_ratio: Annotated[Optional[float], typer.Option(help="Gate: max disk size ratio.")] = None,
+    max_memory_ratio: Annotated[Optional[float], typer.Option(help="Gate: max memory ratio.")] = None,
+    destination: Annotated[Optional[str], typer.Option(help="Where to publish: file://folder, s3://bucket/prefix or hf://owner/repo.")] = None,
+    format: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+) -> None:
+    """Run the factory on a spec file and/or flags."""
+    from modelfactory.core.specs import load_spec, merge_overrides
+    from modelfactory.interfaces.runner import run_factory
+
+    try:
+        data = load_spec(spec).model_dump(mode="json", exclude_unset=True) if spec else {}
+    except ModelFactoryError as exc:
+        _fail(exc)
+    overrides = {
+        "name": name,
+        "base": {"uri": base, "revision": revision} if base else None,
+        "adapters": [_adapter(a) for a in adapter] if adapter else None,
+        "quantize": {"bits": bits, "group_size": group_size, "damp_percent": damp_percent, "desc_act": desc_act,
+                     "sym": sym, "true_sequential": true_sequential,
+                     "calibration": {"num_samples": num_samples, "seq_len": seq_len,
+                                     "text": {"path": calibration_path} if calibration_path else None}},
+        "benchmark": {"device": device, "perplexity": {"max_tokens": ppl_max_tokens}},
+        "gate": {"max_ppl_increase_pct": max_ppl_increase_pct, "min_decode_speedup": min_decode_speedup,
+                 "max_size_ratio": max_size_ratio, "max_memory_ratio": max_memory_ratio},
+        "publish": {"destination": destination},
+    }
+    data = merge_overrides(data, overrides)
+    _run_and_report(lambda run_id: run_factory(data, origin=str(spec or "flags"), run_id=run_id), format)
+
+
+def _adapter(text: str) -> dict:
+    uri, _, weight = text.rpartition("@") if "@" in text else (text, "", "")
+    return {"uri": uri, "weight": float(weight)} if weight else {"uri": text}
+
+
+@app.command()
+def deploy(
+    gpus: Annotated[Optional[int], typer.Option(help="Pool-wide limit: GPUs over all GPU hosts.")] = None,
+    pool_type: Annotated[str, typer.Option(help="process (infra/gpu-host) or kubernetes (infra/k8s)")] = "process",
+    zombie_after: Annotated[float, typer.Option(help="Seconds without heartbeat before a gpu-stage run is Crashed.")] = 90,
+    name: Annotated[Optional[list[str]], typer.Option("--name", help="Only this deployment (repeatable).")] = None,
+) -> None:
+    """Apply deployments/prefect.yaml to PREFECT_API_URL: gpu pool, deployments, zombie-run automation."""
+    from modelfactory.interfaces.deploy import deploy as apply_deployments
+
+    try:
+        apply_deployments(gpus=gpus, names=name, pool_type=pool_type, zombie_after_s=zombie_after)
+    except ModelFactoryError as exc:
+        _fail(exc)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+) -> None:
+    """Start the HTTP service: Hugging Face webhook, catalog JSON API and leaderboard page."""
+    import uvicorn
+
+    from modelfactory.interfaces.server import create_app
+
+    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+
+
+def main() -> None:
+    import os
+
+    # Ephemeral Prefect's telemetry heartbeat races its own SQLite file ("database is locked" noise).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    app()
+
+
+if __name__ == "__main__":
+    main()

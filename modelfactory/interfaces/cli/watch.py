@@ -1,0 +1,136 @@
+"""``modelfactory watch add|ls|rm``: the watch list (repos whose new commits start the factory).
+
+A watch maps a Hub repo to its builds: an adapter repo to the base model it is merged into
+(``--base``), or a base model repo (``--kind base``), plus the spec fields and gate of its runs
+(flags below, or ``--spec FILE`` with any FactorySpec fields but ``base.uri``/``adapters``).
+The webhook (``POST /hooks/huggingface``) and the nightly check build its new commits
+(``docs/triggers.md``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+import yaml
+
+from modelfactory.core.errors import ModelFactoryError, SpecError
+
+app = typer.Typer(help="The watch list: repos whose new commits start the factory.", no_args_is_help=True)
+
+
+def _spec_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise SpecError(f"spec file {str(path)!r} does not exist: pass an existing YAML/JSON file") from exc
+    except yaml.YAMLError as exc:
+        raise SpecError(f"spec file {str(path)!r} is not valid YAML/JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SpecError(f"spec file {str(path)!r} must hold a mapping at the top, got {type(data).__name__}")
+    return data
+
+
+def _prune(value: Any) -> Any:
+    """Drop unset (``None``) flags and the empty sections they leave."""
+    if not isinstance(value, dict):
+        return value
+    pruned = {k: _prune(v) for k, v in value.items() if v is not None}
+    return {k: v for k, v in pruned.items() if v != {}}
+
+
+@app.command("add")
+def add(
+    repo: Annotated[str, typer.Argument(help="Hub repo to watch, owner/name.")],
+    base: Annotated[Optional[str], typer.Option(help="Base model the adapter is merged into (Hub id, folder, .gguf, s3://).")] = None,
+    kind: Annotated[str, typer.Option(help="adapter (a LoRA repo on top of --base) or base (a base model repo).")] = "adapter",
+    revision: Annotated[str, typer.Option(help="Branch of REPO to follow.")] = "main",
+    base_revision: Annotated[Optional[str], typer.Option(help="Hub revision of --base (default: its main).")] = None,
+    spec: Annotated[Optional[Path], typer.Option(help="YAML/JSON with spec fields of the builds; flags override it.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Run/artifact name (default: owner--name).")] = None,
+    bits: Annotated[Optional[int], typer.Option(help="GPTQ bits (2, 3, 4, 8).")] = None,
+    group_size: Annotated[Optional[int], typer.Option(help="GPTQ group size (-1 = per row).")] = None,
+    desc_act: Annotated[Optional[bool], typer.Option("--desc-act/--no-desc-act", help="Activation order.")] = None,
+    num_samples: Annotated[Optional[int], typer.Option(help="Calibration sequences.")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="Calibration sequence length.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Benchmark device: auto, cpu or cuda.")] = None,
+    max_ppl_increase_pct: Annotated[Optional[float], typer.Option(help="Gate: max perplexity increase %.")] = None,
+    min_decode_speedup: Annotated[Optional[float], typer.Option(help="Gate: min decode speed-up.")] = None,
+    max_size_ratio: Annotated[Optional[float], typer.Option(help="Gate: max disk size ratio.")] = None,
+    max_memory_ratio: Annotated[Optional[float], typer.Option(help="Gate: max memory ratio.")] = None,
+    destination: Annotated[Optional[str], typer.Option(help="Where passing builds are published (file://, s3://, hf://).")] = None,
+    replace: Annotated[bool, typer.Option("--replace", help="Replace an existing watch of REPO.")] = False,
+) -> None:
+    """Watch REPO: each new commit of its branch is built with these spec fields and gate."""
+    from modelfactory.catalog import open_catalog
+    from modelfactory.core.specs import merge_overrides
+    from modelfactory.interfaces.cli.main import _fail, console
+    from modelfactory.triggers.watch import normalize_repo, validate_watch
+
+    try:
+        repo = normalize_repo(repo)
+        fields = _spec_file(spec) if spec else {}
+        fields = merge_overrides(fields, _prune({
+            "name": name,
+            "base": {"revision": base_revision},
+            "quantize": {"bits": bits, "group_size": group_size, "desc_act": desc_act,
+                         "calibration": {"num_samples": num_samples, "seq_len": seq_len}},
+            "benchmark": {"device": device},
+            "gate": {"max_ppl_increase_pct": max_ppl_increase_pct, "min_decode_speedup": min_decode_speedup,
+                     "max_size_ratio": max_size_ratio, "max_memory_ratio": max_memory_ratio},
+            "publish": {"destination": destination},
+        }))
+        if kind == "base" and (base or "base" in fields):
+            raise SpecError(f"--kind base watches {repo!r} itself as the base model: drop --base/--base-revision")
+        validate_watch(repo=repo, kind=kind, base=base, fields=fields)
+        watch = open_catalog().add_watch(repo=repo, kind=kind, base=base, revision=revision, spec=fields,
+                                         replace=replace)
+    except ModelFactoryError as exc:
+        _fail(exc)
+    console.print(f"watching {watch.repo}@{watch.revision} ({watch.kind}"
+                  + (f" on {watch.base}" if watch.base else "") + f"); spec fields {json.dumps(watch.spec)}\n"
+                  "its next commit is built (webhook), or the current one at the next nightly check",
+                  highlight=False, soft_wrap=True)
+
+
+@app.command("ls")
+def ls(format: Annotated[str, typer.Option("--format", help="table or json")] = "table") -> None:
+    """List watched repos, their base, followed branch, last built commit and spec fields."""
+    from rich.table import Table
+
+    from modelfactory.catalog import open_catalog
+    from modelfactory.interfaces.cli.main import _fail, console
+
+    try:
+        watches = open_catalog().list_watches()
+    except ModelFactoryError as exc:
+        _fail(exc)
+    if format == "json":
+        rows = [{"repo": w.repo, "kind": w.kind, "base": w.base, "revision": w.revision, "last_sha": w.last_sha,
+                 "spec": w.spec, "updated_at": w.updated_at.isoformat() if w.updated_at else None} for w in watches]
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("repo", "kind", "base", "branch", "last built", "spec fields")
+    for w in watches:
+        table.add_row(w.repo, w.kind, w.base or "-", w.revision, (w.last_sha or "-")[:12],
+                      json.dumps(w.spec, separators=(",", ":")))
+    console.print(table)
+
+
+@app.command("rm")
+def rm(repo: Annotated[str, typer.Argument(help="Watched repo, owner/name.")]) -> None:
+    """Stop watching REPO (runs and deliveries already recorded stay in the catalog)."""
+    from modelfactory.catalog import open_catalog
+    from modelfactory.core.errors import CatalogError
+    from modelfactory.interfaces.cli.main import _fail, console
+    from modelfactory.triggers.watch import normalize_repo
+
+    try:
+        repo = normalize_repo(repo)
+        if not open_catalog().remove_watch(repo):
+            raise CatalogError(f"{repo!r} is not on the watch list: see `modelfactory watch ls`")
+    except ModelFactoryError as exc:
+        _fail(exc)
+    console.print(f"stopped watching {repo}", highlight=False)

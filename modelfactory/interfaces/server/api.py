@@ -1,0 +1,157 @@
+"""Read-only JSON API over the run catalog: the queries of ``modelfactory catalog``, over HTTP.
+
+- ``GET /api/runs``            filters of ``catalog ls`` (base, adapter, status, bits, group_size,
+                               desc_act, config, since, until, sort, limit) → ``{"runs": [...]}``
+- ``GET /api/runs/{id}``       one run (id or unique 6+ character prefix), everything recorded
+- ``GET /api/compare?run=A&run=B``  runs side by side with % changes against the first
+- ``GET /api/best?base=X&max_ppl_increase=3%&by=speed``  the Pareto-best passing build (404: none)
+- ``GET /api/lineage?ref=R``   base → adapters → spec → run → artifact → publications
+- ``GET /api/leaderboard``     finished builds per base model
+
+Errors are ``{"detail": {"error": kind, "message": ...}}``: 400 bad query, 404 not found,
+503 catalog unreachable or not migrated. The app refuses to start (lifespan) when the catalog's
+schema is behind the code's: run ``modelfactory catalog upgrade``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import lru_cache
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter, FastAPI, HTTPException, Query
+
+from modelfactory.catalog import Catalog, open_catalog
+from modelfactory.core.errors import (
+    CatalogError,
+    CatalogNotFoundError,
+    CatalogQueryError,
+)
+
+T = TypeVar("T")
+
+
+def catalog_url() -> str:
+    from modelfactory.core.settings import get_settings
+
+    return get_settings().resolved_catalog_url
+
+
+@lru_cache(maxsize=8)
+def _catalog(url: str) -> Catalog:
+    # Never auto-upgrades: a catalog behind head raises (the message says `catalog upgrade`).
+    return open_catalog(url)
+
+
+def get_catalog() -> Catalog:
+    """The catalog at ``MODELFACTORY_CATALOG_URL``, opened once per URL (a new empty one is created)."""
+    return _catalog(catalog_url())
+
+
+@asynccontextmanager
+async def check_catalog(_app: FastAPI) -> AsyncIterator[None]:
+    """Refuse to start on a catalog that cannot be opened or is behind the code's schema."""
+    get_catalog()
+    yield
+
+
+router = APIRouter(prefix="/api", tags=["catalog"], lifespan=check_catalog)
+
+
+def answer(query: Callable[[], T]) -> T:
+    """Run *query*, turning catalog errors into HTTP errors that carry the kind and message."""
+    try:
+        return query()
+    except CatalogQueryError as exc:
+        status = 400
+        error: CatalogError = exc
+    except CatalogNotFoundError as exc:
+        status, error = 404, exc
+    except CatalogError as exc:
+        status, error = 503, exc
+    raise HTTPException(status_code=status, detail={"error": error.kind, "message": error.message})
+
+
+@router.get("/runs")
+def list_runs(
+    base: str | None = None,
+    adapter: str | None = None,
+    status: str | None = None,
+    bits: int | None = None,
+    group_size: int | None = None,
+    desc_act: bool | None = None,
+    config: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    sort: str = "newest",
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 50,
+) -> dict[str, Any]:
+    """Runs matching every given filter (same semantics as ``modelfactory catalog ls``)."""
+    from modelfactory.catalog.queries import RunFilter, parse_when, query_runs
+
+    def query() -> dict[str, Any]:
+        filters = RunFilter(base=base, adapter=adapter, status=status, bits=bits, group_size=group_size,
+                            desc_act=desc_act, config=config, since=parse_when(since) if since else None,
+                            until=parse_when(until, end=True) if until else None)
+        rows = query_runs(get_catalog(), filters=filters, sort=sort, limit=limit)
+        return {"runs": [row.to_dict() for row in rows]}
+
+    return answer(query)
+
+
+@router.get("/runs/{run_id}")
+def get_run(run_id: str) -> dict[str, Any]:
+    """Everything recorded about one run."""
+    return answer(lambda: get_catalog().get_run(run_id).to_dict())
+
+
+@router.get("/compare")
+def compare(run: Annotated[list[str], Query(description="Run ids (repeat: ?run=A&run=B)")]) -> dict[str, Any]:
+    from modelfactory.catalog.queries import compare_runs
+
+    return answer(lambda: compare_runs(get_catalog(), run).to_dict())
+
+
+@router.get("/best")
+def best(
+    base: str,
+    max_ppl_increase: str | None = None,
+    by: str = "speed",
+    adapter: str | None = None,
+    bits: int | None = None,
+) -> dict[str, Any]:
+    """The Pareto-best passing build of *base*; 404 when no build qualifies."""
+    from modelfactory.catalog.queries import RunFilter, best_build, parse_percent
+
+    def query() -> dict[str, Any]:
+        limit = parse_percent(max_ppl_increase) if max_ppl_increase is not None else None
+        found = best_build(get_catalog(), base=base, max_ppl_increase_pct=limit, by=by,
+                           filters=RunFilter(adapter=adapter, bits=bits))
+        if found.best is None:
+            bound = f" within a {limit:g}% perplexity increase" if limit is not None else ""
+            raise CatalogNotFoundError(
+                f"no passing build of {base!r}{bound} has {by} measured: relax max_ppl_increase"
+            )
+        return found.to_dict()
+
+    return answer(query)
+
+
+@router.get("/lineage")
+def lineage(ref: Annotated[str, Query(description="Run id, artifact/publication URI or manifest sha256")]) -> dict:
+    from modelfactory.catalog.queries import lineage as trace
+
+    return answer(lambda: trace(get_catalog(), ref).to_dict())
+
+
+@router.get("/lineage/{ref:path}")
+def lineage_path(ref: str) -> dict[str, Any]:
+    return lineage(ref)
+
+
+@router.get("/leaderboard")
+def leaderboard(base: str | None = None, rows: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
+    from modelfactory.catalog.queries import leaderboard as boards
+
+    return answer(lambda: {"boards": [b.to_dict() for b in boards(get_catalog(), base=base, rows=rows)]})

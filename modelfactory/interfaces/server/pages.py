@@ -1,0 +1,103 @@
+"""HTML pages of ``modelfactory serve``: the leaderboard (``/`` and ``/leaderboard``).
+
+One section per base model: a scatter plot (perplexity increase vs decode speed-up, or size /
+memory ratio with ``?x=size``; one point per build, pass/fail marked, the best passing build
+ringed) and a table of its finished builds, passing first, fastest first. Everything is rendered
+on the server: inline SVG and CSS, no script, nothing from a CDN.
+"""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.responses import HTMLResponse
+
+from modelfactory.catalog.records import Board, RunRow
+from modelfactory.core.errors import (
+    CatalogError,
+    CatalogNotFoundError,
+    CatalogQueryError,
+)
+from modelfactory.interfaces.server.plot import AXES, Point, scatter_svg
+
+router = APIRouter(tags=["pages"])
+
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222}
+h1{font-size:1.4em}h2{font-size:1.15em;margin-top:2em}code{font-size:.9em}
+table{border-collapse:collapse;margin-top:12px;font-size:.9em}
+th,td{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left}td.num{text-align:right}
+tr.passed td.status{color:#2e7d32}tr.rejected td.status{color:#c62828}tr.best{background:#fff8e1}
+.legend span{margin-right:16px}.muted{color:#777}svg text{font-size:11px;fill:#444}
+nav a{margin-right:12px}
+"""
+
+
+def _num(value: float | None, fmt: str = ".3g") -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def _row_html(rank: int, row: RunRow, best_id: str | None) -> str:
+    adapters = ", ".join(escape(str(a.get("uri", ""))) for a in row.adapters) or "–"
+    classes = f"{row.status}{' best' if row.id == best_id else ''}"
+    return (f'<tr class="{classes}" data-run="{escape(row.id)}"><td class="num">{rank}</td>'
+            f'<td><a href="/api/runs/{escape(row.id)}"><code>{escape(row.id[:8])}</code></a>'
+            f'{" ★" if row.id == best_id else ""}</td>'
+            f"<td>{escape(row.name)}</td><td>{escape(row.config or '–')}</td><td>{adapters}</td>"
+            f'<td class="num">{_num(row.ppl_increase_pct)}</td><td class="num">{_num(row.decode_speedup)}</td>'
+            f'<td class="num">{_num(row.size_ratio)}</td><td class="num">{_num(row.memory_ratio)}</td>'
+            f'<td class="status">{escape(row.status)}</td>'
+            f'<td>{row.started_at.strftime("%Y-%m-%d %H:%M")}</td></tr>')
+
+
+def _board_html(board: Board, x: str, best_id: str | None) -> str:
+    column, x_label = AXES[x]
+    points = [Point(run_id=r.id, label=f"{r.id[:8]} {r.name} {r.config or ''}", x=getattr(r, column),
+                    y=r.ppl_increase_pct, passed=r.status == "passed", best=r.id == best_id)
+              for r in board.rows if getattr(r, column) is not None and r.ppl_increase_pct is not None]
+    title = f"{board.base_uri} @ {board.base_sha[:12]}"
+    header = "".join(f"<th>{h}</th>" for h in ("#", "run", "name", "config", "adapters", "ppl +%", "speed-up",
+                                               "size", "memory", "status", "started (UTC)"))
+    rows = "".join(_row_html(i, row, best_id) for i, row in enumerate(board.rows, start=1))
+    shown = f"{len(board.rows)} of {board.runs}" if board.runs > len(board.rows) else f"{board.runs}"
+    return (f'<section class="board" data-base="{escape(board.base_uri)}"><h2>{escape(title)}</h2>'
+            f'<p class="muted">{shown} finished builds; ★ = best passing build by {escape(x)}</p>'
+            f'<p class="legend"><span style="color:#2e7d32">● passed</span>'
+            f'<span style="color:#c62828">✕ rejected</span><span style="color:#f9a825">◯ best</span></p>'
+            f'{scatter_svg(points, x_label=x_label, title=title)}'
+            f'<table class="leaderboard"><thead><tr>{header}</tr></thead><tbody>{rows}</tbody></table></section>')
+
+
+def _page(title: str, body: str, status_code: int = 200) -> HTMLResponse:
+    html = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
+            f'<style>{STYLE}</style></head><body><h1>{escape(title)}</h1>'
+            f'<nav><a href="/leaderboard?x=speed">by speed-up</a><a href="/leaderboard?x=size">by size</a>'
+            f'<a href="/leaderboard?x=memory">by memory</a><a href="/docs">API</a></nav>{body}</body></html>')
+    return HTMLResponse(html, status_code=status_code)
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+@router.get("/leaderboard", response_class=HTMLResponse)
+def leaderboard_page(
+    base: str | None = None,
+    x: Annotated[str, Query(pattern="^(speed|size|memory)$")] = "speed",
+    rows: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> HTMLResponse:
+    """Leaderboard per base model with a perplexity-increase plot."""
+    from modelfactory.catalog.queries import best_build, leaderboard
+    from modelfactory.interfaces.server.api import get_catalog
+
+    try:
+        catalog = get_catalog()
+        boards = leaderboard(catalog, base=base, rows=rows)
+        sections = []
+        for board in boards:
+            best = best_build(catalog, base=board.base_sha, by=x).best
+            sections.append(_board_html(board, x, best.id if best else None))
+    except CatalogError as exc:
+        status = 400 if isinstance(exc, CatalogQueryError) else 404 if isinstance(exc, CatalogNotFoundError) else 503
+        return _page("modelfactory leaderboard", f'<p class="error">{escape(exc.message)}</p>', status)
+    body = "".join(sections) or '<p class="empty">No finished builds in the catalog yet: run `modelfactory run`.</p>'
+    return _page("modelfactory leaderboard", body)

@@ -1,0 +1,70 @@
+"""The artifact store where passing models are published (``file://`` in this version)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from modelfactory.core.errors import PublishDiskFullError, PublishError, SpecError
+from modelfactory.core.manifest import (
+    MANIFEST,
+    artifact_files,
+    manifest_bytes,
+    manifest_digest,
+)
+from modelfactory.core.workdir import disk_full_error
+
+
+def local_root(url: str) -> Path:
+    """The folder of a ``file://`` store URL (a plain path is accepted too)."""
+    parsed = urlparse(url)
+    if parsed.scheme in ("", "file"):
+        return Path(unquote(parsed.path if parsed.scheme else url)).expanduser()
+    raise SpecError(f"artifact store {url!r}: only file:// destinations are supported in this version")
+
+
+def safe_join(root: Path, *parts: str) -> Path:
+    """Join *parts* under *root*, refusing anything that would escape it."""
+    for part in parts:
+        if not part or part in (".", "..") or "/" in part or "\\" in part or part.startswith("."):
+            raise SpecError(f"artifact path component {part!r} is not allowed: use plain names")
+    path = root.joinpath(*parts)
+    # A symlink inside the store (e.g. store/name -> /etc) must not carry a publish outside it.
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise SpecError(
+            f"artifact path {str(path)!r} resolves to {str(path.resolve())!r}, outside the store {str(root)!r} "
+            f"(a symlink in the store?): remove the link or publish elsewhere"
+        )
+    return path
+
+
+def publish_local(*, source: Path, root: Path, parts: tuple[str, ...], manifest: dict) -> tuple[Path, str, bool]:
+    """Copy *source*'s files to ``root/parts...`` and write the manifest last.
+
+    Returns ``(folder, manifest_sha256, reused)``; an identical artifact already there is a no-op.
+    """
+    dest = safe_join(root, *parts)
+    data = manifest_bytes(manifest)
+    if (dest / MANIFEST).is_file():
+        existing = (dest / MANIFEST).read_bytes()
+        return dest, manifest_digest(existing), True
+    try:
+        if dest.exists():  # an earlier publish died before its manifest: start over
+            shutil.rmtree(dest)
+        dest.mkdir(parents=True)
+        for file in artifact_files(source):
+            target = dest / file.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(file, target)
+        tmp = dest / f".{MANIFEST}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, dest / MANIFEST)
+    except OSError as exc:
+        shutil.rmtree(dest, ignore_errors=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise disk_full_error(root, "publishing", exc, kind=PublishDiskFullError) from exc
+        raise PublishError(f"publishing to {dest} failed ({exc}); partial files were removed, fix and retry") from exc
+    return dest, manifest_digest(data), False
