@@ -10,4 +10,8 @@ fi
 if [ -d .gpu/data ]; then cp -r .gpu/data/. /root/mfdata/; fi
 if [ -d .gpu/tok32k ]; then cp -r .gpu/tok32k /root/keep/; fi
 for p in .gpu/p*/gguf.part*; do [ -f "$p" ] && cp "$p" /root/keep/; done
+# The compile caches (Inductor, Triton, GPTQModel/Marlin, torch extensions, CUDA) under MODELFACTORY_CACHE_DIR,
+# as the factory's step processes get them (modelfactory/core/caches.py), also for in-process scripts.
+# Compile vs measurement of a GPU stage: python3 bench/compile_cache.py --shape llama-1.1b --out bench/results
+eval "$(python3 -m modelfactory.core.caches)"
 true

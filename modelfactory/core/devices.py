@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from modelfactory.core.caches import compile_cache_env
 from modelfactory.core.log import progress
 from modelfactory.core.settings import get_settings
 
@@ -32,15 +32,10 @@ def resolve_dtype(requested: str, device: str) -> str:
 
 
 def gpu_env() -> dict[str, str]:
-    """Environment for GPTQModel/torch workers: persistent JIT caches and CPU worker count."""
-    cache = get_settings().resolved_cache_dir
-    return {
-        "GPTQMODEL_CPU_WORKERS": str(get_settings().cpu_workers),
-        "GPTQMODEL_TORCH_EXTENSIONS_DIR": str(cache / "gptqmodel" / "torch_extensions"),
-        "GPTQMODEL_CACHE_DIR": str(cache / "gptqmodel"),
-        "TORCH_EXTENSIONS_DIR": str(cache / "torch_extensions"),
-        "TRITON_CACHE_DIR": os.environ.get("TRITON_CACHE_DIR", str(cache / "triton")),
-    }
+    """Environment for GPTQModel/torch workers: CPU worker count and the compile caches, all under
+    the factory's cache dir (:mod:`modelfactory.core.caches`), so every run on a host reuses them."""
+    settings = get_settings()
+    return {"GPTQMODEL_CPU_WORKERS": str(settings.cpu_workers), **compile_cache_env(settings.resolved_cache_dir)}
 
 
 @contextmanager

@@ -6,7 +6,9 @@ Everything the factory writes lives under ``home`` unless a setting points elsew
 - ``catalog_url``     ``sqlite:///<home>/catalog.db``
 - ``store_url``       ``file://<home>/store`` (published artifacts)
 - ``work_dir``        ``<home>/work`` (step outputs, keyed by input hash)
-- ``cache_dir``       ``<home>/cache`` (GPTQModel/torch extension JIT cache, HF cache is HF's own)
+- ``cache_dir``       ``<home>/cache``: the GPU steps' compile caches (GPTQModel/Marlin JIT, Inductor,
+  Triton, torch extensions, CUDA PTX; ``modelfactory.core.caches``), reused by every run on a
+  host; keep it on a persistent volume. The HF model cache is HF's own (``HF_HOME``).
 - ``data_dir``        optional folder holding local copies of datasets, e.g. ``../shared/data``:
   a dataset name such as ``wikitext-2-raw-v1/test`` is looked up there first.
 
