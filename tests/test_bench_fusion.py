@@ -21,7 +21,11 @@ from modelfactory.benchmark.fusion import (
     fuse_projections,
 )
 from modelfactory.benchmark.graph import GRAPH_TREATMENTS, DecodeCheck, GraphTreatment
-from modelfactory.benchmark.kernels import _OPAQUE_MODULES, choose_decode_mode, make_quant_linears_opaque
+from modelfactory.benchmark.kernels import (
+    _OPAQUE_MODULES,
+    choose_decode_mode,
+    make_quant_linears_opaque,
+)
 from modelfactory.core.errors import SpecError
 from modelfactory.core.records import RecordedDecodeMode
 from modelfactory.core.specs import DecodeSpec
@@ -197,7 +201,7 @@ def test_fused_marlin_concatenates_and_calls_gptqmodel_as_it_expects(monkeypatch
     assert torch.equal(seen["b_q_weight" if atomics else "weight"], qweight)
 
 
-@pytest.mark.parametrize("bad", [dict(bias=True), dict(desc_act=True), dict(n=96)])
+@pytest.mark.parametrize("bad", [{"bias": True}, {"desc_act": True}, {"n": 96}])
 def test_marlin_layers_that_cannot_be_concatenated_are_refused(bad):
     parts = [MarlinLinear(128, 128), MarlinLinear(128, bad.pop("n", 64), **bad)]
     with pytest.raises(ValueError, match="cannot fuse Marlin layer"):
