@@ -92,7 +92,7 @@ def stage_smoke(args) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from modelfactory.benchmark import harness as bench
+    from modelfactory import benchmark as bench
 
     torch.manual_seed(0)
     config = LlamaConfig(**{**LLAMA7B, "hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 4,
@@ -100,8 +100,8 @@ def stage_smoke(args) -> None:
     model = LlamaForCausalLM(config).to("cuda", torch.float16).eval()
     ids = AutoTokenizer.from_pretrained(args.tokenizer)("The history of the city began", return_tensors="pt")
     ids = ids["input_ids"].cuda()
-    t1e, rate_e, out_e = bench.measure_decode(model, ids, new_tokens=64, warmup=1, repeats=3, device="cuda")
-    t1g, rate_g, out_g = bench.measure_decode_graph(model, ids, new_tokens=64, warmup=1, repeats=3)
+    t1e, rate_e, out_e = bench.measure_decode(model, input_ids=ids, new_tokens=64, warmup=1, repeats=3, device="cuda")
+    t1g, rate_g, out_g = bench.measure_decode_graph(model, input_ids=ids, new_tokens=64, warmup=1, repeats=3)
     same = (out_e[0, ids.shape[1]:] == out_g[0, ids.shape[1]:].to(out_e.device)).float().mean().item()
     _write(Path(args.out), "smoke", {"gpu": _gpu(), "command": " ".join(sys.argv), "eager_tok_s": rate_e,
                                      "graph_tok_s": rate_g, "ttft_eager_ms": t1e * 1000, "ttft_graph_ms": t1g * 1000,
@@ -217,17 +217,14 @@ def _profile_side(model_path: str, side: str, kernel: str, steps: int, treatment
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoTokenizer
 
-    from modelfactory.benchmark import harness as bench
+    from modelfactory import benchmark as bench
     from modelfactory.core.specs import BenchmarkSpec
-    from tasks.benchmark import _load
+    from tasks.benchmark import _graph_decoder, _load
 
     spec = BenchmarkSpec(kernel=kernel)
     model, _ = _load(model_path, side=side, spec=spec, device="cuda", dtype=torch.float16)
     ids = AutoTokenizer.from_pretrained(model_path)(spec.decode.prompt, return_tensors="pt")["input_ids"].cuda()
-    opts = bench.GRAPH_TREATMENTS[treatment]
-    if opts["fuse"]:
-        bench.fuse_projections(model, marlin_atomics=opts.get("marlin_atomics", False))
-    decoder = bench.GraphDecoder(model, ids, max_new_tokens=steps + 8, compile=opts["compile"])
+    decoder = _graph_decoder(model, prompt_ids=ids, new_tokens=steps + 8, treatment=bench.GRAPH_TREATMENTS[treatment])
     decoder.generate(steps)
     with torch.inference_mode():
         decoder.prefill()
@@ -295,9 +292,9 @@ def _gptq_path() -> Path:
 
 
 def stage_llama7b_treatments(args) -> None:
-    """Every decode-step treatment of ``modelfactory.benchmark.harness.GRAPH_TREATMENTS`` on one side per worker
+    """Every decode-step treatment of ``modelfactory.benchmark.GRAPH_TREATMENTS`` on one side per worker
     process (``tasks.benchmark.measure_treatments``), each checked against the eager model."""
-    from modelfactory.benchmark import harness as bench
+    from modelfactory import benchmark as bench
     from modelfactory.core import workdir
     from modelfactory.core.devices import gpu_env
     from modelfactory.core.isolation import run_isolated

@@ -5,7 +5,7 @@ rotated that they do not stay in the 50 MB L2 (as in a real decode step, where e
 own weights), timed as replays of a CUDA graph of 32 calls (median of 20 replays). Marlin variants:
 fp32 vs fp16 global reduce, atomic-add reduce. Checks: Marlin output vs an fp32 dequantized
 reference, and that Marlin-packing concatenated q/k/v (gate/up) weights equals concatenating the
-separately packed weights (the assumption behind ``modelfactory.benchmark.harness.fuse_projections``).
+separately packed weights (the assumption behind ``modelfactory.benchmark.fusion.FusedMarlinLinear``).
 
 Usage (GPU machine, after ``source bench/gpu_env.sh``): python bench/marlin_gemv.py --out DIR
 """

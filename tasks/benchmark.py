@@ -1,6 +1,6 @@
 """Step 4 — benchmark: the GPTQ model against its own fp16 baseline, with one harness.
 
-Each side is measured in its own fresh worker process (see :mod:`modelfactory.benchmark.harness` for the
+Each side is measured in its own fresh worker process (see :mod:`modelfactory.benchmark` for the
 method), one after the other, so memory numbers are not polluted by the other side.
 """
 
@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import platform
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from prefect import task
 
-from modelfactory.benchmark import harness as bench
+from modelfactory import benchmark as bench
 from modelfactory.core import workdir
 from modelfactory.core.devices import (
     apply_memory_cap,
@@ -26,12 +27,14 @@ from modelfactory.core.errors import BenchmarkError
 from modelfactory.core.hashing import step_key
 from modelfactory.core.isolation import run_isolated
 from modelfactory.core.log import progress
-from modelfactory.core.records import BenchmarkResult, ModelArtifact, SideMetrics
-from modelfactory.core.specs import BenchmarkSpec
+from modelfactory.core.records import BenchmarkResult, ModelArtifact, Side, SideMetrics
+from modelfactory.core.specs import BenchmarkSpec, DecodeSpec
 from modelfactory.sources.text import load_text
 
+SIDES: tuple[Side, ...] = ("fp16", "gptq")
 
-def _load(model_path: str, *, side: str, spec: BenchmarkSpec, device: str, dtype):
+
+def _load(model_path: str, *, side: Side, spec: BenchmarkSpec, device: str, dtype):
     """Load one side with plain transformers (GPTQ through its GPTQModel integration)."""
     from transformers import AutoConfig, AutoModelForCausalLM, GPTQConfig
 
@@ -48,7 +51,8 @@ def _load(model_path: str, *, side: str, spec: BenchmarkSpec, device: str, dtype
     return model, kernel
 
 
-def measure_side(*, model_path: str, side: str, spec: dict, treatment: str | None = None) -> SideMetrics:
+def measure_side(*, model_path: str, side: Side, spec: dict, treatment: bench.GraphTreatment | None = None,
+                 ) -> SideMetrics:
     """Worker body: :func:`_measure_side`, with CUDA out-of-memory turned into a clear, final error."""
     import torch
 
@@ -61,11 +65,12 @@ def measure_side(*, model_path: str, side: str, spec: dict, treatment: str | Non
                                    "GPU with more free memory") from exc
 
 
-def _measure_side(*, model_path: str, side: str, spec: dict, treatment: str | None = None) -> SideMetrics:
+def _measure_side(*, model_path: str, side: Side, spec: dict, treatment: bench.GraphTreatment | None = None,
+                  ) -> SideMetrics:
     """Worker body: load one model and measure it (runs in a fresh process).
 
     *treatment*: how the CUDA-graph decode step is prepared (a key of
-    :data:`modelfactory.benchmark.harness.GRAPH_TREATMENTS`; default :data:`~modelfactory.benchmark.harness.DEFAULT_GRAPH_TREATMENT`).
+    :data:`modelfactory.benchmark.GRAPH_TREATMENTS`; default: the spec's ``decode.graph_treatment``).
     """
     import gptqmodel  # noqa: F401 - imported on both sides before the memory baseline, so its
     import torch  # footprint is not counted as model memory on one side only
@@ -86,7 +91,7 @@ def _measure_side(*, model_path: str, side: str, spec: dict, treatment: str | No
         ids = ids[: bspec.perplexity.max_tokens]
     prompt_ids = tokenizer(bspec.decode.prompt, return_tensors="pt")["input_ids"].to(device)
 
-    probe = bench.MemoryProbe(device)
+    probe = bench.MemoryProbe(device=device)
     start = time.perf_counter()
     model, requested_kernel = _load(model_path, side=side, spec=bspec, device=device, dtype=getattr(torch, dtype_name))
     load_s = time.perf_counter() - start
@@ -100,19 +105,20 @@ def _measure_side(*, model_path: str, side: str, spec: dict, treatment: str | No
     decode_mode = bench.choose_decode_mode(dspec.mode, device=device)
     if decode_mode == "cuda_graph":
         model, ttft_s, tok_s, out, used, check = _graph_decode_checked(
-            model, prompt_ids, dspec, treatment or dspec.graph_treatment,
+            model, prompt_ids=prompt_ids, dspec=dspec, treatment=treatment or dspec.graph_treatment,
             reload=lambda: _load(model_path, side=side, spec=bspec, device=device, dtype=getattr(torch, dtype_name))[0])
-        decode_mode = f"cuda_graph:{used}"
+        recorded_mode = f"cuda_graph:{used}"
         progress(f"benchmark[{side}]: {used} vs eager reference: max logits rel err "
-                 f"{check['logits_max_rel_err']:.2e}, top-1 {check['teacher_forced_top1_agreement']:.2f}")
+                 f"{check.logits_max_rel_err:.2e}, top-1 {check.teacher_forced_top1_agreement:.2f}")
     else:
-        ttft_s, tok_s, out = bench.measure_decode(model, prompt_ids, new_tokens=dspec.new_tokens,
+        ttft_s, tok_s, out = bench.measure_decode(model, input_ids=prompt_ids, new_tokens=dspec.new_tokens,
                                                   warmup=dspec.warmup, repeats=dspec.repeats, device=device)
+        recorded_mode = decode_mode
     mem_peak_decode = probe.peak()
-    progress(f"benchmark[{side}]: decode ({decode_mode}) {tok_s:.1f} tok/s, ttft {ttft_s * 1000:.0f} ms")
+    progress(f"benchmark[{side}]: decode ({recorded_mode}) {tok_s:.1f} tok/s, ttft {ttft_s * 1000:.0f} ms")
 
     progress(f"benchmark[{side}]: perplexity over {len(ids)} tokens of {origin}")
-    ppl = bench.measure_perplexity(model, ids, context_len=bspec.perplexity.context_len,
+    ppl = bench.measure_perplexity(model, ids=ids, context_len=bspec.perplexity.context_len,
                                    stride=bspec.perplexity.stride, device=device)
     progress(f"benchmark[{side}]: perplexity {ppl:.3f}")
     return SideMetrics(
@@ -120,7 +126,7 @@ def _measure_side(*, model_path: str, side: str, spec: dict, treatment: str | No
         kernel=kernel, disk_bytes=bench.disk_bytes(Path(model_path)), load_s=load_s, memory_kind=probe.kind,
         mem_after_load_bytes=mem_after_load, mem_peak_decode_bytes=mem_peak_decode,
         mem_peak_bytes=max(probe.peak(), mem_peak_decode), decode_tok_s=tok_s, ttft_ms=ttft_s * 1000,
-        decode_mode=decode_mode,
+        decode_mode=recorded_mode,
         perplexity=ppl, ppl_tokens=len(ids), ppl_tokens_sha256=bench.token_digest(ids),
         sample_text=tokenizer.decode(out[0], skip_special_tokens=True),
     )
@@ -130,34 +136,41 @@ def _measure_side(*, model_path: str, side: str, spec: dict, treatment: str | No
 CHECK_STEPS = 32
 
 
-def _graph_decode_checked(model, prompt_ids, dspec, treatment: str, *, reload):
+def _graph_decoder(model, *, prompt_ids, new_tokens: int, treatment: bench.Treatment) -> bench.GraphDecoder:
+    """A :class:`~modelfactory.benchmark.GraphDecoder` of *model* prepared by *treatment* (fusing in place)."""
+    if treatment.fuse:
+        bench.fuse_projections(model, marlin_atomics=treatment.marlin_atomics)
+    return bench.GraphDecoder(model, input_ids=prompt_ids, max_new_tokens=new_tokens, compile=treatment.compile)
+
+
+def _graph_decode_checked(model, *, prompt_ids, dspec: DecodeSpec, treatment: bench.GraphTreatment, reload):
     """CUDA-graph decode with *treatment*, checked against the eager reference first.
 
-    A treatment whose logits drift from the eager model's (:func:`modelfactory.benchmark.harness.check_passes`)
+    A treatment whose logits drift from the eager model's (:attr:`modelfactory.benchmark.DecodeCheck.passed`)
     is not timed: the model is reloaded and the plain graph is used instead. Returns
     ``(model, ttft_s, tok_s, output_ids, treatment_used, check)``.
     """
-    opts = bench.GRAPH_TREATMENTS[treatment]
-    ref = bench.reference_decode(model, prompt_ids, steps=CHECK_STEPS)
-    if opts["fuse"]:
-        bench.fuse_projections(model, marlin_atomics=opts.get("marlin_atomics", False))
-    decoder = bench.GraphDecoder(model, prompt_ids, max_new_tokens=dspec.new_tokens, compile=opts["compile"])
-    check = decoder.check(*ref)
-    if not bench.check_passes(check) and treatment != "graph":
-        progress(f"benchmark: {treatment} failed its check against the eager model ({check}): plain graph instead")
+    ref_tokens, ref_logits = bench.reference_decode(model, input_ids=prompt_ids, steps=CHECK_STEPS)
+    decoder = _graph_decoder(model, prompt_ids=prompt_ids, new_tokens=dspec.new_tokens,
+                             treatment=bench.GRAPH_TREATMENTS[treatment])
+    check = decoder.check(ref_tokens=ref_tokens, ref_logits=ref_logits)
+    if not check.passed and treatment != "graph":
+        progress(f"benchmark: {treatment} failed its check against the eager model ({asdict(check)}): "
+                 "plain graph instead")
         del decoder, model
         model = reload()
         treatment = "graph"
-        decoder = bench.GraphDecoder(model, prompt_ids, max_new_tokens=dspec.new_tokens)
-        check = decoder.check(*ref)
-    if not bench.check_passes(check):
-        raise BenchmarkError(f"CUDA-graph decode disagrees with the eager model: {check}")
-    ttft_s, tok_s, out = bench.measure_decode_graph(model, prompt_ids, new_tokens=dspec.new_tokens,
+        decoder = _graph_decoder(model, prompt_ids=prompt_ids, new_tokens=dspec.new_tokens,
+                                 treatment=bench.GRAPH_TREATMENTS[treatment])
+        check = decoder.check(ref_tokens=ref_tokens, ref_logits=ref_logits)
+    if not check.passed:
+        raise BenchmarkError(f"CUDA-graph decode disagrees with the eager model: {asdict(check)}")
+    ttft_s, tok_s, out = bench.measure_decode_graph(model, input_ids=prompt_ids, new_tokens=dspec.new_tokens,
                                                     warmup=dspec.warmup, repeats=dspec.repeats, decoder=decoder)
     return model, ttft_s, tok_s, out, treatment, check
 
 
-def measure_treatments(*, model_path: str, side: str, spec: dict, treatments: list[str]) -> dict:
+def measure_treatments(*, model_path: str, side: Side, spec: dict, treatments: list[bench.GraphTreatment]) -> dict:
     """Worker body for the GPU benchmark script: one load, every decode-step treatment in order.
 
     Each treatment is checked against the same eager reference (taken before any fusion) and
@@ -173,29 +186,31 @@ def measure_treatments(*, model_path: str, side: str, spec: dict, treatments: li
     dspec = bspec.decode
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompt_ids = tokenizer(dspec.prompt, return_tensors="pt")["input_ids"].to("cuda")
-    probe = bench.MemoryProbe("cuda")
+    probe = bench.MemoryProbe(device="cuda")
     start = time.perf_counter()
     model, _ = _load(model_path, side=side, spec=bspec, device="cuda", dtype=torch.float16)
     result = {"side": side, "load_s": time.perf_counter() - start, "mem_after_load_bytes": probe.current(),
               "kernel": bench.quantized_kernel_name(model) if side == "gptq" else "dense", "treatments": {}}
-    ref_tokens, ref_logits = bench.reference_decode(model, prompt_ids, steps=CHECK_STEPS)
+    ref_tokens, ref_logits = bench.reference_decode(model, input_ids=prompt_ids, steps=CHECK_STEPS)
     result["reference_tokens"] = ref_tokens
-    fused = False
+    fused: bench.Treatment | None = None  # the fusion the model has, once a fusing treatment ran
     for name in treatments:
         opts = bench.GRAPH_TREATMENTS[name]
         row: dict = {}
         try:
-            if opts["fuse"] and not fused:
-                row["fused_modules"] = bench.fuse_projections(model, marlin_atomics=opts.get("marlin_atomics", False))
+            if opts.fuse and fused is None:
+                row["fused_modules"] = bench.fuse_projections(model, marlin_atomics=opts.marlin_atomics)
                 fused = opts
-            if fused and (not opts["fuse"] or fused.get("marlin_atomics") != opts.get("marlin_atomics")):
+            if fused is not None and (not opts.fuse or fused.marlin_atomics != opts.marlin_atomics):
                 raise ValueError("treatment needs another fusion than the model already has: run it in its own process")
             probe.reset_peak()
-            decoder = bench.GraphDecoder(model, prompt_ids, max_new_tokens=dspec.new_tokens, compile=opts["compile"])
+            decoder = bench.GraphDecoder(model, input_ids=prompt_ids, max_new_tokens=dspec.new_tokens,
+                                         compile=opts.compile)
             row["compile_s"] = decoder.compile_s
-            row["check"] = decoder.check(ref_tokens, ref_logits)
-            row["check_passed"] = bench.check_passes(row["check"])
-            ttft_s, tok_s, out = bench.measure_decode_graph(model, prompt_ids, new_tokens=dspec.new_tokens,
+            check = decoder.check(ref_tokens=ref_tokens, ref_logits=ref_logits)
+            row["check"] = asdict(check)
+            row["check_passed"] = check.passed
+            ttft_s, tok_s, out = bench.measure_decode_graph(model, input_ids=prompt_ids, new_tokens=dspec.new_tokens,
                                                             warmup=dspec.warmup, repeats=dspec.repeats,
                                                             decoder=decoder)
             row.update(decode_tok_s=tok_s, ttft_ms=ttft_s * 1000, mem_peak_decode_bytes=probe.peak(),
@@ -220,33 +235,55 @@ def _host_fingerprint() -> dict:
     return {"machine": platform.machine(), "gpu": gpu, "torch": torch.__version__}
 
 
+def _stored_sides(folder: Path) -> dict[Side, SideMetrics]:
+    """The sides of a finished benchmark, validated as a fresh one is before it is committed.
+
+    Raises :class:`BenchmarkError` when ``benchmark.json`` is unreadable, its records are invalid,
+    or its sides scored different tokens.
+    """
+    try:
+        data = json.loads((folder / "benchmark.json").read_text())
+        sides = {side: SideMetrics.model_validate(data[side]) for side in SIDES}
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # JSON and pydantic errors are ValueErrors
+        raise BenchmarkError(f"stored benchmark {folder} is unreadable ({exc})") from exc
+    bench.check_same_tokens(**sides)
+    return sides
+
+
 def benchmark_models(*, baseline: ModelArtifact, candidate: ModelArtifact, spec: BenchmarkSpec) -> BenchmarkResult:
-    """Measure *baseline* (fp16) and *candidate* (GPTQ) with the same harness and settings."""
+    """Measure *baseline* (fp16) and *candidate* (GPTQ) with the same harness and settings.
+
+    A finished benchmark with the same inputs is reused only if it passes the checks a fresh one
+    passes before it is committed; one that fails them is discarded and measured again.
+    """
     start = time.perf_counter()
     key = step_key("benchmark", fp16=baseline.sha, gptq=candidate.sha, spec=spec.model_dump(exclude={"reuse"}),
                    host=_host_fingerprint())
     done = workdir.completed("benchmark", key)
     if done is not None and spec.reuse:
-        progress(f"benchmark: reusing {done}")
-        data = json.loads((done / "benchmark.json").read_text())
-        return BenchmarkResult(**data, path=str(done), reused=True, duration_s=time.perf_counter() - start)
+        try:
+            sides = _stored_sides(done)
+        except BenchmarkError as exc:
+            progress(f"benchmark: not reusing {done}: {exc}; measuring again")
+            workdir.discard("benchmark", key)
+        else:
+            progress(f"benchmark: reusing {done}")
+            return BenchmarkResult(**sides, path=str(done), reused=True, duration_s=time.perf_counter() - start)
     log_path = workdir.step_dir("benchmark", key).with_suffix(".log")
     sides = {}
     with workdir.building("benchmark", key) as (tmp, marker):
-        for side, model in (("fp16", baseline), ("gptq", candidate)):
+        for side, model in zip(SIDES, (baseline, candidate)):
             progress(f"benchmark: measuring {side} side ({model.path})")
             sides[side] = SideMetrics.model_validate(run_isolated(
                 "tasks.benchmark:measure_side",
                 kwargs={"model_path": model.path, "side": side, "spec": spec.model_dump(mode="json")},
                 log_path=log_path, env=gpu_env(), unexpected=BenchmarkError,
             ))
+        bench.check_same_tokens(**sides)  # before the commit: a bad benchmark is never stored for reuse
         (tmp / "benchmark.json").write_text(json.dumps({k: v.model_dump() for k, v in sides.items()}, indent=2))
         marker.update(fp16=baseline.sha, gptq=candidate.sha)
-    done = workdir.step_dir("benchmark", key)
-    if sides["fp16"].ppl_tokens_sha256 != sides["gptq"].ppl_tokens_sha256:
-        raise BenchmarkError("fp16 and GPTQ sides scored different tokens (tokenizers differ?): "
-                             "the quantized model must keep the baseline's tokenizer")
-    return BenchmarkResult(**sides, path=str(done), duration_s=time.perf_counter() - start)
+    return BenchmarkResult(**sides, path=str(workdir.step_dir("benchmark", key)),
+                           duration_s=time.perf_counter() - start)
 
 
 @task(name="benchmark")

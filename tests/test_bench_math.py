@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from modelfactory.benchmark.harness import (
-    choose_kernel,
-    decode_rate,
-    disk_bytes,
+from modelfactory.benchmark.decode import decode_rate
+from modelfactory.benchmark.kernels import choose_kernel
+from modelfactory.benchmark.memory import disk_bytes
+from modelfactory.benchmark.perplexity import (
     measure_perplexity,
     perplexity_from_nll,
     perplexity_windows,
@@ -60,17 +60,17 @@ def test_windows_of_too_few_tokens():
 
 # --------------------------------------------------------------------------- small formulas
 def test_perplexity_from_nll():
-    assert perplexity_from_nll(0.0, 10) == 1.0
-    assert perplexity_from_nll(10 * math.log(50.0), 10) == pytest.approx(50.0)
+    assert perplexity_from_nll(total_nll=0.0, n_scored=10) == 1.0
+    assert perplexity_from_nll(total_nll=10 * math.log(50.0), n_scored=10) == pytest.approx(50.0)
     # uniform guess over a vocabulary of V tokens: ppl == V
-    assert perplexity_from_nll(7 * math.log(49152), 7) == pytest.approx(49152)
+    assert perplexity_from_nll(total_nll=7 * math.log(49152), n_scored=7) == pytest.approx(49152)
 
 
 def test_decode_rate_excludes_prefill():
     # 1 token in 0.1 s (prefill + first), 11 tokens in 1.1 s: 10 decode tokens in 1.0 s
-    assert decode_rate(0.1, 1.1, 11) == pytest.approx(10.0)
-    assert decode_rate(0.5, 2.5, 65) == pytest.approx(32.0)
-    assert math.isfinite(decode_rate(1.0, 1.0, 8))  # no division by zero
+    assert decode_rate(t_first=0.1, t_all=1.1, new_tokens=11) == pytest.approx(10.0)
+    assert decode_rate(t_first=0.5, t_all=2.5, new_tokens=65) == pytest.approx(32.0)
+    assert math.isfinite(decode_rate(t_first=1.0, t_all=1.0, new_tokens=8))  # no division by zero
 
 
 def test_token_digest():
@@ -154,54 +154,9 @@ def reference_perplexity(model, ids: list[int], context_len: int, stride: int) -
 
 @pytest.mark.parametrize("context_len,stride", [(32, 32), (32, 8), (40, 25)])
 def test_measure_perplexity_matches_reference(fp32_model, eval_ids, context_len, stride):
-    got = measure_perplexity(fp32_model, eval_ids, context_len=context_len, stride=stride, device="cpu")
+    got = measure_perplexity(fp32_model, ids=eval_ids, context_len=context_len, stride=stride, device="cpu")
     want, scored = reference_perplexity(fp32_model, eval_ids, context_len, stride)
     assert scored == sum(w.scored for w in perplexity_windows(len(eval_ids), context_len=context_len, stride=stride))
     assert got == pytest.approx(want, rel=1e-4)
     # A random 2-layer model is close to a uniform guess over its 49152-token vocabulary.
     assert 1_000 < got < 1_000_000
-
-
-
-# --------------------------------------------------------------------------- decode-step treatments
-def _small_llama():
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                         pad_token_id=2, eos_token_id=2)
-    return LlamaForCausalLM(config).eval()
-
-
-def test_fused_projections_compute_the_same_model():
-    """q/k/v and gate/up fused into one GEMM each: same greedy tokens and logits (fp32), old weights freed."""
-    import torch
-
-    from modelfactory.benchmark.harness import fuse_projections, reference_decode
-
-    model = _small_llama()
-    ids = torch.tensor([[5, 17, 33, 9, 100]])
-    tokens, logits = reference_decode(model, ids, steps=8)
-    old_q = model.model.layers[0].self_attn.q_proj
-    assert fuse_projections(model) == 4  # 2 attention + 2 MLP modules
-    assert old_q.weight.numel() == 0
-    assert not hasattr(model.model.layers[0].self_attn, "q_proj")
-    fused_tokens, fused_logits = reference_decode(model, ids, steps=8)
-    assert fused_tokens == tokens
-    assert torch.allclose(fused_logits, logits, rtol=1e-5, atol=1e-5)
-
-
-def test_treatment_check_threshold():
-    from modelfactory.benchmark.harness import (
-        DEFAULT_GRAPH_TREATMENT,
-        GRAPH_TREATMENTS,
-        check_passes,
-    )
-
-    assert DEFAULT_GRAPH_TREATMENT in GRAPH_TREATMENTS
-    good = {"logits_max_rel_err": 1e-2, "teacher_forced_top1_agreement": 1.0}
-    assert check_passes(good)
-    assert not check_passes({**good, "logits_max_rel_err": float("inf")})
-    assert not check_passes({**good, "teacher_forced_top1_agreement": 0.5})

@@ -46,22 +46,40 @@ class QuantResult(Record):
     device: str
 
 
+#: The two sides of a benchmark: the fp16 baseline and the GPTQ candidate.
+Side = Literal["fp16", "gptq"]
+#: What the memory numbers count: CUDA caching-allocator bytes, or the process RSS on CPU.
+MemoryKind = Literal["cuda_allocated", "rss"]
+#: How the decode was timed: HF ``generate`` (eager), or a CUDA graph of the decode step prepared
+#: by one treatment (``cuda_graph:<treatment>``, see ``modelfactory.benchmark.graph``). Bare
+#: ``cuda_graph`` is what results written before treatments existed hold.
+RecordedDecodeMode = Literal[
+    "eager",
+    "cuda_graph",
+    "cuda_graph:graph",
+    "cuda_graph:fused_graph",
+    "cuda_graph:compiled_graph",
+    "cuda_graph:fused_compiled_graph",
+    "cuda_graph:fused_compiled_graph_atomics",
+]
+
+
 class SideMetrics(Record):
     """One side (fp16 baseline or GPTQ) measured by the one benchmark harness."""
 
-    side: str  # fp16 | gptq
+    side: Side
     device: str
     dtype: str
     kernel: str
     disk_bytes: int
     load_s: float
-    memory_kind: str  # cuda_allocated | rss
+    memory_kind: MemoryKind
     mem_after_load_bytes: int
     mem_peak_decode_bytes: int
     mem_peak_bytes: int
     decode_tok_s: float
     ttft_ms: float
-    decode_mode: str = "eager"  # eager (HF generate) | cuda_graph
+    decode_mode: RecordedDecodeMode = "eager"
     perplexity: float | None
     ppl_tokens: int
     ppl_tokens_sha256: str

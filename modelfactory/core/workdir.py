@@ -34,6 +34,12 @@ def completed(step: str, key: str, *, root: Path | None = None) -> Path | None:
     return path if (path / MARKER).is_file() else None
 
 
+def discard(step: str, key: str, *, root: Path | None = None) -> None:
+    """Mark the output of *step* for *key* incomplete (a stored output found invalid): it is no
+    longer reused, and the next :func:`building` of that key replaces it."""
+    (step_dir(step, key, root=root) / MARKER).unlink(missing_ok=True)
+
+
 def read_marker(path: Path) -> dict[str, Any]:
     return json.loads((path / MARKER).read_text())
 
