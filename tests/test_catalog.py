@@ -38,7 +38,7 @@ from modelfactory.catalog import (
 )
 from modelfactory.catalog.models import Base, created_on
 from modelfactory.catalog.render import run_detail_table, runs_json, runs_table
-from modelfactory.core.errors import CatalogError
+from modelfactory.core.errors import CatalogError, CatalogNotFoundError, CatalogQueryError
 
 REPO = Path(__file__).resolve().parents[1]
 PG_URL = os.environ.get("MODELFACTORY_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -327,6 +327,41 @@ def test_invalid_writes_raise(catalog: Catalog) -> None:
     with pytest.raises(CatalogError, match="no run with id 'ghost'"):
         catalog.finish_run(run_id="ghost", status="passed")
     assert catalog.get_run(run_id).status == "running"  # nothing above changed the run
+
+
+def test_client_mistakes_and_missing_rows_are_not_database_failures(catalog: Catalog) -> None:
+    """Bug: bad values, ambiguous id prefixes and missing watches/deliveries raised a plain CatalogError
+    (what a database failure raises; the API answered 503): they are CatalogQueryError / CatalogNotFoundError."""
+    run_id = start(catalog)
+    for suffix in ("1", "2"):
+        catalog.start_run(run_id=f"abcdef-{suffix}", name="x", spec={}, run_key="k")
+    mistakes = {
+        "matches several runs": lambda: catalog.get_run("abcdef"),
+        "final run status 'done'": lambda: catalog.finish_run(run_id=run_id, status="done"),
+        "step status 'great'": lambda: catalog.record_step(run_id=run_id, name="m", status="great", duration_s=1),
+        "side of metric 'ppl'": lambda: catalog.record_metrics(run_id=run_id, metrics=[MetricRecord("ppl", "x", 1)]),
+        "run status 'done'": lambda: catalog.list_runs(status="done"),
+        "limit": lambda: catalog.list_runs(limit=0),
+        "already exists": lambda: catalog.start_run(run_id=run_id, name="again", spec={}, run_key="k"),
+        "watch kind 'model'": lambda: catalog.add_watch(repo="me/m", kind="model"),
+        "needs its base model": lambda: catalog.add_watch(repo="me/lora", kind="adapter"),
+        "delivery status 'done'": lambda: catalog.update_delivery(repo="me/lora", sha="f" * 40, status="done"),
+    }
+    for message, mistake in mistakes.items():
+        with pytest.raises(CatalogQueryError, match=message):
+            mistake()
+    catalog.add_watch(repo="me/lora", base="org/base")
+    with pytest.raises(CatalogQueryError, match="already on the watch list"):
+        catalog.add_watch(repo="me/lora", base="org/base")
+    missing = {
+        "no run with id 'ghost'": lambda: catalog.record_step(run_id="ghost", name="m", status="ok", duration_s=1),
+        "not on the watch list": lambda: catalog.set_watch_sha("me/other", "f" * 40),
+        "no webhook delivery for me/lora@": lambda: catalog.update_delivery(repo="me/lora", sha="f" * 40,
+                                                                             status="started"),
+    }
+    for message, lookup in missing.items():
+        with pytest.raises(CatalogNotFoundError, match=message):
+            lookup()
 
 
 # --------------------------------------------------------------------------- connection errors
