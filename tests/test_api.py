@@ -161,7 +161,8 @@ def test_app_refuses_to_start_on_a_catalog_behind_head(catalog_url: str,  # noqa
 def test_client_mistakes_are_4xx_and_only_database_failures_503(api, monkeypatch: pytest.MonkeyPatch) -> None:
     """Bug: an ambiguous run id prefix (a client mistake) raised a plain CatalogError, which the API
     answered 503 "catalog unreachable"; it is a 400 now, a missing run a 404, a dead database a 503."""
-    from modelfactory.catalog.db import Catalog, _create_engine, _parse_url
+    from modelfactory.catalog import Catalog
+    from modelfactory.catalog.engine import create_engine, parse_url
 
     client, seeded = api
     for suffix in ("1", "2"):
@@ -174,7 +175,7 @@ def test_client_mistakes_are_4xx_and_only_database_failures_503(api, monkeypatch
     assert client.get("/api/runs/abcdef-3").status_code == 404
     assert client.get("/api/runs", params={"limit": 0}).status_code == 422
 
-    down = Catalog(_create_engine(_parse_url("postgresql+psycopg://factory@127.0.0.1:1/catalog")))
+    down = Catalog(create_engine(parse_url("postgresql+psycopg://factory@127.0.0.1:1/catalog")))
     monkeypatch.setattr(api_module, "get_catalog", lambda: down)
     try:
         for path in ("/api/runs/abcdef", "/api/runs", "/api/leaderboard"):
