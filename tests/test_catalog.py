@@ -350,6 +350,8 @@ def test_client_mistakes_and_missing_rows_are_not_database_failures(catalog: Cat
         "run status 'done'": lambda: catalog.list_runs(status="done"),
         "limit": lambda: catalog.list_runs(limit=0),
         "already exists": lambda: catalog.start_run(run_id=run_id, name="again", spec={}, run_key="k"),
+        "not a valid QuantSpec": lambda: catalog.start_run(run_id=new_id(), name="q", spec={"quantize": {"bits": 5}},
+                                                          run_key="k"),
         "watch kind 'model'": lambda: catalog.add_watch(repo="me/m", kind="model"),
         "needs its base model": lambda: catalog.add_watch(repo="me/lora", kind="adapter"),
         "delivery status 'done'": lambda: catalog.update_delivery(repo="me/lora", sha="f" * 40, status="done"),

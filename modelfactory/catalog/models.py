@@ -26,7 +26,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from modelfactory.catalog.records import DeliveryStatus, MetricSide, RunStatus, StepStatus, WatchKind
+from modelfactory.catalog.records import (
+    DeliveryStatus,
+    MetricSide,
+    RunStatus,
+    StepStatus,
+    WatchKind,
+)
 
 #: Deterministic constraint names, so migrations (and SQLite batch mode) can refer to them.
 NAMING_CONVENTION = {

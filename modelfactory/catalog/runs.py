@@ -41,13 +41,14 @@ from modelfactory.catalog.records import (
     STEP_STATUSES,
     FinalRunStatus,
     MetricRecord,
+    PublicationRecord,
     RunDetail,
     RunRow,
     RunStatus,
     StepStatus,
     check_choice,
 )
-from modelfactory.core import records as steps
+from modelfactory.core import records as step_records
 from modelfactory.core.errors import CatalogQueryError
 from modelfactory.core.specs import QuantSpec
 
@@ -159,7 +160,7 @@ class CatalogRuns(CatalogConnections):
             if ratios:  # the denormalised copies ls / best sort and filter on
                 session.execute(update(Run).where(Run.id == run_id).values(**ratios))
 
-    def record_gate(self, *, run_id: str, checks: Sequence[steps.GateCheck]) -> None:
+    def record_gate(self, *, run_id: str, checks: Sequence[step_records.GateCheck]) -> None:
         """Record the gate verdict of a run (the gate step's checks), replacing any previous one."""
         with self.writing(f"record the gate of run {run_id!r}") as session:
             require_run_id(session, run_id=run_id, catalog_url=self.url)
@@ -182,7 +183,7 @@ class CatalogRuns(CatalogConnections):
             require_run_id(session, run_id=run_id, catalog_url=self.url)
             session.add(artifact)
 
-    def record_publication(self, *, run_id: str, publication: steps.Publication) -> None:
+    def record_publication(self, *, run_id: str, publication: step_records.Publication) -> None:
         """Record one destination a run's artifact was published to (at its ``published_at``, else now)."""
         check_choice("publication destination", publication.destination, PUBLICATION_DESTINATIONS)
         row = Publication(
@@ -194,7 +195,8 @@ class CatalogRuns(CatalogConnections):
             manifest_sha256=publication.manifest_sha256,
             size_bytes=int(publication.size_bytes),
             reused=bool(publication.reused),
-            published_at=getattr(publication, "published_at", None) or utcnow(),
+            published_at=(publication.published_at if isinstance(publication, PublicationRecord) else None)
+            or utcnow(),
         )
         with self.writing(f"record publication {publication.uri!r} of run {run_id!r}") as session:
             require_run_id(session, run_id=run_id, catalog_url=self.url)
