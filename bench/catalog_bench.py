@@ -276,8 +276,8 @@ def query_mix(catalog: Catalog, sample: dict[str, Any]) -> dict[str, Callable[[r
         "best --max-ppl-increase 3% --by speed": lambda r: best_build(
             catalog, base=r.choice(bases), max_ppl_increase_pct=3.0, by="speed"),
         "best --by size": lambda r: best_build(catalog, base=r.choice(bases), by="size"),
-        "compare (3 runs)": lambda r: compare_runs(catalog, r.sample(ids, 3)),
-        "lineage (manifest sha)": lambda r: lineage(catalog, r.choice(sample["manifests"])),
+        "compare (3 runs)": lambda r: compare_runs(catalog, run_ids=r.sample(ids, 3)),
+        "lineage (manifest sha)": lambda r: lineage(catalog, ref=r.choice(sample["manifests"])),
     }
 
 

@@ -9,13 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from modelfactory.catalog import (
-    Catalog,
-    GateCheckRecord,
-    MetricRecord,
-    PublicationRecord,
-    open_catalog,
-)
+from modelfactory.catalog import Catalog, MetricRecord, open_catalog
 from modelfactory.catalog.metrics import benchmark_metrics
 from modelfactory.core.errors import error_kind
 from modelfactory.core.log import get_logger
@@ -82,17 +76,13 @@ class RunRecorder:
 
     def gate(self, decision: GateDecision, duration_s: float) -> None:
         self.step("gate", duration_s=duration_s, detail={"passed": decision.passed})
-        self.catalog.record_gate(run_id=self.run_id,
-                                 checks=[GateCheckRecord(**check.model_dump()) for check in decision.checks])
+        self.catalog.record_gate(run_id=self.run_id, checks=decision.checks)
 
     def publication(self, publication: Publication, duration_s: float) -> None:
         self.step("publish", duration_s=duration_s, reused=publication.reused, output_uri=publication.uri)
         self.catalog.record_artifact(run_id=self.run_id, kind="gptq", uri=publication.uri,
                                      manifest_sha256=publication.manifest_sha256, size_bytes=publication.size_bytes)
-        self.catalog.record_publication(run_id=self.run_id, publication=PublicationRecord(
-            destination=publication.destination, uri=publication.uri, manifest_sha256=publication.manifest_sha256,
-            size_bytes=publication.size_bytes, revision=publication.revision, commit_sha=publication.commit,
-            reused=publication.reused))
+        self.catalog.record_publication(run_id=self.run_id, publication=publication)
 
     def finish(self, status: str) -> None:
         self.catalog.finish_run(run_id=self.run_id, status=status)

@@ -156,3 +156,31 @@ def test_app_refuses_to_start_on_a_catalog_behind_head(catalog_url: str,  # noqa
         with pytest.raises(CatalogError, match="run `modelfactory catalog upgrade`"):
             with TestClient(create_app()):
                 pass
+
+
+def test_client_mistakes_are_4xx_and_only_database_failures_503(api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bug: an ambiguous run id prefix (a client mistake) raised a plain CatalogError, which the API
+    answered 503 "catalog unreachable"; it is a 400 now, a missing run a 404, a dead database a 503."""
+    from modelfactory.catalog import Catalog
+    from modelfactory.catalog.engine import create_engine, parse_url
+
+    client, seeded = api
+    for suffix in ("1", "2"):
+        seeded.catalog.start_run(run_id=f"abcdef-{suffix}", name="x", spec={}, run_key="k")
+    for answer in (client.get("/api/runs/abcdef"), client.get("/api/lineage/abcdef"),
+                   client.get("/api/compare", params=[("run", "abcdef"), ("run", seeded.ids["a-3g128"])])):
+        assert answer.status_code == 400, answer.json()
+        assert answer.json()["detail"]["error"] == "catalog_query"
+        assert "matches several runs" in answer.json()["detail"]["message"]
+    assert client.get("/api/runs/abcdef-3").status_code == 404
+    assert client.get("/api/runs", params={"limit": 0}).status_code == 422
+
+    down = Catalog(create_engine(parse_url("postgresql+psycopg://factory@127.0.0.1:1/catalog")))
+    monkeypatch.setattr(api_module, "get_catalog", lambda: down)
+    try:
+        for path in ("/api/runs/abcdef", "/api/runs", "/api/leaderboard"):
+            answer = client.get(path)
+            assert answer.status_code == 503 and answer.json()["detail"]["error"] == "catalog", answer.json()
+            assert "cannot connect to the catalog" in answer.json()["detail"]["message"]
+    finally:
+        down.dispose()

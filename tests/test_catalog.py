@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from pydantic import ValidationError
 from rich.console import Console
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
@@ -29,7 +30,6 @@ from sqlalchemy.exc import OperationalError
 
 from modelfactory.catalog import (
     Catalog,
-    GateCheckRecord,
     MetricRecord,
     PublicationRecord,
     RunDetail,
@@ -38,7 +38,12 @@ from modelfactory.catalog import (
 )
 from modelfactory.catalog.models import Base, created_on
 from modelfactory.catalog.render import run_detail_table, runs_json, runs_table
-from modelfactory.core.errors import CatalogError
+from modelfactory.core.errors import (
+    CatalogError,
+    CatalogNotFoundError,
+    CatalogQueryError,
+)
+from modelfactory.core.records import GateCheck, Publication
 
 REPO = Path(__file__).resolve().parents[1]
 PG_URL = os.environ.get("MODELFACTORY_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -207,11 +212,13 @@ def test_full_run_lifecycle_round_trips(catalog: Catalog) -> None:
             MetricRecord("size", "", 0.3, "ratio"),
         ],
     )
-    rejected = GateCheckRecord("perplexity", 0.01, 20.0, 21.0, 0.05, False, "too high")
+    rejected = GateCheck(metric="perplexity", threshold=0.01, baseline=20.0, candidate=21.0, observed=0.05,
+                         passed=False, message="too high")
     catalog.record_gate(run_id=run_id, checks=[rejected])
     gate = [
-        GateCheckRecord("perplexity", 0.1, 20.0, 21.0, 0.05, True, "ok"),
-        GateCheckRecord("size", 0.5, None, None, 0.3, True, ""),
+        GateCheck(metric="perplexity", threshold=0.1, baseline=20.0, candidate=21.0, observed=0.05, passed=True,
+                  message="ok"),
+        GateCheck(metric="size", threshold=0.5, baseline=None, candidate=None, observed=0.3, passed=True, message=""),
     ]
     catalog.record_gate(run_id=run_id, checks=gate)  # replaces the first verdict
     catalog.record_artifact(
@@ -327,6 +334,43 @@ def test_invalid_writes_raise(catalog: Catalog) -> None:
     with pytest.raises(CatalogError, match="no run with id 'ghost'"):
         catalog.finish_run(run_id="ghost", status="passed")
     assert catalog.get_run(run_id).status == "running"  # nothing above changed the run
+
+
+def test_client_mistakes_and_missing_rows_are_not_database_failures(catalog: Catalog) -> None:
+    """Bug: bad values, ambiguous id prefixes and missing watches/deliveries raised a plain CatalogError
+    (what a database failure raises; the API answered 503): they are CatalogQueryError / CatalogNotFoundError."""
+    run_id = start(catalog)
+    for suffix in ("1", "2"):
+        catalog.start_run(run_id=f"abcdef-{suffix}", name="x", spec={}, run_key="k")
+    mistakes = {
+        "matches several runs": lambda: catalog.get_run("abcdef"),
+        "final run status 'done'": lambda: catalog.finish_run(run_id=run_id, status="done"),
+        "step status 'great'": lambda: catalog.record_step(run_id=run_id, name="m", status="great", duration_s=1),
+        "side of metric 'ppl'": lambda: catalog.record_metrics(run_id=run_id, metrics=[MetricRecord("ppl", "x", 1)]),
+        "run status 'done'": lambda: catalog.list_runs(status="done"),
+        "limit": lambda: catalog.list_runs(limit=0),
+        "already exists": lambda: catalog.start_run(run_id=run_id, name="again", spec={}, run_key="k"),
+        "not a valid QuantSpec": lambda: catalog.start_run(run_id=new_id(), name="q", spec={"quantize": {"bits": 5}},
+                                                          run_key="k"),
+        "watch kind 'model'": lambda: catalog.add_watch(repo="me/m", kind="model"),
+        "needs its base model": lambda: catalog.add_watch(repo="me/lora", kind="adapter"),
+        "delivery status 'done'": lambda: catalog.update_delivery(repo="me/lora", sha="f" * 40, status="done"),
+    }
+    for message, mistake in mistakes.items():
+        with pytest.raises(CatalogQueryError, match=message):
+            mistake()
+    catalog.add_watch(repo="me/lora", base="org/base")
+    with pytest.raises(CatalogQueryError, match="already on the watch list"):
+        catalog.add_watch(repo="me/lora", base="org/base")
+    missing = {
+        "no run with id 'ghost'": lambda: catalog.record_step(run_id="ghost", name="m", status="ok", duration_s=1),
+        "not on the watch list": lambda: catalog.set_watch_sha("me/other", "f" * 40),
+        "no webhook delivery for me/lora@": lambda: catalog.update_delivery(repo="me/lora", sha="f" * 40,
+                                                                             status="started"),
+    }
+    for message, lookup in missing.items():
+        with pytest.raises(CatalogNotFoundError, match=message):
+            lookup()
 
 
 # --------------------------------------------------------------------------- connection errors
@@ -479,10 +523,10 @@ def _at_revision(url: str, revision: str) -> Iterator:
 
 @contextmanager
 def _empty(url: str) -> Iterator[Catalog]:
-    from modelfactory.catalog.db import Catalog as _Catalog
-    from modelfactory.catalog.db import _create_engine, _parse_url
+    from modelfactory.catalog.engine import create_engine as create_catalog_engine
+    from modelfactory.catalog.engine import parse_url
 
-    cat = _Catalog(_create_engine(_parse_url(url)))
+    cat = Catalog(create_catalog_engine(parse_url(url)))  # not opened: no schema check, no upgrade
     try:
         yield cat
     finally:
@@ -506,17 +550,22 @@ def test_sources_and_publications_round_trip(catalog: Catalog) -> None:
         assert conn.execute(text("SELECT count(*) FROM run_adapters")).scalar() == 3
         linked = conn.execute(text("SELECT count(DISTINCT base_model_id) FROM runs")).scalar()
     assert linked == 1
-    published = PublicationRecord(destination="hub", uri="http://hub/org/q/tree/gptq-4bit-128g",
-                                  manifest_sha256="d" * 64, size_bytes=123, revision="gptq-4bit-128g",
-                                  commit_sha="e" * 40)
+    published = Publication(destination="hub", uri="http://hub/org/q/tree/gptq-4bit-128g",
+                            manifest_sha256="d" * 64, size_bytes=123, revision="gptq-4bit-128g", commit="e" * 40)
     catalog.record_publication(run_id=runs[0], publication=published)
     detail = catalog.get_run(runs[0])
     assert detail.config == "gptq-4bit-128g"
     (pub,) = detail.publications
-    assert (pub.destination, pub.revision, pub.commit_sha, pub.reused) == ("hub", "gptq-4bit-128g", "e" * 40, False)
+    assert isinstance(pub, PublicationRecord) and pub.model_dump(exclude={"published_at"}) == published.model_dump()
+    assert (pub.destination, pub.revision, pub.commit, pub.reused) == ("hub", "gptq-4bit-128g", "e" * 40, False)
     assert pub.published_at is not None
+    assert pub.to_dict()["commit_sha"] == "e" * 40 and "commit" not in pub.to_dict()  # the column's name
+    with pytest.raises(ValidationError, match="destination"):
+        Publication(destination="ftp", uri="ftp://x", manifest_sha256="d" * 64, size_bytes=1)
     with pytest.raises(CatalogError, match="publication destination 'ftp'"):
-        catalog.record_publication(run_id=runs[0], publication=PublicationRecord("ftp", "ftp://x", "d" * 64, 1))
+        catalog.record_publication(run_id=runs[0], publication=Publication.model_construct(  # unvalidated
+            destination="ftp", uri="ftp://x", manifest_sha256="d" * 64, size_bytes=1, revision=None, commit=None,
+            reused=False))
 
 
 def test_watch_list(catalog: Catalog) -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from prefect import flow, runtime
 
-from modelfactory.catalog import GateCheckRecord, MetricRecord
+from modelfactory.catalog import MetricRecord
+from modelfactory.core.records import GateCheck
 from tasks.record import RunRecorder, artifact_key
 
 
@@ -35,7 +36,8 @@ def recorded_run(run_id: str, catalog_url: str, fail: bool = False) -> str:
         MetricRecord("perplexity", "fp16", 20.0, "ppl"), MetricRecord("perplexity", "gptq", 20.4, "ppl"),
         MetricRecord("ppl_increase_pct", "delta", 2.0, "%")])
     recorder.catalog.record_gate(run_id=run_id, checks=[
-        GateCheckRecord("max_ppl_increase_pct", 5.0, 20.0, 20.4, 2.0, True, "ok")])
+        GateCheck(metric="max_ppl_increase_pct", threshold=5.0, baseline=20.0, candidate=20.4, observed=2.0,
+                  passed=True, message="ok")])
     recorder.finish("passed")
     return str(runtime.flow_run.id)
 

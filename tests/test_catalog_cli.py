@@ -33,6 +33,8 @@ def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     def invoke(*args: str, code: int = 0) -> str:
         result = runner.invoke(app, ["catalog", *args])
         assert result.exit_code == code, result.output
+        # An error is a message and an exit code, never a traceback (an uncaught exception).
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
         return result.output
 
     yield invoke, seeded, url
@@ -91,3 +93,23 @@ def test_upgrade_is_required_for_a_catalog_behind_head(tmp_path: Path, monkeypat
         assert runner.invoke(app, ["catalog", "ls", "--format", "json"]).output.strip() == "[]"
     finally:
         get_settings.cache_clear()
+
+
+def test_client_mistakes_and_an_unreachable_catalog_exit_1_with_the_reason(cli, monkeypatch) -> None:
+    """An ambiguous run id prefix is a client mistake (catalog_query, not a catalog failure); an unreachable
+    catalog is reported as such by every command, ``catalog import`` too (it raised a traceback)."""
+    from modelfactory.core.settings import get_settings
+
+    invoke, seeded, url = cli
+    with open_catalog(url) as cat:
+        for suffix in ("1", "2"):
+            cat.start_run(run_id=f"abcdef-{suffix}", name="x", spec={}, run_key="k")
+    for args in (("show", "abcdef"), ("lineage", "abcdef"), ("compare", "abcdef", seeded.ids["a-3g128"])):
+        out = invoke(*args, code=1)
+        assert "error (catalog_query)" in out and "matches several runs" in out, out
+    assert "error (catalog_not_found)" in invoke("show", "abcdef-3", code=1)
+    monkeypatch.setenv("MODELFACTORY_CATALOG_URL", "postgresql+psycopg://factory@127.0.0.1:1/catalog")
+    get_settings.cache_clear()
+    for args in (("ls",), ("show", "abcdef"), ("upgrade",), ("import", "file:///nowhere")):
+        out = invoke(*args, code=1)
+        assert "error (catalog)" in out and "cannot connect to the catalog" in out, out

@@ -21,9 +21,7 @@ from test_catalog import _at_revision, catalog, catalog_url  # noqa: F401 - fixt
 
 from modelfactory.catalog import (
     Catalog,
-    GateCheckRecord,
     MetricRecord,
-    PublicationRecord,
     open_catalog,
 )
 from modelfactory.catalog.queries import (
@@ -50,6 +48,7 @@ from modelfactory.catalog.render import (
     run_markdown,
 )
 from modelfactory.core.errors import CatalogNotFoundError, CatalogQueryError
+from modelfactory.core.records import GateCheck, Publication
 
 BASE_A, SHA_A = "org/llama-base", "a1" * 20
 BASE_B, SHA_B = "org/mistral-base", "b2" * 20
@@ -106,17 +105,19 @@ def seed(catalog: Catalog) -> Seeded:
                 MetricRecord("size_ratio", "delta", size, "x"),
                 MetricRecord("memory_ratio", "delta", memory, "x"),
             ])
-            catalog.record_gate(run_id=run_id, checks=[GateCheckRecord(
-                "max_ppl_increase_pct", 5.0, fp16_ppl, fp16_ppl * (1 + ppl / 100), ppl, ppl <= 5.0, f"ppl +{ppl}%")])
+            catalog.record_gate(run_id=run_id, checks=[GateCheck(
+                metric="max_ppl_increase_pct", threshold=5.0, baseline=fp16_ppl, candidate=fp16_ppl * (1 + ppl / 100),
+                observed=ppl, passed=ppl <= 5.0, message=f"ppl +{ppl}%")])
         if status == "passed":
             manifest = (f"{len(seeded.manifests):x}" * 64)[:64]
             seeded.manifests[name] = manifest
             uri = f"file:///store/{name}/{run_id[:8]}"
             catalog.record_artifact(run_id=run_id, kind="gptq", uri=uri, manifest_sha256=manifest, size_bytes=1000)
-            catalog.record_publication(run_id=run_id, publication=PublicationRecord("file", uri, manifest, 1000))
-            catalog.record_publication(run_id=run_id, publication=PublicationRecord(
-                "hub", f"https://huggingface.co/org/{name}/tree/gptq", manifest, 1000, revision="gptq",
-                commit_sha="e" * 40))
+            catalog.record_publication(run_id=run_id, publication=Publication(
+                destination="file", uri=uri, manifest_sha256=manifest, size_bytes=1000))
+            catalog.record_publication(run_id=run_id, publication=Publication(
+                destination="hub", uri=f"https://huggingface.co/org/{name}/tree/gptq", manifest_sha256=manifest,
+                size_bytes=1000, revision="gptq", commit="e" * 40))
         if status != "running":
             catalog.finish_run(run_id=run_id, status=status, error="boom" if status == "failed" else None)
         started = datetime(2026, 1, day, 12, 0, tzinfo=UTC)
@@ -347,25 +348,25 @@ def test_best_without_candidates_or_base(seeded: Seeded) -> None:
 
 def test_compare_runs_side_by_side_with_changes(seeded: Seeded) -> None:
     first, second = seeded.ids["a-4g128"], seeded.ids["a-3g128"]
-    comparison = compare_runs(seeded.catalog, [first[:8], second])
+    comparison = compare_runs(seeded.catalog, run_ids=[first[:8], second])
     assert [r.id for r in comparison.runs] == [first, second]
     metrics = {(m.name, m.side): m for m in comparison.metrics}
     speed = metrics[("decode_speedup", "delta")]
     assert speed.values == (1.3, 1.6) and speed.change_pct[0] is None
     assert speed.change_pct[1] == pytest.approx((1.6 / 1.3 - 1) * 100)
-    failed = compare_runs(seeded.catalog, [first, seeded.ids["a-failed"]])  # a run without metrics
+    failed = compare_runs(seeded.catalog, run_ids=[first, seeded.ids["a-failed"]])  # a run without metrics
     assert {m.values[1] for m in failed.metrics} == {None}
     with pytest.raises(CatalogQueryError, match="give 2 to 20 run ids"):
-        compare_runs(seeded.catalog, [first])
+        compare_runs(seeded.catalog, run_ids=[first])
     with pytest.raises(CatalogQueryError, match="is given twice"):
-        compare_runs(seeded.catalog, [first, first[:8]])
+        compare_runs(seeded.catalog, run_ids=[first, first[:8]])
     with pytest.raises(CatalogNotFoundError, match="no run with id 'ffffffff'"):
-        compare_runs(seeded.catalog, [first, "ffffffff"])
+        compare_runs(seeded.catalog, run_ids=[first, "ffffffff"])
 
 
 def test_lineage_from_run_uri_or_manifest(seeded: Seeded) -> None:
     run_id, manifest = seeded.ids["a-3g128-ao"], seeded.manifests["a-3g128-ao"]
-    by_run = lineage(seeded.catalog, run_id[:8])
+    by_run = lineage(seeded.catalog, ref=run_id[:8])
     assert by_run.matched_by == "run" and by_run.run_id == run_id
     assert [n.kind for n in by_run.nodes] == ["base", "adapter", "adapter", "spec", "run", "artifact",
                                               "publication", "publication"]
@@ -375,18 +376,18 @@ def test_lineage_from_run_uri_or_manifest(seeded: Seeded) -> None:
     assert spec.ref == "gptq-3bit-128g-actorder" and spec.detail["spec"]["quantize"]["bits"] == 3
     assert {n.sha for n in by_run.nodes[5:]} == {manifest}
     hub = f"https://huggingface.co/org/a-3g128-ao/tree/gptq"
-    by_uri = lineage(seeded.catalog, hub)
+    by_uri = lineage(seeded.catalog, ref=hub)
     assert by_uri.matched_by == "uri" and by_uri.run_id == run_id and by_uri.nodes == by_run.nodes
     # a rerun that reused the artifact: both runs are listed, the chain follows the earliest
     rerun = str(uuid.uuid4())
     seeded.catalog.start_run(run_id=rerun, name="rerun", spec={}, run_key="key-rerun")
-    seeded.catalog.record_publication(run_id=rerun, publication=PublicationRecord(
-        "file", f"file:///store/rerun", manifest, 1000, reused=True))
-    by_sha = lineage(seeded.catalog, manifest.upper())
+    seeded.catalog.record_publication(run_id=rerun, publication=Publication(
+        destination="file", uri="file:///store/rerun", manifest_sha256=manifest, size_bytes=1000, reused=True))
+    by_sha = lineage(seeded.catalog, ref=manifest.upper())
     assert by_sha.matched_by == "manifest" and by_sha.runs == (run_id, rerun) and by_sha.run_id == run_id
     assert [n.detail["run_id"] for n in by_sha.nodes if n.kind == "publication"][-1] == rerun
     with pytest.raises(CatalogNotFoundError, match="is no run id, artifact or publication URI, or manifest"):
-        lineage(seeded.catalog, "file:///nowhere")
+        lineage(seeded.catalog, ref="file:///nowhere")
 
 
 def test_leaderboard_per_base(seeded: Seeded) -> None:
@@ -408,8 +409,8 @@ def test_renderings(seeded: Seeded) -> None:
     cat = seeded.catalog
     rows = query_runs(cat, filters=RunFilter(base=BASE_A))
     best = best_build(cat, base=BASE_A, max_ppl_increase_pct=3)
-    comparison = compare_runs(cat, [seeded.ids["a-4g128"], seeded.ids["a-3g128"]])
-    chain = lineage(cat, seeded.ids["a-4g128"])
+    comparison = compare_runs(cat, run_ids=[seeded.ids["a-4g128"], seeded.ids["a-3g128"]])
+    chain = lineage(cat, ref=seeded.ids["a-4g128"])
     console = Console(file=io.StringIO(), width=250, color_system=None)
     for table in (rows_table(rows), best_table(best), comparison_table(comparison), lineage_table(chain)):
         console.print(table)
@@ -445,4 +446,4 @@ def test_upgrade_from_0002_backfills_ratios_and_sources(catalog_url: str) -> Non
         (row,) = query_runs(cat, filters=RunFilter(base="org/old", adapter="me/old-lora"))
         assert (row.decode_speedup, row.ppl_increase_pct, row.size_ratio) == (1.5, 2.0, None)
         assert best_build(cat, base="f00d").best.id == "old-0002"
-        assert lineage(cat, "old-0002").nodes[1].detail["weight"] == 0.5
+        assert lineage(cat, ref="old-0002").nodes[1].detail["weight"] == 0.5

@@ -2,9 +2,15 @@
 
 >>> catalog = open_catalog()            # MODELFACTORY_CATALOG_URL, default SQLite under ~/.modelfactory
 >>> catalog.list_runs(status="passed")  # newest first
+
+Modules: ``db`` (:class:`Catalog`, :func:`open_catalog`) built from ``connections``, ``schema``,
+``runs`` and ``watches``; ``engine`` (URLs, engine), ``ids`` (run-id prefixes), ``models`` (ORM
+tables), ``mappers`` (rows → records), ``records`` (the records and closed sets), ``queries``
+(ls / compare / best / lineage / leaderboard), ``render``, ``metrics``, ``recovery``, ``migrations``.
 """
 
-from modelfactory.catalog.db import Catalog, head_revision, mask_url, open_catalog
+from modelfactory.catalog.db import Catalog, open_catalog
+from modelfactory.catalog.engine import mask_url
 from modelfactory.catalog.records import (
     FINAL_RUN_STATUSES,
     METRIC_SIDES,
@@ -20,6 +26,7 @@ from modelfactory.catalog.records import (
     StepRecord,
     WatchRecord,
 )
+from modelfactory.catalog.schema import head_revision
 
 __all__ = [
     "FINAL_RUN_STATUSES",

@@ -26,6 +26,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from modelfactory.catalog.records import (
+    DeliveryStatus,
+    MetricSide,
+    RunStatus,
+    StepStatus,
+    WatchKind,
+)
+
 #: Deterministic constraint names, so migrations (and SQLite batch mode) can refer to them.
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -87,7 +95,7 @@ class Run(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     flow_run_id: Mapped[str | None] = mapped_column(String(64))
     name: Mapped[str] = mapped_column(String(200))
-    status: Mapped[str] = mapped_column(String(16), index=True)
+    status: Mapped[RunStatus] = mapped_column(String(16), index=True)
     run_key: Mapped[str] = mapped_column(String(128), index=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     base_uri: Mapped[str | None] = mapped_column(String(1024))
@@ -150,7 +158,7 @@ class Step(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     run_id: Mapped[str] = _run_fk()
     name: Mapped[str] = mapped_column(String(100))
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[StepStatus] = mapped_column(String(16))
     duration_s: Mapped[float] = mapped_column(Float)
     output_uri: Mapped[str | None] = mapped_column(String(1024))
     detail: Mapped[dict[str, Any] | None] = mapped_column(NullableJSON)
@@ -167,7 +175,7 @@ class Metric(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     run_id: Mapped[str] = _run_fk()
     name: Mapped[str] = mapped_column(String(100))
-    side: Mapped[str] = mapped_column(String(8))
+    side: Mapped[MetricSide] = mapped_column(String(8))
     value: Mapped[float] = mapped_column(Float)
     unit: Mapped[str] = mapped_column(String(32))
 
@@ -248,7 +256,7 @@ class Publication(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     run_id: Mapped[str] = _run_fk()
-    destination: Mapped[str] = mapped_column(String(8))  # file | s3 | hub
+    destination: Mapped[str] = mapped_column(String(8))  # records.PUBLICATION_DESTINATIONS
     uri: Mapped[str] = mapped_column(String(1024), index=True)  # 0003: lineage by URI
     revision: Mapped[str | None] = mapped_column(String(255))
     commit_sha: Mapped[str | None] = mapped_column(String(64))
@@ -265,7 +273,7 @@ class Watch(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     repo: Mapped[str] = mapped_column(String(255), unique=True)
-    kind: Mapped[str] = mapped_column(String(8))  # adapter | base
+    kind: Mapped[WatchKind] = mapped_column(String(8))
     base: Mapped[str | None] = mapped_column(String(1024))  # the base model of an adapter repo
     revision: Mapped[str] = mapped_column(String(255), default="main")
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # spec fields for runs it starts
@@ -285,7 +293,7 @@ class WebhookDelivery(Base):
     repo: Mapped[str] = mapped_column(String(255))
     sha: Mapped[str] = mapped_column(String(128))
     event: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16))  # accepted | started | failed
+    status: Mapped[DeliveryStatus] = mapped_column(String(16))
     flow_run_id: Mapped[str | None] = mapped_column(String(64))
     detail: Mapped[str | None] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)

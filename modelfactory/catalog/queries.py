@@ -15,13 +15,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import ColumnElement, Select, func, or_, select, union_all
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.sql import operators
 
-from modelfactory.catalog.db import Catalog, _aware
+from modelfactory.catalog.ids import resolve_run_id
+from modelfactory.catalog.mappers import ROW_COLUMNS, aware, run_row
 from modelfactory.catalog.models import (
     AdapterVersion,
     Artifact,
@@ -37,14 +38,22 @@ from modelfactory.catalog.records import (
     ComparedMetric,
     Comparison,
     Lineage,
+    LineageMatch,
     LineageNode,
-    RunDetail,
+    Objective,
     RunRow,
+    RunStatus,
 )
 from modelfactory.core.errors import CatalogNotFoundError, CatalogQueryError
 
-#: ``sort`` keys of :func:`query_runs` (each in its natural direction; ties: newest first).
-SORTS = {
+if TYPE_CHECKING:  # only for annotations: Catalog.list_runs is query_runs
+    from modelfactory.catalog.db import Catalog
+
+#: ``sort`` keys of :func:`query_runs`.
+SortKey = Literal["newest", "oldest", "ppl", "speed", "size", "memory", "name"]
+
+#: Column and direction of each ``sort`` key (its natural direction; ties: newest first).
+SORTS: dict[SortKey, tuple[Any, Literal["asc", "desc"]]] = {
     "newest": (Run.started_at, "desc"),
     "oldest": (Run.started_at, "asc"),
     "ppl": (Run.ppl_increase_pct, "asc"),
@@ -54,17 +63,14 @@ SORTS = {
     "name": (Run.name, "asc"),
 }
 #: ``by`` objectives of :func:`best_build`: the column and whether higher is better.
-OBJECTIVES = {"speed": (Run.decode_speedup, True), "size": (Run.size_ratio, False), "memory": (Run.memory_ratio, False)}
+OBJECTIVES: dict[Objective, tuple[Any, bool]] = {
+    "speed": (Run.decode_speedup, True), "size": (Run.size_ratio, False), "memory": (Run.memory_ratio, False),
+}
 MAX_LIMIT = 10_000
 MAX_COMPARE = 20
 #: Shortest SHA prefix that matches a base model / adapter commit.
 MIN_SHA_PREFIX = 7
 _MANIFEST_SHA = re.compile(r"[0-9a-f]{64}")
-_ROW_COLUMNS = (
-    Run.id, Run.name, Run.status, Run.run_key, Run.base_uri, Run.base_sha, Run.started_at, Run.finished_at,
-    Run.error, Run.config, Run.bits, Run.group_size, Run.desc_act, Run.adapters, Run.ppl_increase_pct,
-    Run.decode_speedup, Run.size_ratio, Run.memory_ratio,
-)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,7 +83,7 @@ class RunFilter:
 
     base: str | None = None
     adapter: str | None = None
-    status: str | None = None
+    status: RunStatus | None = None
     bits: int | None = None
     group_size: int | None = None
     desc_act: bool | None = None
@@ -90,7 +96,7 @@ class RunFilter:
             raise CatalogQueryError(
                 f"run status {self.status!r} is not one of {', '.join(RUN_STATUSES)}: use one of those"
             )
-        if self.since and self.until and _aware(self.since) >= _aware(self.until):
+        if self.since and self.until and aware(self.since) >= aware(self.until):
             raise CatalogQueryError(
                 f"date range since {self.since.isoformat()} until {self.until.isoformat()} is empty: "
                 f"give a 'since' before 'until'"
@@ -127,13 +133,16 @@ def parse_percent(text: str | float) -> float:
 
 
 def query_runs(
-    catalog: Catalog, *, filters: RunFilter | None = None, sort: str = "newest", limit: int = 50
+    catalog: Catalog, *, filters: RunFilter | None = None, sort: SortKey = "newest", limit: int = 50,
+    max_limit: int | None = MAX_LIMIT,
 ) -> list[RunRow]:
-    """Runs matching *filters*, ordered by *sort* (:data:`SORTS`; missing values last), at most *limit*."""
+    """Runs matching *filters*, ordered by *sort* (:data:`SORTS`; missing values last), at most *limit*
+    (which must not exceed *max_limit*, unless that is ``None``)."""
     if sort not in SORTS:
         raise CatalogQueryError(f"sort key {sort!r} is not one of {', '.join(SORTS)}: use one of those")
-    if not 1 <= limit <= MAX_LIMIT:
-        raise CatalogQueryError(f"cannot list {limit} runs: give a limit from 1 to {MAX_LIMIT}")
+    if limit < 1 or (max_limit is not None and limit > max_limit):
+        bound = f"from 1 to {max_limit}" if max_limit is not None else "of at least 1"
+        raise CatalogQueryError(f"cannot list {limit} runs: give a limit {bound}")
     filters = filters or RunFilter()
     column, direction = SORTS[sort]
     with catalog.reading("list runs") as session:
@@ -142,13 +151,13 @@ def query_runs(
             base_ids = _version_ids(session, BaseModelVersion, filters.base)
             if not base_ids:
                 return []
-        stmt = _filtered(session, select(*_ROW_COLUMNS), filters, base_ids=base_ids)
+        stmt = _filtered(session, select(*ROW_COLUMNS), filters, base_ids=base_ids)
         if stmt is None:
             return []
         ties = (Run.started_at.desc(), Run.id.desc())
         order = column.desc() if direction == "desc" else column.asc()
         if not column.expression.nullable:  # started_at, name: one query (indexes lead with each filter)
-            return [_row(r) for r in session.execute(stmt.order_by(order, *ties).limit(limit))]
+            return [run_row(r) for r in session.execute(stmt.order_by(order, *ties).limit(limit))]
         # A ratio (missing on unfinished runs, which sort last): the runs that have it, in its order,
         # then, if the page is not full, those without it, newest first. Two queries that an index on
         # (filter column, ratio) / (filter column, started_at) answers in order; one ORDER BY ... NULLS
@@ -157,7 +166,7 @@ def query_runs(
         rows = _top(session, stmt.where(column.is_not(None)), (order, *ties), limit, base_ids)
         if len(rows) < limit:
             missing = stmt.where(column.is_(None)).order_by(*ties).limit(limit - len(rows))
-            rows += [_row(r) for r in session.execute(missing)]
+            rows += [run_row(r) for r in session.execute(missing)]
         return rows
 
 
@@ -178,12 +187,12 @@ def _top(session: Session, stmt: Select, order: tuple[Any, ...], limit: int,
     per version, a filter that matches few runs of each would make every part read far.
     """
     if base_ids is None or len(base_ids) == 1 or len(base_ids) > _MAX_SPLIT_BASES:
-        return [_row(r) for r in session.execute(stmt.order_by(*order).limit(limit))]
+        return [run_row(r) for r in session.execute(stmt.order_by(*order).limit(limit))]
     parts = [select(stmt.where(Run.base_model_id == base_id).order_by(*order).limit(limit).subquery())
              for base_id in base_ids]
     merged = union_all(*parts).subquery()
     outer = [_on(merged, key) for key in order]
-    return [_row(r) for r in session.execute(select(merged).order_by(*outer).limit(limit))]
+    return [run_row(r) for r in session.execute(select(merged).order_by(*outer).limit(limit))]
 
 
 def _on(subquery: Any, key: Any) -> Any:
@@ -215,9 +224,9 @@ def _filtered(session: Session, stmt: Select, filters: RunFilter, *,
         if value is not None:
             stmt = stmt.where(column == value)
     if filters.since is not None:
-        stmt = stmt.where(Run.started_at >= _aware(filters.since))
+        stmt = stmt.where(Run.started_at >= aware(filters.since))
     if filters.until is not None:
-        stmt = stmt.where(Run.started_at < _aware(filters.until))
+        stmt = stmt.where(Run.started_at < aware(filters.until))
     return stmt
 
 
@@ -229,25 +238,10 @@ def _version_ids(session: Session, model: type, ref: str) -> list[int]:
     return list(session.scalars(select(model.id).where(match)))
 
 
-def _row(r: Any) -> RunRow:
-    return RunRow(
-        id=r.id, name=r.name, status=r.status, run_key=r.run_key, base_uri=r.base_uri, base_sha=r.base_sha,
-        started_at=_aware(r.started_at), finished_at=_aware(r.finished_at), error=r.error, config=r.config,
-        bits=r.bits, group_size=r.group_size, desc_act=r.desc_act,
-        adapters=tuple(dict(a) for a in (r.adapters or [])), ppl_increase_pct=r.ppl_increase_pct,
-        decode_speedup=r.decode_speedup, size_ratio=r.size_ratio, memory_ratio=r.memory_ratio,
-    )
-
-
 # --------------------------------------------------------------------------- show / compare
 
 
-def get_run(catalog: Catalog, run_id: str) -> RunDetail:
-    """Everything about one run (id or a unique 6+ character prefix)."""
-    return catalog.get_run(run_id)
-
-
-def compare_runs(catalog: Catalog, run_ids: Sequence[str]) -> Comparison:
+def compare_runs(catalog: Catalog, *, run_ids: Sequence[str]) -> Comparison:
     """Runs side by side: every metric (name, side) any of them has, with changes against the first."""
     if not 2 <= len(run_ids) <= MAX_COMPARE:
         raise CatalogQueryError(f"cannot compare {len(run_ids)} runs: give 2 to {MAX_COMPARE} run ids")
@@ -276,7 +270,7 @@ def compare_runs(catalog: Catalog, run_ids: Sequence[str]) -> Comparison:
 
 
 def best_build(
-    catalog: Catalog, *, base: str, max_ppl_increase_pct: float | None = None, by: str = "speed",
+    catalog: Catalog, *, base: str, max_ppl_increase_pct: float | None = None, by: Objective = "speed",
     filters: RunFilter | None = None,
 ) -> BestBuild:
     """The Pareto-best passing build of *base*.
@@ -312,8 +306,8 @@ def best_build(
         if max_ppl_increase_pct is not None:
             stmt = stmt.where(Run.ppl_increase_pct <= max_ppl_increase_pct)
         front_ids, candidates = _pareto_front(session, stmt, higher_better=higher_better)
-        rows = {r.id: r for r in (_row(x) for x in session.execute(
-            select(*_ROW_COLUMNS).where(Run.id.in_(front_ids))))} if front_ids else {}
+        rows = {r.id: r for r in (run_row(x) for x in session.execute(
+            select(*ROW_COLUMNS).where(Run.id.in_(front_ids))))} if front_ids else {}
     front = tuple(rows[i] for i in front_ids)
     return BestBuild(base=base, by=by, max_ppl_increase_pct=max_ppl_increase_pct, candidates=candidates,
                      best=front[-1] if front else None, front=front)
@@ -378,12 +372,12 @@ def _filter_fields(filters: RunFilter | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------- lineage
 
 
-def lineage(catalog: Catalog, ref: str) -> Lineage:
+def lineage(catalog: Catalog, *, ref: str) -> Lineage:
     """base SHA → adapters → spec → run → artifacts → publications, for a run id (or prefix),
     an artifact / publication URI, or a manifest sha256."""
     ref = ref.strip()
     with catalog.reading(f"trace the lineage of {ref!r}") as session:
-        matched_by, runs = _lineage_runs(session, catalog, ref)
+        matched_by, runs = _lineage_runs(session, catalog, ref=ref)
         run = session.get(Run, runs[0], options=[selectinload(Run.artifacts), selectinload(Run.publications),
                                                  selectinload(Run.adapter_links)])
         assert run is not None
@@ -417,7 +411,7 @@ def lineage(catalog: Catalog, ref: str) -> Lineage:
     return Lineage(ref=ref, matched_by=matched_by, run_id=runs[0], runs=tuple(runs), nodes=tuple(nodes))
 
 
-def _lineage_runs(session: Session, catalog: Catalog, ref: str) -> tuple[str, list[str]]:
+def _lineage_runs(session: Session, catalog: Catalog, *, ref: str) -> tuple[LineageMatch, list[str]]:
     """How *ref* matched and the runs that produced it, earliest first."""
     by_start = (Run.started_at.asc(), Run.id.asc())
     if _MANIFEST_SHA.fullmatch(ref.lower()):
@@ -434,7 +428,7 @@ def _lineage_runs(session: Session, catalog: Catalog, ref: str) -> tuple[str, li
         if runs:
             return "uri", runs
     try:
-        return "run", [catalog.resolve_id(session, ref)]
+        return "run", [resolve_run_id(session, run_id=ref, catalog_url=catalog.url)]
     except CatalogNotFoundError as exc:
         raise CatalogNotFoundError(
             f"{ref!r} is no run id, artifact or publication URI, or manifest sha256 in the catalog at "
@@ -443,8 +437,8 @@ def _lineage_runs(session: Session, catalog: Catalog, ref: str) -> tuple[str, li
 
 
 def _iso(value: datetime | None) -> str | None:
-    aware = _aware(value)
-    return aware.isoformat() if aware else None
+    utc = aware(value)
+    return utc.isoformat() if utc else None
 
 
 # --------------------------------------------------------------------------- leaderboard
@@ -469,12 +463,12 @@ def leaderboard(catalog: Catalog, *, base: str | None = None, bases: int = 10, r
             latest = latest.where(BaseModelVersion.id.in_(ids))
         boards = []
         for base_id, uri, sha, count in session.execute(latest).all():
-            stmt = (select(*_ROW_COLUMNS).where(Run.base_model_id == base_id, finished)
+            stmt = (select(*ROW_COLUMNS).where(Run.base_model_id == base_id, finished)
                     .order_by((Run.status == "passed").desc(), Run.decode_speedup.desc().nulls_last(),
                               Run.started_at.desc())
                     .limit(rows))
             boards.append(Board(base_uri=uri, base_sha=sha, runs=int(count),
-                                rows=tuple(_row(r) for r in session.execute(stmt))))
+                                rows=tuple(run_row(r) for r in session.execute(stmt))))
     return boards
 
 
@@ -483,9 +477,9 @@ __all__ = [
     "OBJECTIVES",
     "SORTS",
     "RunFilter",
+    "SortKey",
     "best_build",
     "compare_runs",
-    "get_run",
     "leaderboard",
     "lineage",
     "parse_percent",

@@ -1,33 +1,70 @@
-"""Plain, immutable records the catalog hands out and takes in.
+"""Plain, immutable records the catalog hands out and takes in, and the closed sets of its columns.
 
-They decouple callers (tasks, CLI) from the ORM: nothing here touches a session,
-and every record turns into JSON-serialisable data with :meth:`to_dict`.
+They decouple callers (tasks, CLI) from the ORM: nothing here touches a session, and every record
+turns into JSON-serialisable data with ``to_dict``. The gate checks and publications a run records
+are the step records of :mod:`modelfactory.core.records` themselves (the catalog adds only when a
+publication was recorded), so a field is declared once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel
+
+from modelfactory.core.errors import CatalogQueryError
+from modelfactory.core.records import GateCheck, Publication
+
+# The closed sets below are stored as plain strings (the schema has no enums, so a new value
+# needs no migration); ``check_choice`` guards every write against values outside them.
 
 #: Every status a run can have; ``running`` until :meth:`Catalog.finish_run`.
-RUN_STATUSES = ("running", "passed", "failed", "rejected")
+RunStatus = Literal["running", "passed", "failed", "rejected"]
 #: The statuses :meth:`Catalog.finish_run` accepts.
-FINAL_RUN_STATUSES = ("passed", "failed", "rejected")
-STEP_STATUSES = ("ok", "reused", "failed")
+FinalRunStatus = Literal["passed", "failed", "rejected"]
+StepStatus = Literal["ok", "reused", "failed"]
 #: Run statuses of webhook deliveries.
-DELIVERY_STATUSES = ("accepted", "started", "failed")
-WATCH_KINDS = ("adapter", "base")
-PUBLICATION_DESTINATIONS = ("file", "s3", "hub")
+DeliveryStatus = Literal["accepted", "started", "failed"]
+WatchKind = Literal["adapter", "base"]
 #: ``''`` marks a metric that belongs to neither model (e.g. a size ratio).
-METRIC_SIDES = ("fp16", "gptq", "delta", "")
+MetricSide = Literal["fp16", "gptq", "delta", ""]
+#: ``catalog best`` objectives: decode speed-up (higher is better), size or memory ratio (lower is better).
+Objective = Literal["speed", "size", "memory"]
+#: Links of a lineage chain, in chain order.
+LineageKind = Literal["base", "adapter", "spec", "run", "artifact", "publication"]
+#: How :func:`~modelfactory.catalog.queries.lineage` matched its reference.
+LineageMatch = Literal["run", "uri", "manifest"]
+
+RUN_STATUSES: tuple[str, ...] = get_args(RunStatus)
+FINAL_RUN_STATUSES: tuple[str, ...] = get_args(FinalRunStatus)
+STEP_STATUSES: tuple[str, ...] = get_args(StepStatus)
+DELIVERY_STATUSES: tuple[str, ...] = get_args(DeliveryStatus)
+WATCH_KINDS: tuple[str, ...] = get_args(WatchKind)
+METRIC_SIDES: tuple[str, ...] = get_args(MetricSide)
+#: Where a publication went: the destinations :class:`~modelfactory.core.records.Publication` allows.
+PUBLICATION_DESTINATIONS: tuple[str, ...] = get_args(Publication.model_fields["destination"].annotation)
+
+
+def check_choice(what: str, value: str, allowed: Iterable[str]) -> None:
+    """Raise :class:`CatalogQueryError` unless *value* is one of *allowed* (*what* names the field)."""
+    allowed = tuple(allowed)
+    if value not in allowed:
+        choices = ", ".join(map(repr, allowed))
+        raise CatalogQueryError(f"{what} {value!r} is not one of {choices}: use one of those")
 
 
 def _jsonable(value: Any) -> Any:
     """*value* with datetimes as ISO strings, records as dicts and tuples as lists."""
     if isinstance(value, datetime):
         return value.isoformat()
+    if isinstance(value, PublicationRecord):
+        return value.to_dict()
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return value.to_dict()  # type: ignore[union-attr]
     if isinstance(value, dict):
@@ -50,26 +87,19 @@ class _Record:
 @dataclass(frozen=True, slots=True)
 class MetricRecord(_Record):
     name: str
-    side: str
+    side: MetricSide
     value: float
     unit: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class GateCheckRecord(_Record):
-    metric: str
-    threshold: float
-    baseline: float | None
-    candidate: float | None
-    observed: float | None
-    passed: bool
-    message: str = ""
+#: The gate's checks are recorded as the gate step decided them (the name stays for callers).
+GateCheckRecord = GateCheck
 
 
 @dataclass(frozen=True, slots=True)
 class StepRecord(_Record):
     name: str
-    status: str
+    status: StepStatus
     duration_s: float
     output_uri: str | None = None
     detail: dict[str, Any] | None = None
@@ -83,18 +113,18 @@ class ArtifactRecord(_Record):
     size_bytes: int
 
 
-@dataclass(frozen=True, slots=True)
-class PublicationRecord(_Record):
-    """One destination a run's artifact was published to."""
+class PublicationRecord(Publication):
+    """A :class:`~modelfactory.core.records.Publication` as the catalog recorded it, and when.
 
-    destination: str  # file | s3 | hub
-    uri: str
-    manifest_sha256: str
-    size_bytes: int
-    revision: str | None = None
-    commit_sha: str | None = None
-    reused: bool = False
+    Its JSON (``to_dict``: the API, ``catalog show --format json``) calls the Hub commit
+    ``commit_sha``, the name of the catalog's column.
+    """
+
     published_at: datetime | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {("commit_sha" if name == "commit" else name): value
+                for name, value in self.model_dump(mode="json").items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +132,7 @@ class WatchRecord(_Record):
     """A watched repo: its new commits start the factory (``modelfactory watch``)."""
 
     repo: str
-    kind: str  # adapter | base
+    kind: WatchKind
     base: str | None
     revision: str
     spec: dict[str, Any]
@@ -118,7 +148,7 @@ class DeliveryRecord(_Record):
     repo: str
     sha: str
     event: str
-    status: str
+    status: DeliveryStatus
     delivery_id: str | None
     flow_run_id: str | None
     detail: str | None
@@ -131,7 +161,7 @@ class RunSummary(_Record):
 
     id: str
     name: str
-    status: str
+    status: RunStatus
     run_key: str
     base_uri: str | None
     base_sha: str | None
@@ -159,15 +189,15 @@ class RunDetail(RunSummary):
     error_kind: str | None
     steps: tuple[StepRecord, ...]
     metrics: tuple[MetricRecord, ...]
-    gate_checks: tuple[GateCheckRecord, ...]
+    gate_checks: tuple[GateCheck, ...]
     artifacts: tuple[ArtifactRecord, ...]
     publications: tuple[PublicationRecord, ...] = ()
 
-    def metric(self, name: str, side: str = "") -> MetricRecord | None:
+    def metric(self, name: str, side: MetricSide = "") -> MetricRecord | None:
         """The metric *name* measured on *side*, or ``None``."""
         return next((m for m in self.metrics if m.name == name and m.side == side), None)
 
-    def value(self, name: str, side: str = "") -> float | None:
+    def value(self, name: str, side: MetricSide = "") -> float | None:
         """The value of metric *name* on *side*, or ``None``."""
         metric = self.metric(name, side)
         return metric.value if metric else None
@@ -178,15 +208,6 @@ class RunDetail(RunSummary):
         if not self.gate_checks:
             return None
         return all(c.passed for c in self.gate_checks)
-
-
-def quant_columns(spec: dict[str, Any]) -> dict[str, Any]:
-    """The run columns derived from a spec's ``quantize`` part (label as ``QuantSpec.label()``)."""
-    quant = spec.get("quantize") or {}
-    bits, group = int(quant.get("bits", 4)), int(quant.get("group_size", 128))
-    desc_act = bool(quant.get("desc_act", False))
-    label = f"gptq-{bits}bit-{'nogroup' if group == -1 else f'{group}g'}" + ("-actorder" if desc_act else "")
-    return {"config": label, "bits": bits, "group_size": group, "desc_act": desc_act}
 
 
 # --------------------------------------------------------------------------- query results
@@ -216,7 +237,7 @@ class BestBuild(_Record):
     """
 
     base: str
-    by: str
+    by: Objective
     max_ppl_increase_pct: float | None
     candidates: int
     best: RunRow | None
@@ -228,7 +249,7 @@ class ComparedMetric(_Record):
     """One metric (name, side) across the compared runs; deltas are relative to the first run."""
 
     name: str
-    side: str
+    side: MetricSide
     unit: str
     values: tuple[float | None, ...]
     #: ``(value / first - 1) * 100`` per run (``None`` for the first run or a missing value).
@@ -245,7 +266,7 @@ class Comparison(_Record):
 class LineageNode(_Record):
     """One link of a lineage chain: ``base`` → ``adapter``… → ``spec`` → ``run`` → ``artifact`` → ``publication``."""
 
-    kind: str
+    kind: LineageKind
     ref: str  # URI, run id or spec label
     sha: str | None = None  # commit SHA, content hash or manifest sha256
     detail: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -261,7 +282,7 @@ class Lineage(_Record):
     """
 
     ref: str
-    matched_by: str  # run | uri | manifest
+    matched_by: LineageMatch
     run_id: str
     runs: tuple[str, ...]
     nodes: tuple[LineageNode, ...]

@@ -16,14 +16,15 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 from sqlalchemy import select
 
-from modelfactory.catalog import Catalog, GateCheckRecord, PublicationRecord
+from modelfactory.catalog import Catalog
 from modelfactory.catalog.metrics import benchmark_metrics
-from modelfactory.catalog.models import Artifact, Publication, Run
+from modelfactory.catalog.models import Artifact, Run
+from modelfactory.catalog.models import Publication as PublicationRow
 from modelfactory.core.errors import PublishError
 from modelfactory.core.hashing import step_key
 from modelfactory.core.manifest import (
@@ -31,7 +32,12 @@ from modelfactory.core.manifest import (
     manifest_digest,
     verify_folder,
 )
-from modelfactory.core.records import BenchmarkResult, SideMetrics
+from modelfactory.core.records import (
+    BenchmarkResult,
+    GateCheck,
+    Publication,
+    SideMetrics,
+)
 from modelfactory.core.specs import parse_spec
 from modelfactory.publishing.local import local_root
 
@@ -39,7 +45,7 @@ from modelfactory.publishing.local import local_root
 @dataclass(frozen=True)
 class ImportResult:
     run_id: str
-    action: str  # already-recorded | completed | created
+    action: Literal["already-recorded", "completed", "created"]
     manifest_sha256: str
 
 
@@ -79,24 +85,24 @@ def import_artifact(catalog: Catalog, *, uri: str) -> ImportResult:
     bench = BenchmarkResult(fp16=SideMetrics.model_validate(metrics["fp16"]),
                             gptq=SideMetrics.model_validate(metrics["gptq"]), path=uri)
     catalog.record_metrics(run_id=run_id, metrics=benchmark_metrics(bench))
-    catalog.record_gate(run_id=run_id, checks=[GateCheckRecord(**check) for check in manifest["gate"]["checks"]])
+    catalog.record_gate(run_id=run_id, checks=[GateCheck.model_validate(c) for c in manifest["gate"]["checks"]])
     size = int(manifest["total_bytes"])
     detail = catalog.get_run(run_id)
     if not any(a.manifest_sha256 == digest for a in detail.artifacts):
         catalog.record_artifact(run_id=run_id, kind="gptq", uri=uri, manifest_sha256=digest, size_bytes=size)
     if not any(p.manifest_sha256 == digest for p in detail.publications):
         destination = "s3" if urlparse(uri).scheme == "s3" else "file"
-        catalog.record_publication(run_id=run_id, publication=PublicationRecord(
+        catalog.record_publication(run_id=run_id, publication=Publication(
             destination=destination, uri=uri, manifest_sha256=digest, size_bytes=size))
     catalog.finish_run(run_id=run_id, status="passed" if manifest["gate"]["passed"] else "rejected")
     return ImportResult(run_id, action, digest)
 
 
 def _run_with_manifest(catalog: Catalog, digest: str) -> str | None:
-    with catalog.engine.connect() as connection:
-        found = connection.scalar(select(Artifact.run_id).where(Artifact.manifest_sha256 == digest).limit(1))
-        return found or connection.scalar(
-            select(Publication.run_id).where(Publication.manifest_sha256 == digest).limit(1))
+    with catalog.reading(f"find the run of manifest {digest}") as session:
+        found = session.scalar(select(Artifact.run_id).where(Artifact.manifest_sha256 == digest).limit(1))
+        return found or session.scalar(
+            select(PublicationRow.run_id).where(PublicationRow.manifest_sha256 == digest).limit(1))
 
 
 def _complete(catalog: Catalog, run_id: str, digest: str) -> bool:
@@ -111,8 +117,8 @@ def _unfinished_run(catalog: Catalog, run_key: str) -> str | None:
     has_artifact = select(Artifact.id).where(Artifact.run_id == Run.id).exists()
     stmt = (select(Run.id).where(Run.run_key == run_key, Run.status.in_(("running", "failed")), ~has_artifact)
             .order_by(Run.started_at.desc()).limit(1))
-    with catalog.engine.connect() as connection:
-        return connection.scalar(stmt)
+    with catalog.reading(f"find an unfinished run with key {run_key}") as session:
+        return session.scalar(stmt)
 
 
 def local_artifact_uris(root: Path) -> list[str]:

@@ -1,6 +1,6 @@
 """Alembic environment of the catalog.
 
-The catalog runs migrations programmatically (see ``modelfactory.catalog.db``): it
+The catalog runs migrations programmatically (see ``modelfactory.catalog.schema``): it
 passes an open connection in ``config.attributes["connection"]``. Running the
 ``alembic`` command line against this folder also works; it then connects to
 ``sqlalchemy.url`` from the Alembic config, or to ``MODELFACTORY_CATALOG_URL``.

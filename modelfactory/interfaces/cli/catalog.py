@@ -123,7 +123,7 @@ def catalog_compare(
     )
 
     try:
-        comparison = compare_runs(_open(), run_ids)
+        comparison = compare_runs(_open(), run_ids=run_ids)
     except ModelFactoryError as exc:
         _fail(exc)
     _emit(format, table=lambda: comparison_table(comparison), json=lambda: record_json(comparison),
@@ -170,7 +170,7 @@ def catalog_lineage(
     from modelfactory.catalog.render import lineage_csv, lineage_table, record_json
 
     try:
-        chain = lineage(_open(), artifact)
+        chain = lineage(_open(), ref=artifact)
     except ModelFactoryError as exc:
         _fail(exc)
     _emit(format, table=lambda: lineage_table(chain), json=lambda: record_json(chain), csv=lambda: lineage_csv(chain))
@@ -199,7 +199,10 @@ def catalog_import(
     """
     from modelfactory.catalog.recovery import import_artifact
 
-    catalog = _open()
+    try:
+        catalog = _open()
+    except ModelFactoryError as exc:
+        _fail(exc)
     for uri in uris:
         try:
             result = import_artifact(catalog, uri=uri)

@@ -123,14 +123,14 @@ def ls(format: Annotated[str, typer.Option("--format", help="table or json")] = 
 def rm(repo: Annotated[str, typer.Argument(help="Watched repo, owner/name.")]) -> None:
     """Stop watching REPO (runs and deliveries already recorded stay in the catalog)."""
     from modelfactory.catalog import open_catalog
-    from modelfactory.core.errors import CatalogError
+    from modelfactory.core.errors import CatalogNotFoundError
     from modelfactory.interfaces.cli.main import _fail, console
     from modelfactory.triggers.watch import normalize_repo
 
     try:
         repo = normalize_repo(repo)
         if not open_catalog().remove_watch(repo):
-            raise CatalogError(f"{repo!r} is not on the watch list: see `modelfactory watch ls`")
+            raise CatalogNotFoundError(f"{repo!r} is not on the watch list: see `modelfactory watch ls`")
     except ModelFactoryError as exc:
         _fail(exc)
     console.print(f"stopped watching {repo}", highlight=False)

@@ -8,8 +8,9 @@
 - ``GET /api/lineage?ref=R``   base → adapters → spec → run → artifact → publications
 - ``GET /api/leaderboard``     finished builds per base model
 
-Errors are ``{"detail": {"error": kind, "message": ...}}``: 400 bad query, 404 not found,
-503 catalog unreachable or not migrated. The app refuses to start (lifespan) when the catalog's
+Errors are ``{"detail": {"error": kind, "message": ...}}`` (:func:`http_status`): 400 a bad query
+(a bad filter value, an ambiguous run id prefix), 404 not found, 503 the catalog database unreachable
+or not migrated; FastAPI itself answers 422 for a parameter of the wrong type or out of range. The app refuses to start (lifespan) when the catalog's
 schema is behind the code's: run ``modelfactory catalog upgrade``.
 """
 
@@ -59,18 +60,27 @@ async def check_catalog(_app: FastAPI) -> AsyncIterator[None]:
 router = APIRouter(prefix="/api", tags=["catalog"], lifespan=check_catalog)
 
 
+#: HTTP status per catalog error, most specific first: the client's mistake, a missing row, and
+#: else (a plain CatalogError) the database failing -- unreachable, or its schema not migrated.
+HTTP_STATUSES: tuple[tuple[type[CatalogError], int], ...] = (
+    (CatalogQueryError, 400),
+    (CatalogNotFoundError, 404),
+    (CatalogError, 503),
+)
+
+
+def http_status(exc: CatalogError) -> int:
+    """The HTTP status answering *exc* (the JSON API and the HTML pages)."""
+    return next(status for kind, status in HTTP_STATUSES if isinstance(exc, kind))
+
+
 def answer(query: Callable[[], T]) -> T:
     """Run *query*, turning catalog errors into HTTP errors that carry the kind and message."""
     try:
         return query()
-    except CatalogQueryError as exc:
-        status = 400
-        error: CatalogError = exc
-    except CatalogNotFoundError as exc:
-        status, error = 404, exc
     except CatalogError as exc:
-        status, error = 503, exc
-    raise HTTPException(status_code=status, detail={"error": error.kind, "message": error.message})
+        raise HTTPException(status_code=http_status(exc),
+                            detail={"error": exc.kind, "message": exc.message}) from exc
 
 
 @router.get("/runs")
@@ -110,7 +120,7 @@ def get_run(run_id: str) -> dict[str, Any]:
 def compare(run: Annotated[list[str], Query(description="Run ids (repeat: ?run=A&run=B)")]) -> dict[str, Any]:
     from modelfactory.catalog.queries import compare_runs
 
-    return answer(lambda: compare_runs(get_catalog(), run).to_dict())
+    return answer(lambda: compare_runs(get_catalog(), run_ids=run).to_dict())
 
 
 @router.get("/best")
@@ -142,7 +152,7 @@ def best(
 def lineage(ref: Annotated[str, Query(description="Run id, artifact/publication URI or manifest sha256")]) -> dict:
     from modelfactory.catalog.queries import lineage as trace
 
-    return answer(lambda: trace(get_catalog(), ref).to_dict())
+    return answer(lambda: trace(get_catalog(), ref=ref).to_dict())
 
 
 @router.get("/lineage/{ref:path}")

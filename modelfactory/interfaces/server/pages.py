@@ -15,11 +15,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse
 
 from modelfactory.catalog.records import Board, RunRow
-from modelfactory.core.errors import (
-    CatalogError,
-    CatalogNotFoundError,
-    CatalogQueryError,
-)
+from modelfactory.core.errors import CatalogError
 from modelfactory.interfaces.server.plot import AXES, Point, scatter_svg
 
 router = APIRouter(tags=["pages"])
@@ -87,7 +83,7 @@ def leaderboard_page(
 ) -> HTMLResponse:
     """Leaderboard per base model with a perplexity-increase plot."""
     from modelfactory.catalog.queries import best_build, leaderboard
-    from modelfactory.interfaces.server.api import get_catalog
+    from modelfactory.interfaces.server.api import get_catalog, http_status
 
     try:
         catalog = get_catalog()
@@ -97,7 +93,6 @@ def leaderboard_page(
             best = best_build(catalog, base=board.base_sha, by=x).best
             sections.append(_board_html(board, x, best.id if best else None))
     except CatalogError as exc:
-        status = 400 if isinstance(exc, CatalogQueryError) else 404 if isinstance(exc, CatalogNotFoundError) else 503
-        return _page("modelfactory leaderboard", f'<p class="error">{escape(exc.message)}</p>', status)
+        return _page("modelfactory leaderboard", f'<p class="error">{escape(exc.message)}</p>', http_status(exc))
     body = "".join(sections) or '<p class="empty">No finished builds in the catalog yet: run `modelfactory run`.</p>'
     return _page("modelfactory leaderboard", body)
