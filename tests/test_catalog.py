@@ -350,8 +350,6 @@ def test_client_mistakes_and_missing_rows_are_not_database_failures(catalog: Cat
         "run status 'done'": lambda: catalog.list_runs(status="done"),
         "limit": lambda: catalog.list_runs(limit=0),
         "already exists": lambda: catalog.start_run(run_id=run_id, name="again", spec={}, run_key="k"),
-        "not a valid QuantSpec": lambda: catalog.start_run(run_id=new_id(), name="q", spec={"quantize": {"bits": 5}},
-                                                          run_key="k"),
         "watch kind 'model'": lambda: catalog.add_watch(repo="me/m", kind="model"),
         "needs its base model": lambda: catalog.add_watch(repo="me/lora", kind="adapter"),
         "delivery status 'done'": lambda: catalog.update_delivery(repo="me/lora", sha="f" * 40, status="done"),
@@ -371,6 +369,15 @@ def test_client_mistakes_and_missing_rows_are_not_database_failures(catalog: Cat
     for message, lookup in missing.items():
         with pytest.raises(CatalogNotFoundError, match=message):
             lookup()
+
+
+def test_a_spec_that_never_validated_is_still_recorded_without_a_configuration(catalog: Catalog) -> None:
+    """An invalid spec gets a ``failed`` run row with the reason; its quantize part yields no config columns."""
+    run_id = new_id()
+    catalog.start_run(run_id=run_id, name="q", spec={"quantize": {"bits": 5}}, run_key="invalid-spec")
+    catalog.finish_run(run_id=run_id, status="failed", error="bits=5 is not supported", error_kind="spec")
+    run = catalog.get_run(run_id)
+    assert run.status == "failed" and run.config is None
 
 
 # --------------------------------------------------------------------------- connection errors
