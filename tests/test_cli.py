@@ -212,3 +212,48 @@ def test_serve_without_a_webhook_secret_serves_the_catalog_and_stops_cleanly(tmp
         assert "Traceback" not in serve.log.read_text(), serve.tail()
     finally:
         serve.stop()
+
+
+# --------------------------------------------------------------------------- one --format for every command
+@pytest.fixture
+def own_catalog(tmp_path, monkeypatch):
+    from modelfactory.catalog import open_catalog
+    from modelfactory.core.settings import get_settings
+
+    url = f"sqlite:///{tmp_path / 'formats.db'}"
+    monkeypatch.setenv("MODELFACTORY_CATALOG_URL", url)
+    get_settings.cache_clear()
+    with open_catalog(url) as catalog:
+        yield catalog
+    get_settings.cache_clear()
+
+
+def test_format_takes_one_set_of_values_everywhere_and_the_old_ones_still_work(own_catalog, tmp_path):
+    import csv
+    import io
+
+    own_catalog.add_watch(repo="mf-test/fmt-lora", kind="adapter", base="mf-test/base", spec={"gate": {
+        "max_ppl_increase_pct": 5.0}})
+    (row,) = json.loads(runner.invoke(app, ["watch", "ls", "--format", "json"]).stdout)
+    assert row["repo"] == "mf-test/fmt-lora" and row["spec"] == {"gate": {"max_ppl_increase_pct": 5.0}}
+    (line,) = csv.DictReader(io.StringIO(runner.invoke(app, ["watch", "ls", "--format", "csv"]).stdout))
+    assert line["repo"] == "mf-test/fmt-lora" and json.loads(line["spec"]) == row["spec"] and line["last_sha"] == ""
+    table = runner.invoke(app, ["watch", "ls", "--format", "table"], env={"COLUMNS": "200"})
+    assert table.exit_code == 0 and "mf-test/fmt-lora" in table.output
+    assert runner.invoke(app, ["catalog", "ls", "--format", "csv"]).stdout.startswith("id,name,status")
+
+    missing = str(tmp_path / "no-artifact")
+    for fmt in ("text", "table", "json"):  # `artifact` took text|json before: text still means the table
+        result = runner.invoke(app, ["artifact", "verify", missing, "--format", fmt])
+        assert result.exit_code == 1 and "error (" in result.output and "Traceback" not in result.output, result.output
+    for args in (["artifact", "verify", missing], ["watch", "ls"], ["catalog", "ls"], ["run"]):
+        refused = runner.invoke(app, [*args, "--format", "yaml"])
+        assert refused.exit_code == 2 and "'yaml' is not one of" in refused.output, refused.output
+    refused = runner.invoke(app, ["artifact", "verify", missing, "--format", "csv"])  # one summary: no csv
+    assert refused.exit_code == 2 and "table, json" in refused.output
+
+
+def test_watch_add_with_an_unknown_kind_names_the_kinds(own_catalog):
+    result = runner.invoke(app, ["watch", "add", "mf-test/kind-lora", "--base", "mf-test/base", "--kind", "lora"])
+    assert result.exit_code == 1 and "'lora'" in result.output and "'adapter' or 'base'" in result.output
+    assert own_catalog.list_watches() == []
