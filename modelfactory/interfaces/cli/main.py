@@ -1,4 +1,8 @@
-"""``modelfactory`` command line: demo, run, catalog."""
+"""``modelfactory`` command line: demo, run, deploy, serve, and the catalog / watch / artifact groups.
+
+Shared by every command (``interfaces/cli/common.py``): errors of the hierarchy end it with one clean
+line and exit 1; ``--format`` takes ``table|json|csv`` (what the command's output allows).
+"""
 
 from __future__ import annotations
 
@@ -46,7 +50,8 @@ def _show_run(run_id: str, fmt: Format = Format.table) -> None:
     from modelfactory.catalog import open_catalog
     from modelfactory.catalog.render import detail_csv, record_json, run_detail_table
 
-    detail = open_catalog().get_run(run_id)
+    with open_catalog() as catalog:
+        detail = catalog.get_run(run_id)
     emit(fmt, table=lambda: run_detail_table(detail), json=lambda: record_json(detail),
          csv=lambda: detail_csv(detail))
 
