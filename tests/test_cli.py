@@ -75,3 +75,185 @@ def test_catalog_show_unknown_run_exits_1(prefect):
 def test_deploy_command_is_wired():
     result = runner.invoke(app, ["deploy", "--help"])
     assert result.exit_code == 0 and "gpus" in result.output and "zombie" in result.output
+
+
+# --------------------------------------------------------------------------- `modelfactory deploy` errors
+def _deploy_error(result, kind: str) -> str:
+    """A deploy failure is a clean message of the error hierarchy: exit 1, no traceback."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)  # not a ValueError/RuntimeError
+    assert f"error ({kind})" in result.output and "Traceback" not in result.output, result.output
+    return result.output
+
+
+def test_deploy_from_a_checkout_without_deployments_names_the_file_and_the_setting(prefect, tmp_path):
+    result = runner.invoke(app, ["deploy"], env={"MODELFACTORY_SOURCE_DIR": str(tmp_path)})
+    out = _deploy_error(result, "deploy_source")
+    assert str(tmp_path / "deployments" / "prefect.yaml") in out and "MODELFACTORY_SOURCE_DIR" in out
+
+
+def test_deploy_finds_the_checkout_without_the_setting(monkeypatch):
+    from modelfactory.interfaces.deploy import prefect_file
+
+    monkeypatch.delenv("MODELFACTORY_SOURCE_DIR", raising=False)
+    assert prefect_file().is_file(), prefect_file()
+
+
+def test_deploy_onto_a_work_pool_of_another_type_names_both_types(prefect):
+    from modelfactory.interfaces.deploy import ensure_work_pool
+
+    ensure_work_pool("gpu", pool_type="process")  # what an earlier `modelfactory deploy` made
+    out = _deploy_error(runner.invoke(app, ["deploy", "--pool-type", "kubernetes"]), "work_pool_conflict")
+    assert "'gpu'" in out and "'process'" in out and "'kubernetes'" in out
+
+
+def test_a_failing_prefect_deploy_is_reported_with_its_output(prefect):
+    out = _deploy_error(runner.invoke(app, ["deploy", "--name", "no-such-deployment"]), "deploy_command")
+    assert "no-such-deployment" in out and "prefect" in out
+
+
+def test_deploy_refuses_an_unknown_pool_type_before_touching_the_server():
+    result = runner.invoke(app, ["deploy", "--pool-type", "docker"])
+    assert result.exit_code == 2 and "docker" in result.output  # a usage error: the choices are listed
+
+
+# --------------------------------------------------------------------------- `modelfactory serve`, for real
+def _serve(tmp_path, **env: str):
+    from prefect_server import BIN, Background, child_env, free_port
+
+    port, home = free_port(), tmp_path / "serve"
+    proc = Background("modelfactory-serve", [str(BIN / "modelfactory"), "serve", "--port", str(port)],
+                      env=child_env(PREFECT_HOME=str(home / "prefect"),  # child_env drops PREFECT_API_URL
+                                    MODELFACTORY_CATALOG_URL=f"sqlite:///{tmp_path / 'serve-catalog.db'}", **env),
+                      log=home / "serve.log")
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _descendants(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _sigterm_and_collect_survivors(proc, seen: list) -> list:
+    """SIGTERM to serve's own pid (as `kill PID` or a supervisor does), then what outlived it."""
+    import os
+    import signal
+
+    import psutil
+
+    os.kill(proc.proc.pid, signal.SIGTERM)
+    proc.proc.wait(timeout=60)
+    _gone, alive = psutil.wait_procs(seen, timeout=10)
+    for survivor in alive:  # do not leave them running on the machine: this test found them
+        survivor.kill()
+    return alive
+
+
+def test_serve_with_a_webhook_secret_but_no_prefect_server_refuses_and_leaves_nothing_behind(tmp_path):
+    """The bug: the first watched delivery started an ephemeral Prefect server (uvicorn) that outlived
+    `serve` after SIGTERM. Now `serve` refuses webhook triggers without a Prefect server, at start."""
+    import httpx
+    from prefect_server import wait_for
+
+    from modelfactory.catalog import open_catalog
+
+    open_catalog(f"sqlite:///{tmp_path / 'serve-catalog.db'}").add_watch(
+        repo="mf-test/orphan-lora", kind="adapter", base="mf-test/base")
+    serve, url = _serve(tmp_path, MODELFACTORY_WEBHOOK_SECRET="orphan-test-secret")
+    serve.start()
+    seen: list = []
+    try:
+        def exited_or_up() -> bool:
+            if not serve.alive():
+                return True
+            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+
+        wait_for("modelfactory serve to answer or exit", exited_or_up, timeout=90, diagnostics=serve.tail)
+        if serve.alive():  # the old behaviour: it served; a watched delivery then reached Prefect
+            sha = "c" * 40
+            httpx.post(f"{url}/hooks/huggingface", timeout=120, headers={"X-Webhook-Secret": "orphan-test-secret"},
+                       json={"event": {"action": "update", "scope": "repo.content"},
+                             "repo": {"type": "model", "name": "mf-test/orphan-lora", "headSha": sha},
+                             "updatedRefs": [{"ref": "refs/heads/main", "newSha": sha}]})
+            seen = _descendants(serve.proc.pid)
+            survivors = _sigterm_and_collect_survivors(serve, seen)
+            assert not survivors, f"outlived `modelfactory serve`: {[p.cmdline() for p in survivors]}"
+        serve.proc.wait(timeout=30)
+        log = serve.log.read_text()
+        assert serve.proc.returncode == 1, log
+        assert "PREFECT_API_URL" in log and "MODELFACTORY_WEBHOOK_SECRET" in log and "Traceback" not in log, log
+        assert "orphan-test-secret" not in log
+    finally:
+        serve.stop()
+
+
+def test_serve_without_a_webhook_secret_serves_the_catalog_and_stops_cleanly(tmp_path):
+    """No secret, no Prefect server: the catalog API and pages work; the webhook refuses (503); SIGTERM
+    ends it without leaving a process behind."""
+    import httpx
+    from prefect_server import wait_for
+
+    serve, url = _serve(tmp_path)
+    serve.start()
+    try:
+        wait_for("modelfactory serve", lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200,
+                 timeout=90, diagnostics=serve.tail)
+        assert httpx.get(f"{url}/api/runs", timeout=30).status_code == 200
+        page = httpx.get(f"{url}/leaderboard", timeout=30)
+        assert page.status_code == 200 and "No finished builds" in page.text
+        hook = httpx.post(f"{url}/hooks/huggingface", json={}, headers={"X-Webhook-Secret": ""}, timeout=30)
+        assert hook.status_code == 503 and hook.json()["status"] == "error"
+        seen = _descendants(serve.proc.pid)
+        assert not _sigterm_and_collect_survivors(serve, seen)
+        assert "Traceback" not in serve.log.read_text(), serve.tail()
+    finally:
+        serve.stop()
+
+
+# --------------------------------------------------------------------------- one --format for every command
+@pytest.fixture
+def own_catalog(tmp_path, monkeypatch):
+    from modelfactory.catalog import open_catalog
+    from modelfactory.core.settings import get_settings
+
+    url = f"sqlite:///{tmp_path / 'formats.db'}"
+    monkeypatch.setenv("MODELFACTORY_CATALOG_URL", url)
+    get_settings.cache_clear()
+    with open_catalog(url) as catalog:
+        yield catalog
+    get_settings.cache_clear()
+
+
+def test_format_takes_one_set_of_values_everywhere_and_the_old_ones_still_work(own_catalog, tmp_path):
+    import csv
+    import io
+
+    own_catalog.add_watch(repo="mf-test/fmt-lora", kind="adapter", base="mf-test/base", spec={"gate": {
+        "max_ppl_increase_pct": 5.0}})
+    (row,) = json.loads(runner.invoke(app, ["watch", "ls", "--format", "json"]).stdout)
+    assert row["repo"] == "mf-test/fmt-lora" and row["spec"] == {"gate": {"max_ppl_increase_pct": 5.0}}
+    (line,) = csv.DictReader(io.StringIO(runner.invoke(app, ["watch", "ls", "--format", "csv"]).stdout))
+    assert line["repo"] == "mf-test/fmt-lora" and json.loads(line["spec"]) == row["spec"] and line["last_sha"] == ""
+    table = runner.invoke(app, ["watch", "ls", "--format", "table"], env={"COLUMNS": "200"})
+    assert table.exit_code == 0 and "mf-test/fmt-lora" in table.output
+    assert runner.invoke(app, ["catalog", "ls", "--format", "csv"]).stdout.startswith("id,name,status")
+
+    missing = str(tmp_path / "no-artifact")
+    for fmt in ("text", "table", "json"):  # `artifact` took text|json before: text still means the table
+        result = runner.invoke(app, ["artifact", "verify", missing, "--format", fmt])
+        assert result.exit_code == 1 and "error (" in result.output and "Traceback" not in result.output, result.output
+    for args in (["artifact", "verify", missing], ["watch", "ls"], ["catalog", "ls"], ["run"]):
+        refused = runner.invoke(app, [*args, "--format", "yaml"])
+        assert refused.exit_code == 2 and "'yaml' is not one of" in refused.output, refused.output
+    refused = runner.invoke(app, ["artifact", "verify", missing, "--format", "csv"])  # one summary: no csv
+    assert refused.exit_code == 2 and "table, json" in refused.output
+
+
+def test_watch_add_with_an_unknown_kind_names_the_kinds(own_catalog):
+    result = runner.invoke(app, ["watch", "add", "mf-test/kind-lora", "--base", "mf-test/base", "--kind", "lora"])
+    assert result.exit_code == 1 and "'lora'" in result.output and "'adapter' or 'base'" in result.output
+    assert own_catalog.list_watches() == []

@@ -242,6 +242,8 @@ def hooks(deployed, tmp_path_factory) -> Iterator[str]:
                  timeout=60, diagnostics=serve.tail)
         yield url
         assert "Traceback" not in serve.log.read_text(), serve.tail(80)
+        survivors = sigterm_alone(serve)
+        assert not survivors, f"outlived `modelfactory serve`: {survivors}"
     finally:
         serve.stop()
 
@@ -307,6 +309,25 @@ def deliver(url: str, payload: Any, *, secret: str | None = SECRET, raw: bytes |
     headers = {"Content-Type": "application/json"} | ({"X-Webhook-Secret": secret} if secret is not None else {})
     return httpx.post(f"{url}/hooks/huggingface", content=raw if raw is not None else json.dumps(payload),
                       headers=headers, timeout=30)
+
+
+def sigterm_alone(proc: Background) -> list[list[str]]:
+    """SIGTERM to *proc*'s own pid (as `kill PID` or a supervisor sends it); the command lines of
+    descendants that outlived it (killed after being noted)."""
+    import os
+    import signal
+
+    import psutil
+
+    descendants = psutil.Process(proc.proc.pid).children(recursive=True)
+    os.kill(proc.proc.pid, signal.SIGTERM)
+    proc.proc.wait(timeout=60)
+    _gone, alive = psutil.wait_procs(descendants, timeout=10)
+    survivors = []
+    for survivor in alive:
+        survivors.append(survivor.cmdline())
+        survivor.kill()
+    return survivors
 
 
 def watch_add(repo: str, *args: str) -> None:
@@ -531,3 +552,35 @@ def test_watch_cli_adds_lists_and_removes(tiny_llama):
     assert cli.invoke(app, ["watch", "rm", repo]).exit_code == 0
     gone = cli.invoke(app, ["watch", "rm", repo])
     assert gone.exit_code == 1 and "not on the watch list" in gone.output
+
+
+# --------------------------------------------------------------------------- the nightly check, per watch
+def test_nightly_check_per_watch_reports_and_fails_naming_the_broken_watch(tmp_path):
+    """`check_watch` with a stand-in resolver (no Hub, no Prefect): unchanged, would-start (dry run), and
+    an unresolvable repo as an `error` check that does not stop the others; `finish_nightly` then fails
+    naming it."""
+    from modelfactory.core.errors import SourceNotFoundError, TriggerError
+    from modelfactory.triggers import check_watch, finish_nightly
+
+    heads = {"mf-test/same": "1" * 40, "mf-test/moved": "2" * 40}
+
+    def resolve(repo: str, branch: str) -> str:
+        assert branch == "main"
+        if repo not in heads:
+            raise SourceNotFoundError(f"Hub repo {repo!r} does not exist")
+        return heads[repo]
+
+    with open_catalog(f"sqlite:///{tmp_path / 'nightly.db'}") as catalog:
+        for repo in ("mf-test/gone", "mf-test/moved", "mf-test/same"):
+            catalog.add_watch(repo=repo, kind="adapter", base="mf-test/base")
+        catalog.set_watch_sha("mf-test/same", heads["mf-test/same"])
+        checks = [check_watch(watch=w, resolve_head=resolve, dry_run=True, catalog=catalog)
+                  for w in catalog.list_watches()]
+        assert [(c.repo, c.action) for c in checks] == [
+            ("mf-test/gone", "error"), ("mf-test/moved", "would-start"), ("mf-test/same", "unchanged")]
+        assert checks[0].head_sha is None and "does not exist" in checks[0].error
+        assert checks[1].head_sha == heads["mf-test/moved"] and checks[1].flow_run_id is None
+        assert catalog.list_deliveries() == []  # a dry run claims nothing
+        with pytest.raises(TriggerError, match=r"could not check mf-test/gone: .*does not exist.*the others ran"):
+            finish_nightly(checks=checks)
+        assert finish_nightly(checks=checks[1:]) == checks[1:]

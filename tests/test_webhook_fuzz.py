@@ -116,3 +116,49 @@ def test_oversized_body_is_refused_without_reading_it_all(client):
     response = post(client, b'{"pad": "' + b"x" * (1 << 20) + b'"}')
     assert response.status_code == 413
     check(response)
+
+
+def test_a_watched_commit_without_a_prefect_server_is_refused_before_claiming_it(client, monkeypatch):
+    """No PREFECT_API_URL: Prefect would start a throwaway ephemeral server (no deployment, no worker,
+    stopped by nobody). The delivery gets 503 instead, nothing is claimed, so a retry after the server
+    is configured builds it; and no server process was started."""
+    import psutil
+
+    from modelfactory.catalog import open_catalog
+    from modelfactory.triggers import build
+
+    repo, sha = "mf-fuzz/watched-lora", "d" * 40
+    with open_catalog() as catalog:
+        catalog.add_watch(repo=repo, kind="adapter", base="mf-fuzz/base", replace=True)
+    monkeypatch.setattr(build, "prefect_api_url", lambda: None)  # this process's harness may have set one
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    payload = copy.deepcopy(VALID)
+    payload["repo"]["name"], payload["updatedRefs"][0]["newSha"] = repo, sha
+    response = post(client, json.dumps(payload).encode())
+    assert response.status_code == 503 and response.json()["status"] == "error", response.text
+    assert SECRET not in response.text and "Traceback" not in response.text
+    with open_catalog() as catalog:
+        assert catalog.list_deliveries(repo=repo) == [] and catalog.get_watch(repo).last_sha is None
+    started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert not started, [p.cmdline() for p in started]
+
+
+def test_decisions_for_well_formed_deliveries(client):
+    """The trigger's decision per payload (no HTTP): ignored with a reason, before any build."""
+    from modelfactory.triggers import HubWebhookPayload, handle_delivery
+
+    def decide(**changes):
+        payload = copy.deepcopy(VALID)
+        for path, value in changes.items():
+            node = payload
+            *parents, last = path.split("__")
+            for key in parents:
+                node = node[int(key)] if isinstance(node, list) else node[key]
+            node[last] = value
+        return handle_delivery(payload=HubWebhookPayload.model_validate(payload))
+
+    assert "not a content update" in decide(event__scope="discussion").reason
+    assert "dataset repos" in decide(repo__type="dataset").reason
+    unwatched = decide()
+    assert unwatched.status == "ignored" and "watch list" in unwatched.reason
+    assert unwatched.answer() == {"status": "ignored", "reason": unwatched.reason}

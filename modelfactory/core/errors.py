@@ -132,6 +132,48 @@ class TriggerError(ModelFactoryError):
     kind = "trigger"
 
 
+class NoPrefectServerError(TriggerError):
+    """A trigger would start a build, but no Prefect server is configured (``PREFECT_API_URL``)."""
+
+    kind = "no_prefect_server"
+
+
+class DeployError(ModelFactoryError):
+    """``modelfactory deploy`` could not apply the work pools, deployments or automations."""
+
+    kind = "deploy"
+
+
+class DeployOptionError(DeployError, ValueError):
+    """A deploy option has a value the Prefect setup cannot use (pool type, zombie timeout...)."""
+
+    kind = "deploy_option"
+
+
+class DeploySourceError(DeployError):
+    """The checkout lacks ``deployments/prefect.yaml`` or the Kubernetes job template, or they do not parse."""
+
+    kind = "deploy_source"
+
+
+class WorkPoolConflictError(DeployError):
+    """A work pool of the factory exists on the Prefect server with another type."""
+
+    kind = "work_pool_conflict"
+
+
+class DeployCommandError(DeployError):
+    """``prefect deploy`` on ``deployments/prefect.yaml`` failed or timed out."""
+
+    kind = "deploy_command"
+
+
+class PrefectApiError(DeployError):
+    """The Prefect server could not be reached, or refused a setup request."""
+
+    kind = "prefect_api"
+
+
 class TransientError(ModelFactoryError):
     """A failure that may succeed on retry (network blip, 5xx, lock timeout)."""
 

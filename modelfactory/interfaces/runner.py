@@ -11,7 +11,7 @@ from modelfactory.core.records import RunOutcome
 from modelfactory.core.specs import FactorySpec, parse_spec
 
 
-def record_invalid_spec(data: dict[str, Any], error: SpecError) -> str:
+def record_invalid_spec(*, data: dict[str, Any], error: SpecError) -> str:
     """A spec that never validated still gets a ``failed`` run row with the reason."""
     run_id = str(uuid.uuid4())
     name = data.get("name") if isinstance(data.get("name"), str) else "invalid-spec"
@@ -34,6 +34,6 @@ def run_factory(data: dict[str, Any] | FactorySpec, *, origin: str = "spec", run
         try:
             spec = parse_spec(data, origin=origin)
         except SpecError as exc:
-            record_invalid_spec(data, exc)
+            record_invalid_spec(data=data, error=exc)
             raise
     return factory(spec, run_id=run_id or str(uuid.uuid4()))

@@ -14,7 +14,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-SHA_PATTERN = r"^[0-9a-f]{40}$"
+from modelfactory.triggers.watch import SHA_PATTERN
+
 Sha = Annotated[str, Field(pattern=SHA_PATTERN)]
 
 
@@ -47,7 +48,7 @@ class HubWebhookPayload(_Payload):
     def is_content_update(self) -> bool:
         return self.event.scope == "repo.content" and self.event.action == "update"
 
-    def new_commit(self, branch: str) -> str | None:
+    def new_commit(self, *, branch: str) -> str | None:
         """The commit *branch* moved to in this event, if it moved (and was not deleted)."""
         ref = f"refs/heads/{branch}"
         for updated in self.updated_refs:
@@ -58,10 +59,10 @@ class HubWebhookPayload(_Payload):
         return None
 
 
-def validation_summary(exc: ValidationError) -> list[str]:
+def validation_summary(*, exc: ValidationError) -> list[str]:
     """``field: message`` per problem, without echoing the offending values back."""
     return [f"{'.'.join(str(p) for p in err['loc']) or '<body>'}: {err['msg']}" for err in exc.errors()][:10]
 
 
-def is_malformed_json(exc: ValidationError) -> bool:
+def is_malformed_json(*, exc: ValidationError) -> bool:
     return any(err["type"] == "json_invalid" for err in exc.errors())

@@ -3,25 +3,20 @@ this module only parses options and renders: ``--format table|json|csv``)."""
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
 from enum import Enum
-from typing import Annotated, Any, NoReturn, Optional
+from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
-from modelfactory.core.errors import ModelFactoryError
+from modelfactory.interfaces.cli.common import (
+    Format,
+    console,
+    emit,
+    format_option,
+    reported_errors,
+)
 
 app = typer.Typer(help="Query the run catalog.", no_args_is_help=True)
-console = Console()
-err_console = Console(stderr=True)
-
-
-class Format(str, Enum):
-    table = "table"
-    json = "json"
-    csv = "csv"
 
 
 class Sort(str, Enum):
@@ -40,21 +35,7 @@ class Objective(str, Enum):
     memory = "memory"
 
 
-FormatOption = Annotated[Format, typer.Option("--format", help="table, json or csv")]
-
-
-def _fail(exc: ModelFactoryError) -> NoReturn:
-    err_console.print(f"[red]error ({exc.kind}):[/red] {exc.message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=1)
-
-
-def _emit(fmt: Format, *, table: Callable[[], Any], json: Callable[[], str], csv: Callable[[], str]) -> None:
-    if fmt is Format.json:
-        sys.stdout.write(json() + "\n")
-    elif fmt is Format.csv:
-        sys.stdout.write(csv())
-    else:
-        console.print(table())
+FormatOption = Annotated[Format, format_option(Format.table, Format.json, Format.csv)]
 
 
 def _open():
@@ -83,14 +64,12 @@ def catalog_ls(
     from modelfactory.catalog.queries import RunFilter, parse_when, query_runs
     from modelfactory.catalog.render import record_json, rows_csv, rows_table
 
-    try:
+    with reported_errors():
         filters = RunFilter(base=base, adapter=adapter, status=status, bits=bits, group_size=group_size,
                             desc_act=desc_act, config=config, since=parse_when(since) if since else None,
                             until=parse_when(until, end=True) if until else None)
         rows = query_runs(_open(), filters=filters, sort=sort.value, limit=limit)
-    except ModelFactoryError as exc:
-        _fail(exc)
-    _emit(format, table=lambda: rows_table(rows), json=lambda: record_json(rows), csv=lambda: rows_csv(rows))
+    emit(format, table=lambda: rows_table(rows), json=lambda: record_json(rows), csv=lambda: rows_csv(rows))
 
 
 @app.command("show")
@@ -101,12 +80,10 @@ def catalog_show(
     """Show one run: metrics side by side, steps, gate, artifacts."""
     from modelfactory.catalog.render import detail_csv, record_json, run_detail_table
 
-    try:
+    with reported_errors():
         detail = _open().get_run(run_id)
-    except ModelFactoryError as exc:
-        _fail(exc)
-    _emit(format, table=lambda: run_detail_table(detail), json=lambda: record_json(detail),
-          csv=lambda: detail_csv(detail))
+    emit(format, table=lambda: run_detail_table(detail), json=lambda: record_json(detail),
+         csv=lambda: detail_csv(detail))
 
 
 @app.command("compare")
@@ -122,12 +99,10 @@ def catalog_compare(
         record_json,
     )
 
-    try:
+    with reported_errors():
         comparison = compare_runs(_open(), run_ids=run_ids)
-    except ModelFactoryError as exc:
-        _fail(exc)
-    _emit(format, table=lambda: comparison_table(comparison), json=lambda: record_json(comparison),
-          csv=lambda: comparison_csv(comparison))
+    emit(format, table=lambda: comparison_table(comparison), json=lambda: record_json(comparison),
+         csv=lambda: comparison_csv(comparison))
 
 
 @app.command("best")
@@ -145,7 +120,7 @@ def catalog_best(
     from modelfactory.catalog.render import best_csv, best_table, record_json
     from modelfactory.core.errors import CatalogNotFoundError
 
-    try:
+    with reported_errors():
         limit = parse_percent(max_ppl_increase) if max_ppl_increase is not None else None
         best = best_build(_open(), base=base, max_ppl_increase_pct=limit, by=by.value,
                           filters=RunFilter(adapter=adapter, bits=bits))
@@ -155,9 +130,7 @@ def catalog_best(
                 f"no passing build of {base!r}{bound} has {by.value} measured: relax --max-ppl-increase, "
                 f"or list the runs with `modelfactory catalog ls --base {base}`"
             )
-    except ModelFactoryError as exc:
-        _fail(exc)
-    _emit(format, table=lambda: best_table(best), json=lambda: record_json(best), csv=lambda: best_csv(best))
+    emit(format, table=lambda: best_table(best), json=lambda: record_json(best), csv=lambda: best_csv(best))
 
 
 @app.command("lineage")
@@ -169,11 +142,9 @@ def catalog_lineage(
     from modelfactory.catalog.queries import lineage
     from modelfactory.catalog.render import lineage_csv, lineage_table, record_json
 
-    try:
+    with reported_errors():
         chain = lineage(_open(), ref=artifact)
-    except ModelFactoryError as exc:
-        _fail(exc)
-    _emit(format, table=lambda: lineage_table(chain), json=lambda: record_json(chain), csv=lambda: lineage_csv(chain))
+    emit(format, table=lambda: lineage_table(chain), json=lambda: record_json(chain), csv=lambda: lineage_csv(chain))
 
 
 @app.command("upgrade")
@@ -181,10 +152,8 @@ def catalog_upgrade() -> None:
     """Migrate the catalog database to the current schema (Alembic; safe to run twice)."""
     from modelfactory.catalog import open_catalog
 
-    try:
+    with reported_errors():
         catalog = open_catalog(auto_upgrade=True)
-    except ModelFactoryError as exc:
-        _fail(exc)
     console.print(f"catalog {catalog.url} at revision {catalog.current_revision()}", soft_wrap=True)
 
 
@@ -199,13 +168,8 @@ def catalog_import(
     """
     from modelfactory.catalog.recovery import import_artifact
 
-    try:
+    with reported_errors():
         catalog = _open()
-    except ModelFactoryError as exc:
-        _fail(exc)
-    for uri in uris:
-        try:
+        for uri in uris:
             result = import_artifact(catalog, uri=uri)
-        except ModelFactoryError as exc:
-            _fail(exc)
-        console.print(f"{result.action}: run {result.run_id} ← {uri}", soft_wrap=True, highlight=False)
+            console.print(f"{result.action}: run {result.run_id} ← {uri}", soft_wrap=True, highlight=False)

@@ -1,17 +1,28 @@
-"""``modelfactory`` command line: demo, run, catalog."""
+"""``modelfactory`` command line: demo, run, deploy, serve, and the catalog / watch / artifact groups.
+
+Shared by every command (``interfaces/cli/common.py``): errors of the hierarchy end it with one clean
+line and exit 1; ``--format`` takes ``table|json|csv`` (what the command's output allows).
+"""
 
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.console import Console
 
 from modelfactory.core.errors import ModelFactoryError
+from modelfactory.interfaces.cli.common import (
+    Format,
+    console,
+    emit,
+    err_console,
+    fail,
+    format_option,
+    reported_errors,
+)
+from modelfactory.interfaces.deploy import PoolType
 
 if TYPE_CHECKING:
     from modelfactory.core.records import RunOutcome
@@ -31,27 +42,21 @@ def _add_subcommands() -> None:
 
 
 _add_subcommands()
-console = Console()
-err_console = Console(stderr=True)
+#: ``run`` and ``demo`` print the run they made as ``catalog show`` does.
+RunFormat = Annotated[Format, format_option(Format.table, Format.json, Format.csv)]
 
 
-def _fail(exc: ModelFactoryError) -> None:
-    err_console.print(f"[red]error ({exc.kind}):[/red] {exc.message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=1)
-
-
-def _show_run(run_id: str, fmt: str = "table") -> None:
+def _show_run(run_id: str, fmt: Format = Format.table) -> None:
     from modelfactory.catalog import open_catalog
-    from modelfactory.catalog.render import run_detail_table
+    from modelfactory.catalog.render import detail_csv, record_json, run_detail_table
 
-    detail = open_catalog().get_run(run_id)
-    if fmt == "json":
-        console.print_json(json.dumps(detail.to_dict()))
-    else:
-        console.print(run_detail_table(detail))
+    with open_catalog() as catalog:
+        detail = catalog.get_run(run_id)
+    emit(fmt, table=lambda: run_detail_table(detail), json=lambda: record_json(detail),
+         csv=lambda: detail_csv(detail))
 
 
-def _run_and_report(run: Callable[[str], RunOutcome], fmt: str) -> None:
+def _run_and_report(run: Callable[[str], RunOutcome], fmt: Format) -> None:
     """Run, then print the run's metrics table and decision; exit 1 on failure, 2 on rejection."""
     import uuid
 
@@ -60,9 +65,10 @@ def _run_and_report(run: Callable[[str], RunOutcome], fmt: str) -> None:
         outcome = run(run_id)
     except ModelFactoryError as exc:
         _show_failed(run_id)
-        _fail(exc)
-    _show_run(outcome.run_id, fmt)
-    if fmt != "json":
+        fail(exc)
+    with reported_errors():
+        _show_run(outcome.run_id, fmt)
+    if fmt is Format.table:
         colour = "green" if outcome.status == "passed" else "yellow"
         console.print(f"[{colour}]{outcome.status}[/{colour}]: {outcome.gate}"
                       + (f"\nartifact: {outcome.artifact_uri}" if outcome.artifact_uri else ""), soft_wrap=True)
@@ -80,7 +86,7 @@ def _show_failed(run_id: str) -> None:
 @app.command()
 def demo(
     finetune_steps: Annotated[int, typer.Option(help="LoRA fine-tune steps before the factory run.")] = 24,
-    format: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+    format: RunFormat = Format.table,
 ) -> None:
     """Run the whole factory on the real SmolLM2-135M-Instruct with a freshly trained LoRA adapter."""
     from modelfactory.interfaces.demo import run_demo
@@ -111,16 +117,14 @@ def run(
     max_size_ratio: Annotated[Optional[float], typer.Option(help="Gate: max disk size ratio.")] = None,
     max_memory_ratio: Annotated[Optional[float], typer.Option(help="Gate: max memory ratio.")] = None,
     destination: Annotated[Optional[str], typer.Option(help="Where to publish: file://folder, s3://bucket/prefix or hf://owner/repo.")] = None,
-    format: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+    format: RunFormat = Format.table,
 ) -> None:
     """Run the factory on a spec file and/or flags."""
     from modelfactory.core.specs import load_spec, merge_overrides
     from modelfactory.interfaces.runner import run_factory
 
-    try:
+    with reported_errors():
         data = load_spec(spec).model_dump(mode="json", exclude_unset=True) if spec else {}
-    except ModelFactoryError as exc:
-        _fail(exc)
     overrides = {
         "name": name,
         "base": {"uri": base, "revision": revision} if base else None,
@@ -146,17 +150,15 @@ def _adapter(text: str) -> dict:
 @app.command()
 def deploy(
     gpus: Annotated[Optional[int], typer.Option(help="Pool-wide limit: GPUs over all GPU hosts.")] = None,
-    pool_type: Annotated[str, typer.Option(help="process (infra/gpu-host) or kubernetes (infra/k8s)")] = "process",
+    pool_type: Annotated[PoolType, typer.Option(help="process (infra/gpu-host) or kubernetes (infra/k8s)")] = "process",
     zombie_after: Annotated[float, typer.Option(help="Seconds without heartbeat before a gpu-stage run is Crashed.")] = 90,
     name: Annotated[Optional[list[str]], typer.Option("--name", help="Only this deployment (repeatable).")] = None,
 ) -> None:
     """Apply deployments/prefect.yaml to PREFECT_API_URL: gpu pool, deployments, zombie-run automation."""
     from modelfactory.interfaces.deploy import deploy as apply_deployments
 
-    try:
+    with reported_errors():
         apply_deployments(gpus=gpus, names=name, pool_type=pool_type, zombie_after_s=zombie_after)
-    except ModelFactoryError as exc:
-        _fail(exc)
 
 
 @app.command()
@@ -164,11 +166,20 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
 ) -> None:
-    """Start the HTTP service: Hugging Face webhook, catalog JSON API and leaderboard page."""
+    """Start the HTTP service: Hugging Face webhook, catalog JSON API and leaderboard page.
+
+    With ``MODELFACTORY_WEBHOOK_SECRET`` set the webhook starts builds on the Prefect server of
+    ``PREFECT_API_URL``; without that server it refuses to start (docs/triggers.md).
+    """
     import uvicorn
 
     from modelfactory.interfaces.server import create_app
+    from modelfactory.triggers import check_webhook_setup
 
+    with reported_errors():
+        if not check_webhook_setup():
+            err_console.print("MODELFACTORY_WEBHOOK_SECRET is not set: the webhook refuses every delivery (503); "
+                              "serving the catalog API and pages", highlight=False, soft_wrap=True)
     uvicorn.run(create_app(), host=host, port=port, log_level="info")
 
 

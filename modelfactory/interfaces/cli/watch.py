@@ -11,12 +11,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 import yaml
 
-from modelfactory.core.errors import ModelFactoryError, SpecError
+from modelfactory.core.errors import SpecError
+from modelfactory.interfaces.cli.common import (
+    Format,
+    console,
+    emit,
+    format_option,
+    reported_errors,
+)
+
+if TYPE_CHECKING:
+    from modelfactory.catalog.records import WatchRecord
 
 app = typer.Typer(help="The watch list: repos whose new commits start the factory.", no_args_is_help=True)
 
@@ -66,11 +76,10 @@ def add(
     """Watch REPO: each new commit of its branch is built with these spec fields and gate."""
     from modelfactory.catalog import open_catalog
     from modelfactory.core.specs import merge_overrides
-    from modelfactory.interfaces.cli.main import _fail, console
-    from modelfactory.triggers.watch import normalize_repo, validate_watch
+    from modelfactory.triggers import normalize_repo, validate_watch
 
-    try:
-        repo = normalize_repo(repo)
+    with reported_errors():
+        repo = normalize_repo(repo=repo)
         fields = _spec_file(spec) if spec else {}
         fields = merge_overrides(fields, _prune({
             "name": name,
@@ -84,39 +93,58 @@ def add(
         }))
         if kind == "base" and (base or "base" in fields):
             raise SpecError(f"--kind base watches {repo!r} itself as the base model: drop --base/--base-revision")
-        validate_watch(repo=repo, kind=kind, base=base, fields=fields)
-        watch = open_catalog().add_watch(repo=repo, kind=kind, base=base, revision=revision, spec=fields,
-                                         replace=replace)
-    except ModelFactoryError as exc:
-        _fail(exc)
+        validate_watch(repo=repo, kind=kind, base=base, fields=fields)  # an unknown kind: SpecError naming both
+        with open_catalog() as catalog:
+            watch = catalog.add_watch(repo=repo, kind=kind, base=base, revision=revision, spec=fields,
+                                      replace=replace)
     console.print(f"watching {watch.repo}@{watch.revision} ({watch.kind}"
                   + (f" on {watch.base}" if watch.base else "") + f"); spec fields {json.dumps(watch.spec)}\n"
                   "its next commit is built (webhook), or the current one at the next nightly check",
                   highlight=False, soft_wrap=True)
 
 
-@app.command("ls")
-def ls(format: Annotated[str, typer.Option("--format", help="table or json")] = "table") -> None:
-    """List watched repos, their base, followed branch, last built commit and spec fields."""
+#: ``watch ls`` columns, in order (JSON keys and CSV header).
+WATCH_FIELDS = ("repo", "kind", "base", "revision", "last_sha", "spec", "updated_at")
+
+
+def _watch_row(watch: WatchRecord) -> dict[str, Any]:
+    return {"repo": watch.repo, "kind": watch.kind, "base": watch.base, "revision": watch.revision,
+            "last_sha": watch.last_sha, "spec": watch.spec,
+            "updated_at": watch.updated_at.isoformat() if watch.updated_at else None}
+
+
+def _watches_table(watches: list[WatchRecord]) -> Any:
     from rich.table import Table
 
-    from modelfactory.catalog import open_catalog
-    from modelfactory.interfaces.cli.main import _fail, console
-
-    try:
-        watches = open_catalog().list_watches()
-    except ModelFactoryError as exc:
-        _fail(exc)
-    if format == "json":
-        rows = [{"repo": w.repo, "kind": w.kind, "base": w.base, "revision": w.revision, "last_sha": w.last_sha,
-                 "spec": w.spec, "updated_at": w.updated_at.isoformat() if w.updated_at else None} for w in watches]
-        typer.echo(json.dumps(rows, indent=2))
-        return
     table = Table("repo", "kind", "base", "branch", "last built", "spec fields")
     for w in watches:
         table.add_row(w.repo, w.kind, w.base or "-", w.revision, (w.last_sha or "-")[:12],
                       json.dumps(w.spec, separators=(",", ":")))
-    console.print(table)
+    return table
+
+
+def _watches_csv(watches: list[WatchRecord]) -> str:
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=WATCH_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in map(_watch_row, watches):
+        writer.writerow({k: json.dumps(v, separators=(",", ":")) if k == "spec" else ("" if v is None else v)
+                         for k, v in row.items()})
+    return out.getvalue()
+
+
+@app.command("ls")
+def ls(format: Annotated[Format, format_option(Format.table, Format.json, Format.csv)] = Format.table) -> None:
+    """List watched repos, their base, followed branch, last built commit and spec fields."""
+    from modelfactory.catalog import open_catalog
+
+    with reported_errors(), open_catalog() as catalog:
+        watches = catalog.list_watches()
+    emit(format, table=lambda: _watches_table(watches),
+         json=lambda: json.dumps([_watch_row(w) for w in watches], indent=2), csv=lambda: _watches_csv(watches))
 
 
 @app.command("rm")
@@ -124,13 +152,12 @@ def rm(repo: Annotated[str, typer.Argument(help="Watched repo, owner/name.")]) -
     """Stop watching REPO (runs and deliveries already recorded stay in the catalog)."""
     from modelfactory.catalog import open_catalog
     from modelfactory.core.errors import CatalogNotFoundError
-    from modelfactory.interfaces.cli.main import _fail, console
-    from modelfactory.triggers.watch import normalize_repo
+    from modelfactory.triggers import normalize_repo
 
-    try:
-        repo = normalize_repo(repo)
-        if not open_catalog().remove_watch(repo):
+    with reported_errors():
+        repo = normalize_repo(repo=repo)
+        with open_catalog() as catalog:
+            removed = catalog.remove_watch(repo)
+        if not removed:
             raise CatalogNotFoundError(f"{repo!r} is not on the watch list: see `modelfactory watch ls`")
-    except ModelFactoryError as exc:
-        _fail(exc)
     console.print(f"stopped watching {repo}", highlight=False)
