@@ -169,7 +169,7 @@ def test_local_root():
     assert local_root("file:///srv/my%20store") == Path("/srv/my store")
     assert local_root("/srv/plain") == Path("/srv/plain")
     assert local_root(Path("/srv/x").as_uri()) == Path("/srv/x")
-    with pytest.raises(SpecError, match="only file://"):
+    with pytest.raises(SpecError, match="not a local artifact store: use a file:// URL or a local path"):
         local_root("s3://bucket/models")
     with pytest.raises(SpecError):
         local_root("https://example.com/store")

@@ -53,13 +53,13 @@ def _safe_rel(rel: str, *, where: str, error: type[ModelFactoryError]) -> str:
 
 def resolve_artifact(client, url: S3Url) -> tuple[S3Url, bytes]:
     """The artifact folder and its manifest bytes; a model/config folder is followed via ``latest.json``."""
-    data = read_object(client, url.bucket, url.key(MANIFEST))
+    data = read_object(client, bucket=url.bucket, key=url.key(MANIFEST))
     if data is not None:
         return url, data
-    pointer = read_object(client, url.bucket, url.key(LATEST))
+    pointer = read_object(client, bucket=url.bucket, key=url.key(LATEST))
     if pointer is not None:
         target = S3Url.parse(json.loads(pointer)["uri"])
-        data = read_object(client, target.bucket, target.key(MANIFEST))
+        data = read_object(client, bucket=target.bucket, key=target.key(MANIFEST))
         if data is not None:
             return target, data
     raise PublishError(f"{url} has no {MANIFEST} (nor a {LATEST} pointing at one): the artifact is missing or "
@@ -103,7 +103,7 @@ def _download_files(client, *, folder: S3Url, rels: list[str], dest: Path) -> No
             target.parent.mkdir(parents=True, exist_ok=True)
             futures.append(manager.download(folder.bucket, folder.key(rel), str(target),
                                             extra_args={"ChecksumMode": "ENABLED"}))
-        for future in futures:  # a failure cancels the rest on leaving the `with` (see s3.publish.upload_tree)
+        for future in futures:  # a failure cancels the rest on leaving the `with` (see publishing.s3.upload_tree)
             future.result()
 
 
@@ -188,7 +188,7 @@ def fetch_source(*, url: str, what: str) -> tuple[Path, str, bool]:
         objects = _listing(client, root)
         if not objects:
             raise SourceNotFoundError(f"{what} {url}: no objects under this prefix; check the bucket and prefix")
-        manifest_data = read_object(client, root.bucket, root.key(MANIFEST)) if any(
+        manifest_data = read_object(client, bucket=root.bucket, key=root.key(MANIFEST)) if any(
             o["path"] == MANIFEST for o in objects) else None
         if manifest_data is not None:
             sha = manifest_digest(manifest_data)

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from modelfactory.core.errors import ModelFactoryError, SpecError, TriggerError
+from modelfactory.core.ids import COMMIT_SHA, check_commit_sha, check_hub_repo_id  # noqa: F401 (COMMIT_SHA: flows)
 from modelfactory.core.log import get_logger
 from modelfactory.core.specs import (
-    HUB_REPO_ID,
     FactorySpec,
     merge_overrides,
     parse_spec,
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
     from modelfactory.catalog.db import Catalog
     from modelfactory.catalog.records import DeliveryRecord, WatchRecord
 
-COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 #: Spec fields that come from the watch itself, never from its stored spec.
 WATCH_OWNED_FIELDS = ("base", "adapters")
 #: A claimed delivery whose run was never created (process died in between) is retried after this.
@@ -46,16 +45,7 @@ PLACEHOLDER_SHA = "0" * 40
 
 def normalize_repo(repo: str) -> str:
     """``owner/name`` (an ``hf://`` prefix is dropped); :class:`SpecError` for anything else."""
-    bare = repo.removeprefix("hf://")
-    if not HUB_REPO_ID.match(bare) or "--" in bare or ".." in bare:
-        raise SpecError(f"watched repo {repo!r} is not a Hugging Face repo id 'owner/name': fix the repo id")
-    return bare
-
-
-def check_sha(sha: str) -> str:
-    if not COMMIT_SHA.match(sha):
-        raise SpecError(f"commit {sha!r} is not a 40-character lowercase hex Git SHA: pass the full commit SHA")
-    return sha
+    return check_hub_repo_id(repo.removeprefix("hf://"), what="watched repo", fix="fix the repo id")
 
 
 def default_run_name(repo: str) -> str:
@@ -87,7 +77,7 @@ def spec_data_for_commit(*, repo: str, kind: str, base: str | None, fields: dict
 def spec_for_commit(watch: WatchRecord, sha: str) -> FactorySpec:
     """The :class:`FactorySpec` that builds commit *sha* of a watched repo."""
     data = spec_data_for_commit(repo=watch.repo, kind=watch.kind, base=watch.base, fields=watch.spec,
-                                sha=check_sha(sha))
+                                sha=check_commit_sha(sha))
     return parse_spec(data, origin=f"watch {watch.repo}")
 
 
@@ -101,7 +91,7 @@ def resolve_head(repo: str, revision: str = "main") -> str:
     """The commit *revision* of Hub repo *repo* points at now (``HfApi.model_info``; honours ``HF_ENDPOINT``)."""
     from modelfactory.sources.hub import resolve_hub_revision
 
-    return resolve_hub_revision(repo, revision)
+    return resolve_hub_revision(repo_id=repo, revision=revision)
 
 
 # --------------------------------------------------------------------------- starting a build
@@ -169,7 +159,8 @@ def start_build(*, repo: str, sha: str, event: str, delivery_id: str | None = No
 
     catalog = catalog or open_catalog()
     logger = get_logger()
-    claimed, delivery = catalog.claim_delivery(repo=repo, sha=check_sha(sha), event=event, delivery_id=delivery_id)
+    claimed, delivery = catalog.claim_delivery(repo=repo, sha=check_commit_sha(sha), event=event,
+                                               delivery_id=delivery_id)
     if not claimed and not _worth_retrying(delivery, repo=repo, sha=sha):
         logger.info(f"{repo}@{sha[:12]} ({event}): already claimed by a {delivery.event} delivery "
                     f"({delivery.status}, flow run {delivery.flow_run_id or '-'}): nothing to start")

@@ -14,7 +14,9 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-SHA_PATTERN = r"^[0-9a-f]{40}$"
+from modelfactory.core.ids import COMMIT_SHA
+
+SHA_PATTERN = COMMIT_SHA.pattern
 Sha = Annotated[str, Field(pattern=SHA_PATTERN)]
 
 
