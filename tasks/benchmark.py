@@ -19,7 +19,7 @@ from modelfactory.core import workdir
 from modelfactory.core.devices import (
     apply_memory_cap,
     gpu_env,
-    out_of_memory,
+    out_of_memory_error,
     resolve_device,
     resolve_dtype,
 )
@@ -60,7 +60,7 @@ def measure_side(*, model_path: str, side: Side, spec: dict, treatment: bench.Gr
         return _measure_side(model_path=model_path, side=side, spec=spec, treatment=treatment)
     except torch.OutOfMemoryError as exc:
         device = resolve_device(BenchmarkSpec.model_validate(spec).device)
-        raise out_of_memory(f"benchmark ({side})", model_path=model_path, device=device, exc=exc,
+        raise out_of_memory_error(f"benchmark ({side})", model_path=model_path, device=device, exc=exc,
                             advice="lower benchmark.perplexity.context_len or decode.new_tokens, or run on a "
                                    "GPU with more free memory") from exc
 

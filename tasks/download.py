@@ -39,7 +39,7 @@ def _from_gguf(path: Path) -> ModelArtifact:
     if not reused:
         progress(f"download: dequantizing {path.name} to fp16 safetensors")
         with workdir.building("download", key) as (tmp, marker):
-            dequantize_gguf(path, tmp)
+            dequantize_gguf(gguf_path=path, out_dir=tmp)
             marker.update(source=str(path), sha256=sha)
         done = workdir.step_dir("download", key)
     return ModelArtifact(path=str(done), sha=sha, source_uri=str(path), kind="gguf", reused=reused)
@@ -63,9 +63,9 @@ def download_model(*, source: ModelSource, trust_remote_code: bool = False) -> M
         progress(f"download: hashing local model {path}")
         artifact = ModelArtifact(path=str(path), sha=tree_sha256(path), source_uri=str(path), kind="local")
     else:
-        sha = resolve_hub_revision(source.repo_id, source.revision)
+        sha = resolve_hub_revision(repo_id=source.repo_id, revision=source.revision)
         progress(f"download: {source.repo_id}@{source.revision or 'main'} is commit {sha}")
-        path = download_hub(source.repo_id, sha)
+        path = download_hub(repo_id=source.repo_id, sha=sha)
         artifact = ModelArtifact(path=str(path), sha=sha, source_uri=f"hf://{source.repo_id}", kind="hub")
     check_model_dir(Path(artifact.path), trust_remote_code=trust_remote_code)
     return artifact.model_copy(update={"duration_s": time.perf_counter() - start})
@@ -81,8 +81,8 @@ def resolve_adapter(*, spec: AdapterSpec) -> AdapterArtifact:
         sha, uri = tree_sha256(path), str(path)
     elif kind == "hub":
         repo_id = spec.uri.removeprefix("hf://")
-        sha = resolve_hub_revision(repo_id, spec.revision)
-        path, uri = download_hub(repo_id, sha), f"hf://{repo_id}"
+        sha = resolve_hub_revision(repo_id=repo_id, revision=spec.revision)
+        path, uri = download_hub(repo_id=repo_id, sha=sha), f"hf://{repo_id}"
     elif kind == "s3":
         from modelfactory.s3 import fetch_source
 

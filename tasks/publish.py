@@ -1,11 +1,15 @@
-"""Step 6 — publish: copy a *passing* quantized model to the artifact store, manifest last."""
+"""Step 6 — publish: send a *passing* quantized model to its destination, manifest last.
+
+The destination (``publish.destination``, else ``MODELFACTORY_STORE_URL``) picks the publisher by its
+scheme: ``file://`` or a path (:mod:`modelfactory.publishing.local`), ``s3://``
+(:mod:`modelfactory.publishing.s3`) or ``hf://`` (:mod:`modelfactory.publishing.hub`).
+"""
 
 from __future__ import annotations
 
 import re
 from datetime import datetime, timezone
 from pathlib import Path
-from urllib.parse import urlparse
 
 from prefect import task
 
@@ -22,6 +26,7 @@ from modelfactory.core.records import (
 from modelfactory.core.retries import retry_transient
 from modelfactory.core.settings import get_settings
 from modelfactory.core.specs import FactorySpec
+from modelfactory.publishing.destinations import destination_kind
 from modelfactory.publishing.local import local_root, publish_local
 
 
@@ -54,19 +59,19 @@ def publish_artifact(*, spec: FactorySpec, merge: MergeResult, quant: QuantResul
         engine=quant.engine,
     )
     progress(f"publish: {len(manifest['files'])} files, {manifest['total_bytes'] / 1e6:.1f} MB -> {destination}")
-    return publish_to(destination, source=Path(quant.model.path), parts=parts, manifest=manifest,
+    return publish_to(destination=destination, source=Path(quant.model.path), parts=parts, manifest=manifest,
                       private=spec.publish.private, revision=spec.publish.revision or spec.quantize.label())
 
 
-def publish_to(destination: str, *, source: Path, parts: tuple[str, str, str], manifest: dict, private: bool,
+def publish_to(*, destination: str, source: Path, parts: tuple[str, str, str], manifest: dict, private: bool,
                revision: str) -> Publication:
     """Send *source* to *destination* by its scheme: ``file://`` (or a path), ``s3://`` or ``hf://``."""
-    scheme = urlparse(destination).scheme
-    if scheme == "s3":
+    kind = destination_kind(destination)
+    if kind == "s3":
         from modelfactory.publishing.s3 import publish_s3
 
         return publish_s3(source=source, url=destination, parts=parts, manifest=manifest)
-    if scheme == "hf":
+    if kind == "hub":
         from modelfactory.publishing.hub import publish_hub
 
         repo_id = destination.removeprefix("hf://").strip("/")

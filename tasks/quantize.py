@@ -21,7 +21,7 @@ from modelfactory.core.devices import (
     apply_memory_cap,
     gpu_env,
     heartbeat,
-    out_of_memory,
+    out_of_memory_error,
     resolve_device,
     resolve_dtype,
 )
@@ -107,7 +107,7 @@ def run_gptq(*, model_path: str, out_dir: str, spec: dict, device: str, checkpoi
     """
     import gptqmodel
     import torch
-    from gptqmodel import CheckpointConfig, GPTQModel, QuantizeConfig
+    from gptqmodel import CheckpointConfig, QuantizeConfig
     from transformers import AutoTokenizer
 
     qspec = QuantSpec.model_validate(spec)
@@ -145,7 +145,7 @@ def run_gptq(*, model_path: str, out_dir: str, spec: dict, device: str, checkpoi
         model.save(out_dir)
         _scrub_local_paths(out_dir)
     except torch.OutOfMemoryError as exc:
-        raise out_of_memory("quantize", model_path=model_path, device=device, exc=exc,
+        raise out_of_memory_error("quantize", model_path=model_path, device=device, exc=exc,
                             advice="lower quantize.batch_size, calibration.seq_len or calibration.num_samples, "
                                    "or run on a GPU with more memory") from exc
     tokenizer.save_pretrained(out_dir)

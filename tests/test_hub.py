@@ -3,16 +3,20 @@ against the local Hub-compatible server in ``tests/hub_server.py``."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import make_lora, tiny_spec
 from hub_server import OWNER, READ_TOKEN, WRITE_TOKEN, LocalHub, local_hub, upload_model  # noqa: F401 (fixture)
+from test_reliability import small_disk
 
 from modelfactory.core.errors import (
+    DiskFullError,
     HubUnavailableError,
     PublishError,
     SourceError,
@@ -149,6 +153,84 @@ def test_nonexistent_revision_or_repo_is_a_clear_source_error(local_hub, hub_mod
         resolve_adapter(spec=AdapterSpec(uri=f"hf://{LORA_REPO}", revision="0123456789" * 4))
 
 
+def dead_endpoint() -> str:
+    """The URL of a local port nobody listens on."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_unreachable_hub_while_downloading_is_transient(local_hub, hub_models, monkeypatch):
+    from huggingface_hub import constants
+
+    from tasks.download import download_model, resolve_adapter
+
+    monkeypatch.setattr(constants, "ENDPOINT", dead_endpoint())
+    with pytest.raises(HubUnavailableError, match=f"could not reach the Hub for Hub repo '{BASE_REPO}'") as info:
+        download_model(source=ModelSource(uri=BASE_REPO))
+    assert is_transient(info.value)
+    with pytest.raises(HubUnavailableError, match="could not reach the Hub"):
+        resolve_adapter(spec=AdapterSpec(uri=f"hf://{LORA_REPO}"))
+
+
+def test_a_full_hf_cache_is_a_disk_full_error_and_not_retried(local_hub, hub_models, tmp_path, monkeypatch):
+    """Only outages are transient: a full disk under the Hugging Face cache would fail every retry."""
+    from huggingface_hub import constants
+
+    from tasks.download import download_model
+
+    with small_disk(tmp_path / "hf-cache", size="256k") as cache:  # the tiny model is ~2 MB
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+        with pytest.raises(DiskFullError) as info:
+            download_model(source=ModelSource(uri=BASE_REPO))
+        message = str(info.value)
+        assert not is_transient(info.value) and info.value.__cause__.errno == errno.ENOSPC
+        assert BASE_REPO in message and "ran out of disk space" in message and "MB free" in message
+        assert str(cache) in message and "HF_HUB_CACHE" in message
+
+
+def test_a_cache_folder_the_factory_may_not_write_is_a_source_error_naming_it(local_hub, hub_models, tmp_path,
+                                                                              monkeypatch):
+    from huggingface_hub import constants
+
+    from tasks.download import download_model
+
+    with small_disk(tmp_path / "disk") as disk:
+        cache = disk / "hub"
+        cache.mkdir()
+        # Immutable: even root (the tests' user) gets "Operation not permitted" (a PermissionError).
+        subprocess.run(["chattr", "+i", str(cache)], check=True)
+        try:
+            monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+            with pytest.raises(SourceError) as info:
+                download_model(source=ModelSource(uri=BASE_REPO))
+        finally:
+            subprocess.run(["chattr", "-i", str(cache)], check=True)
+    message = str(info.value)
+    assert isinstance(info.value.__cause__, PermissionError) and not is_transient(info.value)
+    assert not isinstance(info.value, (SourceNotFoundError, DiskFullError))
+    assert BASE_REPO in message and str(cache) in message and "was denied access" in message
+
+
+@pytest.mark.parametrize("bad", ["a--b/c", "a/b/c", "-x/y", "a/..b", "owner"])
+def test_one_repo_id_rule_for_sources_publishing_cards_and_watches(bad, tmp_path, monkeypatch):
+    from modelfactory.core.errors import SpecError
+    from modelfactory.core.specs import classify_source
+    from modelfactory.publishing.modelcard import hub_base_model
+    from modelfactory.triggers.watch import normalize_repo
+
+    monkeypatch.chdir(tmp_path)  # "a/b/c" must not exist relative to the cwd
+    source, manifest = fake_artifact(tmp_path / "a")
+    for refuse in (lambda: classify_source(f"hf://{bad}"), lambda: normalize_repo(bad),
+                   lambda: publish_hub(source=source, repo_id=bad, revision="main", private=False, manifest=manifest)):
+        with pytest.raises(SpecError, match="is not a Hugging Face repo id 'owner/name'"):
+            refuse()
+    assert hub_base_model(f"hf://{bad}") is None
+    assert classify_source(f"hf://{BASE_REPO}") == "hub" and normalize_repo(f"hf://{BASE_REPO}") == BASE_REPO
+
+
 # --------------------------------------------------------------------------- publishing
 @pytest.fixture(scope="module")
 def published(local_hub, hub_models, tmp_path_factory):
@@ -206,7 +288,7 @@ def test_model_card(local_hub, published):
 
 
 def test_card_redacts_credentials():
-    from modelfactory.publishing.modelcard import redact
+    from modelfactory.core.secrets import redact
 
     text = redact("s3://AKIA:secret@minio/x https://h/f?X-Amz-Signature=abc&x=1 hf_abcdefghijklmnopqrstu T0K",
                   secrets=["T0K"])
@@ -286,14 +368,9 @@ def test_hub_5xx_and_rate_limit_are_transient(local_hub, hub_models, tmp_path, s
 
 
 def test_unreachable_hub_is_transient(local_hub, tmp_path, monkeypatch):
-    import socket
-
     from huggingface_hub import constants
 
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    monkeypatch.setattr(constants, "ENDPOINT", dead)
+    monkeypatch.setattr(constants, "ENDPOINT", dead_endpoint())
     source, manifest = fake_artifact(tmp_path / "a")
     with pytest.raises(HubUnavailableError, match="could not reach the Hub") as info:
         publish_hub(source=source, repo_id=f"{OWNER}/tiny-down", revision="gptq-4bit-128g", private=False,

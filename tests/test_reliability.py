@@ -179,11 +179,11 @@ def test_architecture_gptqmodel_cannot_quantize_is_a_clear_error(tiny_llama, tmp
 def test_out_of_memory_error_names_step_model_size_and_advice(tiny_llama):
     import torch
 
-    from modelfactory.core.devices import out_of_memory
+    from modelfactory.core.devices import out_of_memory_error
     from modelfactory.core.errors import OutOfMemoryError, is_transient
 
     raised = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
-    error = out_of_memory("quantize", model_path=str(tiny_llama), device="cpu", exc=raised,
+    error = out_of_memory_error("quantize", model_path=str(tiny_llama), device="cpu", exc=raised,
                           advice="lower quantize.batch_size")
     assert isinstance(error, OutOfMemoryError) and not is_transient(error)
     message = str(error)

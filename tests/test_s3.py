@@ -303,6 +303,7 @@ TINY_GATE = {"max_ppl_increase_pct": 5.0, "max_size_ratio": 0.999}
 
 def test_factory_flow_sources_from_and_publishes_to_s3(prefect, moto_s3, tiny_llama, tiny_lora, tmp_path):
     from modelfactory.catalog import open_catalog
+    from modelfactory.catalog.recovery import import_artifact
     from modelfactory.interfaces.runner import run_factory
 
     bucket = "flow-bucket"
@@ -335,6 +336,16 @@ def test_factory_flow_sources_from_and_publishes_to_s3(prefect, moto_s3, tiny_ll
         assert again.status == "passed" and again.artifact_uri == outcome.artifact_uri
         steps = {s.name: s.status for s in open_catalog().get_run(again.run_id).steps}
         assert steps["download"] == steps["quantize"] == steps["publish"] == "reused"
+
+        # `modelfactory catalog import` re-records the run from the S3 manifest under the manifest's own
+        # digest, the one the publish step recorded (it used to hash the verified dict, uri included).
+        assert [p.manifest_sha256 for p in detail.publications] == [manifest["manifest_sha256"]]
+        with open_catalog(f"sqlite:///{tmp_path / 'fresh' / 'catalog.db'}") as fresh:
+            created = import_artifact(fresh, uri=outcome.artifact_uri)
+            assert created.action == "created" and created.manifest_sha256 == manifest["manifest_sha256"]
+            assert [p.manifest_sha256 for p in fresh.get_run(created.run_id).publications] == [
+                manifest["manifest_sha256"]]
+            assert import_artifact(fresh, uri=outcome.artifact_uri).action == "already-recorded"
 
 
 def test_credentials_from_a_prefect_secret_block(prefect, moto_s3, tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ from modelfactory.core.manifest import (
     verify_folder,
 )
 from modelfactory.publishing import local as store
+from modelfactory.publishing.destinations import destination_kind
 from modelfactory.publishing.local import local_root, publish_local, safe_join
 
 PARTS = ("SmolLM2-135M", "gptq-4bit-128g", "0123abcd")
@@ -169,10 +170,23 @@ def test_local_root():
     assert local_root("file:///srv/my%20store") == Path("/srv/my store")
     assert local_root("/srv/plain") == Path("/srv/plain")
     assert local_root(Path("/srv/x").as_uri()) == Path("/srv/x")
-    with pytest.raises(SpecError, match="only file://"):
+    with pytest.raises(SpecError, match="not a local artifact store: use a file:// URL or a local path"):
         local_root("s3://bucket/models")
     with pytest.raises(SpecError):
         local_root("https://example.com/store")
+
+
+@pytest.mark.parametrize(("url", "kind"), [("file:///srv/store", "file"), ("/srv/plain", "file"), ("store", "file"),
+                                         ("s3://bucket/models", "s3"), ("hf://owner/repo", "hub")])
+def test_destination_kind(url, kind):
+    assert destination_kind(url) == kind
+
+
+@pytest.mark.parametrize("url", ["gs://bucket/models", "https://example.com/store"])
+def test_an_unknown_destination_scheme_names_the_supported_ones(url):
+    with pytest.raises(SpecError, match="file:///folder .*s3://bucket/prefix or hf://owner/repo") as info:
+        destination_kind(url)
+    assert repr(url) in str(info.value)
 
 
 def test_safe_join_refuses_a_symlink_leading_out_of_the_store(tmp_path):

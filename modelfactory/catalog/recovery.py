@@ -16,7 +16,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import urlparse
 
 from sqlalchemy import select
@@ -27,11 +27,6 @@ from modelfactory.catalog.models import Artifact, Run
 from modelfactory.catalog.models import Publication as PublicationRow
 from modelfactory.core.errors import PublishError
 from modelfactory.core.hashing import step_key
-from modelfactory.core.manifest import (
-    manifest_bytes,
-    manifest_digest,
-    verify_folder,
-)
 from modelfactory.core.records import (
     BenchmarkResult,
     GateCheck,
@@ -39,7 +34,7 @@ from modelfactory.core.records import (
     SideMetrics,
 )
 from modelfactory.core.specs import parse_spec
-from modelfactory.publishing.local import local_root
+from modelfactory.publishing.artifacts import verify_artifact
 
 
 @dataclass(frozen=True)
@@ -49,19 +44,10 @@ class ImportResult:
     manifest_sha256: str
 
 
-def read_manifest(uri: str) -> dict[str, Any]:
-    """The manifest of the artifact at *uri* (``file://`` or ``s3://``), every file's hash checked."""
-    if urlparse(uri).scheme == "s3":
-        from modelfactory.s3.fetch import verify_s3
-
-        return verify_s3(url=uri)
-    return verify_folder(local_root(uri))
-
-
 def import_artifact(catalog: Catalog, *, uri: str) -> ImportResult:
     """Record the artifact at *uri* in *catalog* (idempotent, see the module docstring)."""
-    manifest = read_manifest(uri)
-    digest = manifest_digest(manifest_bytes(manifest))
+    manifest = verify_artifact(uri=uri)  # every file's hash checked
+    digest = manifest["manifest_sha256"]
     for key in ("spec", "sources", "metrics", "gate"):
         if key not in manifest:
             raise PublishError(f"manifest of {uri} has no {key!r}: it was not written by a factory run, "

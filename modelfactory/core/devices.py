@@ -1,4 +1,5 @@
-"""Device/dtype choices shared by the GPU steps (pure functions, no model objects)."""
+"""Devices for the GPU steps: device and dtype choice, worker environment, memory cap, heartbeat, the
+out-of-memory error (no model objects)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from modelfactory.core.caches import compile_cache_env
+from modelfactory.core.errors import OutOfMemoryError
 from modelfactory.core.log import progress
 from modelfactory.core.settings import get_settings
 
@@ -57,14 +59,14 @@ def heartbeat(label: str, every_s: float = 15.0) -> Iterator[None]:
         thread.join(timeout=1)
 
 
-def out_of_memory(step: str, *, model_path: str, device: str, exc: BaseException, advice: str):
-    """An :class:`~modelfactory.core.errors.OutOfMemoryError` naming the step, model size, device memory and what to do.
+def out_of_memory_error(step: str, *, model_path: str, device: str, exc: BaseException,
+                        advice: str) -> OutOfMemoryError:
+    """An :class:`~modelfactory.core.errors.OutOfMemoryError` naming the step, model size, device memory and
+    what to do, for the caller to raise.
 
     Not transient: the same inputs on the same device would run out of memory again.
     """
     from pathlib import Path
-
-    from modelfactory.core.errors import OutOfMemoryError
 
     weights = sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors"))
     memory = "device memory unknown"

@@ -1,45 +1,53 @@
-"""The Hugging Face token used to publish: a Prefect ``Secret`` block, else ``HF_TOKEN``.
+"""Credentials: loading them from Prefect ``Secret`` blocks, and keeping them out of text we write.
 
-The token is returned to the caller only; it is never logged, written to a manifest or model
-card, or stored in the catalog.
+Values loaded here are returned to the caller only; they are never logged, written to a manifest
+or model card, or stored in the catalog. Which block holds what is decided by the callers
+(:mod:`modelfactory.hf.auth` for the Hugging Face token, :mod:`modelfactory.s3.client` for AWS keys).
 """
 
 from __future__ import annotations
 
-from modelfactory.core.errors import PublishError
-from modelfactory.core.settings import get_settings
+import re
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
-SECRET_SETTING = "MODELFACTORY_HF_TOKEN_SECRET"
+from modelfactory.core.errors import ModelFactoryError
+
+T = TypeVar("T")
+
+_URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/\s@]+@")
+_SIGNED_PARAM = re.compile(r"([?&](?:token|access_token|api_key|apikey|sig|signature|X-Amz-[A-Za-z\-]+)=)[^&\s)`'\"]+",
+                           re.IGNORECASE)
+_HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{16,}\b")
 
 
-def _from_secret_block(name: str) -> str:
+def load_secret_block(*, name: str, setting: str, holds: str, fallback: str, parse: Callable[[Any], T | None],
+                      error: type[ModelFactoryError]) -> T:
+    """The value of the Prefect ``Secret`` block *name* (named by the environment variable *setting*).
+
+    *parse* turns the stored value into what the caller needs, or ``None`` when it is not that;
+    both a missing block and a value *parse* refuses raise *error*, saying the block must hold
+    *holds* and that unsetting *setting* falls back to *fallback*. The value is never in a message.
+    """
     from prefect.blocks.system import Secret
 
+    hint = (f"store {holds} in Secret block {name!r} on the Prefect API this run uses, or unset {setting} "
+            f"to use {fallback}")
     try:
         value = Secret.load(name).get()
     except (ValueError, KeyError) as exc:  # Prefect raises ValueError for a missing block document
-        raise PublishError(
-            f"Prefect Secret block {name!r} (named by {SECRET_SETTING}) could not be loaded: create it "
-            f"(Secret(value=...).save({name!r})) on the Prefect API this run uses, or unset {SECRET_SETTING} "
-            "to use HF_TOKEN"
-        ) from exc
-    if not isinstance(value, str) or not value.strip():
-        raise PublishError(f"Prefect Secret block {name!r} holds no token string: store the Hugging Face token in it")
-    return value.strip()
+        raise error(f"Prefect Secret block {name!r} could not be loaded (named by {setting}): {hint}") from exc
+    parsed = parse(value)
+    if parsed is None:
+        raise error(f"Prefect Secret block {name!r} (named by {setting}) does not hold {holds}: {hint}")
+    return parsed
 
 
-def publish_token() -> str:
-    """The token for Hub writes: the Secret block named by ``MODELFACTORY_HF_TOKEN_SECRET``, else
-    ``HF_TOKEN`` (or the token saved by ``hf auth login``). Raises :class:`PublishError` if none."""
-    name = get_settings().hf_token_secret
-    if name:
-        return _from_secret_block(name)
-    from huggingface_hub import get_token
-
-    token = get_token()
-    if not token:
-        raise PublishError(
-            "publishing to the Hugging Face Hub needs a write token: set HF_TOKEN, or store it in a Prefect "
-            f"Secret block and set {SECRET_SETTING} to the block's name"
-        )
-    return token
+def redact(text: str, *, secrets: Iterable[str] = ()) -> str:
+    """*text* without credentials: URL user info, signed-URL parameters, Hugging Face tokens, *secrets*."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    text = _URL_USERINFO.sub(r"\1***@", text)
+    text = _SIGNED_PARAM.sub(r"\1***", text)
+    return _HF_TOKEN.sub("hf_***", text)

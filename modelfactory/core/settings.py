@@ -25,7 +25,8 @@ S3 (``modelfactory/s3/``; credentials come from the standard AWS chain, never fr
 
 - ``s3_endpoint_url``     S3-compatible endpoint; unset: ``AWS_ENDPOINT_URL`` if set, else AWS.
 - ``s3_max_concurrency``  parallel part/file transfers; ``s3_part_size_mb`` multipart part size.
-- ``hf_token_secret``  Prefect ``Secret`` block with the Hugging Face token (``hf://`` publishing);
+- ``hf_token_secret``  Prefect ``Secret`` block with the Hugging Face token (Hub downloads and ``hf://``
+  publishing, ``modelfactory/hf/``);
   unset: ``HF_TOKEN`` (or the token saved by ``hf auth login``).
 
 Triggers (``docs/triggers.md``):

@@ -9,7 +9,6 @@ changes an output must live here, and nothing that does not.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,8 +23,8 @@ from pydantic import (
 )
 
 from modelfactory.core.errors import SpecError
+from modelfactory.core.ids import check_hub_repo_id, is_hub_repo_id
 
-HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -49,19 +48,14 @@ def classify_source(uri: str) -> SourceKind:
     if uri.startswith("s3://"):
         return "s3"
     if uri.startswith("hf://"):
-        uri = uri[len("hf://") :]
-        if not HUB_REPO_ID.match(uri) or "--" in uri or ".." in uri:
-            raise SpecError(
-                f"malformed Hugging Face repo id {uri!r}: expected 'owner/name' "
-                "(letters, digits, '-', '_', '.'); fix the model URI"
-            )
+        check_hub_repo_id(uri[len("hf://") :], what="the Hub repo of the model URI", fix="fix the model URI")
         return "hub"
     path = Path(uri).expanduser()
     if uri.lower().endswith(".gguf"):
         return "gguf"
     if path.is_absolute() or uri.startswith((".", "~")) or path.exists():
         return "local"
-    if HUB_REPO_ID.match(uri) and "--" not in uri and ".." not in uri:
+    if is_hub_repo_id(uri):
         return "hub"
     raise SpecError(
         f"model source {uri!r} is neither an existing local path, a .gguf file, an s3:// prefix "

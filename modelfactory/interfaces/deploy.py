@@ -111,7 +111,9 @@ def ensure_work_pool(name: str | None = None, *, pool_type: PoolType = "process"
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectNotFound
 
-    from modelfactory.gpu_pool import GPU_POOL  # here: `modelfactory --help` need not import Prefect
+    from modelfactory.gpu_pool import (
+        GPU_POOL,  # here: `modelfactory --help` need not import Prefect
+    )
 
     name = name or GPU_POOL
     _check_pool_type(pool_type)

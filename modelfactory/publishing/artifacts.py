@@ -10,7 +10,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 from modelfactory.core.errors import PublishError, SpecError
@@ -18,10 +18,10 @@ from modelfactory.core.manifest import MANIFEST, manifest_digest, verify_folder
 from modelfactory.publishing.local import local_root
 
 
-def _scheme(uri: str) -> str:
+def _scheme(uri: str) -> Literal["s3", "file"]:
     scheme = urlparse(uri).scheme
     if scheme in ("s3", "file", ""):
-        return scheme or "file"
+        return "s3" if scheme == "s3" else "file"
     raise SpecError(f"artifact URI {uri!r}: only s3:// and file:// (or a local path) can be read back")
 
 

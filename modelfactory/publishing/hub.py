@@ -16,29 +16,23 @@ Re-publishing an identical artifact (the branch head's ``manifest.json`` equals 
 from ``created_at``) is a no-op: ``reused=True`` and the existing commit.
 
 The endpoint is huggingface_hub's (``HF_ENDPOINT``, read when huggingface_hub is imported); the
-token comes from :mod:`modelfactory.core.secrets` and is never logged or written anywhere.
+token and the error mapping are :mod:`modelfactory.hf`'s; the token is never logged or written anywhere.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
-from modelfactory.core.errors import (
-    HubUnavailableError,
-    ModelFactoryError,
-    PublishError,
-    SpecError,
-)
+from modelfactory.core.errors import PublishError
+from modelfactory.core.ids import check_hub_repo_id
 from modelfactory.core.log import progress
 from modelfactory.core.manifest import MANIFEST, manifest_bytes, manifest_digest
 from modelfactory.core.records import Publication
-from modelfactory.core.secrets import publish_token
-from modelfactory.core.specs import HUB_REPO_ID
-from modelfactory.publishing.modelcard import redact, render_card
+from modelfactory.hf import hub_errors, hub_token
+from modelfactory.publishing.modelcard import render_card
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -50,56 +44,7 @@ KEEP = {".gitattributes"}
 VOLATILE = ("created_at",)
 
 
-# --------------------------------------------------------------------------- errors
-@contextlib.contextmanager
-def hub_errors(*, repo_id: str, revision: str, token: str | None) -> Iterator[None]:
-    """Turn huggingface_hub / httpx failures into the factory's errors (token never in a message)."""
-    import httpx
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    where = f"Hub repo {repo_id!r} (branch {revision!r})"
-    secrets = [token] if token else []
-    try:
-        yield
-    except ModelFactoryError:
-        raise
-    except HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else None
-        detail = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, secrets=secrets)
-        if status in (401, 403):
-            raise PublishError(
-                f"the Hub refused access to {where} (HTTP {status}): check the token (HF_TOKEN, or the Prefect "
-                f"Secret block named by MODELFACTORY_HF_TOKEN_SECRET) — it must be valid and have write access to "
-                f"{repo_id.split('/')[0]!r}"
-            ) from exc
-        if status == 412:
-            raise HubUnavailableError(
-                f"{where} moved while publishing (another commit landed first); retrying re-checks the branch"
-            ) from exc
-        if status == 429 or (status is not None and status >= 500):
-            raise HubUnavailableError(
-                f"the Hub answered HTTP {status} for {where} ({detail}); retrying later may help"
-            ) from exc
-        raise PublishError(f"publishing to {where} failed (HTTP {status}): {detail}") from exc
-    except (httpx.TransportError, LocalEntryNotFoundError, ConnectionError, TimeoutError) as exc:
-        raise HubUnavailableError(
-            f"could not reach the Hub for {where} ({redact(str(exc), secrets=secrets) or type(exc).__name__}): "
-            "check HF_ENDPOINT and the network; retrying may help"
-        ) from exc
-    except ValueError as exc:  # e.g. the Hub rejected the model card's YAML metadata
-        raise PublishError(f"the Hub rejected the upload to {where}: {redact(str(exc), secrets=secrets)}") from exc
-
-
 # --------------------------------------------------------------------------- steps
-def check_repo_id(repo_id: str) -> str:
-    if not HUB_REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id:
-        raise SpecError(
-            f"publish destination hf://{repo_id} is not a Hub repo id: use hf://owner/name "
-            "(letters, digits, '-', '_', '.')"
-        )
-    return repo_id
-
-
 def ensure_repo(api: HfApi, *, repo_id: str, private: bool) -> None:
     """Create *repo_id* if missing; refuse to publish a private-requested model into a public repo."""
     api.create_repo(repo_id, private=private, exist_ok=True)
@@ -128,7 +73,7 @@ def ensure_branch(api: HfApi, *, repo_id: str, branch: str) -> str:
     return head
 
 
-def read_manifest(api: HfApi, *, repo_id: str, commit: str) -> bytes | None:
+def branch_manifest(api: HfApi, *, repo_id: str, commit: str) -> bytes | None:
     """``manifest.json`` at *commit*, or None when the branch holds no artifact yet."""
     from huggingface_hub.errors import EntryNotFoundError
 
@@ -140,7 +85,7 @@ def read_manifest(api: HfApi, *, repo_id: str, commit: str) -> bytes | None:
         return Path(path).read_bytes()
 
 
-def same_artifact(existing: bytes, manifest: dict[str, Any]) -> bool:
+def same_artifact(*, existing: bytes, manifest: dict[str, Any]) -> bool:
     """True when *existing* describes the same artifact as *manifest* (ignoring ``created_at``)."""
     try:
         old = json.loads(existing)
@@ -187,15 +132,15 @@ def publish_hub(*, source: Path, repo_id: str, revision: str, private: bool, man
     """Push *source* (+ model card + manifest) to branch *revision* of Hub repo *repo_id* in one commit."""
     from huggingface_hub import HfApi
 
-    check_repo_id(repo_id)
-    token = publish_token()
+    check_hub_repo_id(repo_id, what="the Hub repo of the publish destination", fix="use hf://owner/name")
+    token = hub_token(access="write")
     api = HfApi(token=token)
     uri = f"{api.endpoint}/{repo_id}/tree/{revision}"
-    with hub_errors(repo_id=repo_id, revision=revision, token=token):
+    with hub_errors(repo_id=repo_id, revision=revision, access="write", token=token):
         ensure_repo(api, repo_id=repo_id, private=private)
         head = ensure_branch(api, repo_id=repo_id, branch=revision)
-        existing = read_manifest(api, repo_id=repo_id, commit=head)
-        if existing is not None and same_artifact(existing, manifest):
+        existing = branch_manifest(api, repo_id=repo_id, commit=head)
+        if existing is not None and same_artifact(existing=existing, manifest=manifest):
             progress(f"publish: {repo_id}@{revision} already holds this artifact (commit {head[:12]}); nothing pushed")
             return Publication(uri=uri, manifest_sha256=manifest_digest(existing), size_bytes=manifest["total_bytes"],
                                reused=True, destination="hub", revision=revision, commit=head)

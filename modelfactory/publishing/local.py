@@ -1,4 +1,9 @@
-"""The artifact store where passing models are published (``file://`` in this version)."""
+"""The local artifact store: a folder (``file://`` URL or plain path) where passing models are published.
+
+``<root>/<name>/<config>/<key>/`` holds the files, ``manifest.json`` written last. The other
+destinations are :mod:`modelfactory.publishing.s3` (``s3://``) and :mod:`modelfactory.publishing.hub`
+(``hf://``); ``tasks/publish.py`` picks one by the destination's scheme.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ def local_root(url: str) -> Path:
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
         return Path(unquote(parsed.path if parsed.scheme else url)).expanduser()
-    raise SpecError(f"artifact store {url!r}: only file:// destinations are supported in this version")
+    raise SpecError(f"{url!r} is not a local artifact store: use a file:// URL or a local path")
 
 
 def safe_join(root: Path, *parts: str) -> Path:

@@ -3,33 +3,18 @@
 YAML metadata (``base_model``, ``base_model_relation: quantized``, ``library_name``, tags), the
 benchmark table against fp16, the exact quantization spec and calibration set, the gate result,
 sources, and loading snippets for transformers and vLLM. Everything comes from the manifest;
-:func:`redact` removes credentials (URL user info, signed-URL parameters, ``hf_`` tokens and any
+:func:`~modelfactory.core.secrets.redact` removes credentials (URL user info, signed-URL parameters, ``hf_`` tokens and any
 value passed as *secrets*) from the rendered text.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any, Iterable
 
 import yaml
 
-from modelfactory.core.specs import HUB_REPO_ID
-
-_URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/\s@]+@")
-_SIGNED_PARAM = re.compile(r"([?&](?:token|access_token|api_key|apikey|sig|signature|X-Amz-[A-Za-z\-]+)=)[^&\s)`'\"]+",
-                           re.IGNORECASE)
-_HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{16,}\b")
-
-
-def redact(text: str, *, secrets: Iterable[str] = ()) -> str:
-    """*text* without credentials: URL user info, signed-URL parameters, Hugging Face tokens, *secrets*."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    text = _URL_USERINFO.sub(r"\1***@", text)
-    text = _SIGNED_PARAM.sub(r"\1***", text)
-    return _HF_TOKEN.sub("hf_***", text)
+from modelfactory.core.ids import is_hub_repo_id
+from modelfactory.core.secrets import redact
 
 
 # --------------------------------------------------------------------------- formatting
@@ -50,7 +35,7 @@ def hub_base_model(uri: str | None) -> str | None:
     if not uri:
         return None
     repo = uri.removeprefix("hf://")
-    return repo if uri.startswith("hf://") and HUB_REPO_ID.match(repo) else None
+    return repo if uri.startswith("hf://") and is_hub_repo_id(repo) else None
 
 
 def card_metadata(manifest: dict[str, Any]) -> dict[str, Any]:

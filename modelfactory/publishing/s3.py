@@ -24,7 +24,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from modelfactory.core.errors import ModelFactoryError, PublishError
+from modelfactory.core.errors import PublishError
 from modelfactory.core.log import progress
 from modelfactory.core.manifest import (
     MANIFEST,
@@ -107,7 +107,7 @@ def copy_tree(client, *, rel_paths: list[str], source: S3Url, dest: S3Url) -> No
 
 
 def _existing(client, final: S3Url) -> str | None:
-    data = read_object(client, final.bucket, final.key(MANIFEST))
+    data = read_object(client, bucket=final.bucket, key=final.key(MANIFEST))
     return manifest_digest(data) if data is not None else None
 
 
@@ -144,7 +144,7 @@ def publish_s3(*, source: Path, url: str, parts: tuple[str, str, str], manifest:
     with s3_errors("publishing to", url=str(final), fatal=PublishError):
         if (digest := _existing(client, final)) is not None:
             progress(f"publish: {final} already has a manifest: reused")
-            if read_object(client, model_dir.bucket, model_dir.key(LATEST)) is None:
+            if read_object(client, bucket=model_dir.bucket, key=model_dir.key(LATEST)) is None:
                 write_latest(client, model_dir=model_dir, final=final, key=key, digest=digest,
                              total_bytes=manifest["total_bytes"])
             return Publication(uri=str(final), manifest_sha256=digest, size_bytes=manifest["total_bytes"],

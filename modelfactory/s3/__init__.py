@@ -1,4 +1,4 @@
-"""S3 access shared by sources, publishing and the stage store (boto3; any S3-compatible endpoint).
+"""S3 access shared by sources and publishing (boto3; any S3-compatible endpoint).
 
 - :func:`make_client` / :class:`S3Url`  a configured client and a parsed ``s3://`` URL.
 - :func:`verify_s3` / :func:`download_s3`  read an artifact back by its manifest, every sha256 checked.

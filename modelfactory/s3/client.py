@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from modelfactory.core.errors import (
     SpecError,
     TransientError,
 )
+from modelfactory.core.secrets import load_secret_block
 from modelfactory.core.settings import get_settings
 
 MIB = 1 << 20
@@ -117,30 +119,27 @@ def make_client():
 CREDENTIAL_KEYS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token", "region_name")
 
 
+def _aws_credentials(value: object) -> dict[str, str] | None:
+    """The boto3 ``Session`` arguments in a Secret block's value (a JSON object, or its text), else None."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    if not isinstance(value, dict) or not {"aws_access_key_id", "aws_secret_access_key"} <= set(value):
+        return None
+    return {key: str(value[key]) for key in CREDENTIAL_KEYS if value.get(key)}
+
+
 def secret_block_credentials() -> dict[str, str]:
     """AWS credentials from the Prefect ``Secret`` block named by ``MODELFACTORY_AWS_CREDENTIALS_SECRET``
     (a JSON object), or ``{}`` for boto3's standard chain. Values are never logged."""
     name = get_settings().aws_credentials_secret
     if not name:
         return {}
-    from prefect.blocks.system import Secret
-
-    hint = (f"store a JSON object with aws_access_key_id and aws_secret_access_key in Secret block {name!r} "
-            f"on the Prefect API this run uses, or unset MODELFACTORY_AWS_CREDENTIALS_SECRET")
-    try:
-        value = Secret.load(name).get()
-    except (ValueError, KeyError) as exc:  # a missing block document is a ValueError
-        raise SpecError(f"Prefect Secret block {name!r} could not be loaded: {hint}") from exc
-    if isinstance(value, str):
-        import json
-
-        try:
-            value = json.loads(value)
-        except ValueError:
-            value = None
-    if not isinstance(value, dict) or not {"aws_access_key_id", "aws_secret_access_key"} <= set(value):
-        raise SpecError(f"Prefect Secret block {name!r} does not hold AWS credentials: {hint}")
-    return {key: str(value[key]) for key in CREDENTIAL_KEYS if value.get(key)}
+    return load_secret_block(name=name, setting="MODELFACTORY_AWS_CREDENTIALS_SECRET",
+                             holds="a JSON object with aws_access_key_id and aws_secret_access_key",
+                             fallback="the standard AWS credential chain", parse=_aws_credentials, error=SpecError)
 
 
 def make_manager(client):
@@ -242,7 +241,7 @@ def check_bucket(client, url: S3Url, *, fatal: type[ModelFactoryError] = Publish
             raise
 
 
-def read_object(client, bucket: str, key: str) -> bytes | None:
+def read_object(client, *, bucket: str, key: str) -> bytes | None:
     """The bytes of ``bucket/key``, or ``None`` when there is no such object."""
     from botocore.exceptions import ClientError
 

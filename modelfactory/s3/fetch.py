@@ -1,6 +1,7 @@
 """Read from S3: artifacts by their manifest (every sha256 checked) and plain prefixes as model sources.
 
-- :func:`resolve_artifact` finds the manifest of an artifact URL (or follows ``latest.json``).
+- :func:`resolve_artifact` finds the manifest of an artifact URL (or follows ``latest.json``);
+  :func:`open_artifact` does so with a client, the bucket checked and S3 errors mapped.
 - :func:`verify_s3` streams every file listed in the manifest and checks size + sha256.
 - :func:`download_s3` downloads an artifact into a folder, checks it, writes the manifest last.
 - :func:`fetch_source` downloads a base model / adapter prefix into the keyed work dir
@@ -15,7 +16,9 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -53,17 +56,29 @@ def _safe_rel(rel: str, *, where: str, error: type[ModelFactoryError]) -> str:
 
 def resolve_artifact(client, url: S3Url) -> tuple[S3Url, bytes]:
     """The artifact folder and its manifest bytes; a model/config folder is followed via ``latest.json``."""
-    data = read_object(client, url.bucket, url.key(MANIFEST))
+    data = read_object(client, bucket=url.bucket, key=url.key(MANIFEST))
     if data is not None:
         return url, data
-    pointer = read_object(client, url.bucket, url.key(LATEST))
+    pointer = read_object(client, bucket=url.bucket, key=url.key(LATEST))
     if pointer is not None:
         target = S3Url.parse(json.loads(pointer)["uri"])
-        data = read_object(client, target.bucket, target.key(MANIFEST))
+        data = read_object(client, bucket=target.bucket, key=target.key(MANIFEST))
         if data is not None:
             return target, data
     raise PublishError(f"{url} has no {MANIFEST} (nor a {LATEST} pointing at one): the artifact is missing or "
                        "its upload did not finish; check the URL or publish it again")
+
+
+@contextmanager
+def open_artifact(what: str, *, url: str) -> Iterator[tuple[Any, S3Url, bytes]]:
+    """``(client, artifact folder, manifest bytes)`` of the artifact at *url*, for *what* (e.g. "verifying")
+    to run inside: S3 failures in the block become factory errors (:func:`s3_errors`)."""
+    root = S3Url.parse(url)
+    client = make_client()
+    check_bucket(client, root)
+    with s3_errors(what, url=url, fatal=PublishError):
+        folder, data = resolve_artifact(client, root)
+        yield client, folder, data
 
 
 def _hash_object(client, bucket: str, key: str) -> tuple[int, str]:
@@ -77,11 +92,7 @@ def _hash_object(client, bucket: str, key: str) -> tuple[int, str]:
 
 def verify_s3(*, url: str) -> dict[str, Any]:
     """Stream every file of the artifact at *url* and check its size and sha256 against the manifest."""
-    root = S3Url.parse(url)
-    client = make_client()
-    check_bucket(client, root)
-    with s3_errors("verifying", url=url, fatal=PublishError):
-        folder, data = resolve_artifact(client, root)
+    with open_artifact("verifying", url=url) as (client, folder, data):
         manifest = json.loads(data)
         entries = manifest["files"]
         progress(f"verify: {len(entries)} files, {manifest['total_bytes'] / 1e6:.1f} MB under {folder}")
@@ -103,7 +114,7 @@ def _download_files(client, *, folder: S3Url, rels: list[str], dest: Path) -> No
             target.parent.mkdir(parents=True, exist_ok=True)
             futures.append(manager.download(folder.bucket, folder.key(rel), str(target),
                                             extra_args={"ChecksumMode": "ENABLED"}))
-        for future in futures:  # a failure cancels the rest on leaving the `with` (see s3.publish.upload_tree)
+        for future in futures:  # a failure cancels the rest on leaving the `with` (see publishing.s3.upload_tree)
             future.result()
 
 
@@ -128,11 +139,7 @@ def download_s3(*, url: str, dest: Path) -> dict[str, Any]:
     written last and the folder is renamed into place. *dest* already holding the same
     manifest is a no-op (``reused: True`` in the returned dict).
     """
-    root = S3Url.parse(url)
-    client = make_client()
-    check_bucket(client, root)
-    with s3_errors("downloading", url=url, fatal=PublishError):
-        folder, data = resolve_artifact(client, root)
+    with open_artifact("downloading", url=url) as (client, folder, data):
         manifest = json.loads(data)
         digest = manifest_digest(data)
         if (dest / MANIFEST).is_file() and manifest_digest((dest / MANIFEST).read_bytes()) == digest:
@@ -188,7 +195,7 @@ def fetch_source(*, url: str, what: str) -> tuple[Path, str, bool]:
         objects = _listing(client, root)
         if not objects:
             raise SourceNotFoundError(f"{what} {url}: no objects under this prefix; check the bucket and prefix")
-        manifest_data = read_object(client, root.bucket, root.key(MANIFEST)) if any(
+        manifest_data = read_object(client, bucket=root.bucket, key=root.key(MANIFEST)) if any(
             o["path"] == MANIFEST for o in objects) else None
         if manifest_data is not None:
             sha = manifest_digest(manifest_data)

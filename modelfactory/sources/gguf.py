@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def dequantize_gguf(gguf_path: Path, out_dir: Path) -> None:
+def dequantize_gguf(*, gguf_path: Path, out_dir: Path) -> None:
     """Load a GGUF file through transformers (dequantized) and save dense fp16 safetensors."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,7 +1,7 @@
 """Structural checks of safetensors checkpoints, before anything heavy loads them.
 
 A safetensors file is an 8-byte little-endian header length, a JSON header (per tensor: dtype,
-shape, ``data_offsets``), then the tensor bytes. :func:`check_safetensors_file` verifies all of
+shape, ``data_offsets``), then the tensor bytes. :func:`safetensors_problem` verifies all of
 that against the file size without reading the data, so a truncated download, a garbled header
 or a file that is not safetensors at all fails with a clear error instead of deep in a library.
 """

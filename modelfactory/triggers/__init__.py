@@ -10,8 +10,18 @@ The HTTP route (``interfaces/server/hooks.py``), the CLI (``interfaces/cli/watch
 (``flows/nightly.py``, ``flows/on_finetune.py``) only adapt these. ``docs/triggers.md`` has the why.
 """
 
-from modelfactory.triggers.build import BuildStart, BuildStatus, require_prefect_server, start_build
-from modelfactory.triggers.nightly import WatchAction, WatchCheck, check_watch, finish_nightly
+from modelfactory.triggers.build import (
+    BuildStart,
+    BuildStatus,
+    require_prefect_server,
+    start_build,
+)
+from modelfactory.triggers.nightly import (
+    WatchAction,
+    WatchCheck,
+    check_watch,
+    finish_nightly,
+)
 from modelfactory.triggers.watch import (
     COMMIT_SHA,
     WATCH_KINDS,

@@ -19,9 +19,14 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from modelfactory.core.errors import ModelFactoryError, NoPrefectServerError, TriggerError
+from modelfactory.core.errors import (
+    ModelFactoryError,
+    NoPrefectServerError,
+    TriggerError,
+)
+from modelfactory.core.ids import check_commit_sha
 from modelfactory.core.log import get_logger
-from modelfactory.triggers.watch import TriggerEvent, check_sha
+from modelfactory.triggers.watch import TriggerEvent
 
 if TYPE_CHECKING:
     from modelfactory.catalog.db import Catalog
@@ -118,7 +123,7 @@ def start_build(*, repo: str, sha: str, event: TriggerEvent, delivery_id: str | 
     """
     from modelfactory.catalog import open_catalog
 
-    check_sha(sha=sha)
+    check_commit_sha(sha)
     require_prefect_server(what=f"the {event} trigger of {repo}@{sha[:12]}")
     if catalog is None:
         with open_catalog() as own:

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from modelfactory.catalog.records import WatchKind
 from modelfactory.core.errors import SpecError
+from modelfactory.core.ids import COMMIT_SHA, check_commit_sha, check_hub_repo_id  # noqa: F401 (COMMIT_SHA: flows)
 from modelfactory.core.log import get_logger
 from modelfactory.core.specs import (
-    HUB_REPO_ID,
     FactorySpec,
     merge_overrides,
     parse_spec,
@@ -33,10 +33,6 @@ if TYPE_CHECKING:
 WATCH_KINDS: tuple[str, ...] = get_args(WatchKind)
 #: What started a build: the Hub webhook, the nightly check, or a person (Prefect UI / API).
 TriggerEvent = Literal["webhook", "nightly", "manual"]
-
-#: A full Git commit SHA, as the Hub reports it (40 lowercase hex digits).
-SHA_PATTERN = r"^[0-9a-f]{40}$"
-COMMIT_SHA = re.compile(SHA_PATTERN)
 #: Spec fields that come from the watch itself, never from its stored spec.
 WATCH_OWNED_FIELDS = ("base", "adapters")
 #: Commit used to validate a watch's spec before any commit exists.
@@ -45,16 +41,7 @@ PLACEHOLDER_SHA = "0" * 40
 
 def normalize_repo(*, repo: str) -> str:
     """``owner/name`` (an ``hf://`` prefix is dropped); :class:`SpecError` for anything else."""
-    bare = repo.removeprefix("hf://")
-    if not HUB_REPO_ID.match(bare) or "--" in bare or ".." in bare:
-        raise SpecError(f"watched repo {repo!r} is not a Hugging Face repo id 'owner/name': fix the repo id")
-    return bare
-
-
-def check_sha(*, sha: str) -> str:
-    if not COMMIT_SHA.match(sha):
-        raise SpecError(f"commit {sha!r} is not a 40-character lowercase hex Git SHA: pass the full commit SHA")
-    return sha
+    return check_hub_repo_id(repo.removeprefix("hf://"), what="watched repo", fix="fix the repo id")
 
 
 def default_run_name(*, repo: str) -> str:
@@ -86,7 +73,7 @@ def spec_data_for_commit(*, repo: str, kind: WatchKind, base: str | None, fields
 def spec_for_commit(*, watch: WatchRecord, sha: str) -> FactorySpec:
     """The :class:`FactorySpec` that builds commit *sha* of a watched repo."""
     data = spec_data_for_commit(repo=watch.repo, kind=watch.kind, base=watch.base, fields=watch.spec,
-                                sha=check_sha(sha=sha))
+                                sha=check_commit_sha(sha))
     return parse_spec(data, origin=f"watch {watch.repo}")
 
 

@@ -14,9 +14,9 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from modelfactory.triggers.watch import SHA_PATTERN
+from modelfactory.core.ids import COMMIT_SHA
 
-Sha = Annotated[str, Field(pattern=SHA_PATTERN)]
+Sha = Annotated[str, Field(pattern=COMMIT_SHA.pattern)]
 
 
 class _Payload(BaseModel):
