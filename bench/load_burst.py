@@ -53,11 +53,10 @@ for _path in (REPO, REPO / "tests"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from conftest import make_tiny_llama, smollm2_gguf, tiny_spec  # noqa: E402
-from prefect_server import GpuHostWorkers, PrefectServer, wait_for  # noqa: E402
-
 from modelfactory.core.settings import get_settings  # noqa: E402
 from modelfactory.gpu_pool import DEFAULT_GPU_DEPLOYMENT, GPU_POOL  # noqa: E402
+from modelfactory.testing.models import make_tiny_llama, smollm2_gguf, tiny_spec
+from modelfactory.testing.prefect_server import GpuHostWorkers, PrefectServer
 
 GPU_FLOW = "gpu-stage"
 GPU_STEPS = ["download", "merge", "gpu-stage", "quantize", "benchmark", "gate", "publish"]

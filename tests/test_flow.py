@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import make_lora, make_tiny_llama, tiny_spec
 
 from modelfactory.catalog import open_catalog
 from modelfactory.core.errors import (
@@ -18,6 +17,7 @@ from modelfactory.core.manifest import verify_folder
 from modelfactory.core.settings import get_settings
 from modelfactory.interfaces.runner import run_factory
 from modelfactory.publishing.local import local_root
+from modelfactory.testing.models import make_lora, make_tiny_llama, tiny_spec
 
 STEPS = ["download", "merge", "quantize", "benchmark", "gate", "publish"]
 #: The tiny model is dominated by its (unquantized) 49k-token embedding, so GPTQ shrinks it only a little.

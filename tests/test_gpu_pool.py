@@ -23,14 +23,21 @@ import httpx
 import psutil
 import pytest
 import yaml
-from conftest import own_work_dir, tiny_spec
-from prefect_server import REPO, START_WORKERS, GpuHostWorkers, PrefectServer, wait_for
 
 from modelfactory.catalog import open_catalog
 from modelfactory.core.errors import GpuStageError
 from modelfactory.core.settings import get_settings
 from modelfactory.gpu_pool import DEFAULT_GPU_DEPLOYMENT, read_outcome
 from modelfactory.interfaces.runner import run_factory
+from modelfactory.testing.env import own_work_dir
+from modelfactory.testing.models import tiny_spec
+from modelfactory.testing.prefect_server import (
+    REPO,
+    START_WORKERS,
+    GpuHostWorkers,
+    PrefectServer,
+    wait_for,
+)
 
 pytestmark = pytest.mark.pool
 

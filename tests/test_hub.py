@@ -11,8 +11,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import make_lora, tiny_spec
-from hub_server import OWNER, READ_TOKEN, WRITE_TOKEN, LocalHub, local_hub, upload_model  # noqa: F401 (fixture)
 from test_reliability import small_disk
 
 from modelfactory.core.errors import (
@@ -31,6 +29,14 @@ from modelfactory.core.manifest import (
 )
 from modelfactory.core.specs import AdapterSpec, FactorySpec, ModelSource
 from modelfactory.publishing.hub import publish_hub
+from modelfactory.testing.hub_server import (
+    OWNER,
+    READ_TOKEN,
+    WRITE_TOKEN,
+    LocalHub,
+    upload_model,
+)
+from modelfactory.testing.models import make_lora, tiny_spec
 
 BASE_REPO = f"{OWNER}/tiny-llama"
 LORA_REPO = f"{OWNER}/tiny-lora"

@@ -19,7 +19,8 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from conftest import REPO, own_work_dir
+
+from modelfactory.testing.env import REPO, own_work_dir
 
 sys.path.insert(0, str(REPO / "bench"))
 from load_burst import PoolRig, run_burst, summary  # noqa: E402

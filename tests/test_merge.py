@@ -6,12 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import make_lora, make_tiny_llama, own_work_dir
 
 from modelfactory.core.errors import AdapterMismatchError, SourceError
 from modelfactory.core.hashing import tree_sha256
 from modelfactory.core.records import AdapterArtifact, ModelArtifact
 from modelfactory.core.specs import AdapterSpec, MergeSpec
+from modelfactory.testing.env import own_work_dir
+from modelfactory.testing.models import make_lora, make_tiny_llama
 from tasks.download import resolve_adapter
 from tasks.merge import check_adapter_fits, merge_adapters
 

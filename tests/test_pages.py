@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from browser import open_browser, screenshot_path
 from fastapi.testclient import TestClient
 from test_api import catalog_env, serve
 from test_catalog_queries import BASE_A, seed
@@ -14,6 +13,7 @@ from test_catalog_queries import BASE_A, seed
 from modelfactory.catalog import open_catalog
 from modelfactory.interfaces.server import create_app
 from modelfactory.interfaces.server.plot import nice_ticks
+from modelfactory.testing.browser import open_browser, screenshot_path
 
 
 @pytest.fixture

@@ -10,10 +10,8 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
-from conftest import own_work_dir, tiny_spec
 from sqlalchemy.engine import make_url
 from test_catalog import postgres_schema_url
 
@@ -22,6 +20,8 @@ from modelfactory.catalog.recovery import import_artifact, local_artifact_uris
 from modelfactory.core.errors import CatalogError
 from modelfactory.core.settings import get_settings
 from modelfactory.interfaces.runner import run_factory
+from modelfactory.testing.env import own_work_dir
+from modelfactory.testing.models import tiny_spec
 
 pytestmark = pytest.mark.postgres
 TINY_GATE = {"max_ppl_increase_pct": 5.0, "max_size_ratio": 0.999}

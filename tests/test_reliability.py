@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import own_work_dir, tiny_spec
 
 from modelfactory.catalog import open_catalog
 from modelfactory.core import workdir
@@ -28,6 +27,8 @@ from modelfactory.core.manifest import build_manifest
 from modelfactory.core.settings import get_settings
 from modelfactory.interfaces.runner import run_factory
 from modelfactory.publishing.local import publish_local
+from modelfactory.testing.env import own_work_dir
+from modelfactory.testing.models import tiny_spec
 
 TINY_GATE = {"max_ppl_increase_pct": 5.0, "max_size_ratio": 0.999}
 

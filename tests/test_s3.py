@@ -11,8 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_lora, tiny_spec
-from s3_server import MotoS3, moto_s3, s3_bucket, s3_env, s3_environment  # noqa: F401 (fixtures)
 from typer.testing import CliRunner
 
 from modelfactory.core.errors import (
@@ -28,6 +26,9 @@ from modelfactory.core.specs import AdapterSpec, ModelSource
 from modelfactory.publishing.artifacts import download_artifact, verify_artifact
 from modelfactory.publishing.s3 import abort_stale_uploads, publish_s3
 from modelfactory.s3 import S3Url, fetch_source, verify_s3
+from modelfactory.testing.env import REPO
+from modelfactory.testing.models import make_lora, tiny_spec
+from modelfactory.testing.s3_server import MotoS3, s3_environment
 from tasks.download import download_model, resolve_adapter
 
 get_logger()  # bind the stderr log handler before CliRunner swaps the streams

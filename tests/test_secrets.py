@@ -15,9 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import make_lora, own_work_dir, tiny_spec
-from hub_server import OWNER, WRITE_TOKEN, local_hub, upload_model  # noqa: F401 (fixture)
-from s3_server import moto_s3, s3_environment  # noqa: F401 (fixture)
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
 from test_catalog import postgres_schema_url
@@ -25,6 +22,10 @@ from test_catalog import postgres_schema_url
 from modelfactory.core.errors import ModelFactoryError
 from modelfactory.core.settings import get_settings
 from modelfactory.interfaces.runner import run_factory
+from modelfactory.testing.env import own_work_dir
+from modelfactory.testing.hub_server import OWNER, WRITE_TOKEN, upload_model
+from modelfactory.testing.models import make_lora, tiny_spec
+from modelfactory.testing.s3_server import s3_environment
 
 pytestmark = pytest.mark.postgres
 

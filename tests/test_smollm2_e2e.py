@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import smollm2_gguf
 
 from modelfactory.catalog import open_catalog
 from modelfactory.core.manifest import verify_folder
@@ -17,6 +16,7 @@ from modelfactory.interfaces.demo import demo_spec
 from modelfactory.interfaces.runner import run_factory
 from modelfactory.publishing.local import local_root
 from modelfactory.sources.finetune import LoraTrainSpec, train_lora
+from modelfactory.testing.models import smollm2_gguf
 from tasks.download import download_model
 
 pytestmark = pytest.mark.slow

@@ -28,9 +28,12 @@ from urllib.parse import unquote, urlparse
 
 import httpx
 import pytest
-from browser import open_browser, screenshot_path
-from conftest import make_lora, tiny_spec
-from prefect_server import (
+from typer.testing import CliRunner
+
+from modelfactory.catalog import open_catalog
+from modelfactory.testing.browser import open_browser, screenshot_path
+from modelfactory.testing.models import make_lora, tiny_spec
+from modelfactory.testing.prefect_server import (
     BIN,
     REPO,
     Background,
@@ -39,9 +42,6 @@ from prefect_server import (
     free_port,
     wait_for,
 )
-from typer.testing import CliRunner
-
-from modelfactory.catalog import open_catalog
 
 pytestmark = pytest.mark.pool
 

@@ -659,17 +659,6 @@ def hub_client_env(endpoint: str, cache: Path, *, token: str | None = WRITE_TOKE
             get_settings.cache_clear()
 
 
-@pytest.fixture(scope="module")
-def local_hub(tmp_path_factory) -> Iterator[LocalHub]:
-    """A running local Hub for this test module, with the huggingface_hub client pointed at it."""
-    server = LocalHub(tmp_path_factory.mktemp("hub-storage")).start()
-    try:
-        with hub_client_env(server.endpoint, tmp_path_factory.mktemp("hf-cache")):
-            yield server
-    finally:
-        server.stop()
-
-
 def upload_model(server: LocalHub, folder: Path, repo_id: str, *, private: bool = False) -> str:
     """Create *repo_id* and push *folder* to main through the real client; returns the commit SHA."""
     from huggingface_hub import HfApi

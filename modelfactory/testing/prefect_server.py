@@ -21,17 +21,12 @@ from typing import Any
 import httpx
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
+from modelfactory.testing.env import REPO, free_port  # noqa: F401 (free_port: re-exported for tests)
+
 BIN = Path(sys.executable).parent
 START_WORKERS = REPO / "infra" / "gpu-host" / "start-workers.sh"
 #: Prefect/factory variables a child must not inherit from the test process.
 _DROP = ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_PROFILE", "PREFECT_API_KEY", "MODELFACTORY_GPU_DEPLOYMENT")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def child_env(**extra: str) -> dict[str, str]:

@@ -13,24 +13,16 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from collections.abc import Iterator
 
-import pytest
+from modelfactory.testing.env import free_port
 
 TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                     "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class MotoS3:
@@ -96,25 +88,3 @@ def s3_environment(endpoint: str, **extra: str) -> Iterator[None]:
             else:
                 os.environ[name] = value
         get_settings.cache_clear()
-
-
-@pytest.fixture(scope="session")
-def moto_s3() -> Iterator[MotoS3]:
-    server = MotoS3()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture()
-def s3_env(moto_s3) -> Iterator[MotoS3]:
-    with s3_environment(moto_s3.url):
-        yield moto_s3
-
-
-@pytest.fixture()
-def s3_bucket(s3_env) -> str:
-    name = f"mf-{uuid.uuid4().hex[:10]}"
-    s3_env.client().create_bucket(Bucket=name)
-    return name

@@ -1,0 +1,15 @@
+"""Test and benchmark support: real servers on loopback, tiny models, settings overrides.
+
+Shared by ``tests/`` and ``bench/`` (which never import each other), like ``prefect.testing``:
+
+- :mod:`~modelfactory.testing.env`            ``settings_env`` (environment + settings cache), ``free_port``, paths
+- :mod:`~modelfactory.testing.models`         the SmolLM2 GGUF, a tiny random Llama, LoRA adapters, cheap specs
+- :mod:`~modelfactory.testing.processes`      background processes that die with their tree
+- :mod:`~modelfactory.testing.prefect_server` a real ``prefect server`` and GPU-host workers
+- :mod:`~modelfactory.testing.s3_server`      a real S3 API (moto server mode)
+- :mod:`~modelfactory.testing.hub_server`     a local Hugging Face Hub-compatible server
+- :mod:`~modelfactory.testing.browser`        headless Chromium through Playwright
+- :mod:`~modelfactory.testing.load`           a Prefect server + GPU pool rig and a burst of factory runs
+
+Nothing here runs in production code paths; the import-linter contract keeps it on top.
+"""
