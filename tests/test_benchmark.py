@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 from conftest import own_work_dir
+from pydantic import ValidationError
 
 import tasks.benchmark as step
-from modelfactory.core.errors import BenchmarkError
+from modelfactory.core.errors import BenchmarkError, SpecError
 from modelfactory.core.isolation import run_isolated
 from modelfactory.core.records import ModelArtifact, SideMetrics
-from modelfactory.core.specs import BenchmarkSpec
+from modelfactory.core.specs import BenchmarkSpec, DecodeSpec, QuantSpec, parse_spec
 
 SAME = "a" * 64
 OTHER = "b" * 64
@@ -206,7 +207,6 @@ TINY_BENCH = {"device": "cpu", "perplexity": {"context_len": 128, "stride": 128,
 def test_tiny_model_two_configurations_one_fp16_side_batch_sizes(tiny_llama, tmp_path, monkeypatch):
     """The tiny Llama quantized at two group sizes and benchmarked on CPU: decode measured at each
     batch size on both sides, and the fp16 worker ran once for both configurations."""
-    from modelfactory.core.specs import QuantSpec
     from tasks.quantize import quantize_model
 
     workers = CountingWorkers()
@@ -230,3 +230,15 @@ def test_tiny_model_two_configurations_one_fp16_side_batch_sizes(tiny_llama, tmp
         ratios = result.ratios()
         assert ratios["decode_speedup_b4"] == pytest.approx(
             result.gptq.decode_tok_s_by_batch[4] / result.fp16.decode_tok_s_by_batch[4])
+
+
+# --------------------------------------------------------------------------- spec
+def test_decode_batch_sizes_default_and_validation():
+    assert DecodeSpec().batch_sizes == (1, 8, 32)
+    assert DecodeSpec(batch_sizes=[1, 4]).batch_sizes == (1, 4)
+    for bad, words in [((1, 300), "between 1 and 256"), ((0, 1), "between 1 and 256"), ((8, 1), "ascending"),
+                       ((1, 8, 8), "without repeats"), ((8, 32), "lacks 1"), ((), "at least 1")]:
+        with pytest.raises(ValidationError, match=words):
+            DecodeSpec(batch_sizes=bad)
+    with pytest.raises(SpecError, match="benchmark.decode.batch_sizes"):
+        parse_spec({"base": {"uri": "org/model"}, "benchmark": {"decode": {"batch_sizes": [1, 1024]}}})
