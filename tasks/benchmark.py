@@ -38,7 +38,13 @@ from modelfactory.core.errors import BenchmarkError
 from modelfactory.core.hashing import step_key
 from modelfactory.core.isolation import run_isolated
 from modelfactory.core.log import progress
-from modelfactory.core.records import BaselineResult, BenchmarkResult, ModelArtifact, Side, SideMetrics
+from modelfactory.core.records import (
+    BaselineResult,
+    BenchmarkResult,
+    ModelArtifact,
+    Side,
+    SideMetrics,
+)
 from modelfactory.core.specs import BenchmarkSpec, DecodeSpec
 from modelfactory.sources.text import load_text
 

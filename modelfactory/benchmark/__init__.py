@@ -23,7 +23,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from modelfactory.benchmark.decode import batch_prompt, decode_rate, measure_decode, reference_decode
+from modelfactory.benchmark.decode import (
+    batch_prompt,
+    decode_rate,
+    measure_decode,
+    reference_decode,
+)
 from modelfactory.benchmark.graph import (
     GRAPH_TREATMENTS,
     DecodeCheck,
