@@ -200,6 +200,7 @@ def check_batch_sizes(sizes: tuple[int, ...], *, what: str) -> None:
     if bad:
         raise ValueError(f"{what}: batch sizes must be between 1 and {MAX_DECODE_BATCH}, got {bad}")
 
+
 class PerplexitySpec(Spec):
     text: TextSource = Field(default_factory=TextSource, description="Evaluation text (WikiText-2 test).")
     context_len: int = Field(default=512, ge=16, le=32768, description="Tokens per window.")
