@@ -32,7 +32,8 @@ def test_defaults_are_valid():
     perplexity = spec.benchmark.perplexity
     assert perplexity.stride <= perplexity.context_len
     assert spec.gate.model_dump() == {
-        "max_ppl_increase_pct": None, "min_decode_speedup": None, "max_size_ratio": None, "max_memory_ratio": None,
+        "max_ppl_increase_pct": None, "min_decode_speedup": None, "min_decode_speedup_by_batch": None,
+        "max_size_ratio": None, "max_memory_ratio": None,
     }
     assert spec.trust_remote_code is False
     # Each sub-spec is valid on its own defaults too.
