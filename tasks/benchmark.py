@@ -13,6 +13,7 @@ from pathlib import Path
 
 from prefect import task
 
+from modelfactory import stage_store
 from modelfactory.benchmark import harness as bench
 from modelfactory.core import workdir
 from modelfactory.core.devices import (
@@ -225,11 +226,11 @@ def benchmark_models(*, baseline: ModelArtifact, candidate: ModelArtifact, spec:
     start = time.perf_counter()
     key = step_key("benchmark", fp16=baseline.sha, gptq=candidate.sha, spec=spec.model_dump(exclude={"reuse"}),
                    host=_host_fingerprint())
-    done = workdir.completed("benchmark", key)
+    done = stage_store.find("benchmark", key)
     if done is not None and spec.reuse:
-        progress(f"benchmark: reusing {done}")
-        data = json.loads((done / "benchmark.json").read_text())
-        return BenchmarkResult(**data, path=str(done), reused=True, duration_s=time.perf_counter() - start)
+        progress(f"benchmark: reusing {done.uri}")
+        data = json.loads((done.folder() / "benchmark.json").read_text())
+        return BenchmarkResult(**data, path=done.uri, reused=True, duration_s=time.perf_counter() - start)
     log_path = workdir.step_dir("benchmark", key).with_suffix(".log")
     sides = {}
     with workdir.building("benchmark", key) as (tmp, marker):
@@ -237,16 +238,16 @@ def benchmark_models(*, baseline: ModelArtifact, candidate: ModelArtifact, spec:
             progress(f"benchmark: measuring {side} side ({model.path})")
             sides[side] = SideMetrics.model_validate(run_isolated(
                 "tasks.benchmark:measure_side",
-                kwargs={"model_path": model.path, "side": side, "spec": spec.model_dump(mode="json")},
+                kwargs={"model_path": str(stage_store.resolve(model.path)), "side": side, "spec": spec.model_dump(mode="json")},
                 log_path=log_path, env=gpu_env(), unexpected=BenchmarkError,
             ))
         (tmp / "benchmark.json").write_text(json.dumps({k: v.model_dump() for k, v in sides.items()}, indent=2))
         marker.update(fp16=baseline.sha, gptq=candidate.sha)
-    done = workdir.step_dir("benchmark", key)
     if sides["fp16"].ppl_tokens_sha256 != sides["gptq"].ppl_tokens_sha256:
         raise BenchmarkError("fp16 and GPTQ sides scored different tokens (tokenizers differ?): "
                              "the quantized model must keep the baseline's tokenizer")
-    return BenchmarkResult(**sides, path=str(done), duration_s=time.perf_counter() - start)
+    done = stage_store.publish("benchmark", key)
+    return BenchmarkResult(**sides, path=done.uri, duration_s=time.perf_counter() - start)
 
 
 @task(name="benchmark")
