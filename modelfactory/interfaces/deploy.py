@@ -44,7 +44,7 @@ ZOMBIE_AFTER_S = 90
 def source_dir() -> Path:
     """The checkout holding ``deployments/`` and ``flows/`` (``MODELFACTORY_SOURCE_DIR`` or this one)."""
     env = os.environ.get("MODELFACTORY_SOURCE_DIR")
-    return Path(env).resolve() if env else Path(__file__).resolve().parents[1]
+    return Path(env).resolve() if env else Path(__file__).resolve().parents[2]
 
 
 def prefect_file(root: Path | None = None) -> Path:
