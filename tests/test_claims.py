@@ -19,8 +19,7 @@ import pytest
 from conftest import REPO
 from test_catalog import postgres_schema_url
 
-from modelfactory.catalog import Catalog, open_catalog
-from modelfactory.catalog import claims
+from modelfactory.catalog import Catalog, claims, open_catalog
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

@@ -257,12 +257,11 @@ def test_without_a_store_outputs_are_local_paths(tmp_path):
 
 
 def test_a_store_url_that_is_not_s3_is_refused(tmp_path):
-    with host(tmp_path / "a", str(tmp_path / "store")):
-        with pytest.raises(SpecError, match="MODELFACTORY_STAGE_STORE_URL=.* s3://bucket/prefix"):
-            stage_store.configured()
+    with host(tmp_path / "a", str(tmp_path / "store")), pytest.raises(
+            SpecError, match="MODELFACTORY_STAGE_STORE_URL=.* s3://bucket/prefix"):
+        stage_store.configured()
 
 
 def test_a_missing_output_uri_says_what_to_do(store, s3_env, tmp_path):
-    with host(tmp_path / "a", store):
-        with pytest.raises(StageStoreError, match="no completion marker .* run the factory again"):
-            stage_store.resolve(f"{store}/quantize/never-built/")
+    with host(tmp_path / "a", store), pytest.raises(StageStoreError, match="no completion marker .* run the factory"):
+        stage_store.resolve(f"{store}/quantize/never-built/")
