@@ -26,6 +26,7 @@ from pathlib import Path
 from prefect import task
 
 from modelfactory import benchmark as bench
+from modelfactory import stage_store
 from modelfactory.core import workdir
 from modelfactory.core.devices import (
     apply_memory_cap,
@@ -352,13 +353,15 @@ def _stored_candidate(folder: Path, *, baseline: BaselineResult) -> SideMetrics:
 
 
 def _measure(model: ModelArtifact, *, side: Side, spec: BenchmarkSpec, log_path: Path, out_dir: Path,
-             reference_dir: str | None = None) -> SideMetrics:
-    """One side in its own worker process (:func:`measure_side`)."""
+             reference_dir: Path | None = None) -> SideMetrics:
+    """One side in its own worker process (:func:`measure_side`); the model is fetched to this host first
+    when it was built on another one (:func:`modelfactory.stage_store.resolve`)."""
     progress(f"benchmark: measuring {side} side ({model.path})")
     return _side_record(run_isolated(
         "tasks.benchmark:measure_side",
-        kwargs={"model_path": model.path, "side": side, "spec": spec.model_dump(mode="json"),
-                "out_dir": str(out_dir), "reference_dir": reference_dir},
+        kwargs={"model_path": str(stage_store.resolve(model.path)), "side": side,
+                "spec": spec.model_dump(mode="json"), "out_dir": str(out_dir),
+                "reference_dir": str(reference_dir) if reference_dir else None},
         log_path=log_path, env=gpu_env(), unexpected=BenchmarkError,
     ), side=side)
 
@@ -369,10 +372,11 @@ def baseline_key(*, model_sha: str, spec: BenchmarkSpec) -> str:
     return step_key(BASELINE_STEP, model=model_sha, spec=spec.baseline_inputs(), host=_host_fingerprint())
 
 
-def _reusable(step: str, key: str, spec: BenchmarkSpec) -> Path | None:
-    """The finished output of *step* for *key* to try reusing; with ``spec.reuse`` off, none, and a
-    finished one is discarded so the fresh measurement replaces it."""
-    done = workdir.completed(step, key)
+def _reusable(step: str, key: str, spec: BenchmarkSpec) -> stage_store.StepOutput | None:
+    """The finished output of *step* for *key* to try reusing (this host's work dir, else the stage
+    store); with ``spec.reuse`` off, none, and a finished local one is discarded so the fresh
+    measurement replaces it."""
+    done = stage_store.find(step, key)
     if done is not None and not spec.reuse:
         workdir.discard(step, key)
         return None
@@ -383,28 +387,30 @@ def benchmark_baseline(*, model: ModelArtifact, spec: BenchmarkSpec) -> Baseline
     """Measure the fp16 side of *model* once for every quantized configuration of it.
 
     Stored in ``benchmark-fp16/<key>/`` (:func:`baseline_key`) with the side's per-window outputs
-    (:func:`window_outputs`). A finished baseline is reused if its record is valid; one that is not
-    is discarded and measured again.
+    (:func:`window_outputs`), and in the stage store when one is set, so configurations measured on
+    other hosts reuse it. A finished baseline is reused if its record is valid; one that is not is
+    discarded and measured again.
     """
     start = time.perf_counter()
     key = baseline_key(model_sha=model.sha, spec=spec)
     if (done := _reusable(BASELINE_STEP, key, spec)) is not None:
         try:
-            metrics = _stored_baseline(done)
+            metrics = _stored_baseline(done.folder())
         except BenchmarkError as exc:
-            progress(f"benchmark: not reusing {done}: {exc}; measuring again")
+            progress(f"benchmark: not reusing {done.uri}: {exc}; measuring again")
             workdir.discard(BASELINE_STEP, key)
         else:
-            progress(f"benchmark: reusing the fp16 side {done}")
-            return BaselineResult(model_sha=model.sha, metrics=metrics, key=key, path=str(done), reused=True,
+            progress(f"benchmark: reusing the fp16 side {done.uri}")
+            return BaselineResult(model_sha=model.sha, metrics=metrics, key=key, path=done.uri, reused=True,
                                   duration_s=time.perf_counter() - start)
     final = workdir.step_dir(BASELINE_STEP, key)
     with workdir.building(BASELINE_STEP, key) as (tmp, marker):
         metrics = _measure(model, side="fp16", spec=spec, log_path=final.with_suffix(".log"), out_dir=tmp)
         (tmp / BASELINE_FILE).write_text(metrics.model_dump_json(indent=2))
         marker.update(model=model.sha)
+    done = stage_store.publish(BASELINE_STEP, key)
     # What is stored is the baseline (a concurrent identical measurement may have been committed first).
-    return BaselineResult(model_sha=model.sha, metrics=_stored_baseline(final), key=key, path=str(final),
+    return BaselineResult(model_sha=model.sha, metrics=_stored_baseline(final), key=key, path=done.uri,
                           duration_s=time.perf_counter() - start)
 
 
@@ -412,42 +418,43 @@ def benchmark_candidate(*, baseline: BaselineResult, candidate: ModelArtifact, s
                         ) -> BenchmarkResult:
     """Measure the GPTQ side of *candidate* and combine it with *baseline*, its merged model's fp16 side.
 
-    *baseline* must come from :func:`benchmark_baseline` with the same fp16 settings on this host
-    (its key is checked). Both sides must have scored the same tokens before the result is committed,
-    and a finished benchmark is reused only if it passes the same checks; one that fails them is
-    discarded and the GPTQ side measured again.
+    *baseline* must come from :func:`benchmark_baseline` with the same fp16 settings on this kind of
+    host (its key is checked). Both sides must have scored the same tokens before the result is
+    committed, and a finished benchmark is reused only if it passes the same checks; one that fails
+    them is discarded and the GPTQ side measured again.
     """
     start = time.perf_counter()
     expected = baseline_key(model_sha=baseline.model_sha, spec=spec)
     if baseline.key != expected:
         raise BenchmarkError(
             f"the fp16 baseline in {baseline.path} (key {baseline.key}) was measured with other benchmark settings "
-            f"or on another host than this benchmark's (key {expected}): measure the baseline with this spec on "
-            f"this host (benchmark_baseline) and pass that")
+            f"or on another kind of host than this benchmark's (key {expected}): measure the baseline with this "
+            f"spec on this kind of host (benchmark_baseline) and pass that")
     key = step_key(CANDIDATE_STEP, baseline=baseline.key, gptq=candidate.sha,
                    spec=spec.model_dump(mode="json", exclude={"reuse"}))
     shared = {"fp16": baseline.metrics, "baseline_path": baseline.path, "baseline_reused": baseline.reused}
     if (done := _reusable(CANDIDATE_STEP, key, spec)) is not None:
         try:
-            gptq = _stored_candidate(done, baseline=baseline)
+            gptq = _stored_candidate(done.folder(), baseline=baseline)
         except BenchmarkError as exc:
-            progress(f"benchmark: not reusing {done}: {exc}; measuring again")
+            progress(f"benchmark: not reusing {done.uri}: {exc}; measuring again")
             workdir.discard(CANDIDATE_STEP, key)
         else:
-            progress(f"benchmark: reusing {done}")
-            return BenchmarkResult(**shared, gptq=gptq, path=str(done), reused=True,
+            progress(f"benchmark: reusing {done.uri}")
+            return BenchmarkResult(**shared, gptq=gptq, path=done.uri, reused=True,
                                    duration_s=time.perf_counter() - start)
     final = workdir.step_dir(CANDIDATE_STEP, key)
     with workdir.building(CANDIDATE_STEP, key) as (tmp, marker):
         gptq = _measure(candidate, side="gptq", spec=spec, log_path=final.with_suffix(".log"), out_dir=tmp,
-                        reference_dir=baseline.path)
+                        reference_dir=stage_store.resolve(baseline.path))
         bench.check_same_tokens(fp16=baseline.metrics, gptq=gptq)  # before the commit: never stored for reuse
         sides = {"fp16": baseline.metrics, "gptq": gptq}
         (tmp / "benchmark.json").write_text(json.dumps({k: v.model_dump(mode="json") for k, v in sides.items()},
                                                        indent=2))
         marker.update(fp16=baseline.model_sha, gptq=candidate.sha, baseline=baseline.key)
+    done = stage_store.publish(CANDIDATE_STEP, key)
     # What is stored is the result (a concurrent identical measurement may have been committed first).
-    return BenchmarkResult(**shared, gptq=_stored_candidate(final, baseline=baseline), path=str(final),
+    return BenchmarkResult(**shared, gptq=_stored_candidate(final, baseline=baseline), path=done.uri,
                            duration_s=time.perf_counter() - start)
 
 

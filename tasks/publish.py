@@ -13,6 +13,7 @@ from pathlib import Path
 
 from prefect import task
 
+from modelfactory import stage_store
 from modelfactory.core.errors import PublishError
 from modelfactory.core.log import progress
 from modelfactory.core.manifest import build_manifest
@@ -46,8 +47,9 @@ def publish_artifact(*, spec: FactorySpec, merge: MergeResult, quant: QuantResul
         raise PublishError(f"refusing to publish {quant.model.path}: the gate {decision.summary()}")
     destination = spec.publish.destination or get_settings().resolved_store_url
     parts = (artifact_name(spec), spec.quantize.label(), quant.model.sha)
+    source = stage_store.resolve(quant.model.path)  # fetched (and checked) when quantized on another host
     manifest = build_manifest(
-        Path(quant.model.path),
+        source,
         name=parts[0], config=parts[1], key=parts[2],
         created_at=datetime.now(timezone.utc).isoformat(),
         spec=spec.model_dump(mode="json"),
@@ -59,7 +61,7 @@ def publish_artifact(*, spec: FactorySpec, merge: MergeResult, quant: QuantResul
         engine=quant.engine,
     )
     progress(f"publish: {len(manifest['files'])} files, {manifest['total_bytes'] / 1e6:.1f} MB -> {destination}")
-    return publish_to(destination=destination, source=Path(quant.model.path), parts=parts, manifest=manifest,
+    return publish_to(destination=destination, source=source, parts=parts, manifest=manifest,
                       private=spec.publish.private, revision=spec.publish.revision or spec.quantize.label())
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from prefect import task
 
+from modelfactory import stage_store
 from modelfactory.core import workdir
 from modelfactory.core.devices import (
     apply_memory_cap,
@@ -179,23 +180,24 @@ def quantize_model(*, model: ModelArtifact, spec: QuantSpec, device: str = "auto
     """GPTQ-quantize *model*; reuse a finished output with identical inputs."""
     start = time.perf_counter()
     key = step_key("quantize", model=model.sha, spec=spec)
-    done = workdir.completed("quantize", key)
+    done = stage_store.find("quantize", key)
     reused = done is not None
     if reused:
-        progress(f"quantize: reusing {done}")
-        info = workdir.read_marker(done)
+        progress(f"quantize: reusing {done.uri}")
+        info = done.marker
     else:
+        model_path = str(stage_store.resolve(model.path))  # fetched when it was built on another host
         log_path = workdir.step_dir("quantize", key).with_suffix(".log")
         # Outlives a failed attempt (unlike the build folder), so the next attempt resumes from it.
         checkpoint_dir = workdir.step_dir("quantize", key).parent / f".{key}.checkpoint"
-        use_checkpoint = get_settings().quantize_checkpoints and checkpointable(model.path, spec)
+        use_checkpoint = get_settings().quantize_checkpoints and checkpointable(model_path, spec)
         with workdir.building("quantize", key) as (tmp, marker):
             scratch = tmp.parent / f".{key}.scratch"  # GPTQModel writes ./logs into its cwd
             scratch.mkdir(exist_ok=True)
             try:
                 info = run_isolated(
                     "tasks.quantize:run_gptq",
-                    kwargs={"model_path": model.path, "out_dir": str(tmp), "spec": spec.model_dump(mode="json"),
+                    kwargs={"model_path": model_path, "out_dir": str(tmp), "spec": spec.model_dump(mode="json"),
                             "device": device, "checkpoint_dir": str(checkpoint_dir) if use_checkpoint else None},
                     log_path=log_path, env=gpu_env(), cwd=scratch, unexpected=QuantizationError,
                     library_progress=GPTQMODEL_LAYER,
@@ -204,8 +206,8 @@ def quantize_model(*, model: ModelArtifact, spec: QuantSpec, device: str = "auto
                 shutil.rmtree(scratch, ignore_errors=True)
             marker.update(info, source_sha=model.sha, spec=spec.model_dump(mode="json"))
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        done = workdir.step_dir("quantize", key)
-    artifact = ModelArtifact(path=str(done), sha=key, source_uri=model.source_uri, kind="gptq", reused=reused,
+        done = stage_store.publish("quantize", key)
+    artifact = ModelArtifact(path=done.uri, sha=key, source_uri=model.source_uri, kind="gptq", reused=reused,
                              duration_s=time.perf_counter() - start)
     return QuantResult(model=artifact, quantize_s=info["quantize_s"], engine=info["engine"], device=info["device"])
 

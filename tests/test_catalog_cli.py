@@ -89,7 +89,7 @@ def test_upgrade_is_required_for_a_catalog_behind_head(tmp_path: Path, monkeypat
         refused = runner.invoke(app, ["catalog", "ls"])
         assert refused.exit_code == 1 and "run `modelfactory catalog upgrade`" in refused.output
         upgraded = runner.invoke(app, ["catalog", "upgrade"])
-        assert upgraded.exit_code == 0 and "at revision 0004" in upgraded.output
+        assert upgraded.exit_code == 0 and "at revision 0005" in upgraded.output
         assert runner.invoke(app, ["catalog", "ls", "--format", "json"]).output.strip() == "[]"
     finally:
         get_settings.cache_clear()

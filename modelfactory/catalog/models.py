@@ -297,3 +297,20 @@ class WebhookDelivery(Base):
     flow_run_id: Mapped[str | None] = mapped_column(String(64))
     detail: Mapped[str | None] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+
+class RunClaim(Base):
+    """A claim on a run key (0005): the run holding it builds, identical runs wait (``catalog/claims.py``).
+
+    One row per key being built; a holder renews ``expires_at`` by a heartbeat, so the row of a
+    holder that died is taken over once it expired.
+    """
+
+    __tablename__ = "run_claims"
+
+    run_key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))  # "host pid N run <id>": who builds
+    token: Mapped[str] = mapped_column(String(32))  # this claim (a takeover gets a new one)
+    claimed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    renewed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
