@@ -152,6 +152,22 @@ def test_list_sweeps_newest_first_with_filters(catalog: Catalog, recorded: Recor
     assert catalog.get_sweep(other).members == () and catalog.get_sweep(other).error_kind == "merge"
 
 
+def test_a_run_in_two_sweeps_keeps_each_sweeps_label(catalog: Catalog, recorded: Recorded) -> None:  # noqa: F811
+    """A member run may be linked again (e.g. a later sweep that reused the build) under another label."""
+    runs, reuse = recorded.runs, str(uuid.uuid4())
+    catalog.start_sweep(sweep_id=reuse, name="reuse", spec={}, objective="fastest", publish_mode="none")
+    catalog.add_member(sweep_id=reuse, run_id=runs["gptq-4bit-128g"], label="again-128g", kernel="k", position=0)
+    catalog.add_member(sweep_id=reuse, run_id=runs["gptq-4bit-64g"], label="again-64g", kernel="k", position=1)
+    catalog.finish_sweep(sweep_id=reuse, winner_run_id=runs["gptq-4bit-128g"], front=[runs["gptq-4bit-128g"]])
+    assert [(s.id, s.winner_label, s.members) for s in catalog.list_sweeps()] == [
+        (reuse, "again-128g", 2), (recorded.sweep_id, "gptq-4bit-64g", 3)]
+    again = catalog.get_sweep(reuse)
+    assert [(m.label, m.winner, m.on_front) for m in again.members] == [("again-128g", True, True),
+                                                                         ("again-64g", False, False)]
+    original = catalog.get_sweep(recorded.sweep_id)  # unchanged by the other sweep's verdict
+    assert [(m.winner, m.on_front) for m in original.members] == [(False, True), (True, True), (False, False)]
+
+
 def test_sweep_writes_refuse_what_is_not_a_sweep(catalog: Catalog, recorded: Recorded) -> None:  # noqa: F811
     sweep_id, runs = recorded.sweep_id, recorded.runs
     with pytest.raises(CatalogQueryError, match="already exists"):

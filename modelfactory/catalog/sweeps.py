@@ -201,15 +201,7 @@ class CatalogSweeps(CatalogConnections):
         if not 1 <= limit <= MAX_LIMIT:
             raise CatalogQueryError(f"cannot list {limit} sweeps: give a limit from 1 to {MAX_LIMIT}")
         with self.reading("list sweeps") as session:
-            counts = (select(SweepMember.sweep_id, func.count().label("members"),
-                             func.count(Run.id).filter(Run.status == "passed").label("passed"))
-                      .join(Run, Run.id == SweepMember.run_id).group_by(SweepMember.sweep_id).subquery())
-            winner = (select(SweepMember.label).where(SweepMember.sweep_id == Sweep.id,
-                                                      SweepMember.run_id == Sweep.winner_run_id)
-                      .scalar_subquery())
-            stmt = (select(Sweep, winner.label("winner_label"), counts.c.members, counts.c.passed)
-                    .outerjoin(counts, counts.c.sweep_id == Sweep.id)
-                    .order_by(Sweep.created_at.desc(), Sweep.id.desc()).limit(limit))
+            stmt = select(Sweep).order_by(Sweep.created_at.desc(), Sweep.id.desc()).limit(limit)
             if status is not None:
                 stmt = stmt.where(Sweep.status == status)
             if base is not None:
@@ -217,12 +209,24 @@ class CatalogSweeps(CatalogConnections):
                 if not base_ids:
                     return []
                 stmt = stmt.where(Sweep.base_model_id.in_(base_ids))
+            sweeps = list(session.scalars(stmt))
+            # Counted for the listed sweeps only (an index range per sweep), not grouped over every member.
+            counts = {sweep_id: (members, passed) for sweep_id, members, passed in session.execute(
+                select(SweepMember.sweep_id, func.count(), func.count(Run.id).filter(Run.status == "passed"))
+                .join(Run, Run.id == SweepMember.run_id)
+                .where(SweepMember.sweep_id.in_([s.id for s in sweeps])).group_by(SweepMember.sweep_id))}
+            won = [s for s in sweeps if s.winner_run_id]
+            winners = {(sweep_id, run_id): label for sweep_id, run_id, label in session.execute(
+                select(SweepMember.sweep_id, SweepMember.run_id, SweepMember.label).where(
+                    SweepMember.sweep_id.in_([s.id for s in won]),
+                    SweepMember.run_id.in_([s.winner_run_id for s in won])))} if won else {}
             return [SweepSummary(id=s.id, name=s.name, status=s.status, objective=s.objective,
                                  publish_mode=s.publish_mode, base_uri=s.base_uri, base_sha=s.base_sha,
                                  created_at=aware(s.created_at), finished_at=aware(s.finished_at),
-                                 winner_run_id=s.winner_run_id, winner_label=label, members=members or 0,
-                                 passed=passed or 0, error=s.error)
-                    for s, label, members, passed in session.execute(stmt)]
+                                 winner_run_id=s.winner_run_id, winner_label=winners.get((s.id, s.winner_run_id)),
+                                 members=counts.get(s.id, (0, 0))[0], passed=counts.get(s.id, (0, 0))[1],
+                                 error=s.error)
+                    for s in sweeps]
 
     def identify(self, ref: str) -> tuple[Literal["run", "sweep"], str]:
         """Whether *ref* (a full id or a unique 6+ character prefix) names a run or a sweep, and its id.
