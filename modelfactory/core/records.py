@@ -44,6 +44,8 @@ class QuantResult(Record):
     quantize_s: float
     engine: str  # e.g. "gptqmodel 7.6.0"
     device: str
+    #: The group size the model was quantized with (``group_size: auto`` resolved; None: not recorded).
+    group_size: int | None = None
 
 
 class SideMetrics(Record):
