@@ -16,7 +16,10 @@ from pathlib import Path
 
 from prefect import task
 
-from modelfactory.benchmark.layer_widths import choose_group_size, layer_widths_from_config
+from modelfactory.benchmark.layer_widths import (
+    choose_group_size,
+    layer_widths_from_config,
+)
 from modelfactory.core import workdir
 from modelfactory.core.devices import (
     apply_memory_cap,

@@ -23,8 +23,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
+from pydantic import Field
+
 from modelfactory.benchmark import plain_load
-from modelfactory.benchmark.layer_widths import LayerWidths, fitting_group_sizes, layer_widths_from_config
+from modelfactory.benchmark.layer_widths import (
+    LayerWidths,
+    fitting_group_sizes,
+    layer_widths_from_config,
+)
 from modelfactory.core.devices import gpu_env
 from modelfactory.core.errors import SpecError
 from modelfactory.core.log import progress
@@ -54,7 +60,7 @@ class RunnabilityResult(Record):
     #: Class of a quantized linear the library picked (e.g. ``TorchAtenLinear``), ``dense`` if none.
     kernel: str | None = None
     device_name: str | None = None
-    versions: dict[str, str | None] = {}
+    versions: dict[str, str | None] = Field(default_factory=dict)
     #: Factory modules found imported in the child (must be empty; non-empty fails the check).
     factory_modules: tuple[str, ...] = ()
     error_type: str | None = None
@@ -153,8 +159,8 @@ def _oom(m: re.Match, ctx: dict) -> str:
 
 
 def _timeout(m: re.Match, ctx: dict) -> str:
-    return (f"did not finish within {ctx['timeout_s']:.0f} s ({ctx['stage']} stage); a first load on a fresh GPU "
-            f"machine may spend minutes compiling GPTQModel's kernels: raise the timeout, or look at the log")
+    return (f"did not load and generate within {ctx['timeout_s']:.0f} s and was killed; a first load on a fresh "
+            f"GPU machine may spend minutes compiling GPTQModel's kernels: raise the timeout, or read the log")
 
 
 #: (pattern on "ErrorType: message", explainer). First match wins; unknown errors pass through.
@@ -225,7 +231,9 @@ def resolve_devices(devices: Sequence[str] | Literal["auto"]) -> tuple[Device, .
 def run_plain_load(*, model_dir: Path, device: Device, timeout_s: float, new_tokens: int, prompt: str,
                    log_path: Path | None = None) -> RunnabilityResult:
     """One fresh ``python -I plain_load.py`` process on *device*; never raises for a failed load."""
-    env = {**os.environ, **gpu_env(), "PYTHONUNBUFFERED": "1"}
+    # The factory's kernel caches (a first CUDA load compiles for minutes), but not its worker count: a user sets none.
+    caches = {k: v for k, v in gpu_env().items() if k != "GPTQMODEL_CPU_WORKERS"}
+    env = {**os.environ, **caches, "PYTHONUNBUFFERED": "1"}
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # as on a machine without a GPU
     cmd = [sys.executable, "-I", str(PLAIN_LOAD_SCRIPT), str(model_dir), "--device", device,
@@ -240,46 +248,61 @@ def run_plain_load(*, model_dir: Path, device: Device, timeout_s: float, new_tok
             stdout, stderr = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             timed_out = True
-            os.killpg(proc.pid, signal.SIGKILL)  # its own session: the child and whatever it started
+            _kill_session(proc)
             stdout, stderr = proc.communicate()
         except BaseException:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_session(proc)
             proc.communicate()
             raise
     wall_s = time.perf_counter() - start
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "a", encoding="utf-8") as log:
-            log.write(f"$ {' '.join(cmd)}\n{stdout}{stderr}\n[exit {proc.returncode}, {wall_s:.1f} s]\n")
-    data = _parse(stdout) or {}
+            log.write(f"# the snippet that ran:\n{snippet}$ {' '.join(cmd)}\n{stdout}{stderr}\n"
+                      f"[exit {proc.returncode}, {wall_s:.1f} s]\n")
+    if timed_out:
+        data = {"ok": False, "stage": "process", "error_type": "Timeout",
+                "error_message": f"no result within {timeout_s:.0f} s; killed"}
+    else:
+        data = _parse(stdout) or {"ok": False, "stage": "process", "error_type": "ProcessDied",
+                                  "error_message": f"plain_load exited with code {proc.returncode} without a result",
+                                  "traceback_tail": "\n".join((stdout + stderr).strip().splitlines()[-15:])}
+    return result_from_child(data, device=device, snippet=snippet, wall_s=wall_s, widths=_widths(model_dir),
+                             timeout_s=timeout_s)
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    """Kill the child and whatever it started (it runs in a session of its own)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def result_from_child(data: dict, *, device: Device, snippet: str, wall_s: float, widths: LayerWidths | None = None,
+                      timeout_s: float = 0.0) -> RunnabilityResult:
+    """The :class:`RunnabilityResult` for plain_load's JSON *data*, with the explanation of a failure.
+
+    A run that imported factory code is void (it did not test what a user runs) and fails.
+    """
     fields = {k: data.get(k) for k in ("import_s", "load_s", "generate_s", "text", "kernel", "device_name",
                                         "error_type", "error_message", "traceback_tail")}
-    ok = bool(data.get("ok")) and not timed_out
     factory_modules = tuple(data.get("factory_modules") or ())
-    stage = data.get("stage", "process")
-    if timed_out:
-        fields.update(error_type="Timeout", error_message=f"no result within {timeout_s:.0f} s; killed")
-        stage = "process"
-    elif not data:
-        tail = "\n".join((stdout + stderr).strip().splitlines()[-15:])
-        fields.update(error_type="ProcessDied",
-                      error_message=f"plain_load exited with code {proc.returncode} without a result", traceback_tail=tail)
-    elif ok and factory_modules:
-        ok = False
-        fields.update(error_type="FactoryImport", error_message="factory modules were imported in the plain-load "
-                      f"process: {', '.join(factory_modules)}")
+    stage = data.get("stage") or "process"
+    ok = bool(data.get("ok"))
     explanation = None
-    if not ok:
-        if fields["error_type"] == "FactoryImport":
-            explanation = (f"the check is void: {fields['error_message']}; it must run without factory code "
-                           f"(a library or site hook imported it)")
-        elif fields["error_type"] == "ProcessDied":
-            explanation = (f"{fields['error_message']} (killed: out of memory, or a crash in native code); "
-                           f"last output:\n{fields['traceback_tail']}")
-        else:
-            explanation = explain_failure(error_type=fields["error_type"], message=fields["error_message"],
-                                          device=device, widths=_widths(model_dir), kernel=fields["kernel"],
-                                          stage=stage, timeout_s=timeout_s)
+    if ok and factory_modules:
+        ok = False
+        fields.update(error_type="FactoryImport",
+                      error_message=f"factory modules were imported in the plain-load process: {', '.join(factory_modules)}")
+        explanation = (f"the check is void: {fields['error_message']}; it must run without factory code "
+                       f"(a library or a site hook imported it)")
+    elif not ok and fields["error_type"] == "ProcessDied":
+        explanation = (f"{fields['error_message']} (killed: out of memory, or a crash in native code); "
+                       f"last output:\n{fields['traceback_tail']}")
+    elif not ok:
+        explanation = explain_failure(error_type=fields["error_type"], message=fields["error_message"], device=device,
+                                      widths=widths, kernel=fields["kernel"], stage=stage, timeout_s=timeout_s)
     return RunnabilityResult(device=device, ok=ok, snippet=snippet, stage=stage, wall_s=wall_s,
                              tokens=int(data.get("tokens") or 0), versions=data.get("versions") or {},
                              factory_modules=factory_modules, explanation=explanation, **fields)
