@@ -116,8 +116,9 @@ def test_machete_out_features_error_names_the_layers_and_that_group_size_does_no
     assert "MacheteLinear" in text and "output width to be a multiple of 128" in text
     assert "self_attn.k_proj (192)" in text and "self_attn.o_proj (576)" in text
     assert "mlp.gate_proj" not in text, "1536 is a multiple of 128"
-    assert "group size does not change these widths" in text
-    assert 'backend="gptq_marlin"' in text
+    assert "the group size does not change these widths" in text
+    assert 'backend="gptq_triton"' in text
+    assert "group size MacheteLinear does not take (it takes -1, 64, 128; e.g. 32)" in text
     assert message in text
 
 

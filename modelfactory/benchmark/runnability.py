@@ -137,20 +137,28 @@ def _in_group(m: re.Match, ctx: dict) -> str:
     return _group_does_not_divide(int(m["k"]), int(m["g"]), ctx["widths"], f"{m['cls']} (GPTQModel's default)")
 
 
+#: Group sizes a kernel accepts where it matters for the advice (GPTQModel 7.6: ``SUPPORTS_GROUP_SIZE``).
+KERNEL_GROUP_SIZES = {"MacheteLinear": (-1, 64, 128)}
+
+
 def _shape(m: re.Match, ctx: dict) -> str:
-    side, width, divisors = m["side"], int(m["width"]), m["div"].strip()
+    cls, side, width = m["cls"], m["side"], int(m["width"])
+    divisor = int(m["div"].split(",")[0])
     widths: LayerWidths | None = ctx["widths"]
-    divisor = int(divisors.split(",")[0])
     others = widths.not_multiple_of(divisor, side=side) if widths is not None else []
     layers = ", ".join(others) if others else f"width {width}"
     where = "on this GPU" if ctx["device"] == "cuda" else f"on {ctx['device']}"
-    return (f"{m['cls']}, the kernel GPTQModel picks by default {where}, needs every quantized layer's "
-            f"{side}put width to be a multiple of {divisor}, and this model's {layers} are not. GPTQModel picks "
-            f"the kernel for the whole model from the quantization config, without looking at the layer shapes, "
-            f"and does not fall back. The group size does not change these widths, so re-quantizing with another "
-            f"group size only helps if that size is one {m['cls']} does not take (it is then skipped); otherwise "
-            f"users must name a kernel that fits, e.g. "
-            f"from_pretrained(..., quantization_config=GPTQConfig(bits=4, backend=\"gptq_marlin\"))")
+    text = (f"{cls}, the kernel GPTQModel picks by default {where}, needs every quantized layer's {side}put width "
+            f"to be a multiple of {divisor}, and this model's {layers} are not. GPTQModel chooses the kernel for the "
+            f"whole model from the quantization config alone and does not fall back; the group size does not change "
+            f"these widths. Users can load it with a kernel that takes them, e.g. from_pretrained(..., "
+            f"quantization_config=GPTQConfig(bits=4, backend=\"gptq_triton\")) (the factory's benchmark loads such "
+            f"widths with it)")
+    if cls in KERNEL_GROUP_SIZES:
+        avoid = [g for g in FIX_GROUP_SIZES if g not in KERNEL_GROUP_SIZES[cls]]
+        text += (f"; or the model can be quantized with a group size {cls} does not take (it takes "
+                 f"{', '.join(map(str, KERNEL_GROUP_SIZES[cls]))}; e.g. {avoid[0]}), so that GPTQModel's default skips it")
+    return text
 
 
 def _oom(m: re.Match, ctx: dict) -> str:
