@@ -46,7 +46,8 @@ def publish_artifact(*, spec: FactorySpec, merge: MergeResult, quant: QuantResul
     if not decision.passed:
         raise PublishError(f"refusing to publish {quant.model.path}: the gate {decision.summary()}")
     destination = spec.publish.destination or get_settings().resolved_store_url
-    parts = (artifact_name(spec), spec.quantize.label(), quant.model.sha)
+    config = quant.spec_label(spec.quantize)  # the resolved group size, not 'auto'
+    parts = (artifact_name(spec), config, quant.model.sha)
     source = stage_store.resolve(quant.model.path)  # fetched (and checked) when quantized on another host
     manifest = build_manifest(
         source,
@@ -62,7 +63,7 @@ def publish_artifact(*, spec: FactorySpec, merge: MergeResult, quant: QuantResul
     )
     progress(f"publish: {len(manifest['files'])} files, {manifest['total_bytes'] / 1e6:.1f} MB -> {destination}")
     return publish_to(destination=destination, source=source, parts=parts, manifest=manifest,
-                      private=spec.publish.private, revision=spec.publish.revision or spec.quantize.label())
+                      private=spec.publish.private, revision=spec.publish.revision or config)
 
 
 def publish_to(*, destination: str, source: Path, parts: tuple[str, str, str], manifest: dict, private: bool,

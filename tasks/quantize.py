@@ -17,6 +17,10 @@ from pathlib import Path
 from prefect import task
 
 from modelfactory import stage_store
+from modelfactory.benchmark.layer_widths import (
+    choose_group_size,
+    layer_widths_from_config,
+)
 from modelfactory.core import workdir
 from modelfactory.core.devices import (
     apply_memory_cap,
@@ -90,6 +94,18 @@ def checkpoint_progress(folder: Path) -> tuple[int, int] | None:
     return int(newest["cursor"]), len(newest.get("identity", {}).get("execution_plan", []))
 
 
+def resolve_group_size(spec: QuantSpec, model_path: str) -> QuantSpec:
+    """*spec* with ``group_size: auto`` replaced by the largest of 128, 64, 32 that divides every
+    quantized layer's input width in *model_path*'s ``config.json`` (the default kernels, CPU
+    int4pack included, need that: ``modelfactory.benchmark.layer_widths``). Explicit sizes are kept."""
+    if spec.group_size != "auto":
+        return spec
+    widths = layer_widths_from_config(json.loads((Path(model_path) / "config.json").read_text()))
+    group = choose_group_size(in_features=widths.in_features)
+    progress(f"quantize: group_size auto -> {group} (layer input widths {', '.join(map(str, widths.in_features))})")
+    return spec.resolved(group)
+
+
 def _scrub_local_paths(out_dir: str) -> None:
     """Drop the machine-local offload/checkpoint path GPTQModel writes into quantize_config.json."""
     path = Path(out_dir) / "quantize_config.json"
@@ -111,7 +127,7 @@ def run_gptq(*, model_path: str, out_dir: str, spec: dict, device: str, checkpoi
     from gptqmodel import CheckpointConfig, QuantizeConfig
     from transformers import AutoTokenizer
 
-    qspec = QuantSpec.model_validate(spec)
+    qspec = resolve_group_size(QuantSpec.model_validate(spec), model_path)
     device = resolve_device(device)
     apply_memory_cap(device)
     dtype = getattr(torch, resolve_dtype("auto", device))
@@ -179,6 +195,8 @@ def _load_for_gptq(model_path: str, config, *, dtype, device: str):
 def quantize_model(*, model: ModelArtifact, spec: QuantSpec, device: str = "auto") -> QuantResult:
     """GPTQ-quantize *model*; reuse a finished output with identical inputs."""
     start = time.perf_counter()
+    if spec.group_size == "auto":  # keyed as resolved: 'auto' and its explicit size share outputs
+        spec = resolve_group_size(spec, str(stage_store.resolve(model.path)))
     key = step_key("quantize", model=model.sha, spec=spec)
     done = stage_store.find("quantize", key)
     reused = done is not None
@@ -209,7 +227,8 @@ def quantize_model(*, model: ModelArtifact, spec: QuantSpec, device: str = "auto
         done = stage_store.publish("quantize", key)
     artifact = ModelArtifact(path=done.uri, sha=key, source_uri=model.source_uri, kind="gptq", reused=reused,
                              duration_s=time.perf_counter() - start)
-    return QuantResult(model=artifact, quantize_s=info["quantize_s"], engine=info["engine"], device=info["device"])
+    return QuantResult(model=artifact, quantize_s=info["quantize_s"], engine=info["engine"], device=info["device"],
+                       group_size=spec.group_size)
 
 
 @task(name="quantize")

@@ -202,6 +202,16 @@ class CatalogRuns(CatalogConnections):
             require_run_id(session, run_id=run_id, catalog_url=self.url)
             session.add(row)
 
+    def set_resolved_group_size(self, *, run_id: str, group_size: int) -> None:
+        """Fill the config columns of a run whose spec said ``group_size: auto`` with the size its
+        quantize step chose (an explicit size is left as recorded)."""
+        with self.writing(f"record the group size of run {run_id!r}") as session:
+            run = require_run(session, run_id=run_id, catalog_url=self.url)
+            quant = parse_quant(run.spec or {})
+            if quant is None or quant.group_size != "auto":
+                return
+            run.config, run.group_size = quant.resolved(group_size).label(), group_size
+
     def finish_run(
         self, *, run_id: str, status: FinalRunStatus, error: str | None = None, error_kind: str | None = None
     ) -> None:
@@ -254,6 +264,8 @@ def quant_columns(spec: dict[str, Any]) -> dict[str, Any]:
     quant = parse_quant(spec)
     if quant is None:
         return {"config": None, "bits": None, "group_size": None, "desc_act": None}
+    if quant.group_size == "auto":  # known once the quantize step read the model (set_resolved_group_size)
+        return {"config": None, "bits": quant.bits, "group_size": None, "desc_act": quant.desc_act}
     return {"config": quant.label(), "bits": quant.bits, "group_size": quant.group_size, "desc_act": quant.desc_act}
 
 

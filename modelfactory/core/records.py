@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from modelfactory.core.specs import QuantSpec
 
 
 class Record(BaseModel):
@@ -44,6 +47,8 @@ class QuantResult(Record):
     quantize_s: float
     engine: str  # e.g. "gptqmodel 7.6.0"
     device: str
+    #: The group size the model was quantized with (``group_size: auto`` resolved; None: not recorded).
+    group_size: int | None = None
 
 
 #: The two sides of a benchmark: the fp16 baseline and the GPTQ candidate.
@@ -62,6 +67,10 @@ RecordedDecodeMode = Literal[
     "cuda_graph:fused_compiled_graph",
     "cuda_graph:fused_compiled_graph_atomics",
 ]
+
+    def spec_label(self, spec: QuantSpec) -> str:
+        """The label of what was built: *spec* with the group size this quantization resolved."""
+        return spec.resolved(self.group_size).label() if self.group_size is not None else spec.label()
 
 
 class SideMetrics(Record):

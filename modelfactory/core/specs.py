@@ -152,8 +152,12 @@ class QuantSpec(Spec):
 
     bits: int = Field(default=4, description="Weight bits: 2, 3, 4 or 8.",
                       json_schema_extra={"enum": list(SUPPORTED_BITS)})
-    group_size: int = Field(default=128, description="Columns per scale group (-1: one group per row).",
-                            json_schema_extra={"enum": list(SUPPORTED_GROUP_SIZES)})
+    group_size: int | Literal["auto"] = Field(
+        default="auto",
+        description="Columns per scale group (-1: one group per row). 'auto': the largest of 128, 64, 32 that "
+        "divides every quantized layer's input width (read from the model's config.json when the quantize step "
+        "runs), so the artifact loads with the default CPU and GPU kernels; the step records the size it used.",
+        json_schema_extra={"enum": ["auto", *SUPPORTED_GROUP_SIZES]})
     damp_percent: float = Field(default=0.05, gt=0, lt=1, description="Hessian dampening.")
     desc_act: bool = Field(default=False, description="Quantize columns in activation order.")
     sym: bool = Field(default=True, description="Symmetric quantization.")
@@ -170,13 +174,24 @@ class QuantSpec(Spec):
 
     @field_validator("group_size")
     @classmethod
-    def _group(cls, group: int) -> int:
-        if group not in SUPPORTED_GROUP_SIZES:
-            raise ValueError(f"group_size={group} is not supported: use one of {SUPPORTED_GROUP_SIZES}")
+    def _group(cls, group: int | str) -> int | str:
+        if group != "auto" and group not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(f"group_size={group} is not supported: use 'auto' or one of {SUPPORTED_GROUP_SIZES}")
         return group
 
+    def resolved(self, group_size: int) -> QuantSpec:
+        """This spec with ``group_size: auto`` replaced by *group_size* (the quantize step's choice;
+        see ``tasks.quantize.resolve_group_size``). An explicit group size is kept as is."""
+        if self.group_size != "auto":
+            return self
+        return type(self).model_validate({**self.model_dump(), "group_size": group_size})
+
     def label(self) -> str:
-        """Branch-style name, e.g. ``gptq-4bit-128g`` or ``gptq-4bit-32g-actorder``."""
+        """Branch-style name, e.g. ``gptq-4bit-128g`` or ``gptq-4bit-32g-actorder``.
+
+        Unresolved ``auto`` reads ``gptq-4bit-autog``: the size is known only once the quantize step
+        has read the model's widths; name published things with ``spec.resolved(size).label()``.
+        """
         group = "nogroup" if self.group_size == -1 else f"{self.group_size}g"
         return f"gptq-{self.bits}bit-{group}" + ("-actorder" if self.desc_act else "")
 

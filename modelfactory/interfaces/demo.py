@@ -49,7 +49,7 @@ def demo_spec(gguf: Path, adapter: Path) -> dict[str, Any]:
         "name": "demo-smollm2",
         "base": {"uri": str(gguf)},
         "adapters": [{"uri": str(adapter)}],
-        "quantize": {"bits": 4, "group_size": 128, "calibration": {"num_samples": 64, "seq_len": 512}},
+        "quantize": {"bits": 4, "group_size": "auto", "calibration": {"num_samples": 64, "seq_len": 512}},
         "benchmark": {"perplexity": {"context_len": 512, "stride": 512, "max_tokens": 16384},
                       "decode": {"new_tokens": 32, "repeats": 3}},
         "gate": DEMO_GATE,
