@@ -50,6 +50,10 @@ class QuantResult(Record):
     #: The group size the model was quantized with (``group_size: auto`` resolved; None: not recorded).
     group_size: int | None = None
 
+    def spec_label(self, spec: QuantSpec) -> str:
+        """The label of what was built: *spec* with the group size this quantization resolved."""
+        return spec.resolved(self.group_size).label() if self.group_size is not None else spec.label()
+
 
 #: The two sides of a benchmark: the fp16 baseline and the GPTQ candidate.
 Side = Literal["fp16", "gptq"]
@@ -67,10 +71,6 @@ RecordedDecodeMode = Literal[
     "cuda_graph:fused_compiled_graph",
     "cuda_graph:fused_compiled_graph_atomics",
 ]
-
-    def spec_label(self, spec: QuantSpec) -> str:
-        """The label of what was built: *spec* with the group size this quantization resolved."""
-        return spec.resolved(self.group_size).label() if self.group_size is not None else spec.label()
 
 
 class SideMetrics(Record):
