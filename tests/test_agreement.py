@@ -72,7 +72,7 @@ def test_known_small_example_and_the_exact_gap():
 
 def test_residual_mass_is_exact_where_one_minus_sum_cancels():
     logits = torch.tensor([[30.0, 0.0, 0.0, 0.0]])  # top-1 holds all but ~2.8e-13 of the mass
-    ids, logp, rest = topk_logprobs(logits, k=1)
+    _, logp, rest = topk_logprobs(logits, k=1)
     assert 1 - float(logp.exp().sum()) == 0.0  # float32 1 - sum loses it entirely
     assert float(rest[0]) == pytest.approx(math.log(3) - 30, rel=1e-6)
 
