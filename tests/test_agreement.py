@@ -196,12 +196,17 @@ def test_round_trip_equals_in_process_math_and_bounds_full_kl(tiny_pair, tmp_pat
 
     full = full_kl(ref_logits, quant_logits)
     assert bool((kl <= full + 1e-6).all())
-    gap = float(full.mean()) - stats.kld_mean
-    print(f"\ntiny random Llama (final norm x{SHARPEN:g}), RTN 4-bit g32, k={DEFAULT_TOP_K}, {stats.positions} positions: "
-          f"full KL mean {float(full.mean()):.5f}, top-k KL mean {stats.kld_mean:.5f}, gap {gap:.5f} "
-          f"({100 * gap / float(full.mean()):.1f} %), fp16 rest mass mean {stats.rest_mass_mean:.3f}, "
-          f"p99 full {float(full.quantile(0.99)):.5f} vs top-k {stats.kld_p99:.5f}, top-1 {stats.top1_agreement_pct:.1f} %")
-    assert gap >= -1e-9
+    # the gap, measured (docs/benchmarks.md quotes it): k=32 and the default k against the full KL
+    for k in (32, DEFAULT_TOP_K):
+        ids_k, logp, rest = topk_logprobs(ref_logits, k=k)
+        kl_k, _ = agreement_terms(ids_k, logp, rest, quant_logits)
+        gap = float(full.mean() - kl_k.mean())
+        assert gap >= -1e-9 and bool((kl_k <= full + 1e-6).all())
+        print(f"\ntiny random Llama (final norm x{SHARPEN:g}), RTN 4-bit g32, {stats.positions} positions, k={k}: "
+              f"full KL mean {float(full.mean()):.5f}, top-k KL mean {float(kl_k.mean()):.5f}, gap {gap:.5f} "
+              f"({100 * gap / float(full.mean()):.1f} %), fp16 rest mass mean {float(rest.exp().mean()):.3f}, "
+              f"p99 full {float(full.quantile(0.99)):.5f} vs top-k {float(kl_k.quantile(0.99)):.5f}, "
+              f"top-1 {stats.top1_agreement_pct:.1f} %")
 
 
 def test_quantized_side_scoring_other_tokens_is_refused(tiny_pair, tmp_path):
