@@ -32,9 +32,10 @@ so the stored KL is a **lower bound** of the full-vocabulary KL, and the gap is 
     KL_full - KL_topk = R * KL(P_tail || Q_tail)      (P_tail, Q_tail: P and Q renormalized over the tail)
 
 i.e. the fp16 model's residual mass times how much the quantized model reshapes the tail. It is 0
-when the tail is reshaped proportionally; it is small when R is small. :attr:`AgreementStats.rest_mass_mean`
-reports the mean R of the run so the slack can be judged; ``tests/test_agreement.py`` and
-``docs/benchmarks.md`` give measured gaps. Top-1 agreement is exact (the fp16 argmax is always in
+when the tail is reshaped proportionally, and shrinks as k grows (R -> 0). Measured on SmolLM2-135M,
+GPTQ 4-bit g128 (docs/benchmarks.md): the stored mean is 26 % below the full KL at k=32, 10 % at
+k=256, 2 % at k=2048 (p99: 8 %, 3 %, 0.5 %). :attr:`AgreementStats.rest_mass_mean` reports the
+mean R of a run so the slack can be judged. Top-1 agreement is exact (the fp16 argmax is always in
 the stored top-k).
 """
 
@@ -111,8 +112,9 @@ def rest_logprob(logp, ids):
     """
     import torch
 
-    return logp.scatter(-1, ids.long(), float("-inf")).logsumexp(-1) if ids.shape[-1] < logp.shape[-1] \
-        else torch.full(logp.shape[:-1], float("-inf"), dtype=logp.dtype, device=logp.device)
+    if ids.shape[-1] == logp.shape[-1]:
+        return torch.full(logp.shape[:-1], float("-inf"), dtype=logp.dtype, device=logp.device)
+    return logp.scatter(-1, ids.long(), float("-inf")).logsumexp(-1)
 
 
 def topk_logprobs(logits, *, k: int):
