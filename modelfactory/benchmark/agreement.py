@@ -46,7 +46,7 @@ import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from modelfactory.benchmark.harness import perplexity_windows, token_digest
+from modelfactory.benchmark.perplexity import perplexity_windows, token_digest
 from modelfactory.core.errors import BenchmarkError
 from modelfactory.core.records import Record
 
@@ -71,7 +71,7 @@ class ReferenceInfo(Record):
     top_k: int
     vocab_size: int
     positions: int
-    #: sha256 of the scored token ids, in order (:func:`modelfactory.benchmark.harness.token_digest`).
+    #: sha256 of the scored token ids, in order (:func:`modelfactory.benchmark.perplexity.token_digest`).
     scored_tokens_sha256: str
     chunks: tuple[ChunkInfo, ...]
 
@@ -197,7 +197,7 @@ def summarize(kl, top1, rest_logp, *, top_k: int, vocab_size: int) -> AgreementS
 # --------------------------------------------------------------------------- the windows
 def scored_logits(model, ids: list[int], *, context_len: int, stride: int, device: str) -> Iterator[tuple]:
     """``(logits [scored, vocab], targets [scored])`` per perplexity window (the windows and positions
-    :func:`modelfactory.benchmark.harness.measure_perplexity` scores), under ``torch.inference_mode``."""
+    :func:`modelfactory.benchmark.perplexity.measure_perplexity` scores), under ``torch.inference_mode``."""
     import torch
 
     tokens = torch.tensor(ids, dtype=torch.long)
