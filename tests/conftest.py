@@ -7,10 +7,13 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
+from modelfactory.catalog import Catalog, open_catalog
+from modelfactory.testing.catalog import PostgresUnavailable, postgres_schema_url
 from modelfactory.testing.env import REPO, SHARED_DATA, settings_env
 from modelfactory.testing.hub_server import LocalHub, hub_client_env
 from modelfactory.testing.models import make_tiny_llama, save_smollm2_tokenizer
@@ -46,6 +49,29 @@ def module_catalog(factory_home, tmp_path_factory, request) -> Iterator[str]:
     url = f"sqlite:///{tmp_path_factory.mktemp(f'catalog-{name}') / 'catalog.db'}"
     with settings_env(MODELFACTORY_CATALOG_URL=url):
         yield url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty catalog database: a SQLite file (in a folder not yet created) or a fresh PostgreSQL
+    schema (``postgres`` marker: fails, not skips, when the server is down)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'home' / 'catalog.db'}"
+        return
+    with ExitStack() as stack:
+        try:
+            url = stack.enter_context(postgres_schema_url())
+        except PostgresUnavailable as exc:
+            pytest.fail(str(exc), pytrace=False)
+        yield url
+
+
+@pytest.fixture
+def catalog(catalog_url: str) -> Iterator[Catalog]:
+    """An opened (upgraded) empty catalog on each backend of ``catalog_url``."""
+    cat = open_catalog(catalog_url)
+    yield cat
+    cat.dispose()
 
 
 @pytest.fixture(scope="session")

@@ -9,12 +9,11 @@ import json
 from pathlib import Path
 
 import pytest
-from test_catalog import _at_revision
-from test_catalog_queries import BASE_A, LORA_Y, SHA_A, seed
 from typer.testing import CliRunner
 
 from modelfactory.catalog import open_catalog
 from modelfactory.interfaces.cli.main import app
+from modelfactory.testing.catalog import BASE_A, LORA_Y, SHA_A, at_revision, seed
 
 runner = CliRunner()
 
@@ -81,7 +80,7 @@ def test_upgrade_is_required_for_a_catalog_behind_head(tmp_path: Path, monkeypat
     from modelfactory.core.settings import get_settings
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
-    with _at_revision(url, "0002"):
+    with at_revision(url, "0002"):
         pass
     monkeypatch.setenv("MODELFACTORY_CATALOG_URL", url)
     get_settings.cache_clear()

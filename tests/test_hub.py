@@ -11,7 +11,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_reliability import small_disk
 
 from modelfactory.core.errors import (
     DiskFullError,
@@ -29,6 +28,7 @@ from modelfactory.core.manifest import (
 )
 from modelfactory.core.specs import AdapterSpec, FactorySpec, ModelSource
 from modelfactory.publishing.hub import publish_hub
+from modelfactory.testing.disks import small_disk
 from modelfactory.testing.hub_server import (
     OWNER,
     READ_TOKEN,

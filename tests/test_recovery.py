@@ -13,13 +13,13 @@ from contextlib import contextmanager
 
 import pytest
 from sqlalchemy.engine import make_url
-from test_catalog import postgres_schema_url
 
 from modelfactory.catalog import open_catalog
 from modelfactory.catalog.recovery import import_artifact, local_artifact_uris
 from modelfactory.core.errors import CatalogError
 from modelfactory.core.settings import get_settings
 from modelfactory.interfaces.runner import run_factory
+from modelfactory.testing.catalog import postgres_schema_url
 from modelfactory.testing.env import own_work_dir
 from modelfactory.testing.models import tiny_spec
 

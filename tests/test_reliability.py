@@ -33,20 +33,6 @@ from modelfactory.testing.models import tiny_spec
 TINY_GATE = {"max_ppl_increase_pct": 5.0, "max_size_ratio": 0.999}
 
 
-@contextmanager
-def small_disk(path: Path, size: str = "1m") -> Iterator[Path]:
-    """A real tiny file system (tmpfs of *size*) mounted at *path*."""
-    path.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.fail(f"cannot mount a tmpfs at {path} ({result.stderr.strip()}): these tests need root")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 # --------------------------------------------------------------------------- disk full
 
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
-from test_catalog import postgres_schema_url
 
 from modelfactory.core.errors import ModelFactoryError
 from modelfactory.core.settings import get_settings
 from modelfactory.interfaces.runner import run_factory
+from modelfactory.testing.catalog import postgres_schema_url
 from modelfactory.testing.env import own_work_dir
 from modelfactory.testing.hub_server import OWNER, WRITE_TOKEN, upload_model
 from modelfactory.testing.models import make_lora, tiny_spec
