@@ -51,6 +51,14 @@ def module_catalog(factory_home, tmp_path_factory, request) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture
+def set_env():
+    """``set_env(NAME=value, OTHER=None)``: environment variables (``None``: unset) with the factory's
+    settings cache cleared, for the rest of the test; restored (cache cleared again) afterwards."""
+    with ExitStack() as stack:
+        yield lambda **values: stack.enter_context(settings_env(**values))
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """An empty catalog database: a SQLite file (in a folder not yet created) or a fresh PostgreSQL

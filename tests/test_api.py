@@ -4,13 +4,9 @@ one real HTTP round trip through uvicorn, and the refusal to start on a catalog 
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 from fastapi.testclient import TestClient
@@ -18,7 +14,14 @@ from fastapi.testclient import TestClient
 from modelfactory.core.errors import CatalogError
 from modelfactory.interfaces.server import api as api_module
 from modelfactory.interfaces.server import create_app
-from modelfactory.testing.catalog import BASE_A, LORA_Y, SHA_A, Seeded, at_revision, seed
+from modelfactory.testing.catalog import (
+    BASE_A,
+    LORA_Y,
+    SHA_A,
+    Seeded,
+    at_revision,
+    seed,
+)
 from modelfactory.testing.server import catalog_app_env, serve_catalog
 
 

@@ -113,18 +113,11 @@ def test_sqlite_uses_wal(tmp_path: Path) -> None:
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
 
 
-def test_default_url_comes_from_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from modelfactory.core.settings import get_settings
-
-    monkeypatch.delenv("MODELFACTORY_CATALOG_URL", raising=False)
-    monkeypatch.setenv("MODELFACTORY_HOME", str(tmp_path / "mfhome"))
-    get_settings.cache_clear()
-    try:
-        with open_catalog() as cat:
-            assert cat.url == f"sqlite:///{tmp_path / 'mfhome' / 'catalog.db'}"
-        assert (tmp_path / "mfhome" / "catalog.db").exists()
-    finally:
-        get_settings.cache_clear()
+def test_default_url_comes_from_settings(tmp_path: Path, set_env) -> None:
+    set_env(MODELFACTORY_CATALOG_URL=None, MODELFACTORY_HOME=str(tmp_path / "mfhome"))
+    with open_catalog() as cat:
+        assert cat.url == f"sqlite:///{tmp_path / 'mfhome' / 'catalog.db'}"
+    assert (tmp_path / "mfhome" / "catalog.db").exists()
 
 
 # --------------------------------------------------------------------------- lifecycle

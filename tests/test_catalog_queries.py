@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import uuid
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import pytest
@@ -47,7 +46,7 @@ from modelfactory.catalog.render import (
     run_markdown,
 )
 from modelfactory.core.errors import CatalogNotFoundError, CatalogQueryError
-from modelfactory.core.records import GateCheck, Publication
+from modelfactory.core.records import Publication
 from modelfactory.testing.catalog import (
     BASE_A,
     BASE_B,
@@ -61,6 +60,7 @@ from modelfactory.testing.catalog import (
     at_revision,
     seed,
 )
+
 
 @pytest.fixture
 def seeded(catalog: Catalog) -> Seeded:

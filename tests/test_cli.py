@@ -222,16 +222,13 @@ def test_serve_without_a_webhook_secret_serves_the_catalog_and_stops_cleanly(tmp
 
 # --------------------------------------------------------------------------- one --format for every command
 @pytest.fixture
-def own_catalog(tmp_path, monkeypatch):
+def own_catalog(tmp_path, set_env):
     from modelfactory.catalog import open_catalog
-    from modelfactory.core.settings import get_settings
 
     url = f"sqlite:///{tmp_path / 'formats.db'}"
-    monkeypatch.setenv("MODELFACTORY_CATALOG_URL", url)
-    get_settings.cache_clear()
+    set_env(MODELFACTORY_CATALOG_URL=url)
     with open_catalog(url) as catalog:
         yield catalog
-    get_settings.cache_clear()
 
 
 def test_format_takes_one_set_of_values_everywhere_and_the_old_ones_still_work(own_catalog, tmp_path):

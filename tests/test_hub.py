@@ -384,30 +384,22 @@ def test_unreachable_hub_is_transient(local_hub, tmp_path, monkeypatch):
     assert is_transient(info.value)
 
 
-def test_token_from_a_prefect_secret_block(prefect, local_hub, hub_models, tmp_path, monkeypatch, caplog):
+def test_token_from_a_prefect_secret_block(prefect, local_hub, hub_models, tmp_path, set_env, caplog):
     from prefect.blocks.system import Secret
 
-    from modelfactory.core.settings import get_settings
-
     Secret(value=WRITE_TOKEN).save("mf-test-hf-token", overwrite=True)
-    monkeypatch.delenv("HF_TOKEN")
-    monkeypatch.setenv("MODELFACTORY_HF_TOKEN_SECRET", "mf-test-hf-token")
-    get_settings.cache_clear()
-    try:
-        source, manifest = fake_artifact(tmp_path / "a")
-        with caplog.at_level("DEBUG"):
-            publication = publish_hub(source=source, repo_id=f"{OWNER}/tiny-secret", revision="gptq-4bit-128g",
-                                      private=False, manifest=manifest)
-        assert publication.reused is False
-        assert WRITE_TOKEN not in caplog.text and WRITE_TOKEN not in publication.model_dump_json()
+    set_env(HF_TOKEN=None, MODELFACTORY_HF_TOKEN_SECRET="mf-test-hf-token")
+    source, manifest = fake_artifact(tmp_path / "a")
+    with caplog.at_level("DEBUG"):
+        publication = publish_hub(source=source, repo_id=f"{OWNER}/tiny-secret", revision="gptq-4bit-128g",
+                                  private=False, manifest=manifest)
+    assert publication.reused is False
+    assert WRITE_TOKEN not in caplog.text and WRITE_TOKEN not in publication.model_dump_json()
 
-        monkeypatch.setenv("MODELFACTORY_HF_TOKEN_SECRET", "mf-no-such-block")
-        get_settings.cache_clear()
-        with pytest.raises(PublishError, match="'mf-no-such-block'.*could not be loaded"):
-            publish_hub(source=source, repo_id=f"{OWNER}/tiny-secret", revision="gptq-4bit-128g", private=False,
-                        manifest=manifest)
-    finally:
-        get_settings.cache_clear()
+    set_env(MODELFACTORY_HF_TOKEN_SECRET="mf-no-such-block")
+    with pytest.raises(PublishError, match="'mf-no-such-block'.*could not be loaded"):
+        publish_hub(source=source, repo_id=f"{OWNER}/tiny-secret", revision="gptq-4bit-128g", private=False,
+                    manifest=manifest)
 
 
 # --------------------------------------------------------------------------- the whole factory

@@ -26,7 +26,7 @@ from modelfactory.core.specs import AdapterSpec, ModelSource
 from modelfactory.publishing.artifacts import download_artifact, verify_artifact
 from modelfactory.publishing.s3 import abort_stale_uploads, publish_s3
 from modelfactory.s3 import S3Url, fetch_source, verify_s3
-from modelfactory.testing.env import REPO
+from modelfactory.testing.env import REPO, settings_env
 from modelfactory.testing.models import make_lora, tiny_spec
 from modelfactory.testing.s3_server import MotoS3, s3_environment
 from tasks.download import download_model, resolve_adapter
@@ -64,15 +64,9 @@ def multipart_uploads(client, bucket: str) -> list[dict]:
 
 
 @pytest.fixture()
-def small_parts(monkeypatch):
+def small_parts(set_env):
     """5 MiB parts (S3's minimum) so a 12 MiB file is a 3-part multipart upload."""
-    from modelfactory.core.settings import get_settings
-
-    monkeypatch.setenv("MODELFACTORY_S3_PART_SIZE_MB", "5")
-    get_settings.cache_clear()
-    yield
-    monkeypatch.delenv("MODELFACTORY_S3_PART_SIZE_MB", raising=False)
-    get_settings.cache_clear()
+    set_env(MODELFACTORY_S3_PART_SIZE_MB="5")
 
 
 # --------------------------------------------------------------------------- publish + read back
@@ -349,23 +343,18 @@ def test_factory_flow_sources_from_and_publishes_to_s3(prefect, moto_s3, tiny_ll
             assert import_artifact(fresh, uri=outcome.artifact_uri).action == "already-recorded"
 
 
-def test_credentials_from_a_prefect_secret_block(prefect, moto_s3, tmp_path, monkeypatch):
+def test_credentials_from_a_prefect_secret_block(prefect, moto_s3, tmp_path):
     """No AWS variables at all: the client signs with the keys stored in a Prefect Secret block."""
     from prefect.blocks.system import Secret
 
-    from modelfactory.core.settings import get_settings
     from modelfactory.s3.client import make_client
 
     key_id, secret = "AKIAFROMSECRETBLOCK01", "secret-from-the-block-9f2"
     Secret(value={"aws_access_key_id": key_id, "aws_secret_access_key": secret, "region_name": "us-east-1"}).save(
         "mf-aws-test", overwrite=True)
-    with s3_environment(moto_s3.url):
-        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-        monkeypatch.setenv("MODELFACTORY_AWS_CREDENTIALS_SECRET", "mf-aws-test")
-        get_settings.cache_clear()
+    with s3_environment(moto_s3.url, AWS_ACCESS_KEY_ID=None, AWS_SECRET_ACCESS_KEY=None,
+                        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+                        MODELFACTORY_AWS_CREDENTIALS_SECRET="mf-aws-test"):
         client = make_client()
         assert client._request_signer._credentials.access_key == key_id  # signed with the block's keys
         client.create_bucket(Bucket="from-block")
@@ -373,9 +362,7 @@ def test_credentials_from_a_prefect_secret_block(prefect, moto_s3, tmp_path, mon
         publication = publish_s3(source=source, url="s3://from-block/models", parts=PARTS, manifest=manifest_for(source))
         assert publication.uri.startswith("s3://from-block/models/")
 
-        monkeypatch.setenv("MODELFACTORY_AWS_CREDENTIALS_SECRET", "no-such-block")
-        get_settings.cache_clear()
-        with pytest.raises(SpecError, match="Secret block 'no-such-block' could not be loaded") as info:
+        with settings_env(MODELFACTORY_AWS_CREDENTIALS_SECRET="no-such-block"), pytest.raises(
+                SpecError, match="Secret block 'no-such-block' could not be loaded") as info:
             make_client()
         assert secret not in str(info.value)
-    get_settings.cache_clear()
