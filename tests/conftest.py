@@ -16,7 +16,12 @@ from modelfactory.catalog import Catalog, open_catalog
 from modelfactory.testing.catalog import PostgresUnavailable, postgres_schema_url
 from modelfactory.testing.env import REPO, SHARED_DATA, settings_env
 from modelfactory.testing.hub_server import LocalHub, hub_client_env
-from modelfactory.testing.models import make_tiny_llama, save_smollm2_tokenizer
+from modelfactory.testing.models import (
+    make_lora,
+    make_tiny_llama,
+    save_smollm2_tokenizer,
+)
+from modelfactory.testing.runs import SharedRun, passing_spec, run_in_catalog
 from modelfactory.testing.s3_server import MotoS3, s3_environment
 
 __all__ = ["REPO"]
@@ -91,6 +96,21 @@ def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(tiny_llama, tmp_path_factory) -> Path:
+    """A random LoRA adapter for the tiny Llama (non-zero B: merging changes the logits)."""
+    return make_lora(tiny_llama, tmp_path_factory.mktemp("tiny-lora"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(prefect, tiny_llama, tiny_lora, tmp_path_factory) -> SharedRun:
+    """One passing factory run of the tiny model + LoRA (real peft, GPTQModel, benchmark, gate, store),
+    made once per session and recorded in a catalog of its own. Its step outputs stay in the session's
+    work dir: modules that run the same spec (a rerun, the CLI) reuse them instead of quantizing again."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('catalog-tiny-run') / 'catalog.db'}"
+    return run_in_catalog(passing_spec(tiny_llama, tiny_lora), catalog_url=url)
 
 
 @pytest.fixture(scope="session")

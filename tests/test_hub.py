@@ -36,19 +36,13 @@ from modelfactory.testing.hub_server import (
     LocalHub,
     upload_model,
 )
-from modelfactory.testing.models import make_lora, tiny_spec
+from modelfactory.testing.models import TINY_GATE, tiny_spec
 
 BASE_REPO = f"{OWNER}/tiny-llama"
 LORA_REPO = f"{OWNER}/tiny-lora"
-TINY_GATE = {"max_ppl_increase_pct": 5.0, "max_size_ratio": 0.999}
 
 
 # --------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def tiny_lora(tiny_llama, tmp_path_factory) -> Path:
-    return make_lora(tiny_llama, tmp_path_factory.mktemp("hub-lora"))
-
-
 @pytest.fixture(scope="module")
 def hub_models(local_hub, tiny_llama, tiny_lora) -> dict[str, str]:
     """The tiny Llama and its LoRA on the local Hub (pushed by the real client); repo -> main commit."""

@@ -19,10 +19,9 @@ from modelfactory.core.errors import CatalogError
 from modelfactory.interfaces.runner import run_factory
 from modelfactory.testing.catalog import postgres_schema_url
 from modelfactory.testing.env import own_work_dir, settings_env
-from modelfactory.testing.models import tiny_spec
+from modelfactory.testing.models import TINY_GATE, tiny_spec
 
 pytestmark = pytest.mark.postgres
-TINY_GATE = {"max_ppl_increase_pct": 5.0, "max_size_ratio": 0.999}
 
 
 class CuttingProxy:

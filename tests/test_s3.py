@@ -27,7 +27,7 @@ from modelfactory.publishing.artifacts import download_artifact, verify_artifact
 from modelfactory.publishing.s3 import abort_stale_uploads, publish_s3
 from modelfactory.s3 import S3Url, fetch_source, verify_s3
 from modelfactory.testing.env import REPO, settings_env
-from modelfactory.testing.models import make_lora, tiny_spec
+from modelfactory.testing.models import TINY_GATE, tiny_spec
 from modelfactory.testing.s3_server import MotoS3, s3_environment
 from tasks.download import download_model, resolve_adapter
 
@@ -252,11 +252,6 @@ def upload_folder(client, folder: Path, bucket: str, prefix: str) -> None:
         client.upload_file(str(file), bucket, f"{prefix}/{file.relative_to(folder).as_posix()}")
 
 
-@pytest.fixture(scope="module")
-def tiny_lora(tiny_llama, tmp_path_factory) -> Path:
-    return make_lora(tiny_llama, tmp_path_factory.mktemp("tiny-lora-s3"))
-
-
 def test_base_and_adapter_from_s3_prefixes(s3_env, s3_bucket, tiny_llama, tiny_lora, tmp_path):
     client = s3_env.client()
     upload_folder(client, tiny_llama, s3_bucket, "src/base")
@@ -293,7 +288,6 @@ def test_base_and_adapter_from_s3_prefixes(s3_env, s3_bucket, tiny_llama, tiny_l
 
 
 # --------------------------------------------------------------------------- the whole flow
-TINY_GATE = {"max_ppl_increase_pct": 5.0, "max_size_ratio": 0.999}
 
 
 def test_factory_flow_sources_from_and_publishes_to_s3(prefect, moto_s3, tiny_llama, tiny_lora, tmp_path):

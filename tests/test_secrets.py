@@ -22,7 +22,7 @@ from modelfactory.interfaces.runner import run_factory
 from modelfactory.testing.catalog import postgres_schema_url
 from modelfactory.testing.env import own_work_dir, settings_env
 from modelfactory.testing.hub_server import OWNER, WRITE_TOKEN, upload_model
-from modelfactory.testing.models import make_lora, tiny_spec
+from modelfactory.testing.models import TINY_GATE, make_lora, tiny_spec
 from modelfactory.testing.s3_server import s3_environment
 
 pytestmark = pytest.mark.postgres
@@ -32,7 +32,6 @@ AWS_SECRET = "mf-aws-secret-access-key-5c2b6e9d0f"
 DB_PASSWORD = "mf-db-password-8d1e77a3"
 WEBHOOK_SECRET = "mf-webhook-secret-2a9c4b"
 WRONG_HF_TOKEN = "hf_modelfactoryWrongToken000000000099"
-TINY_GATE = {"max_ppl_increase_pct": 5.0, "max_size_ratio": 0.999}
 
 
 class Collect(logging.Handler):

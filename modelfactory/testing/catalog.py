@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -170,3 +170,12 @@ def _record_benchmark(catalog: Catalog, run_id: str, *, ppl: float, speed: float
     catalog.record_gate(run_id=run_id, checks=[GateCheck(
         metric="max_ppl_increase_pct", threshold=5.0, baseline=fp16_ppl, candidate=fp16_ppl * (1 + ppl / 100),
         observed=ppl, passed=ppl <= 5.0, message=f"ppl +{ppl}%")])
+
+
+def latest_run(catalog: Catalog | None = None):
+    """The newest run of *catalog* (default: the settings' catalog, the test module's own) in detail."""
+    from modelfactory.catalog import open_catalog
+
+    with open_catalog() if catalog is None else nullcontext(catalog) as cat:
+        (run,) = cat.list_runs(limit=1)
+        return cat.get_run(run.id)
