@@ -229,6 +229,16 @@ def adapters(tiny_llama, tmp_path_factory) -> list[Path]:
     return [make_lora(tiny_llama, tmp_path_factory.mktemp(f"lora-v{seed}"), seed=seed) for seed in (1, 2, 3)]
 
 
+@pytest.fixture(scope="module")
+def adapter_watched(hub, adapters, tiny_llama, tmp_path_factory) -> str:
+    """ADAPTER_REPO on the watch list with its first version (v1, its sha returned) already built."""
+    v1 = hub.push(ADAPTER_REPO, adapters[0])
+    watch_add(ADAPTER_REPO, "--base", str(tiny_llama), "--spec",
+              str(cheap_spec_file(tmp_path_factory.mktemp("watch-spec"))))
+    open_catalog().set_watch_sha(ADAPTER_REPO, v1)  # v1 was built before
+    return v1
+
+
 # --------------------------------------------------------------------------- helpers
 def api(server: PrefectServer, method: str, path: str, **body: Any) -> Any:
     """One Prefect API call; 503 (the server's SQLite busy on 2 cores) is retried, as Prefect's client does."""
@@ -378,11 +388,7 @@ def test_custom_parameters_run_completes_with_them(worker, deployed, tiny_llama)
 
 # --------------------------------------------------------------------------- nightly
 def test_nightly_does_nothing_when_nothing_changed_and_builds_a_new_commit(worker, deployed, hub, adapters,
-                                                                          tiny_llama, tmp_path):
-    v1 = hub.push(ADAPTER_REPO, adapters[0])
-    watch_add(ADAPTER_REPO, "--base", str(tiny_llama), "--spec", str(cheap_spec_file(tmp_path)))
-    open_catalog().set_watch_sha(ADAPTER_REPO, v1)  # v1 was built before
-
+                                                                          adapter_watched):
     run_deployment_and_wait(deployed, "watch-nightly/nightly", {}, worker)
     assert runs_of(deployed, "on-finetune/on-finetune") == []  # nothing changed: nothing ran
     assert any(r == f"GET /api/models/{ADAPTER_REPO}/revision/main" for r in hub.requests)  # it did look
@@ -404,8 +410,7 @@ def test_nightly_does_nothing_when_nothing_changed_and_builds_a_new_commit(worke
 
 
 # --------------------------------------------------------------------------- webhook
-def test_webhook_push_starts_a_build_once(hooks, worker, deployed, hub, adapters):
-    assert open_catalog().get_watch(ADAPTER_REPO) is not None  # added by the nightly test
+def test_webhook_push_starts_a_build_once(hooks, worker, deployed, hub, adapters, adapter_watched):
     v3 = hub.push(ADAPTER_REPO, adapters[2])
     answer = deliver(hooks, content_update(ADAPTER_REPO, v3))
     assert answer.status_code == 202, answer.text
