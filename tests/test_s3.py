@@ -26,7 +26,7 @@ from modelfactory.core.specs import AdapterSpec, ModelSource
 from modelfactory.publishing.artifacts import download_artifact, verify_artifact
 from modelfactory.publishing.s3 import abort_stale_uploads, publish_s3
 from modelfactory.s3 import S3Url, fetch_source, verify_s3
-from modelfactory.testing.env import REPO, settings_env
+from modelfactory.testing.env import REPO, free_port, settings_env
 from modelfactory.testing.models import TINY_GATE, tiny_spec
 from modelfactory.testing.s3_server import MotoS3, s3_environment
 from tasks.download import download_model, resolve_adapter
@@ -240,7 +240,7 @@ def test_bad_credentials_missing_bucket_and_dead_endpoint_fail_clearly(s3_env, s
     finally:
         auth.stop()
 
-    dead = f"http://127.0.0.1:{__import__('s3_server').free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     with s3_environment(dead, AWS_MAX_ATTEMPTS="2"):
         with pytest.raises(TransientError, match="cannot reach S3"):
             publish_s3(source=source, url="s3://b/models", parts=PARTS, manifest=manifest)
