@@ -37,8 +37,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sqlalchemy import create_engine, event, text  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
+from sqlalchemy import event, text  # noqa: E402
 
 from modelfactory.catalog import Catalog, open_catalog  # noqa: E402
 from modelfactory.catalog.models import Base  # noqa: E402
@@ -49,6 +48,7 @@ from modelfactory.catalog.queries import (  # noqa: E402
     lineage,
     query_runs,
 )
+from modelfactory.testing.catalog import PG_URL, postgres_schema_url  # noqa: E402
 
 TARGET_P95_MS = 50.0
 SIDE_METRICS = {"perplexity": "ppl", "decode_tok_s": "tok/s", "ttft_ms": "ms", "disk_bytes": "B", "load_s": "s",
@@ -311,28 +311,12 @@ def sqlite_url() -> Iterator[str]:
         yield f"sqlite:///{folder}/catalog.db"
 
 
-@contextmanager
-def postgres_url(admin_url: str) -> Iterator[str]:
-    schema = f"mf_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield make_url(admin_url).update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
-            hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
-
-
 def bench_backend(url: str, tables: dict[str, list[dict[str, Any]]], sample: dict[str, Any],
                   iterations: int) -> dict[str, Any]:
     from fastapi.testclient import TestClient
 
-    from modelfactory.core.settings import get_settings
-    from modelfactory.interfaces.server import api as api_module
     from modelfactory.interfaces.server import create_app
+    from modelfactory.testing.server import catalog_app_env
 
     catalog = open_catalog(url)
     started = time.perf_counter()
@@ -349,17 +333,12 @@ def bench_backend(url: str, tables: dict[str, list[dict[str, Any]]], sample: dic
         results[name] = measure(fn, iterations)
         plans[name] = explain(catalog.engine, fn)
         print(f"  {name:42s} p50 {results[name]['p50_ms']:7.2f} ms  p95 {results[name]['p95_ms']:7.2f} ms", flush=True)
-    os.environ["MODELFACTORY_CATALOG_URL"] = url
-    get_settings.cache_clear()
-    api_module._catalog.cache_clear()
-    with TestClient(create_app()) as client:
+    with catalog_app_env(url), TestClient(create_app()) as client:
         for name, fn in api_mix(client, sample).items():
             results[name] = measure(fn, iterations)
             print(f"  {name:42s} p50 {results[name]['p50_ms']:7.2f} ms  p95 {results[name]['p95_ms']:7.2f} ms",
                   flush=True)
     load_after = load_average()
-    api_module.get_catalog().dispose()
-    api_module._catalog.cache_clear()
     catalog.dispose()
     print(f"  load average before {load_before}, after {load_after}", flush=True)
     return {"server_version": version, "seed_s": round(seed_s, 1), "rows": counts,
@@ -373,8 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=100_000)
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--backends", default="sqlite,postgresql")
-    parser.add_argument("--pg-url", default=os.environ.get("MODELFACTORY_TEST_PG_URL",
-                                                           "postgresql+psycopg://postgres@127.0.0.1:5432/test"))
+    parser.add_argument("--pg-url", default=PG_URL)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -391,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for backend in args.backends.split(","):
         print(f"{backend}:", flush=True)
-        context = sqlite_url() if backend == "sqlite" else postgres_url(args.pg_url)
+        context = sqlite_url() if backend == "sqlite" else postgres_schema_url(args.pg_url, prefix="mf_bench")
         with context as url:
             report["backends"][backend] = bench_backend(url, tables, sample, args.iterations)
         print(f"  seeded in {report['backends'][backend]['seed_s']} s", flush=True)

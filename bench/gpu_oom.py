@@ -37,14 +37,13 @@ def make_model(out: Path, tokenizer: Path) -> Path:
 def attempt(spec: dict, fraction: float) -> dict:
     from modelfactory.catalog import open_catalog
     from modelfactory.core.errors import is_transient
-    from modelfactory.core.settings import get_settings
     from modelfactory.interfaces.runner import run_factory
+    from modelfactory.testing.env import settings_env
 
-    os.environ["MODELFACTORY_CUDA_MEMORY_FRACTION"] = str(fraction)
-    get_settings.cache_clear()
     started = time.perf_counter()
     try:
-        outcome = run_factory(spec)
+        with settings_env(MODELFACTORY_CUDA_MEMORY_FRACTION=str(fraction)):
+            outcome = run_factory(spec)
         result = {"status": outcome.status}
     except Exception as exc:  # noqa: BLE001 - recorded
         result = {"error_type": type(exc).__name__, "message": str(exc), "transient": is_transient(exc)}

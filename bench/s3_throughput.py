@@ -33,7 +33,6 @@ machine's CPUs, so absolute numbers are CPU-bound; the ratios are the point. Wri
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -44,7 +43,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path.insert(0, str(REPO))  # this checkout's package, not another install
 
 #: File layout of the SmolLM2-135M-Instruct GPTQ 4-bit g128 artifact (sizes in bytes, rounded).
 SMOLLM2_GPTQ_LAYOUT = {
@@ -91,22 +90,11 @@ def empty_bucket(client, bucket: str) -> None:
             client.delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
 
 
-@contextlib.contextmanager
 def single_stream_parts(size: int):
     """Part size above *size*: the factory's transfers use one request per file."""
-    from modelfactory.core.settings import get_settings
+    from modelfactory.testing.env import settings_env
 
-    old = os.environ.get("MODELFACTORY_S3_PART_SIZE_MB")
-    os.environ["MODELFACTORY_S3_PART_SIZE_MB"] = str(min(5120, size // (1 << 20) + 1))
-    get_settings.cache_clear()
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("MODELFACTORY_S3_PART_SIZE_MB", None)
-        else:
-            os.environ["MODELFACTORY_S3_PART_SIZE_MB"] = old
-        get_settings.cache_clear()
+    return settings_env(MODELFACTORY_S3_PART_SIZE_MB=str(min(5120, size // (1 << 20) + 1)))
 
 
 def measure(label: str, folder: Path, *, server, repeats: int, ranged_repeats: int, publish: bool) -> dict:

@@ -7,13 +7,21 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
+from modelfactory.catalog import Catalog, open_catalog
+from modelfactory.testing.catalog import PostgresUnavailable, postgres_schema_url
 from modelfactory.testing.env import REPO, SHARED_DATA, settings_env
 from modelfactory.testing.hub_server import LocalHub, hub_client_env
-from modelfactory.testing.models import make_tiny_llama, save_smollm2_tokenizer
+from modelfactory.testing.models import (
+    make_lora,
+    make_tiny_llama,
+    save_smollm2_tokenizer,
+)
+from modelfactory.testing.runs import SharedRun, passing_spec, run_in_catalog
 from modelfactory.testing.s3_server import MotoS3, s3_environment
 
 __all__ = ["REPO"]
@@ -48,6 +56,37 @@ def module_catalog(factory_home, tmp_path_factory, request) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture
+def set_env():
+    """``set_env(NAME=value, OTHER=None)``: environment variables (``None``: unset) with the factory's
+    settings cache cleared, for the rest of the test; restored (cache cleared again) afterwards."""
+    with ExitStack() as stack:
+        yield lambda **values: stack.enter_context(settings_env(**values))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty catalog database: a SQLite file (in a folder not yet created) or a fresh PostgreSQL
+    schema (``postgres`` marker: fails, not skips, when the server is down)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'home' / 'catalog.db'}"
+        return
+    with ExitStack() as stack:
+        try:
+            url = stack.enter_context(postgres_schema_url())
+        except PostgresUnavailable as exc:
+            pytest.fail(str(exc), pytrace=False)
+        yield url
+
+
+@pytest.fixture
+def catalog(catalog_url: str) -> Iterator[Catalog]:
+    """An opened (upgraded) empty catalog on each backend of ``catalog_url``."""
+    cat = open_catalog(catalog_url)
+    yield cat
+    cat.dispose()
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
     """SmolLM2's tokenizer, extracted from the GGUF (EOS fixed as the download step does)."""
@@ -57,6 +96,21 @@ def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(tiny_llama, tmp_path_factory) -> Path:
+    """A random LoRA adapter for the tiny Llama (non-zero B: merging changes the logits)."""
+    return make_lora(tiny_llama, tmp_path_factory.mktemp("tiny-lora"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(prefect, tiny_llama, tiny_lora, tmp_path_factory) -> SharedRun:
+    """One passing factory run of the tiny model + LoRA (real peft, GPTQModel, benchmark, gate, store),
+    made once per session and recorded in a catalog of its own. Its step outputs stay in the session's
+    work dir: modules that run the same spec (a rerun, the CLI) reuse them instead of quantizing again."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('catalog-tiny-run') / 'catalog.db'}"
+    return run_in_catalog(passing_spec(tiny_llama, tiny_lora), catalog_url=url)
 
 
 @pytest.fixture(scope="session")

@@ -4,79 +4,34 @@ one real HTTP round trip through uvicorn, and the refusal to start on a catalog 
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 from fastapi.testclient import TestClient
-from test_catalog import _at_revision, catalog, catalog_url  # noqa: F401 - fixtures
-from test_catalog_queries import BASE_A, LORA_Y, SHA_A, Seeded, seed
 
 from modelfactory.core.errors import CatalogError
 from modelfactory.interfaces.server import api as api_module
 from modelfactory.interfaces.server import create_app
-
-
-@contextmanager
-def catalog_env(url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Point the app (settings + its per-URL catalog cache) at *url*."""
-    from modelfactory.core.settings import get_settings
-
-    monkeypatch.setenv("MODELFACTORY_CATALOG_URL", url)
-    get_settings.cache_clear()
-    api_module._catalog.cache_clear()
-    try:
-        yield
-    finally:
-        for cached in list(_cached_catalogs()):
-            cached.dispose()
-        api_module._catalog.cache_clear()
-        monkeypatch.delenv("MODELFACTORY_CATALOG_URL")
-        get_settings.cache_clear()
-
-
-def _cached_catalogs():
-    try:
-        yield api_module.get_catalog()
-    except CatalogError:
-        return
-
-
-@contextmanager
-def serve(url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """``modelfactory serve``'s app under uvicorn in a thread on a free loopback port → base URL."""
-    import uvicorn
-
-    with catalog_env(url, monkeypatch), socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        sock.close()
-        server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.should_exit = True
-            thread.join(timeout=10)
+from modelfactory.testing.catalog import (
+    BASE_A,
+    LORA_Y,
+    SHA_A,
+    Seeded,
+    at_revision,
+    seed,
+)
+from modelfactory.testing.server import catalog_app_env, serve_catalog
 
 
 @pytest.fixture
-def api(catalog_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[TestClient, Seeded]]:  # noqa: F811
+def api(catalog_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[TestClient, Seeded]]:
     from modelfactory.catalog import open_catalog
 
     with open_catalog(catalog_url) as cat:
         seeded = seed(cat)
-        with catalog_env(catalog_url, monkeypatch), TestClient(create_app()) as client:
+        with catalog_app_env(catalog_url), TestClient(create_app()) as client:
             yield client, seeded
 
 
@@ -133,12 +88,12 @@ def test_run_compare_best_lineage_leaderboard(api) -> None:
     assert [b["base_uri"] for b in boards] == ["org/mistral-base", BASE_A]
 
 
-def test_real_http_round_trip(catalog_url: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+def test_real_http_round_trip(catalog_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from modelfactory.catalog import open_catalog
 
     with open_catalog(catalog_url) as cat:
         seeded = seed(cat)
-    with serve(catalog_url, monkeypatch) as base_url:
+    with serve_catalog(catalog_url) as base_url:
         with urllib.request.urlopen(f"{base_url}/api/runs?status=passed&base={BASE_A}&limit=3") as response:
             assert response.headers["content-type"] == "application/json"
             runs = json.load(response)["runs"]
@@ -148,11 +103,11 @@ def test_real_http_round_trip(catalog_url: str, monkeypatch: pytest.MonkeyPatch)
         assert info.value.code == 404
 
 
-def test_app_refuses_to_start_on_a_catalog_behind_head(catalog_url: str,  # noqa: F811
+def test_app_refuses_to_start_on_a_catalog_behind_head(catalog_url: str,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    with _at_revision(catalog_url, "0002"):
+    with at_revision(catalog_url, "0002"):
         pass
-    with catalog_env(catalog_url, monkeypatch):
+    with catalog_app_env(catalog_url):
         with pytest.raises(CatalogError, match="run `modelfactory catalog upgrade`"):
             with TestClient(create_app()):
                 pass

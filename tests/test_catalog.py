@@ -3,7 +3,8 @@
 The PostgreSQL cases (marker ``postgres``) need a server at ``MODELFACTORY_TEST_PG_URL``
 (default ``postgresql+psycopg://postgres@127.0.0.1:5432/test``, trust auth). They fail,
 not skip, when it cannot be reached; deselect them with ``-m 'not postgres'``. Each test
-gets a fresh schema, selected through ``search_path`` in the URL, dropped afterwards.
+gets a fresh schema, selected through ``search_path`` in the URL, dropped afterwards (the
+``catalog_url`` and ``catalog`` fixtures of conftest.py).
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,9 +23,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from pydantic import ValidationError
 from rich.console import Console
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import inspect, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
 
 from modelfactory.catalog import (
     Catalog,
@@ -44,69 +42,18 @@ from modelfactory.core.errors import (
     CatalogQueryError,
 )
 from modelfactory.core.records import GateCheck, Publication
+from modelfactory.testing.catalog import (
+    at_revision,
+    new_id,
+    postgres_schema_url,
+    start,
+    unopened_catalog,
+)
+from modelfactory.testing.env import REPO
 
-REPO = Path(__file__).resolve().parents[1]
-PG_URL = os.environ.get("MODELFACTORY_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 TABLES = {"runs", "steps", "metrics", "gate_checks", "artifacts", "base_models", "adapters", "run_adapters",
           "publications", "watches", "webhook_deliveries", "run_claims", "sweeps", "sweep_members"}
 HEAD = "0006"
-
-
-# --------------------------------------------------------------------------- fixtures
-
-
-@contextmanager
-def postgres_schema_url() -> Iterator[str]:
-    """URL of a fresh, empty PostgreSQL schema (dropped with everything in it on exit)."""
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    schema = f"mf_test_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    except OperationalError as exc:
-        admin.dispose()
-        pytest.fail(
-            f"PostgreSQL is not reachable at {PG_URL} ({exc.orig}). Start it with "
-            f"`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, set "
-            f"MODELFACTORY_TEST_PG_URL, or deselect these tests with -m 'not postgres'",
-            pytrace=False,
-        )
-    try:
-        # search_path in the URL: every connection (Alembic's version table included) uses it.
-        yield make_url(PG_URL).update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
-            hide_password=False
-        )
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty catalog database: a SQLite file (in a folder not yet created) or a PG schema."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'home' / 'catalog.db'}"
-    else:
-        with postgres_schema_url() as url:
-            yield url
-
-
-@pytest.fixture
-def catalog(catalog_url: str) -> Iterator[Catalog]:
-    cat = open_catalog(catalog_url)
-    yield cat
-    cat.dispose()
-
-
-def new_id() -> str:
-    return str(uuid.uuid4())
-
-
-def start(catalog: Catalog, name: str = "demo", **kwargs) -> str:
-    run_id = new_id()
-    catalog.start_run(run_id=run_id, name=name, spec={"name": name}, run_key=f"key-{name}", **kwargs)
-    return run_id
 
 
 # --------------------------------------------------------------------------- schema
@@ -135,7 +82,7 @@ def test_migration_matches_models(catalog: Catalog) -> None:
 
 def test_catalog_behind_head_is_refused_until_upgraded(catalog_url: str) -> None:
     """An empty database is created at head; an existing one behind head is never migrated silently."""
-    with _at_revision(catalog_url, "0002"):
+    with at_revision(catalog_url, "0002"):
         pass
     with pytest.raises(CatalogError, match=rf"revision 0002, this modelfactory needs {HEAD}: run `modelfactory "
                                            r"catalog upgrade`"):
@@ -147,7 +94,7 @@ def test_catalog_behind_head_is_refused_until_upgraded(catalog_url: str) -> None
 
 
 def test_tables_without_revision_are_refused(catalog_url: str) -> None:
-    with _empty(catalog_url) as cat, cat.engine.begin() as conn:
+    with unopened_catalog(catalog_url) as cat, cat.engine.begin() as conn:
         conn.execute(text("CREATE TABLE something_else (id INTEGER)"))
     with pytest.raises(CatalogError, match="has tables \\(something_else\\) but no catalog schema revision"):
         open_catalog(catalog_url)
@@ -166,18 +113,11 @@ def test_sqlite_uses_wal(tmp_path: Path) -> None:
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
 
 
-def test_default_url_comes_from_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from modelfactory.core.settings import get_settings
-
-    monkeypatch.delenv("MODELFACTORY_CATALOG_URL", raising=False)
-    monkeypatch.setenv("MODELFACTORY_HOME", str(tmp_path / "mfhome"))
-    get_settings.cache_clear()
-    try:
-        with open_catalog() as cat:
-            assert cat.url == f"sqlite:///{tmp_path / 'mfhome' / 'catalog.db'}"
-        assert (tmp_path / "mfhome" / "catalog.db").exists()
-    finally:
-        get_settings.cache_clear()
+def test_default_url_comes_from_settings(tmp_path: Path, set_env) -> None:
+    set_env(MODELFACTORY_CATALOG_URL=None, MODELFACTORY_HOME=str(tmp_path / "mfhome"))
+    with open_catalog() as cat:
+        assert cat.url == f"sqlite:///{tmp_path / 'mfhome' / 'catalog.db'}"
+    assert (tmp_path / "mfhome" / "catalog.db").exists()
 
 
 # --------------------------------------------------------------------------- lifecycle
@@ -509,7 +449,7 @@ def test_render_tables(catalog: Catalog) -> None:
 
 
 def test_upgrade_from_0001_keeps_runs_and_fills_config(catalog_url: str) -> None:
-    with _at_revision(catalog_url, "0001") as engine:
+    with at_revision(catalog_url, "0001") as engine:
         with engine.begin() as conn:
             conn.execute(text(
                 "INSERT INTO runs (id, name, status, run_key, spec, adapters, library_versions, host, started_at) "
@@ -519,25 +459,6 @@ def test_upgrade_from_0001_keeps_runs_and_fills_config(catalog_url: str) -> None
         assert cat.current_revision() == HEAD
         (run,) = cat.list_runs()
         assert (run.id, run.config) == ("old-run-0001", "gptq-3bit-32g-actorder")
-
-
-@contextmanager
-def _at_revision(url: str, revision: str) -> Iterator:
-    with _empty(url) as cat:
-        cat.upgrade(revision)
-        yield cat.engine
-
-
-@contextmanager
-def _empty(url: str) -> Iterator[Catalog]:
-    from modelfactory.catalog.engine import create_engine as create_catalog_engine
-    from modelfactory.catalog.engine import parse_url
-
-    cat = Catalog(create_catalog_engine(parse_url(url)))  # not opened: no schema check, no upgrade
-    try:
-        yield cat
-    finally:
-        cat.dispose()
 
 
 def test_sources_and_publications_round_trip(catalog: Catalog) -> None:

@@ -9,26 +9,21 @@ import json
 from pathlib import Path
 
 import pytest
-from test_catalog import _at_revision
-from test_catalog_queries import BASE_A, LORA_Y, SHA_A, seed
 from typer.testing import CliRunner
 
 from modelfactory.catalog import head_revision, open_catalog
 from modelfactory.interfaces.cli.main import app
+from modelfactory.testing.catalog import BASE_A, LORA_Y, SHA_A, at_revision, seed
 
 runner = CliRunner()
 
 
 @pytest.fixture
-def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from modelfactory.core.settings import get_settings
-
+def cli(tmp_path: Path, set_env):
     url = f"sqlite:///{tmp_path / 'catalog.db'}"
     with open_catalog(url) as cat:
         seeded = seed(cat)
-    monkeypatch.setenv("MODELFACTORY_CATALOG_URL", url)
-    monkeypatch.setenv("COLUMNS", "250")
-    get_settings.cache_clear()
+    set_env(MODELFACTORY_CATALOG_URL=url, COLUMNS="250")
 
     def invoke(*args: str, code: int = 0) -> str:
         result = runner.invoke(app, ["catalog", *args])
@@ -37,8 +32,7 @@ def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
         return result.output
 
-    yield invoke, seeded, url
-    get_settings.cache_clear()
+    return invoke, seeded, url
 
 
 def test_ls_filters_sort_and_formats(cli) -> None:
@@ -77,29 +71,21 @@ def test_show_compare_best_lineage(cli) -> None:
     assert "is no run id, artifact or publication URI" in invoke("lineage", "file:///nowhere", code=1)
 
 
-def test_upgrade_is_required_for_a_catalog_behind_head(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from modelfactory.core.settings import get_settings
-
+def test_upgrade_is_required_for_a_catalog_behind_head(tmp_path: Path, set_env) -> None:
     url = f"sqlite:///{tmp_path / 'old.db'}"
-    with _at_revision(url, "0002"):
+    with at_revision(url, "0002"):
         pass
-    monkeypatch.setenv("MODELFACTORY_CATALOG_URL", url)
-    get_settings.cache_clear()
-    try:
-        refused = runner.invoke(app, ["catalog", "ls"])
-        assert refused.exit_code == 1 and "run `modelfactory catalog upgrade`" in refused.output
-        upgraded = runner.invoke(app, ["catalog", "upgrade"])
-        assert upgraded.exit_code == 0 and f"at revision {head_revision()}" in upgraded.output
-        assert runner.invoke(app, ["catalog", "ls", "--format", "json"]).output.strip() == "[]"
-    finally:
-        get_settings.cache_clear()
+    set_env(MODELFACTORY_CATALOG_URL=url)
+    refused = runner.invoke(app, ["catalog", "ls"])
+    assert refused.exit_code == 1 and "run `modelfactory catalog upgrade`" in refused.output
+    upgraded = runner.invoke(app, ["catalog", "upgrade"])
+    assert upgraded.exit_code == 0 and f"at revision {head_revision()}" in upgraded.output
+    assert runner.invoke(app, ["catalog", "ls", "--format", "json"]).output.strip() == "[]"
 
 
-def test_client_mistakes_and_an_unreachable_catalog_exit_1_with_the_reason(cli, monkeypatch) -> None:
+def test_client_mistakes_and_an_unreachable_catalog_exit_1_with_the_reason(cli, set_env) -> None:
     """An ambiguous run id prefix is a client mistake (catalog_query, not a catalog failure); an unreachable
     catalog is reported as such by every command, ``catalog import`` too (it raised a traceback)."""
-    from modelfactory.core.settings import get_settings
-
     invoke, seeded, url = cli
     with open_catalog(url) as cat:
         for suffix in ("1", "2"):
@@ -108,8 +94,7 @@ def test_client_mistakes_and_an_unreachable_catalog_exit_1_with_the_reason(cli, 
         out = invoke(*args, code=1)
         assert "error (catalog_query)" in out and "matches several runs" in out, out
     assert "error (catalog_not_found)" in invoke("show", "abcdef-3", code=1)
-    monkeypatch.setenv("MODELFACTORY_CATALOG_URL", "postgresql+psycopg://factory@127.0.0.1:1/catalog")
-    get_settings.cache_clear()
+    set_env(MODELFACTORY_CATALOG_URL="postgresql+psycopg://factory@127.0.0.1:1/catalog")
     for args in (("ls",), ("show", "abcdef"), ("upgrade",), ("import", "file:///nowhere")):
         out = invoke(*args, code=1)
         assert "error (catalog)" in out and "cannot connect to the catalog" in out, out

@@ -1,8 +1,8 @@
 """The catalog queries (ls filters and sorts, compare, best / Pareto, lineage, leaderboard) and
-their renderings, on SQLite and PostgreSQL (the ``catalog`` fixture of test_catalog.py).
+their renderings, on SQLite and PostgreSQL (the ``catalog`` fixture of conftest.py).
 
-:func:`seed` builds a small catalog whose expected answers are worked out by hand below; the API
-and page tests reuse it.
+:func:`modelfactory.testing.catalog.seed` builds a small catalog whose expected answers are worked
+out by hand below; the API, CLI and page tests reuse it.
 """
 
 from __future__ import annotations
@@ -11,13 +11,11 @@ import csv
 import io
 import json
 import uuid
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import pytest
 from rich.console import Console
 from sqlalchemy import text
-from test_catalog import _at_revision, catalog, catalog_url  # noqa: F401 - fixtures
 
 from modelfactory.catalog import (
     Catalog,
@@ -48,86 +46,24 @@ from modelfactory.catalog.render import (
     run_markdown,
 )
 from modelfactory.core.errors import CatalogNotFoundError, CatalogQueryError
-from modelfactory.core.records import GateCheck, Publication
-
-BASE_A, SHA_A = "org/llama-base", "a1" * 20
-BASE_B, SHA_B = "org/mistral-base", "b2" * 20
-LORA_X, SHA_X = "me/lora-x", "c3" * 20
-LORA_Y, SHA_Y = "me/lora-y", "d4" * 20
-
-#: name: (base, adapters, bits, group, desc_act, status, ppl increase %, speed-up, size, memory, day of Jan 2026)
-BUILDS = {
-    "a-4g128":    ("A", ["X"], 4, 128, False, "passed", 1.0, 1.30, 0.30, 0.32, 1),
-    "a-4g32":     ("A", ["X"], 4, 32, False, "passed", 0.8, 1.20, 0.33, 0.35, 2),
-    "a-3g128":    ("A", ["X"], 3, 128, False, "passed", 2.5, 1.60, 0.24, 0.27, 3),
-    "a-3g128-ao": ("A", ["X", "Y"], 3, 128, True, "passed", 2.5, 1.55, 0.24, 0.27, 4),  # dominated by a-3g128
-    "a-2g64":     ("A", ["Y"], 2, 64, False, "rejected", 9.0, 2.10, 0.15, 0.19, 5),
-    "a-8g128":    ("A", [], 8, 128, False, "passed", 0.1, 0.90, 0.55, 0.57, 6),
-    "a-failed":   ("A", ["X"], 4, 128, False, "failed", None, None, None, None, 7),
-    "b-4g128":    ("B", ["Y"], 4, 128, False, "passed", 1.5, 1.40, 0.29, 0.31, 8),
-    "b-running":  ("B", [], 4, 128, False, "running", None, None, None, None, 9),
-}
-
-
-@dataclass
-class Seeded:
-    catalog: Catalog
-    ids: dict[str, str] = field(default_factory=dict)
-    manifests: dict[str, str] = field(default_factory=dict)
-
-    def names(self, rows) -> list[str]:
-        by_id = {v: k for k, v in self.ids.items()}
-        return [by_id[r.id] for r in rows]
-
-
-def seed(catalog: Catalog) -> Seeded:
-    """The builds of :data:`BUILDS`, with steps, metrics, gate, artifacts and publications."""
-    seeded = Seeded(catalog)
-    bases = {"A": (BASE_A, SHA_A), "B": (BASE_B, SHA_B)}
-    adapters = {"X": (LORA_X, SHA_X), "Y": (LORA_Y, SHA_Y)}
-    for name, (base, ads, bits, group, desc_act, status, ppl, speed, size, memory, day) in BUILDS.items():
-        run_id = str(uuid.uuid4())
-        seeded.ids[name] = run_id
-        spec = {"name": name, "quantize": {"bits": bits, "group_size": group, "desc_act": desc_act}}
-        catalog.start_run(run_id=run_id, name=name, spec=spec, run_key=f"key-{name}")
-        catalog.set_sources(run_id=run_id, base_uri=bases[base][0], base_sha=bases[base][1],
-                            adapters=[{"uri": adapters[a][0], "sha": adapters[a][1], "weight": 1.0} for a in ads])
-        catalog.record_step(run_id=run_id, name="download", status="ok", duration_s=1.0)
-        if ppl is not None:
-            fp16_ppl, fp16_tok = 10.0, 100.0
-            catalog.record_metrics(run_id=run_id, metrics=[
-                MetricRecord("perplexity", "fp16", fp16_ppl, "ppl"),
-                MetricRecord("perplexity", "gptq", fp16_ppl * (1 + ppl / 100), "ppl"),
-                MetricRecord("decode_tok_s", "fp16", fp16_tok, "tok/s"),
-                MetricRecord("decode_tok_s", "gptq", fp16_tok * speed, "tok/s"),
-                MetricRecord("ppl_increase_pct", "delta", ppl, "%"),
-                MetricRecord("decode_speedup", "delta", speed, "x"),
-                MetricRecord("size_ratio", "delta", size, "x"),
-                MetricRecord("memory_ratio", "delta", memory, "x"),
-            ])
-            catalog.record_gate(run_id=run_id, checks=[GateCheck(
-                metric="max_ppl_increase_pct", threshold=5.0, baseline=fp16_ppl, candidate=fp16_ppl * (1 + ppl / 100),
-                observed=ppl, passed=ppl <= 5.0, message=f"ppl +{ppl}%")])
-        if status == "passed":
-            manifest = (f"{len(seeded.manifests):x}" * 64)[:64]
-            seeded.manifests[name] = manifest
-            uri = f"file:///store/{name}/{run_id[:8]}"
-            catalog.record_artifact(run_id=run_id, kind="gptq", uri=uri, manifest_sha256=manifest, size_bytes=1000)
-            catalog.record_publication(run_id=run_id, publication=Publication(
-                destination="file", uri=uri, manifest_sha256=manifest, size_bytes=1000))
-            catalog.record_publication(run_id=run_id, publication=Publication(
-                destination="hub", uri=f"https://huggingface.co/org/{name}/tree/gptq", manifest_sha256=manifest,
-                size_bytes=1000, revision="gptq", commit="e" * 40))
-        if status != "running":
-            catalog.finish_run(run_id=run_id, status=status, error="boom" if status == "failed" else None)
-        started = datetime(2026, 1, day, 12, 0, tzinfo=UTC)
-        with catalog.engine.begin() as conn:
-            conn.execute(text("UPDATE runs SET started_at = :t WHERE id = :id"), {"t": started, "id": run_id})
-    return seeded
+from modelfactory.core.records import Publication
+from modelfactory.testing.catalog import (
+    BASE_A,
+    BASE_B,
+    LORA_X,
+    LORA_Y,
+    SHA_A,
+    SHA_B,
+    SHA_X,
+    SHA_Y,
+    Seeded,
+    at_revision,
+    seed,
+)
 
 
 @pytest.fixture
-def seeded(catalog: Catalog) -> Seeded:  # noqa: F811
+def seeded(catalog: Catalog) -> Seeded:
     return seed(catalog)
 
 
@@ -433,7 +369,7 @@ def test_renderings(seeded: Seeded) -> None:
 
 
 def test_upgrade_from_0002_backfills_ratios_and_sources(catalog_url: str) -> None:  # noqa: F811
-    with _at_revision(catalog_url, "0002") as engine, engine.begin() as conn:
+    with at_revision(catalog_url, "0002") as engine, engine.begin() as conn:
         conn.execute(text(
             "INSERT INTO runs (id, name, status, run_key, spec, adapters, library_versions, host, started_at, "
             "base_uri, base_sha, config, bits, group_size, desc_act) VALUES ('old-0002', 'old', 'passed', 'k', "

@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from modelfactory.testing.env import REPO
 from test_catalog import postgres_schema_url
 
 from modelfactory.catalog import Catalog, claims, open_catalog
+from modelfactory.testing.env import REPO
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

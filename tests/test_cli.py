@@ -9,7 +9,6 @@ import yaml
 from typer.testing import CliRunner
 
 from modelfactory.interfaces.cli.main import app
-from modelfactory.testing.models import tiny_spec
 
 runner = CliRunner()
 
@@ -24,21 +23,32 @@ def _prefect_logging_on_real_streams():
 
 
 @pytest.fixture(scope="module")
-def spec_file(prefect, tiny_llama, tmp_path_factory):
+def spec_file(tiny_run, tmp_path_factory):
+    """The session's tiny run without its gate (flags set it): its steps' outputs are reused."""
     path = tmp_path_factory.mktemp("specs") / "tiny.yaml"
-    path.write_text(yaml.safe_dump(tiny_spec(tiny_llama, name="cli-tiny")))
+    spec = {k: v for k, v in tiny_run.spec.items() if k != "gate"}
+    path.write_text(yaml.safe_dump({**spec, "name": "cli-tiny"}))
     return path
 
 
-def test_run_spec_file_passes_and_prints_metrics(spec_file):
-    result = runner.invoke(app, ["run", "--spec", str(spec_file), "--max-ppl-increase-pct", "5"])
+@pytest.fixture(scope="module")
+def cli_runs(spec_file):
+    """``modelfactory run`` twice: a passing run (cli-tiny) and one rejected by a flag (cli-reject)."""
+    passed = runner.invoke(app, ["run", "--spec", str(spec_file), "--max-ppl-increase-pct", "5"])
+    rejected = runner.invoke(app, ["run", "--spec", str(spec_file), "--max-size-ratio", "0.01",
+                                   "--name", "cli-reject"])
+    return passed, rejected
+
+
+def test_run_spec_file_passes_and_prints_metrics(cli_runs):
+    result, _ = cli_runs
     assert result.exit_code == 0, result.output
     assert "perplexity" in result.output and "decode_tok_s" in result.output
     assert "passed" in result.output and "artifact: file://" in result.output
 
 
-def test_flags_override_the_spec_and_rejection_exits_2(spec_file):
-    result = runner.invoke(app, ["run", "--spec", str(spec_file), "--max-size-ratio", "0.01", "--name", "cli-reject"])
+def test_flags_override_the_spec_and_rejection_exits_2(cli_runs):
+    _, result = cli_runs
     assert result.exit_code == 2, result.output
     assert "rejected" in result.output and "disk size ratio" in result.output
 
@@ -51,7 +61,7 @@ def test_invalid_spec_exits_1_with_the_field(tmp_path, prefect):
     assert "quantize.bits" in result.output and "bits=5" in result.output
 
 
-def test_catalog_ls_json_and_show(spec_file):
+def test_catalog_ls_json_and_show(cli_runs):
     result = runner.invoke(app, ["catalog", "ls", "--format", "json"])
     assert result.exit_code == 0, result.output
     runs = json.loads(result.output)
@@ -222,16 +232,13 @@ def test_serve_without_a_webhook_secret_serves_the_catalog_and_stops_cleanly(tmp
 
 # --------------------------------------------------------------------------- one --format for every command
 @pytest.fixture
-def own_catalog(tmp_path, monkeypatch):
+def own_catalog(tmp_path, set_env):
     from modelfactory.catalog import open_catalog
-    from modelfactory.core.settings import get_settings
 
     url = f"sqlite:///{tmp_path / 'formats.db'}"
-    monkeypatch.setenv("MODELFACTORY_CATALOG_URL", url)
-    get_settings.cache_clear()
+    set_env(MODELFACTORY_CATALOG_URL=url)
     with open_catalog(url) as catalog:
         yield catalog
-    get_settings.cache_clear()
 
 
 def test_format_takes_one_set_of_values_everywhere_and_the_old_ones_still_work(own_catalog, tmp_path):

@@ -1,4 +1,7 @@
-"""Resolving base models from local folders, and the early checks on what they contain (no network)."""
+"""Step 1, download: resolving base models from local folders, and the early checks on what they
+contain (no network), up to corrupted weights failing a whole run clearly.
+
+Hub and S3 sources: test_hub.py and test_s3.py; text datasets: test_textdata.py."""
 
 from __future__ import annotations
 
@@ -10,6 +13,10 @@ import pytest
 from modelfactory.core.errors import SourceError, SourceNotFoundError
 from modelfactory.core.hashing import tree_sha256
 from modelfactory.core.specs import ModelSource
+from modelfactory.interfaces.runner import run_factory
+from modelfactory.testing.catalog import latest_run
+from modelfactory.testing.env import own_work_dir
+from modelfactory.testing.models import tiny_spec
 from tasks.download import check_model_dir, download_model
 
 
@@ -93,3 +100,38 @@ def test_s3_source_without_credentials_fails_clearly(monkeypatch, tmp_path):
 def test_missing_gguf(tmp_path):
     with pytest.raises(SourceNotFoundError, match="GGUF file .* does not exist"):
         download_model(source=ModelSource(uri=str(tmp_path / "model.Q4_K_M.gguf")))
+
+
+# --------------------------------------------------------------------------- corrupted weights
+
+
+def _corrupt(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) - 100])
+    elif how == "garbled header":
+        path.write_bytes(data[:8] + b"\xff" * 16 + data[24:])
+    elif how == "not safetensors":
+        path.write_bytes(b"PK\x03\x04 this is a zip file, not safetensors")
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbled header", "not safetensors"])
+def test_corrupted_safetensors_fail_the_run_clearly(prefect, tiny_llama, tmp_path, how):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    _corrupt(base / "model.safetensors", how)
+    with own_work_dir(tmp_path / "work"):
+        with pytest.raises(SourceError, match="model.safetensors is corrupted") as info:
+            run_factory(tiny_spec(base, name="corrupt"))
+    assert "download or save the model again" in str(info.value)
+    detail = latest_run()
+    assert (detail.status, detail.error_kind) == ("failed", "source")
+    assert not detail.artifacts
+
+
+def test_sound_checkpoints_pass_the_structure_check(tiny_llama):
+    from modelfactory.sources.safetensors_check import safetensors_problem
+
+    assert safetensors_problem(tiny_llama / "model.safetensors") is None

@@ -1,8 +1,11 @@
-"""The whole factory flow on a tiny random Llama: real peft, real GPTQModel, real catalog, Prefect harness."""
+"""The whole factory flow on a tiny random Llama: real peft, real GPTQModel, real catalog, Prefect harness.
+
+The passing run itself is the session's ``tiny_run`` (conftest; what it recorded is checked in
+test_record.py, its checkpoint in test_quantize.py); here: reuse, rejection, early failures, and two
+identical runs at once."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -13,20 +16,11 @@ from modelfactory.core.errors import (
     SourceNotFoundError,
     SpecError,
 )
-from modelfactory.core.manifest import verify_folder
 from modelfactory.core.settings import get_settings
 from modelfactory.interfaces.runner import run_factory
 from modelfactory.publishing.local import local_root
 from modelfactory.testing.models import make_lora, make_tiny_llama, tiny_spec
-
-STEPS = ["download", "merge", "quantize", "benchmark", "gate", "publish"]
-#: The tiny model is dominated by its (unquantized) 49k-token embedding, so GPTQ shrinks it only a little.
-TINY_GATE = {"max_ppl_increase_pct": 5.0, "max_size_ratio": 0.999}
-
-
-@pytest.fixture(scope="module")
-def tiny_lora(tiny_llama, tmp_path_factory) -> Path:
-    return make_lora(tiny_llama, tmp_path_factory.mktemp("tiny-lora"))
+from modelfactory.testing.runs import passing_spec
 
 
 def store_files() -> list[Path]:
@@ -34,61 +28,18 @@ def store_files() -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
 
-@pytest.fixture(scope="module")
-def passed_run(prefect, tiny_llama, tiny_lora):
-    spec = tiny_spec(tiny_llama, adapters=[{"uri": str(tiny_lora)}], gate=TINY_GATE)
-    return run_factory(spec)
-
-
-def test_passing_run_is_published_and_recorded(passed_run):
-    assert passed_run.status == "passed", passed_run
-    detail = open_catalog().get_run(passed_run.run_id)
-    assert detail.status == "passed" and detail.error is None
-    assert [s.name for s in detail.steps] == STEPS
-    assert detail.base_sha and len(detail.adapters) == 1 and detail.adapters[0]["sha"]
-    assert detail.library_versions["gptqmodel"] == "7.6.0"
-    for name in ("perplexity", "decode_tok_s", "ttft_ms", "disk_bytes", "mem_after_load_bytes"):
-        assert detail.value(name, "fp16") is not None and detail.value(name, "gptq") is not None, name
-    assert detail.value("merge_max_abs_logit_diff") < 1e-3
-    assert detail.value("size_ratio", "delta") < 1.0  # embeddings (not quantized) dominate a tiny model
-    assert [c.metric for c in detail.gate_checks] == ["max_ppl_increase_pct", "max_size_ratio"] and detail.gate_passed
-    (artifact,) = detail.artifacts
-    assert artifact.uri == passed_run.artifact_uri
-    manifest = verify_folder(local_root(artifact.uri))
-    names = {f["path"] for f in manifest["files"]}
-    assert {"config.json", "model.safetensors", "quantize_config.json", "tokenizer.json"} <= names
-    assert manifest["metrics"]["gptq"]["perplexity"] > 0
-    assert manifest["spec"]["quantize"]["bits"] == 4
-
-
-def test_quantized_checkpoint_loads_in_plain_transformers(passed_run):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = local_root(passed_run.artifact_uri)
-    qconfig = json.loads((folder / "config.json").read_text())["quantization_config"]
-    assert qconfig["quant_method"] == "gptq" and qconfig["bits"] == 4 and qconfig["group_size"] == 32
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cpu")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    assert "QuantLinear" in "".join(c.__name__ for c in type(model.model.layers[0].mlp.down_proj).__mro__)
-    out = model.generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=5, min_new_tokens=5,
-                         do_sample=False)
-    assert out.shape[1] == len(tokenizer("Hello")["input_ids"]) + 5
-
-
-def test_identical_rerun_reuses_every_step(passed_run, tiny_llama, tiny_lora):
-    spec = tiny_spec(tiny_llama, adapters=[{"uri": str(tiny_lora)}], gate=TINY_GATE)
-    again = run_factory(spec)
-    assert again.status == "passed" and again.artifact_uri == passed_run.artifact_uri
+def test_identical_rerun_reuses_every_step(tiny_run):
+    again = run_factory(tiny_run.spec)
+    assert again.status == "passed" and again.artifact_uri == tiny_run.outcome.artifact_uri
     steps = {s.name: s.status for s in open_catalog().get_run(again.run_id).steps}
     assert steps["merge"] == steps["quantize"] == steps["benchmark"] == steps["publish"] == "reused"
 
 
-def test_impossible_gate_rejects_reports_every_metric_and_publishes_nothing(passed_run, tiny_llama, tiny_lora):
+def test_impossible_gate_rejects_reports_every_metric_and_publishes_nothing(tiny_run, tiny_llama, tiny_lora):
     before = store_files()
     gate = {"max_ppl_increase_pct": 0.0, "min_decode_speedup": 100.0, "max_size_ratio": 0.01,
             "max_memory_ratio": 0.01}
-    spec = tiny_spec(tiny_llama, adapters=[{"uri": str(tiny_lora)}], gate=gate, publish={"name": "rejected"})
+    spec = passing_spec(tiny_llama, tiny_lora, gate=gate, publish={"name": "rejected"})
     outcome = run_factory(spec)
     assert outcome.status == "rejected" and outcome.artifact_uri is None
     detail = open_catalog().get_run(outcome.run_id)
@@ -124,13 +75,6 @@ def test_bad_base_fails_clearly_and_publishes_nothing(prefect, base, error, word
     run = _latest_failed()
     assert run.error and words[-1] in run.error
     assert store_files() == before
-
-
-def test_unsupported_bits_fails_clearly(prefect, tiny_llama):
-    with pytest.raises(SpecError, match=r"bits=5 is not supported.*\(2, 3, 4, 8\)"):
-        run_factory(tiny_spec(tiny_llama, quantize={"bits": 5}))
-    run = _latest_failed()
-    assert run.error_kind == "spec" and "bits" in run.error
 
 
 def test_adapter_for_another_base_fails_before_merging(prefect, tiny_llama, smollm2_tokenizer_dir, tmp_path):

@@ -7,15 +7,13 @@ Budget: ~5 min on 2 cores (three tiny quantizations, four tiny benchmarks, one ~
 
 from __future__ import annotations
 
-import contextvars
 import json
 import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +24,11 @@ import yaml
 
 from modelfactory.catalog import open_catalog
 from modelfactory.core.errors import GpuStageError
-from modelfactory.core.settings import get_settings
 from modelfactory.gpu_pool import DEFAULT_GPU_DEPLOYMENT, read_outcome
 from modelfactory.interfaces.runner import run_factory
 from modelfactory.testing.env import own_work_dir
+from modelfactory.testing.env import settings_env as env_settings
+from modelfactory.testing.load import in_thread, when
 from modelfactory.testing.models import tiny_spec
 from modelfactory.testing.prefect_server import (
     REPO,
@@ -47,21 +46,6 @@ GPU_STEPS = ["download", "merge", "gpu-stage", "quantize", "benchmark", "gate", 
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@contextmanager
-def env_settings(**values: str | None) -> Iterator[None]:
-    """Set MODELFACTORY_* variables for this process (and its settings cache), restore after."""
-    saved = {k: os.environ.get(k) for k in values}
-    try:
-        for key, value in values.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
-        get_settings.cache_clear()
-        yield
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
-        get_settings.cache_clear()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -128,10 +112,6 @@ def gpu_stage_runs(server: PrefectServer, run_id: str) -> list[dict[str, Any]]:
     return api(server, "POST", "/flow_runs/filter", flow_runs={"tags": {"all_": [f"run:{run_id}"]}})
 
 
-def when(stamp: str) -> datetime:
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-
-
 @contextmanager
 def diagnostics(workers: GpuHostWorkers) -> Iterator[None]:
     """On failure, print the worker and server logs (pytest shows them with the failure)."""
@@ -141,21 +121,6 @@ def diagnostics(workers: GpuHostWorkers) -> Iterator[None]:
         print(workers.worker_logs(120))
         print(workers.server.tail(40))
         raise
-
-
-def in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[threading.Thread, dict[str, Any]]:
-    """Run *fn* in a thread that sees this thread's Prefect settings (a copied context)."""
-    ctx, box = contextvars.copy_context(), {}
-
-    def target() -> None:
-        try:
-            box["value"] = ctx.run(fn, *args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, box
 
 
 def join(thread: threading.Thread, box: dict[str, Any], timeout: float, workers: GpuHostWorkers) -> dict[str, Any]:
@@ -316,7 +281,6 @@ def test_two_factory_runs_with_one_gpu_slot_run_one_after_the_other(pool, worker
         assert when(first["end_time"]) <= when(second["start_time"]), f"GPU stages overlapped: {intervals}"
         # Both were submitted while the first ran: the second waited in the queue for the slot.
         assert when(second["expected_start_time"]) < when(first["end_time"]), intervals
-        assert (when(second["start_time"]) - when(first["end_time"])).total_seconds() < 30, intervals
 
 
 def test_killed_worker_crashes_its_run_the_catalog_says_so_and_a_rerun_completes(pool, workers, tiny_llama):

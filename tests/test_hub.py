@@ -11,7 +11,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_reliability import small_disk
 
 from modelfactory.core.errors import (
     DiskFullError,
@@ -29,6 +28,7 @@ from modelfactory.core.manifest import (
 )
 from modelfactory.core.specs import AdapterSpec, FactorySpec, ModelSource
 from modelfactory.publishing.hub import publish_hub
+from modelfactory.testing.disks import small_disk
 from modelfactory.testing.hub_server import (
     OWNER,
     READ_TOKEN,
@@ -36,19 +36,13 @@ from modelfactory.testing.hub_server import (
     LocalHub,
     upload_model,
 )
-from modelfactory.testing.models import make_lora, tiny_spec
+from modelfactory.testing.models import TINY_GATE, tiny_spec
 
 BASE_REPO = f"{OWNER}/tiny-llama"
 LORA_REPO = f"{OWNER}/tiny-lora"
-TINY_GATE = {"max_ppl_increase_pct": 5.0, "max_size_ratio": 0.999}
 
 
 # --------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def tiny_lora(tiny_llama, tmp_path_factory) -> Path:
-    return make_lora(tiny_llama, tmp_path_factory.mktemp("hub-lora"))
-
-
 @pytest.fixture(scope="module")
 def hub_models(local_hub, tiny_llama, tiny_lora) -> dict[str, str]:
     """The tiny Llama and its LoRA on the local Hub (pushed by the real client); repo -> main commit."""
@@ -384,30 +378,22 @@ def test_unreachable_hub_is_transient(local_hub, tmp_path, monkeypatch):
     assert is_transient(info.value)
 
 
-def test_token_from_a_prefect_secret_block(prefect, local_hub, hub_models, tmp_path, monkeypatch, caplog):
+def test_token_from_a_prefect_secret_block(prefect, local_hub, hub_models, tmp_path, set_env, caplog):
     from prefect.blocks.system import Secret
 
-    from modelfactory.core.settings import get_settings
-
     Secret(value=WRITE_TOKEN).save("mf-test-hf-token", overwrite=True)
-    monkeypatch.delenv("HF_TOKEN")
-    monkeypatch.setenv("MODELFACTORY_HF_TOKEN_SECRET", "mf-test-hf-token")
-    get_settings.cache_clear()
-    try:
-        source, manifest = fake_artifact(tmp_path / "a")
-        with caplog.at_level("DEBUG"):
-            publication = publish_hub(source=source, repo_id=f"{OWNER}/tiny-secret", revision="gptq-4bit-128g",
-                                      private=False, manifest=manifest)
-        assert publication.reused is False
-        assert WRITE_TOKEN not in caplog.text and WRITE_TOKEN not in publication.model_dump_json()
+    set_env(HF_TOKEN=None, MODELFACTORY_HF_TOKEN_SECRET="mf-test-hf-token")
+    source, manifest = fake_artifact(tmp_path / "a")
+    with caplog.at_level("DEBUG"):
+        publication = publish_hub(source=source, repo_id=f"{OWNER}/tiny-secret", revision="gptq-4bit-128g",
+                                  private=False, manifest=manifest)
+    assert publication.reused is False
+    assert WRITE_TOKEN not in caplog.text and WRITE_TOKEN not in publication.model_dump_json()
 
-        monkeypatch.setenv("MODELFACTORY_HF_TOKEN_SECRET", "mf-no-such-block")
-        get_settings.cache_clear()
-        with pytest.raises(PublishError, match="'mf-no-such-block'.*could not be loaded"):
-            publish_hub(source=source, repo_id=f"{OWNER}/tiny-secret", revision="gptq-4bit-128g", private=False,
-                        manifest=manifest)
-    finally:
-        get_settings.cache_clear()
+    set_env(MODELFACTORY_HF_TOKEN_SECRET="mf-no-such-block")
+    with pytest.raises(PublishError, match="'mf-no-such-block'.*could not be loaded"):
+        publish_hub(source=source, repo_id=f"{OWNER}/tiny-secret", revision="gptq-4bit-128g", private=False,
+                    manifest=manifest)
 
 
 # --------------------------------------------------------------------------- the whole factory

@@ -381,22 +381,11 @@ def test_k8s_template_placeholders_are_variables_and_all_resolve_to_the_worker_i
 
 
 # --------------------------------------------------------------------------- compile caches
-def _cache_settings(monkeypatch, cache: Path):
-    from modelfactory.core.settings import get_settings
-
-    monkeypatch.setenv("MODELFACTORY_CACHE_DIR", str(cache))
-    get_settings.cache_clear()
-
-
 @pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    from modelfactory.core.settings import get_settings
-
+def cache_dir(tmp_path, set_env):
     cache = tmp_path / "mfcache"
-    _cache_settings(monkeypatch, cache)
-    yield cache
-    monkeypatch.undo()
-    get_settings.cache_clear()
+    set_env(MODELFACTORY_CACHE_DIR=str(cache))
+    return cache
 
 
 def test_gpu_env_puts_every_compile_cache_under_the_cache_dir(cache_dir, monkeypatch):

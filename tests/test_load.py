@@ -1,7 +1,8 @@
 """Load, for real: a burst of factory runs fired at once against a 2-slot GPU pool (a `prefect server`,
 `modelfactory.interfaces.deploy(gpus=2)`, `start-workers.sh` with two CPU "GPUs", --limit 1 each).
 
-The same code as `bench/load_burst.py` (which runs 20 and writes bench/results/load-burst-20.json),
+The same code as `bench/load_burst.py` (:mod:`modelfactory.testing.load`; the bench runs 20 and writes
+bench/results/load-burst-20.json),
 with a smaller burst: every run passes, never more than 2 gpu-stage runs at once (sampled every
 0.5 s and from the exact start/end times), never two on one slot, the catalog holds exactly the
 burst's runs with consistent steps/metrics/gate/publication, and afterwards no active slot on the
@@ -15,15 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Iterator
 
 import pytest
 
-from modelfactory.testing.env import REPO, own_work_dir
-
-sys.path.insert(0, str(REPO / "bench"))
-from load_burst import PoolRig, run_burst, summary  # noqa: E402
+from modelfactory.testing.env import own_work_dir
+from modelfactory.testing.load import PoolRig, run_burst, summary
 
 pytestmark = pytest.mark.pool
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from test_api import catalog_env, serve
-from test_catalog_queries import BASE_A, seed
 
 from modelfactory.catalog import open_catalog
 from modelfactory.interfaces.server import create_app
 from modelfactory.interfaces.server.plot import nice_ticks
 from modelfactory.testing.browser import open_browser, screenshot_path
+from modelfactory.testing.catalog import BASE_A, seed
+from modelfactory.testing.server import catalog_app_env, serve_catalog
 
 
 @pytest.fixture
@@ -23,9 +23,9 @@ def seeded_url(tmp_path: Path):
         yield url, seed(cat)
 
 
-def test_leaderboard_in_chromium(seeded_url, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_leaderboard_in_chromium(seeded_url) -> None:
     url, seeded = seeded_url
-    with serve(url, monkeypatch) as base_url, open_browser() as browser:
+    with serve_catalog(url) as base_url, open_browser() as browser:
         page = browser.new_page(viewport={"width": 1280, "height": 1600})
         page.goto(f"{base_url}/leaderboard")
         assert page.title() == "modelfactory leaderboard"
@@ -51,9 +51,9 @@ def test_leaderboard_in_chromium(seeded_url, monkeypatch: pytest.MonkeyPatch) ->
     assert screenshot_path("leaderboard.png").stat().st_size > 10_000
 
 
-def test_leaderboard_html_without_browser(seeded_url, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_leaderboard_html_without_browser(seeded_url) -> None:
     url, _seeded = seeded_url
-    with catalog_env(url, monkeypatch), TestClient(create_app()) as client:
+    with catalog_app_env(url), TestClient(create_app()) as client:
         html = client.get("/leaderboard", params={"base": BASE_A}).text
         assert html.count('<section class="board"') == 1 and "<script" not in html and "http" not in html.split(
             "<body>")[1].replace('xmlns="http://www.w3.org/2000/svg"', "")  # nothing fetched from elsewhere
@@ -61,8 +61,8 @@ def test_leaderboard_html_without_browser(seeded_url, monkeypatch: pytest.Monkey
         assert client.get("/leaderboard", params={"x": "ppl"}).status_code == 422
 
 
-def test_empty_catalog_page(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with catalog_env(f"sqlite:///{tmp_path / 'new' / 'catalog.db'}", monkeypatch), TestClient(create_app()) as client:
+def test_empty_catalog_page(tmp_path: Path) -> None:
+    with catalog_app_env(f"sqlite:///{tmp_path / 'new' / 'catalog.db'}"), TestClient(create_app()) as client:
         page = client.get("/")  # a brand-new embedded catalog is created, not refused
         assert page.status_code == 200 and "No finished builds" in page.text
 

@@ -5,7 +5,6 @@ artifact's manifest re-records the run (``modelfactory catalog import``)."""
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -13,18 +12,16 @@ from contextlib import contextmanager
 
 import pytest
 from sqlalchemy.engine import make_url
-from test_catalog import postgres_schema_url
 
 from modelfactory.catalog import open_catalog
 from modelfactory.catalog.recovery import import_artifact, local_artifact_uris
 from modelfactory.core.errors import CatalogError
-from modelfactory.core.settings import get_settings
 from modelfactory.interfaces.runner import run_factory
-from modelfactory.testing.env import own_work_dir
-from modelfactory.testing.models import tiny_spec
+from modelfactory.testing.catalog import postgres_schema_url
+from modelfactory.testing.env import own_work_dir, settings_env
+from modelfactory.testing.models import TINY_GATE, tiny_spec
 
 pytestmark = pytest.mark.postgres
-TINY_GATE = {"max_ppl_increase_pct": 5.0, "max_size_ratio": 0.999}
 
 
 class CuttingProxy:
@@ -103,17 +100,11 @@ def catalog_behind_proxy() -> Iterator[tuple[CuttingProxy, str, str]]:
         proxied = url.set(port=proxy.port).update_query_dict({"sslmode": "disable"}).render_as_string(
             hide_password=False)
         open_catalog(direct).dispose()  # create the schema
-        old = os.environ.get("MODELFACTORY_CATALOG_URL")
-        os.environ["MODELFACTORY_CATALOG_URL"] = proxied
-        get_settings.cache_clear()
         try:
-            yield proxy, proxied, direct
+            with settings_env(MODELFACTORY_CATALOG_URL=proxied):
+                yield proxy, proxied, direct
         finally:
             proxy.close()
-            os.environ.pop("MODELFACTORY_CATALOG_URL", None)
-            if old is not None:
-                os.environ["MODELFACTORY_CATALOG_URL"] = old
-            get_settings.cache_clear()
 
 
 def test_catalog_down_at_the_start_fails_clearly_before_any_work(prefect, tiny_llama, tmp_path):

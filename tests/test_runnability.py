@@ -11,8 +11,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from modelfactory.testing.models import make_tiny_llama
-from modelfactory.testing.env import own_work_dir
 
 from modelfactory.benchmark import plain_load
 from modelfactory.benchmark.layer_widths import (
@@ -29,6 +27,8 @@ from modelfactory.benchmark.runnability import (
     result_from_child,
 )
 from modelfactory.core.errors import SpecError
+from modelfactory.testing.env import own_work_dir
+from modelfactory.testing.models import make_tiny_llama
 
 #: config.json of SmolLM2-135M(-Instruct) and of Llama-2-7B, the parts that set the layer widths.
 SMOLLM2 = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,

@@ -26,8 +26,8 @@ from modelfactory.core.specs import AdapterSpec, ModelSource
 from modelfactory.publishing.artifacts import download_artifact, verify_artifact
 from modelfactory.publishing.s3 import abort_stale_uploads, publish_s3
 from modelfactory.s3 import S3Url, fetch_source, verify_s3
-from modelfactory.testing.env import REPO
-from modelfactory.testing.models import make_lora, tiny_spec
+from modelfactory.testing.env import REPO, free_port, settings_env
+from modelfactory.testing.models import TINY_GATE, tiny_spec
 from modelfactory.testing.s3_server import MotoS3, s3_environment
 from tasks.download import download_model, resolve_adapter
 
@@ -64,15 +64,9 @@ def multipart_uploads(client, bucket: str) -> list[dict]:
 
 
 @pytest.fixture()
-def small_parts(monkeypatch):
+def small_parts(set_env):
     """5 MiB parts (S3's minimum) so a 12 MiB file is a 3-part multipart upload."""
-    from modelfactory.core.settings import get_settings
-
-    monkeypatch.setenv("MODELFACTORY_S3_PART_SIZE_MB", "5")
-    get_settings.cache_clear()
-    yield
-    monkeypatch.delenv("MODELFACTORY_S3_PART_SIZE_MB", raising=False)
-    get_settings.cache_clear()
+    set_env(MODELFACTORY_S3_PART_SIZE_MB="5")
 
 
 # --------------------------------------------------------------------------- publish + read back
@@ -246,7 +240,7 @@ def test_bad_credentials_missing_bucket_and_dead_endpoint_fail_clearly(s3_env, s
     finally:
         auth.stop()
 
-    dead = f"http://127.0.0.1:{__import__('s3_server').free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     with s3_environment(dead, AWS_MAX_ATTEMPTS="2"):
         with pytest.raises(TransientError, match="cannot reach S3"):
             publish_s3(source=source, url="s3://b/models", parts=PARTS, manifest=manifest)
@@ -256,11 +250,6 @@ def test_bad_credentials_missing_bucket_and_dead_endpoint_fail_clearly(s3_env, s
 def upload_folder(client, folder: Path, bucket: str, prefix: str) -> None:
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         client.upload_file(str(file), bucket, f"{prefix}/{file.relative_to(folder).as_posix()}")
-
-
-@pytest.fixture(scope="module")
-def tiny_lora(tiny_llama, tmp_path_factory) -> Path:
-    return make_lora(tiny_llama, tmp_path_factory.mktemp("tiny-lora-s3"))
 
 
 def test_base_and_adapter_from_s3_prefixes(s3_env, s3_bucket, tiny_llama, tiny_lora, tmp_path):
@@ -299,7 +288,6 @@ def test_base_and_adapter_from_s3_prefixes(s3_env, s3_bucket, tiny_llama, tiny_l
 
 
 # --------------------------------------------------------------------------- the whole flow
-TINY_GATE = {"max_ppl_increase_pct": 5.0, "max_size_ratio": 0.999}
 
 
 def test_factory_flow_sources_from_and_publishes_to_s3(prefect, moto_s3, tiny_llama, tiny_lora, tmp_path):
@@ -349,23 +337,18 @@ def test_factory_flow_sources_from_and_publishes_to_s3(prefect, moto_s3, tiny_ll
             assert import_artifact(fresh, uri=outcome.artifact_uri).action == "already-recorded"
 
 
-def test_credentials_from_a_prefect_secret_block(prefect, moto_s3, tmp_path, monkeypatch):
+def test_credentials_from_a_prefect_secret_block(prefect, moto_s3, tmp_path):
     """No AWS variables at all: the client signs with the keys stored in a Prefect Secret block."""
     from prefect.blocks.system import Secret
 
-    from modelfactory.core.settings import get_settings
     from modelfactory.s3.client import make_client
 
     key_id, secret = "AKIAFROMSECRETBLOCK01", "secret-from-the-block-9f2"
     Secret(value={"aws_access_key_id": key_id, "aws_secret_access_key": secret, "region_name": "us-east-1"}).save(
         "mf-aws-test", overwrite=True)
-    with s3_environment(moto_s3.url):
-        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-        monkeypatch.setenv("MODELFACTORY_AWS_CREDENTIALS_SECRET", "mf-aws-test")
-        get_settings.cache_clear()
+    with s3_environment(moto_s3.url, AWS_ACCESS_KEY_ID=None, AWS_SECRET_ACCESS_KEY=None,
+                        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+                        MODELFACTORY_AWS_CREDENTIALS_SECRET="mf-aws-test"):
         client = make_client()
         assert client._request_signer._credentials.access_key == key_id  # signed with the block's keys
         client.create_bucket(Bucket="from-block")
@@ -373,9 +356,7 @@ def test_credentials_from_a_prefect_secret_block(prefect, moto_s3, tmp_path, mon
         publication = publish_s3(source=source, url="s3://from-block/models", parts=PARTS, manifest=manifest_for(source))
         assert publication.uri.startswith("s3://from-block/models/")
 
-        monkeypatch.setenv("MODELFACTORY_AWS_CREDENTIALS_SECRET", "no-such-block")
-        get_settings.cache_clear()
-        with pytest.raises(SpecError, match="Secret block 'no-such-block' could not be loaded") as info:
+        with settings_env(MODELFACTORY_AWS_CREDENTIALS_SECRET="no-such-block"), pytest.raises(
+                SpecError, match="Secret block 'no-such-block' could not be loaded") as info:
             make_client()
         assert secret not in str(info.value)
-    get_settings.cache_clear()

@@ -11,20 +11,18 @@ import json
 import logging
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
-from test_catalog import postgres_schema_url
 
 from modelfactory.core.errors import ModelFactoryError
-from modelfactory.core.settings import get_settings
 from modelfactory.interfaces.runner import run_factory
-from modelfactory.testing.env import own_work_dir
+from modelfactory.testing.catalog import postgres_schema_url
+from modelfactory.testing.env import own_work_dir, settings_env
 from modelfactory.testing.hub_server import OWNER, WRITE_TOKEN, upload_model
-from modelfactory.testing.models import make_lora, tiny_spec
+from modelfactory.testing.models import TINY_GATE, make_lora, tiny_spec
 from modelfactory.testing.s3_server import s3_environment
 
 pytestmark = pytest.mark.postgres
@@ -34,7 +32,6 @@ AWS_SECRET = "mf-aws-secret-access-key-5c2b6e9d0f"
 DB_PASSWORD = "mf-db-password-8d1e77a3"
 WEBHOOK_SECRET = "mf-webhook-secret-2a9c4b"
 WRONG_HF_TOKEN = "hf_modelfactoryWrongToken000000000099"
-TINY_GATE = {"max_ppl_increase_pct": 5.0, "max_size_ratio": 0.999}
 
 
 class Collect(logging.Handler):
@@ -47,22 +44,6 @@ class Collect(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(self.format(record))
-
-
-@contextmanager
-def env(**values: str) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    get_settings.cache_clear()
-    try:
-        yield
-    finally:
-        for key, value in old.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        get_settings.cache_clear()
 
 
 def files_under(*roots: Path) -> Iterator[Path]:
@@ -120,7 +101,7 @@ def test_no_secret_appears_in_any_output(prefect, local_hub, moto_s3, tiny_llama
             catalog_url = make_url(pg).set(password=DB_PASSWORD).render_as_string(hide_password=False)
             moto_s3.client(aws_access_key_id=AWS_KEY_ID, aws_secret_access_key=AWS_SECRET).create_bucket(
                 Bucket=bucket)
-            with env(MODELFACTORY_CATALOG_URL=catalog_url, MODELFACTORY_WEBHOOK_SECRET=WEBHOOK_SECRET,
+            with settings_env(MODELFACTORY_CATALOG_URL=catalog_url, MODELFACTORY_WEBHOOK_SECRET=WEBHOOK_SECRET,
                      MODELFACTORY_STORE_URL=(tmp_path / "store").as_uri()):
                 common = dict(adapters=[{"uri": f"hf://{lora_repo}"}], gate=TINY_GATE)
                 to_hub = run_factory(tiny_spec(base_repo, name="to-hub", **common,
@@ -128,7 +109,7 @@ def test_no_secret_appears_in_any_output(prefect, local_hub, moto_s3, tiny_llama
                 to_s3 = run_factory(tiny_spec(base_repo, name="to-s3", **common,
                                               publish={"destination": f"s3://{bucket}/models"}))
                 assert to_hub.status == to_s3.status == "passed"
-                with env(HF_TOKEN=WRONG_HF_TOKEN), pytest.raises(ModelFactoryError):  # error paths, too
+                with settings_env(HF_TOKEN=WRONG_HF_TOKEN), pytest.raises(ModelFactoryError):  # error paths, too
                     run_factory(tiny_spec(base_repo, name="bad-token", **common,
                                           publish={"destination": f"hf://{OWNER}/secret-gptq-2"}))
                 client = TestClient(create_app())

@@ -20,10 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from modelfactory.testing.models import make_lora
-from modelfactory.testing.env import REPO
-from modelfactory.testing.prefect_server import GpuHostWorkers, PrefectServer, child_env, wait_for
-from modelfactory.testing.s3_server import s3_environment
 from test_gpu_pool import diagnostics, env_settings, pool_spec
 
 from modelfactory.catalog import claims, open_catalog
@@ -31,6 +27,15 @@ from modelfactory.core.hashing import file_sha256, step_key
 from modelfactory.core.specs import parse_spec
 from modelfactory.gpu_pool import DEFAULT_GPU_DEPLOYMENT, read_outcome
 from modelfactory.interfaces.runner import run_factory
+from modelfactory.testing.env import REPO
+from modelfactory.testing.models import make_lora
+from modelfactory.testing.prefect_server import (
+    GpuHostWorkers,
+    PrefectServer,
+    child_env,
+    wait_for,
+)
+from modelfactory.testing.s3_server import s3_environment
 
 pytestmark = pytest.mark.pool
 

@@ -19,13 +19,6 @@ def data_dir() -> Path:
     return Path(os.environ["MODELFACTORY_DATA_DIR"])
 
 
-@pytest.fixture
-def clear_settings():
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()  # monkeypatch restores the environment after this
-
-
 def test_load_text_from_file(tmp_path):
     path = tmp_path / "calib.txt"
     path.write_text("héllo wörld\nsecond line\n", encoding="utf-8")
@@ -87,12 +80,10 @@ def test_explicit_data_dir_argument(tmp_path):
 
 
 @pytest.mark.parametrize("source", [TextSource(), TextSource(dataset="modelfactory-tests/no-such-dataset", config=None)])
-def test_dataset_without_local_copy_offline(tmp_path, monkeypatch, clear_settings, source):
+def test_dataset_without_local_copy_offline(tmp_path, set_env, source):
     empty = tmp_path / "empty-data"
     empty.mkdir()
-    monkeypatch.setenv("MODELFACTORY_DATA_DIR", str(empty))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    get_settings.cache_clear()
+    set_env(MODELFACTORY_DATA_DIR=str(empty), HF_DATASETS_OFFLINE="1")
     assert get_settings().data_dir == empty
     with pytest.raises(SourceNotFoundError) as info:
         load_text(source)

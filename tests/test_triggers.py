@@ -136,31 +136,6 @@ class FakeHub:
 
 
 # --------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def _own_catalog(tmp_path_factory) -> Iterator[None]:
-    """This module's server, worker and `modelfactory serve` share a fresh SQLite catalog of their own.
-
-    In the full suite the session catalog (written before by many tests and by killed worker
-    processes of the pool tests) was found "malformed" by this module's processes; isolating it
-    keeps these tests about triggers. (The cause in the shared session file is still open.)
-    """
-    import os
-
-    from modelfactory.core.settings import get_settings
-
-    old = os.environ.get("MODELFACTORY_CATALOG_URL")
-    os.environ["MODELFACTORY_CATALOG_URL"] = f"sqlite:///{tmp_path_factory.mktemp('triggers-catalog') / 'catalog.db'}"
-    get_settings.cache_clear()
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("MODELFACTORY_CATALOG_URL", None)
-        else:
-            os.environ["MODELFACTORY_CATALOG_URL"] = old
-        get_settings.cache_clear()
-
-
 @pytest.fixture(scope="module")
 def hub() -> Iterator[FakeHub]:
     hub = FakeHub()
@@ -252,6 +227,16 @@ def hooks(deployed, tmp_path_factory) -> Iterator[str]:
 def adapters(tiny_llama, tmp_path_factory) -> list[Path]:
     """Three versions of a LoRA adapter for the tiny model (pushed as successive commits)."""
     return [make_lora(tiny_llama, tmp_path_factory.mktemp(f"lora-v{seed}"), seed=seed) for seed in (1, 2, 3)]
+
+
+@pytest.fixture(scope="module")
+def adapter_watched(hub, adapters, tiny_llama, tmp_path_factory) -> str:
+    """ADAPTER_REPO on the watch list with its first version (v1, its sha returned) already built."""
+    v1 = hub.push(ADAPTER_REPO, adapters[0])
+    watch_add(ADAPTER_REPO, "--base", str(tiny_llama), "--spec",
+              str(cheap_spec_file(tmp_path_factory.mktemp("watch-spec"))))
+    open_catalog().set_watch_sha(ADAPTER_REPO, v1)  # v1 was built before
+    return v1
 
 
 # --------------------------------------------------------------------------- helpers
@@ -367,16 +352,6 @@ def test_deploy_registers_every_deployment_and_the_nightly_schedule(deployed):
     assert on_finetune["properties"]["sha"]["pattern"] == "^[0-9a-f]{40}$"
 
 
-def _sqlalchemy_2_1() -> bool:
-    import sqlalchemy
-
-    return tuple(int(x) for x in sqlalchemy.__version__.split(".")[:2]) >= (2, 1)
-
-
-@pytest.mark.xfail(_sqlalchemy_2_1(), strict=True, reason=(
-    "Prefect 3.8.8's scheduler service cannot insert scheduled runs with SQLAlchemy 2.1 (server log: "
-    "InvalidRequestError: Can't evaluate bulk DML statement; please supply a bulk_dml decorated function): "
-    "the cron schedule is stored but creates no runs until sqlalchemy<2.1 is pinned"))
 def test_the_scheduler_creates_the_nightly_runs(deployed):
     dep = deployment(deployed, "watch-nightly/nightly")
     wait_for("scheduled nightly runs", lambda: api(deployed, "POST", "/flow_runs/filter", flow_runs={
@@ -413,11 +388,7 @@ def test_custom_parameters_run_completes_with_them(worker, deployed, tiny_llama)
 
 # --------------------------------------------------------------------------- nightly
 def test_nightly_does_nothing_when_nothing_changed_and_builds_a_new_commit(worker, deployed, hub, adapters,
-                                                                          tiny_llama, tmp_path):
-    v1 = hub.push(ADAPTER_REPO, adapters[0])
-    watch_add(ADAPTER_REPO, "--base", str(tiny_llama), "--spec", str(cheap_spec_file(tmp_path)))
-    open_catalog().set_watch_sha(ADAPTER_REPO, v1)  # v1 was built before
-
+                                                                          adapter_watched):
     run_deployment_and_wait(deployed, "watch-nightly/nightly", {}, worker)
     assert runs_of(deployed, "on-finetune/on-finetune") == []  # nothing changed: nothing ran
     assert any(r == f"GET /api/models/{ADAPTER_REPO}/revision/main" for r in hub.requests)  # it did look
@@ -439,8 +410,7 @@ def test_nightly_does_nothing_when_nothing_changed_and_builds_a_new_commit(worke
 
 
 # --------------------------------------------------------------------------- webhook
-def test_webhook_push_starts_a_build_once(hooks, worker, deployed, hub, adapters):
-    assert open_catalog().get_watch(ADAPTER_REPO) is not None  # added by the nightly test
+def test_webhook_push_starts_a_build_once(hooks, worker, deployed, hub, adapters, adapter_watched):
     v3 = hub.push(ADAPTER_REPO, adapters[2])
     answer = deliver(hooks, content_update(ADAPTER_REPO, v3))
     assert answer.status_code == 202, answer.text
@@ -495,19 +465,14 @@ def test_webhook_refuses_and_ignores_without_starting_anything(hooks, deployed):
     assert not [d for d in open_catalog().list_deliveries() if d.sha == sha]
 
 
-def test_webhook_without_a_configured_secret_refuses_everything(monkeypatch):
+def test_webhook_without_a_configured_secret_refuses_everything(set_env):
     from fastapi.testclient import TestClient
 
-    from modelfactory.core.settings import get_settings
     from modelfactory.interfaces.server import create_app
 
-    monkeypatch.delenv("MODELFACTORY_WEBHOOK_SECRET", raising=False)
-    get_settings.cache_clear()
-    try:
-        response = TestClient(create_app()).post("/hooks/huggingface", json=content_update(ADAPTER_REPO, "b" * 40),
-                                                 headers={"X-Webhook-Secret": ""})
-    finally:
-        get_settings.cache_clear()
+    set_env(MODELFACTORY_WEBHOOK_SECRET=None)
+    response = TestClient(create_app()).post("/hooks/huggingface", json=content_update(ADAPTER_REPO, "b" * 40),
+                                             headers={"X-Webhook-Secret": ""})
     assert response.status_code == 503 and response.json()["status"] == "error"
 
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modelfactory.core.settings import get_settings
+from modelfactory.testing.env import settings_env
 
 SECRET = "fuzz-webhook-secret-7f3a"
 FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "200")), deadline=None,
@@ -40,21 +40,9 @@ def client(tmp_path_factory):
 
     from modelfactory.interfaces.server import create_app
 
-    home = tmp_path_factory.mktemp("webhook-fuzz")
-    old = {k: os.environ.get(k) for k in ("MODELFACTORY_WEBHOOK_SECRET", "MODELFACTORY_CATALOG_URL")}
-    os.environ["MODELFACTORY_WEBHOOK_SECRET"] = SECRET
-    os.environ["MODELFACTORY_CATALOG_URL"] = f"sqlite:///{home / 'catalog.db'}"
-    get_settings.cache_clear()
-    try:
+    with settings_env(MODELFACTORY_WEBHOOK_SECRET=SECRET):  # the module's own catalog (conftest)
         with TestClient(create_app(), raise_server_exceptions=False) as test_client:
             yield test_client
-    finally:
-        for key, value in old.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        get_settings.cache_clear()
 
 
 def check(response) -> None:

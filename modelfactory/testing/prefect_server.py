@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import psutil
 
-from modelfactory.testing.env import REPO, free_port  # noqa: F401 (free_port: re-exported for tests)
+from modelfactory.testing.env import REPO, free_port
 
 BIN = Path(sys.executable).parent
 START_WORKERS = REPO / "infra" / "gpu-host" / "start-workers.sh"

@@ -17,9 +17,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 
-from modelfactory.testing.env import free_port
+from modelfactory.testing.env import free_port, settings_env
 
 TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                     "AWS_DEFAULT_REGION": "us-east-1"}
@@ -66,25 +65,9 @@ class MotoS3:
                 self.proc.wait()
 
 
-@contextlib.contextmanager
-def s3_environment(endpoint: str, **extra: str) -> Iterator[None]:
-    """AWS test credentials and the factory's endpoint setting for the duration of the block."""
-    from modelfactory.core.settings import get_settings
-
-    values = {**TEST_CREDENTIALS, "MODELFACTORY_S3_ENDPOINT_URL": endpoint, "AWS_EC2_METADATA_DISABLED": "true",
-              **extra}
-    cleared = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
-    old = {name: os.environ.get(name) for name in [*values, *cleared]}
-    for name in cleared:
-        os.environ.pop(name, None)
-    os.environ.update(values)
-    get_settings.cache_clear()
-    try:
-        yield
-    finally:
-        for name, value in old.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        get_settings.cache_clear()
+def s3_environment(endpoint: str, **extra: str | None) -> contextlib.AbstractContextManager[None]:
+    """AWS test credentials and the factory's endpoint setting for the duration of the block (*extra*
+    overrides; ``None`` unsets); ambient AWS profile/session/endpoint variables are unset."""
+    cleared = dict.fromkeys(("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"))
+    return settings_env(**{**cleared, **TEST_CREDENTIALS, "MODELFACTORY_S3_ENDPOINT_URL": endpoint,
+                           "AWS_EC2_METADATA_DISABLED": "true", **extra})

@@ -1,15 +1,19 @@
-"""Manifests and the file:// artifact store."""
+"""Step 6, publish: manifests and the file:// artifact store, down to a store that runs out of disk.
+
+The S3 and Hub destinations: test_s3.py and test_hub.py."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from modelfactory.core.errors import PublishError, SpecError
+from modelfactory.core.errors import DiskFullError, PublishError, SpecError
 from modelfactory.core.manifest import (
     MANIFEST,
     build_manifest,
@@ -17,9 +21,13 @@ from modelfactory.core.manifest import (
     manifest_digest,
     verify_folder,
 )
+from modelfactory.interfaces.runner import run_factory
 from modelfactory.publishing import local as store
 from modelfactory.publishing.destinations import destination_kind
 from modelfactory.publishing.local import local_root, publish_local, safe_join
+from modelfactory.testing.catalog import latest_run
+from modelfactory.testing.disks import small_disk
+from modelfactory.testing.models import TINY_GATE, tiny_spec
 
 PARTS = ("SmolLM2-135M", "gptq-4bit-128g", "0123abcd")
 
@@ -207,3 +215,34 @@ def test_publish_refuses_an_artifact_with_a_symlink_out_of_it(model_dir, tmp_pat
             build_manifest(model_dir)
     finally:
         (model_dir / "leak.txt").unlink()
+
+
+# --------------------------------------------------------------------------- a full store (a real 1 MiB tmpfs; needs root)
+
+
+def test_publish_to_a_full_disk_removes_partial_files_and_says_so(tmp_path: Path) -> None:
+    source = tmp_path / "model"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    (source / "model.safetensors").write_bytes(os.urandom(3 << 20))  # 3 MiB onto a 1 MiB disk
+    manifest = build_manifest(source, name="m")
+    with small_disk(tmp_path / "disk") as disk:
+        with pytest.raises(DiskFullError) as info:
+            publish_local(source=source, root=disk / "store", parts=("m", "gptq-4bit-128g", "k"), manifest=manifest)
+        assert info.value.__cause__.errno == errno.ENOSPC
+        message = str(info.value)
+        assert "ran out of disk space" in message and str(disk / "store") in message and "MB free" in message
+        assert not list((disk / "store").rglob("*.safetensors")), "partial files left behind"
+        assert not (disk / "store" / "m" / "gptq-4bit-128g" / "k").exists()
+
+
+def test_factory_run_with_a_full_store_fails_clearly_and_publishes_nothing(prefect, tiny_llama, tmp_path):
+    with small_disk(tmp_path / "disk", size="256k") as disk:
+        spec = tiny_spec(tiny_llama, name="disk-full", gate=TINY_GATE, publish={"destination": disk.as_uri()})
+        with pytest.raises(DiskFullError):
+            run_factory(spec)
+        detail = latest_run()
+        assert (detail.status, detail.error_kind) == ("failed", "disk_full")
+        assert "ran out of disk space" in detail.error
+        assert not detail.artifacts and not detail.publications
+        assert not [p for p in disk.rglob("*") if p.is_file()]
