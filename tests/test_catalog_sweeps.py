@@ -15,8 +15,6 @@ import pytest
 from alembic import command
 from fastapi.testclient import TestClient
 from sqlalchemy import inspect
-from test_api import catalog_env
-from test_catalog import _at_revision, catalog, catalog_url  # noqa: F401 - fixtures
 from typer.testing import CliRunner
 
 from modelfactory.catalog import Catalog, MetricRecord, SweepDetail, open_catalog
@@ -27,6 +25,8 @@ from modelfactory.core.records import GateCheck
 from modelfactory.core.sweep_spec import SweepSpec
 from modelfactory.interfaces.cli.main import app
 from modelfactory.interfaces.server import create_app
+from modelfactory.testing.catalog import at_revision
+from modelfactory.testing.server import catalog_app_env
 
 BASE, SHA = "org/sweep-base", "5" * 40
 runner = CliRunner()
@@ -225,7 +225,7 @@ def test_sweep_ids_resolve_like_run_ids(catalog: Catalog, recorded: Recorded) ->
 
 
 def test_upgrade_from_0005_adds_the_sweep_tables_and_downgrade_drops_them(catalog_url: str) -> None:  # noqa: F811
-    with _at_revision(catalog_url, "0005") as engine:
+    with at_revision(catalog_url, "0005") as engine:
         assert "sweeps" not in inspect(engine).get_table_names()
     with open_catalog(catalog_url, auto_upgrade=True) as cat:
         recorded = record_sweep(cat)
@@ -344,7 +344,7 @@ def test_cli_sweeps_lists_them(cli) -> None:
 def api(catalog_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator:  # noqa: F811
     with open_catalog(catalog_url) as cat:
         recorded = record_sweep(cat)
-        with catalog_env(catalog_url, monkeypatch), TestClient(create_app()) as client:
+        with catalog_app_env(catalog_url), TestClient(create_app()) as client:
             yield client, recorded, cat
 
 

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_catalog import postgres_schema_url
 
 from modelfactory.catalog import Catalog, claims, open_catalog
+from modelfactory.testing.catalog import postgres_schema_url
 from modelfactory.testing.env import REPO
 
 

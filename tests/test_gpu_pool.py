@@ -13,8 +13,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,7 +27,7 @@ from modelfactory.interfaces.runner import run_factory
 from modelfactory.testing.env import own_work_dir
 from modelfactory.testing.env import settings_env as env_settings
 from modelfactory.testing.load import in_thread, when
-from modelfactory.testing.models import tiny_spec
+from modelfactory.testing.pool import diagnostics, pool_spec
 from modelfactory.testing.prefect_server import (
     REPO,
     START_WORKERS,
@@ -112,27 +110,10 @@ def gpu_stage_runs(server: PrefectServer, run_id: str) -> list[dict[str, Any]]:
     return api(server, "POST", "/flow_runs/filter", flow_runs={"tags": {"all_": [f"run:{run_id}"]}})
 
 
-@contextmanager
-def diagnostics(workers: GpuHostWorkers) -> Iterator[None]:
-    """On failure, print the worker and server logs (pytest shows them with the failure)."""
-    try:
-        yield
-    except BaseException:
-        print(workers.worker_logs(120))
-        print(workers.server.tail(40))
-        raise
-
-
 def join(thread: threading.Thread, box: dict[str, Any], timeout: float, workers: GpuHostWorkers) -> dict[str, Any]:
     thread.join(timeout)
     assert not thread.is_alive(), f"factory run still going after {timeout:.0f} s\n{workers.worker_logs()}"
     return box
-
-
-def pool_spec(tiny_llama: Path, name: str, **overrides: Any) -> dict:
-    """The tiny spec with a gate the random model passes; *overrides* replace top-level fields."""
-    fields = {"name": name, "gate": {"max_ppl_increase_pct": 50.0}, "publish": {"name": name}}
-    return tiny_spec(tiny_llama, **{**fields, **overrides})
 
 
 def decode_tokens(n: int) -> dict:

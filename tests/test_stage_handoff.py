@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_gpu_pool import diagnostics, env_settings, pool_spec
 
 from modelfactory.catalog import claims, open_catalog
 from modelfactory.core.hashing import file_sha256, step_key
@@ -28,7 +27,9 @@ from modelfactory.core.specs import parse_spec
 from modelfactory.gpu_pool import DEFAULT_GPU_DEPLOYMENT, read_outcome
 from modelfactory.interfaces.runner import run_factory
 from modelfactory.testing.env import REPO
+from modelfactory.testing.env import settings_env as env_settings
 from modelfactory.testing.models import make_lora
+from modelfactory.testing.pool import diagnostics, pool_spec
 from modelfactory.testing.prefect_server import (
     GpuHostWorkers,
     PrefectServer,

@@ -1,0 +1,28 @@
+"""Helpers for tests that run the factory through a real GPU pool (Prefect server + workers)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from modelfactory.testing.models import tiny_spec
+from modelfactory.testing.prefect_server import GpuHostWorkers
+
+
+@contextmanager
+def diagnostics(workers: GpuHostWorkers) -> Iterator[None]:
+    """On failure, print the worker and server logs (pytest shows them with the failure)."""
+    try:
+        yield
+    except BaseException:
+        print(workers.worker_logs(120))
+        print(workers.server.tail(40))
+        raise
+
+
+def pool_spec(tiny_llama: Path, name: str, **overrides: Any) -> dict:
+    """The tiny spec with a gate the random model passes; *overrides* replace top-level fields."""
+    fields = {"name": name, "gate": {"max_ppl_increase_pct": 50.0}, "publish": {"name": name}}
+    return tiny_spec(tiny_llama, **{**fields, **overrides})
