@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 PG_URL = os.environ.get("MODELFACTORY_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 TABLES = {"runs", "steps", "metrics", "gate_checks", "artifacts", "base_models", "adapters", "run_adapters",
           "publications", "watches", "webhook_deliveries"}
-HEAD = "0004"
+HEAD = "0007"
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -137,7 +137,7 @@ def test_catalog_behind_head_is_refused_until_upgraded(catalog_url: str) -> None
     """An empty database is created at head; an existing one behind head is never migrated silently."""
     with _at_revision(catalog_url, "0002"):
         pass
-    with pytest.raises(CatalogError, match=r"revision 0002, this modelfactory needs 0004: run `modelfactory "
+    with pytest.raises(CatalogError, match=rf"revision 0002, this modelfactory needs {HEAD}: run `modelfactory "
                                            r"catalog upgrade`"):
         open_catalog(catalog_url)
     with open_catalog(catalog_url, auto_upgrade=True) as cat:  # what `catalog upgrade` does

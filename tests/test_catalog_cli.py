@@ -13,7 +13,7 @@ from test_catalog import _at_revision
 from test_catalog_queries import BASE_A, LORA_Y, SHA_A, seed
 from typer.testing import CliRunner
 
-from modelfactory.catalog import open_catalog
+from modelfactory.catalog import head_revision, open_catalog
 from modelfactory.interfaces.cli.main import app
 
 runner = CliRunner()
@@ -89,7 +89,7 @@ def test_upgrade_is_required_for_a_catalog_behind_head(tmp_path: Path, monkeypat
         refused = runner.invoke(app, ["catalog", "ls"])
         assert refused.exit_code == 1 and "run `modelfactory catalog upgrade`" in refused.output
         upgraded = runner.invoke(app, ["catalog", "upgrade"])
-        assert upgraded.exit_code == 0 and "at revision 0004" in upgraded.output
+        assert upgraded.exit_code == 0 and f"at revision {head_revision()}" in upgraded.output
         assert runner.invoke(app, ["catalog", "ls", "--format", "json"]).output.strip() == "[]"
     finally:
         get_settings.cache_clear()

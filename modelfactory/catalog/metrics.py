@@ -24,3 +24,15 @@ def benchmark_metrics(result: BenchmarkResult) -> list[MetricRecord]:
         if value is not None:
             metrics.append(MetricRecord(name=name, side="delta", value=float(value), unit=RATIO_UNITS[name]))
     return metrics
+
+
+def manifest_metrics(result: BenchmarkResult) -> dict[str, object]:
+    """The ``metrics`` of an artifact's manifest: both sides' records (``fp16``, ``gptq``), the
+    fp16 → GPTQ ``ratios``, and ``measured``: every metric row the catalog records for this result
+    (:func:`benchmark_metrics`: ``{name, side, value, unit}``), so whatever the benchmark measures
+    (KL divergence, task scores, decode per batch size, ...) is published without this list naming it.
+    """
+    rows = benchmark_metrics(result)
+    ratios: dict[str, float | None] = {**result.ratios(), **{m.name: m.value for m in rows if m.side == "delta"}}
+    return {"fp16": result.fp16.model_dump(mode="json"), "gptq": result.gptq.model_dump(mode="json"),
+            "ratios": ratios, "measured": [m.to_dict() for m in rows]}
