@@ -329,8 +329,9 @@ def _metrics_section(manifest: Mapping[str, Any]) -> str:
     lines = ["## Benchmark vs FP16", "",
              f"Measured by modelfactory's one harness, each side in a fresh process: fp16 on "
              f"{a.get('device', 'n/a')} ({a.get('dtype', 'n/a')}), GPTQ on {b.get('device', 'n/a')} "
-             f"(kernel `{b.get('kernel', 'n/a')}`). Task scores are lm-evaluation-harness's (its prompts and "
-             f"scoring, ± its standard error); recovery is the GPTQ score as a share of fp16's.", "",
+             f"(kernel `{b.get('kernel', 'n/a')}`)."
+             + (" Task scores are lm-evaluation-harness's (its prompts and scoring, ± its standard error); "
+                "recovery is the GPTQ score as a share of fp16's." if task_names(values) else ""), "",
              "| metric | fp16 | GPTQ | GPTQ vs fp16 |", "| --- | --- | --- | --- |"]
     lines += [f"| {m} | {x} | {y} | {z} |" for m, x, y, z in rows]
     return "\n".join(lines) + "\n"
