@@ -12,7 +12,7 @@ import uuid
 
 from prefect import flow, runtime
 
-from modelfactory.core import workdir
+from modelfactory.catalog import claims
 from modelfactory.core.hashing import step_key
 from modelfactory.core.log import progress
 from modelfactory.core.records import (
@@ -41,8 +41,9 @@ def factory(spec: FactorySpec, run_id: str | None = None) -> RunOutcome:
     recorder = RunRecorder.start(run_id=run_id, name=spec.name, spec=spec.model_dump(mode="json"),
                                  run_key=run_key, flow_run_id=runtime.flow_run.id)
     try:
-        # An identical run in progress (same spec) finishes first; this one then reuses its outputs.
-        with workdir.run_lock(run_key, on_wait=progress):
+        # An identical run in progress (same spec, on any host) finishes first; this one then reuses
+        # its outputs. A claim row in the catalog, not a file lock: hosts may share no disk.
+        with claims.holding(recorder.catalog, run_key, holder=claims.holder_name(run_id), on_wait=progress):
             return _steps(spec, run_id, recorder)
     except BaseException as exc:
         recorder.fail(exc)

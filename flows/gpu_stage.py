@@ -16,12 +16,7 @@ from modelfactory.core.errors import ModelFactoryError
 from modelfactory.core.log import get_logger
 from modelfactory.core.records import ModelArtifact
 from modelfactory.core.specs import BenchmarkSpec, QuantSpec
-from modelfactory.gpu_pool import (
-    GpuStageOutcome,
-    current_placement,
-    outcome_path,
-    write_outcome,
-)
+from modelfactory.gpu_pool import GpuStageOutcome, current_placement, write_outcome
 from modelfactory.gpu_pool.outcome import now_iso
 from tasks.benchmark import benchmark_task
 from tasks.quantize import quantize_task
@@ -31,11 +26,12 @@ from tasks.quantize import quantize_task
 def gpu_stage(model: ModelArtifact, quantize: QuantSpec, benchmark: BenchmarkSpec) -> GpuStageOutcome:
     """GPTQ-quantize *model* and benchmark it against itself in fp16, on this worker's GPU.
 
-    The outcome (records, where it ran, or the error) is written for the factory either way.
+    The outcome (records, where it ran, or the error) is written for the factory either way. With a
+    stage store its records carry ``s3://`` URIs: the inputs are fetched here, the outputs uploaded.
     """
     flow_run_id = runtime.flow_run.id
     placement = current_placement(flow_run_id)
-    path = outcome_path(flow_run_id or f"local-{uuid.uuid4()}")
+    outcome_id = flow_run_id or f"local-{uuid.uuid4()}"
     get_logger().info(f"gpu-stage: on {placement.hostname} (pid {placement.pid}), "
                       f"CUDA_VISIBLE_DEVICES={placement.cuda_visible_devices}, device {placement.device}")
     quant = bench = None
@@ -44,11 +40,11 @@ def gpu_stage(model: ModelArtifact, quantize: QuantSpec, benchmark: BenchmarkSpe
         bench = benchmark_task(model, quant.model, benchmark)
     except BaseException as exc:
         message = exc.message if isinstance(exc, ModelFactoryError) else (str(exc) or repr(exc))
-        write_outcome(path, GpuStageOutcome(
+        write_outcome(outcome_id, GpuStageOutcome(
             placement=placement.model_copy(update={"finished_at": now_iso()}), quantize=quant,
             error_type=type(exc).__name__, error_message=message[:4000]))
         raise
     outcome = GpuStageOutcome(placement=placement.model_copy(update={"finished_at": now_iso()}),
                               quantize=quant, benchmark=bench)
-    write_outcome(path, outcome)
+    write_outcome(outcome_id, outcome)
     return outcome

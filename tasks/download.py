@@ -7,6 +7,9 @@
 - ``s3://bucket/prefix`` → downloaded into the keyed work dir, identified by the prefix's
   ``manifest.json`` sha256 when it has one (every file checked), else by its listing (keys,
   sizes, ETags); reused on the next run (``modelfactory/s3/fetch.py``).
+
+With a stage store (``modelfactory/stage_store``) the model folder is uploaded there (once per
+content) and the artifact's ``path`` is its ``s3://`` URI, which other hosts fetch.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 
 from prefect import task
 
+from modelfactory import stage_store
 from modelfactory.core import workdir
 from modelfactory.core.errors import SourceError, SourceNotFoundError
 from modelfactory.core.hashing import file_sha256, step_key, tree_sha256
@@ -34,15 +38,25 @@ def _from_gguf(path: Path) -> ModelArtifact:
     progress(f"download: hashing {path.name}")
     sha = file_sha256(path)
     key = step_key("gguf", sha=sha)
-    done = workdir.completed("download", key)
+    done = stage_store.find("download", key)
     reused = done is not None
     if not reused:
         progress(f"download: dequantizing {path.name} to fp16 safetensors")
         with workdir.building("download", key) as (tmp, marker):
             dequantize_gguf(gguf_path=path, out_dir=tmp)
             marker.update(source=str(path), sha256=sha)
-        done = workdir.step_dir("download", key)
-    return ModelArtifact(path=str(done), sha=sha, source_uri=str(path), kind="gguf", reused=reused)
+        done = stage_store.publish("download", key)
+    return ModelArtifact(path=done.uri, sha=sha, source_uri=str(path), kind="gguf", reused=reused)
+
+
+def _shared(artifact: ModelArtifact) -> ModelArtifact:
+    """With a stage store, the model folder by the URI other hosts fetch it by (uploaded once per content)."""
+    if artifact.kind == "gguf" or not stage_store.configured():  # a gguf output is a step output already
+        return artifact
+    key = step_key("source", kind=artifact.kind, sha=artifact.sha)
+    uri = stage_store.share(Path(artifact.path), step="download", key=key,
+                            marker={"source": artifact.source_uri, "sha": artifact.sha, "kind": artifact.kind})
+    return artifact.model_copy(update={"path": uri})
 
 
 def download_model(*, source: ModelSource, trust_remote_code: bool = False) -> ModelArtifact:
@@ -67,8 +81,8 @@ def download_model(*, source: ModelSource, trust_remote_code: bool = False) -> M
         progress(f"download: {source.repo_id}@{source.revision or 'main'} is commit {sha}")
         path = download_hub(repo_id=source.repo_id, sha=sha)
         artifact = ModelArtifact(path=str(path), sha=sha, source_uri=f"hf://{source.repo_id}", kind="hub")
-    check_model_dir(Path(artifact.path), trust_remote_code=trust_remote_code)
-    return artifact.model_copy(update={"duration_s": time.perf_counter() - start})
+    check_model_dir(stage_store.resolve(artifact.path), trust_remote_code=trust_remote_code)
+    return _shared(artifact).model_copy(update={"duration_s": time.perf_counter() - start})
 
 
 def resolve_adapter(*, spec: AdapterSpec) -> AdapterArtifact:

@@ -23,6 +23,7 @@ from modelfactory.core.specs import GateSpec
 _RULES: dict[str, tuple[str, Callable[[SideMetrics], float | None], str, str]] = {
     "max_ppl_increase_pct": ("ppl_increase_pct", lambda s: s.perplexity, "max", "perplexity increase %"),
     "min_decode_speedup": ("decode_speedup", lambda s: s.decode_tok_s, "min", "decode speed-up x"),
+    # min_decode_speedup_by_batch: one check per batch size (check_decode_speedup)
     "max_size_ratio": ("size_ratio", lambda s: float(s.disk_bytes), "max", "disk size ratio"),
     "max_memory_ratio": ("memory_ratio", lambda s: float(s.mem_after_load_bytes), "max", "memory ratio"),
 }
@@ -33,8 +34,20 @@ _REL_TOL = 1e-9
 
 def check_metric(field: str, threshold: float, result: BenchmarkResult) -> GateCheck:
     ratio_name, value_of, direction, label = _RULES[field]
-    observed = result.ratios()[ratio_name]
-    baseline, candidate = value_of(result.fp16), value_of(result.gptq)
+    return _check(field, threshold, observed=result.ratios()[ratio_name], baseline=value_of(result.fp16),
+                  candidate=value_of(result.gptq), direction=direction, label=label)
+
+
+def check_decode_speedup(batch: int, threshold: float, result: BenchmarkResult) -> GateCheck:
+    """``min_decode_speedup_by_batch[batch]``, as metric ``min_decode_speedup_b<batch>`` (batch 1 too: it may
+    be set next to ``min_decode_speedup``, and a run's metric names are unique)."""
+    return _check(f"min_decode_speedup_b{batch}", threshold, observed=result.decode_speedup(batch),
+                  baseline=result.fp16.decode_rate(batch), candidate=result.gptq.decode_rate(batch),
+                  direction="min", label=f"decode speed-up x at batch {batch}")
+
+
+def _check(metric: str, threshold: float, *, observed: float | None, baseline: float | None,
+           candidate: float | None, direction: str, label: str) -> GateCheck:
     if observed is None:
         passed, verdict = False, "not measured"
     elif direction == "max":
@@ -44,7 +57,7 @@ def check_metric(field: str, threshold: float, result: BenchmarkResult) -> GateC
         passed = observed >= threshold or math.isclose(observed, threshold, rel_tol=_REL_TOL)
         verdict = f"{observed:.4g} {'>=' if passed else '<'} {threshold:g}"
     message = f"{label}: {verdict} (fp16 {_fmt(baseline)}, gptq {_fmt(candidate)})"
-    return GateCheck(metric=field, threshold=threshold, baseline=baseline, candidate=candidate, observed=observed,
+    return GateCheck(metric=metric, threshold=threshold, baseline=baseline, candidate=candidate, observed=observed,
                      passed=passed, message=message)
 
 
@@ -54,12 +67,12 @@ def _fmt(value: float | None) -> str:
 
 def evaluate_gate(*, result: BenchmarkResult, spec: GateSpec) -> GateDecision:
     """All configured checks; passed only if every one passes (no thresholds: passes)."""
-    checks = tuple(
-        check_metric(field, threshold, result)
-        for field, threshold in spec.model_dump().items()
-        if threshold is not None
-    )
-    return GateDecision(passed=all(c.passed for c in checks), checks=checks)
+    checks = [check_metric(field, threshold, result)
+              for field, threshold in spec.model_dump(exclude={"min_decode_speedup_by_batch"}).items()
+              if threshold is not None]
+    checks += [check_decode_speedup(batch, threshold, result)
+               for batch, threshold in (spec.min_decode_speedup_by_batch or {}).items()]
+    return GateDecision(passed=all(c.passed for c in checks), checks=tuple(checks))
 
 
 @task(name="gate")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from prefect import task
 
+from modelfactory import stage_store
 from modelfactory.core import workdir
 from modelfactory.core.errors import AdapterMismatchError, MergeVerificationError
 from modelfactory.core.hashing import step_key
@@ -165,26 +166,28 @@ def merge_adapters(*, base: ModelArtifact, adapters: tuple[AdapterArtifact, ...]
     """Merge *adapters* (in order, weighted) into *base*; reuse a finished merge with the same inputs."""
     start = time.perf_counter()
     adapters = tuple(adapters)
-    check_safetensors(Path(base.path), label=f"base model {base.source_uri}")
+    local_base = base.model_copy(update={"path": str(stage_store.resolve(base.path))})  # fetched if built elsewhere
+    check_safetensors(Path(local_base.path), label=f"base model {base.source_uri}")
     for adapter in adapters:
         check_safetensors(Path(adapter.path), label=f"adapter {adapter.source_uri}")
     if not adapters:
         return MergeResult(base=base, model=base, adapters=(), max_abs_logit_diff=None, tolerance=spec.tolerance)
     for adapter in adapters:
-        check_adapter_fits(base_dir=Path(base.path), adapter_dir=Path(adapter.path), adapter_label=adapter.source_uri)
+        check_adapter_fits(base_dir=Path(local_base.path), adapter_dir=Path(adapter.path),
+                           adapter_label=adapter.source_uri)
     check_combinable(adapters)
     key = step_key("merge", base=base.sha, adapters=[(a.sha, a.weight) for a in adapters], spec=spec)
-    done = workdir.completed("merge", key)
+    done = stage_store.find("merge", key)
     reused = done is not None
     if reused:
-        diff = workdir.read_marker(done)["max_abs_logit_diff"]
-        progress(f"merge: reusing {done}")
+        diff = done.marker["max_abs_logit_diff"]
+        progress(f"merge: reusing {done.uri}")
     else:
         with workdir.building("merge", key) as (tmp, marker):
-            diff = _merge_into(tmp, base, adapters, spec)
+            diff = _merge_into(tmp, local_base, adapters, spec)
             marker.update(base_sha=base.sha, adapters=[a.model_dump() for a in adapters], max_abs_logit_diff=diff)
-        done = workdir.step_dir("merge", key)
-    model = ModelArtifact(path=str(done), sha=key, source_uri=base.source_uri, kind="merged", reused=reused,
+        done = stage_store.publish("merge", key)
+    model = ModelArtifact(path=done.uri, sha=key, source_uri=base.source_uri, kind="merged", reused=reused,
                           duration_s=time.perf_counter() - start)
     return MergeResult(base=base, model=model, adapters=adapters, max_abs_logit_diff=diff, tolerance=spec.tolerance)
 

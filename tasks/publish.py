@@ -19,6 +19,7 @@ from typing import Any
 
 from prefect import task
 
+from modelfactory import stage_store
 from modelfactory.catalog.metrics import manifest_metrics
 from modelfactory.core.errors import PublishError
 from modelfactory.core.hashing import step_key
@@ -68,23 +69,26 @@ def publish_artifact(*, spec: FactorySpec, merge: MergeResult, quant: QuantResul
     if not decision.passed:
         raise PublishError(f"refusing to publish {quant.model.path}: the gate {decision.summary()}")
     destination = spec.publish.destination or get_settings().resolved_store_url
-    parts = (artifact_name(spec), spec.quantize.label(), quant.model.sha)
-    revision = spec.publish.revision or spec.quantize.label()
+    config = quant.spec_label(spec.quantize)  # the resolved group size, not 'auto'
+    parts = (artifact_name(spec), config, quant.model.sha)
+    source = stage_store.resolve(quant.model.path)  # fetched (and checked) when quantized on another host
+    revision = spec.publish.revision or config
     if destination_kind(destination) == "hub":
         model, model_revision = destination.removeprefix("hf://").strip("/"), revision
     else:  # the folder a user downloads the artifact into (modelfactory artifact download URI ./NAME)
         model, model_revision = f"./{parts[0]}", None
     manifest = build_manifest(
-        Path(quant.model.path),
+        source,
         name=parts[0], config=parts[1], key=parts[2],
         created_at=datetime.now(timezone.utc).isoformat(),
         **manifest_fields(spec=spec, merge=merge, quant=quant, bench=bench, decision=decision,
                           runnability=runnability_entries(runnability, model=model, revision=model_revision)),
     )
-    manifest = scrub_local_paths(manifest, roots=local_roots(quant.model.path, merge.base.path,
+    # step outputs may be s3:// URIs (a stage store): only local folders are roots
+    manifest = scrub_local_paths(manifest, roots=local_roots(source, quant.model.path, merge.base.path,
                                                              *(a.path for a in merge.adapters)))
     progress(f"publish: {len(manifest['files'])} files, {manifest['total_bytes'] / 1e6:.1f} MB -> {destination}")
-    return publish_to(destination=destination, source=Path(quant.model.path), parts=parts, manifest=manifest,
+    return publish_to(destination=destination, source=source, parts=parts, manifest=manifest,
                       private=spec.publish.private, revision=revision, matrix_markdown=matrix_markdown)
 
 
@@ -94,12 +98,17 @@ def manifest_fields(*, spec: FactorySpec, merge: MergeResult, quant: QuantResult
 
     Local sources appear by name + SHA-256 (``sources.local`` lists every local path the spec
     named, with its hash); ``run_key`` lets ``catalog import`` find the run although the published
-    spec no longer names the local paths it was keyed on.
+    spec no longer names the local paths it was keyed on. A ``group_size: auto`` is published as the
+    size used (``auto_resolved`` says so).
     """
     known = {merge.base.source_uri: merge.base.sha, spec.base.uri: merge.base.sha}
     known |= {a.source_uri: a.sha for a in merge.adapters}
     known |= {s.uri: a.sha for s, a in zip(spec.adapters, merge.adapters, strict=False)}
-    published_spec, local = public_spec(spec.model_dump(mode="json"), known=known)
+    spec_json = spec.model_dump(mode="json")
+    resolved = quant.group_size is not None and spec.quantize.group_size == "auto"
+    if resolved:  # the spec as run: the group size the quantize step chose (the run key keeps 'auto')
+        spec_json["quantize"] = spec.quantize.resolved(quant.group_size).model_dump(mode="json")
+    published_spec, local = public_spec(spec_json, known=known)
     sources: dict[str, Any] = {"base": _public_source({"uri": merge.base.source_uri, "sha": merge.base.sha}, "uri"),
                                "adapters": [_public_source({"source_uri": a.source_uri, "sha": a.sha,
                                                             "weight": a.weight}, "source_uri")
@@ -114,6 +123,8 @@ def manifest_fields(*, spec: FactorySpec, merge: MergeResult, quant: QuantResult
         "gate": decision.model_dump(mode="json"),
         "engine": quant.engine,
     }
+    if resolved:
+        fields["auto_resolved"] = {"quantize": ["group_size"]}
     if runnability:
         fields["runnability"] = runnability
     return fields

@@ -16,6 +16,11 @@ from pathlib import Path
 
 from prefect import task
 
+from modelfactory import stage_store
+from modelfactory.benchmark.layer_widths import (
+    choose_group_size,
+    layer_widths_from_config,
+)
 from modelfactory.core import workdir
 from modelfactory.core.devices import (
     apply_memory_cap,
@@ -89,6 +94,18 @@ def checkpoint_progress(folder: Path) -> tuple[int, int] | None:
     return int(newest["cursor"]), len(newest.get("identity", {}).get("execution_plan", []))
 
 
+def resolve_group_size(spec: QuantSpec, model_path: str) -> QuantSpec:
+    """*spec* with ``group_size: auto`` replaced by the largest of 128, 64, 32 that divides every
+    quantized layer's input width in *model_path*'s ``config.json`` (the default kernels, CPU
+    int4pack included, need that: ``modelfactory.benchmark.layer_widths``). Explicit sizes are kept."""
+    if spec.group_size != "auto":
+        return spec
+    widths = layer_widths_from_config(json.loads((Path(model_path) / "config.json").read_text()))
+    group = choose_group_size(in_features=widths.in_features)
+    progress(f"quantize: group_size auto -> {group} (layer input widths {', '.join(map(str, widths.in_features))})")
+    return spec.resolved(group)
+
+
 def _scrub_local_paths(out_dir: str) -> None:
     """Drop the machine-local offload/checkpoint path GPTQModel writes into quantize_config.json."""
     path = Path(out_dir) / "quantize_config.json"
@@ -110,7 +127,7 @@ def run_gptq(*, model_path: str, out_dir: str, spec: dict, device: str, checkpoi
     from gptqmodel import CheckpointConfig, QuantizeConfig
     from transformers import AutoTokenizer
 
-    qspec = QuantSpec.model_validate(spec)
+    qspec = resolve_group_size(QuantSpec.model_validate(spec), model_path)
     device = resolve_device(device)
     apply_memory_cap(device)
     dtype = getattr(torch, resolve_dtype("auto", device))
@@ -178,24 +195,27 @@ def _load_for_gptq(model_path: str, config, *, dtype, device: str):
 def quantize_model(*, model: ModelArtifact, spec: QuantSpec, device: str = "auto") -> QuantResult:
     """GPTQ-quantize *model*; reuse a finished output with identical inputs."""
     start = time.perf_counter()
+    if spec.group_size == "auto":  # keyed as resolved: 'auto' and its explicit size share outputs
+        spec = resolve_group_size(spec, str(stage_store.resolve(model.path)))
     key = step_key("quantize", model=model.sha, spec=spec)
-    done = workdir.completed("quantize", key)
+    done = stage_store.find("quantize", key)
     reused = done is not None
     if reused:
-        progress(f"quantize: reusing {done}")
-        info = workdir.read_marker(done)
+        progress(f"quantize: reusing {done.uri}")
+        info = done.marker
     else:
+        model_path = str(stage_store.resolve(model.path))  # fetched when it was built on another host
         log_path = workdir.step_dir("quantize", key).with_suffix(".log")
         # Outlives a failed attempt (unlike the build folder), so the next attempt resumes from it.
         checkpoint_dir = workdir.step_dir("quantize", key).parent / f".{key}.checkpoint"
-        use_checkpoint = get_settings().quantize_checkpoints and checkpointable(model.path, spec)
+        use_checkpoint = get_settings().quantize_checkpoints and checkpointable(model_path, spec)
         with workdir.building("quantize", key) as (tmp, marker):
             scratch = tmp.parent / f".{key}.scratch"  # GPTQModel writes ./logs into its cwd
             scratch.mkdir(exist_ok=True)
             try:
                 info = run_isolated(
                     "tasks.quantize:run_gptq",
-                    kwargs={"model_path": model.path, "out_dir": str(tmp), "spec": spec.model_dump(mode="json"),
+                    kwargs={"model_path": model_path, "out_dir": str(tmp), "spec": spec.model_dump(mode="json"),
                             "device": device, "checkpoint_dir": str(checkpoint_dir) if use_checkpoint else None},
                     log_path=log_path, env=gpu_env(), cwd=scratch, unexpected=QuantizationError,
                     library_progress=GPTQMODEL_LAYER,
@@ -204,10 +224,11 @@ def quantize_model(*, model: ModelArtifact, spec: QuantSpec, device: str = "auto
                 shutil.rmtree(scratch, ignore_errors=True)
             marker.update(info, source_sha=model.sha, spec=spec.model_dump(mode="json"))
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        done = workdir.step_dir("quantize", key)
-    artifact = ModelArtifact(path=str(done), sha=key, source_uri=model.source_uri, kind="gptq", reused=reused,
+        done = stage_store.publish("quantize", key)
+    artifact = ModelArtifact(path=done.uri, sha=key, source_uri=model.source_uri, kind="gptq", reused=reused,
                              duration_s=time.perf_counter() - start)
-    return QuantResult(model=artifact, quantize_s=info["quantize_s"], engine=info["engine"], device=info["device"])
+    return QuantResult(model=artifact, quantize_s=info["quantize_s"], engine=info["engine"], device=info["device"],
+                       group_size=spec.group_size)
 
 
 @task(name="quantize")

@@ -66,7 +66,10 @@ class RunRecorder:
                                  duration_s=duration_s, output_uri=None, detail=detail)
 
     def quantize(self, result: QuantResult) -> None:
-        self.step("quantize", result.model, detail={"engine": result.engine, "device": result.device})
+        self.step("quantize", result.model, detail={"engine": result.engine, "device": result.device,
+                                                    "group_size": result.group_size})
+        if result.group_size is not None:
+            self.catalog.set_resolved_group_size(run_id=self.run_id, group_size=result.group_size)
         self.catalog.record_metrics(run_id=self.run_id, metrics=[MetricRecord(
             name="quantize_s", side="gptq", value=result.quantize_s, unit="s")])
 

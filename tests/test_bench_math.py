@@ -73,6 +73,13 @@ def test_decode_rate_excludes_prefill():
     assert math.isfinite(decode_rate(t_first=1.0, t_all=1.0, new_tokens=8))  # no division by zero
 
 
+def test_decode_rate_counts_every_sequence_of_a_batch():
+    # 8 sequences, 11 tokens each in 1.1 s, the first in 0.1 s: 8 * 10 decode tokens in 1.0 s
+    assert decode_rate(t_first=0.1, t_all=1.1, new_tokens=11, batch=8) == pytest.approx(80.0)
+    assert decode_rate(t_first=0.1, t_all=1.1, new_tokens=11, batch=1) == decode_rate(t_first=0.1, t_all=1.1,
+                                                                                     new_tokens=11)
+
+
 def test_token_digest():
     assert token_digest([1, 2, 3]) == token_digest([1, 2, 3])
     assert token_digest([1, 2, 3]) != token_digest([1, 23])
@@ -160,3 +167,36 @@ def test_measure_perplexity_matches_reference(fp32_model, eval_ids, context_len,
     assert got == pytest.approx(want, rel=1e-4)
     # A random 2-layer model is close to a uniform guess over its 49152-token vocabulary.
     assert 1_000 < got < 1_000_000
+
+
+def test_perplexity_window_hook_sees_every_scored_logit(fp32_model, eval_ids):
+    """The per-window hook (where a side writes or compares per-window outputs) gets each window's
+    logits at its scored positions and their targets, and the NLL they give is the perplexity's."""
+    import torch
+
+    seen = []
+    ppl = measure_perplexity(fp32_model, ids=eval_ids, context_len=40, stride=25, device="cpu",
+                             on_window=lambda i, w, logits, targets: seen.append((i, w, logits.clone(), targets)))
+    windows = perplexity_windows(len(eval_ids), context_len=40, stride=25)
+    assert [(i, w) for i, w, _, _ in seen] == list(enumerate(windows))
+    for _, w, logits, targets in seen:
+        assert logits.shape == (w.scored, 49152) and logits.dtype == torch.float32
+        assert targets.tolist() == eval_ids[w.end - w.scored : w.end]
+    nll = sum(float(torch.nn.functional.cross_entropy(l, t, reduction="sum")) for _, _, l, t in seen)
+    assert ppl == pytest.approx(perplexity_from_nll(total_nll=nll, n_scored=sum(w.scored for w in windows)))
+
+
+def test_eager_decode_of_a_batch_repeats_the_greedy_sequence(fp32_model):
+    """Batch B decode: B copies of the prompt, every sequence the batch-1 greedy one, tok/s over all B."""
+    import torch
+
+    from modelfactory.benchmark.decode import batch_prompt, measure_decode
+
+    prompt = torch.tensor([[1, 400, 2500, 77]])
+    assert batch_prompt(prompt, 3).shape == (3, 4) and (batch_prompt(prompt, 3) == prompt).all()
+    _, rate1, one = measure_decode(fp32_model, input_ids=prompt, new_tokens=6, warmup=0, repeats=1, device="cpu")
+    _, rate4, four = measure_decode(fp32_model, input_ids=batch_prompt(prompt, 4), new_tokens=6, warmup=0,
+                                    repeats=1, device="cpu")
+    assert one.shape == (1, 10) and four.shape == (4, 10)
+    assert (four == one).all()
+    assert rate1 > 0 and rate4 > 0

@@ -48,7 +48,7 @@ from modelfactory.core.records import GateCheck, Publication
 REPO = Path(__file__).resolve().parents[1]
 PG_URL = os.environ.get("MODELFACTORY_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 TABLES = {"runs", "steps", "metrics", "gate_checks", "artifacts", "base_models", "adapters", "run_adapters",
-          "publications", "watches", "webhook_deliveries"}
+          "publications", "watches", "webhook_deliveries", "run_claims", "sweeps", "sweep_members"}
 HEAD = "0007"
 
 

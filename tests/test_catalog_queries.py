@@ -457,7 +457,7 @@ def test_lineage_from_run_uri_or_manifest(seeded: Seeded) -> None:
     assert (lora_x.ref, lora_x.sha, lora_y.ref, lora_y.detail["position"]) == (LORA_X, SHA_X, LORA_Y, 1)
     assert spec.ref == "gptq-3bit-128g-actorder" and spec.detail["spec"]["quantize"]["bits"] == 3
     assert {n.sha for n in by_run.nodes[5:]} == {manifest}
-    hub = f"https://huggingface.co/org/a-3g128-ao/tree/gptq"
+    hub = "https://huggingface.co/org/a-3g128-ao/tree/gptq"
     by_uri = lineage(seeded.catalog, ref=hub)
     assert by_uri.matched_by == "uri" and by_uri.run_id == run_id and by_uri.nodes == by_run.nodes
     # a rerun that reused the artifact: both runs are listed, the chain follows the earliest

@@ -11,12 +11,13 @@ from modelfactory.core.specs import GateSpec, parse_spec
 from tasks.gate import evaluate_gate
 
 
-def side(name: str, *, perplexity: float | None, decode: float, disk: int, mem: int) -> SideMetrics:
+def side(name: str, *, perplexity: float | None, decode: float, disk: int, mem: int,
+         by_batch: dict[int, float] | None = None) -> SideMetrics:
     return SideMetrics(
         side=name, device="cpu", dtype="bfloat16", kernel="dense" if name == "fp16" else "TorchQuantLinear",
         disk_bytes=disk, load_s=0.5, memory_kind="rss", mem_after_load_bytes=mem, mem_peak_decode_bytes=mem + 10,
         mem_peak_bytes=mem + 20, decode_tok_s=decode, ttft_ms=12.0, perplexity=perplexity, ppl_tokens=1000,
-        ppl_tokens_sha256="0" * 64, sample_text="hello",
+        ppl_tokens_sha256="0" * 64, sample_text="hello", decode_tok_s_by_batch=by_batch or {},
     )
 
 
@@ -144,3 +145,81 @@ def test_nan_perplexity_fails():
     decision = evaluate_gate(result=result(FP16, gptq), spec=GateSpec(max_ppl_increase_pct=1000))
     assert not decision.passed
     assert "nan" in decision.checks[0].message
+
+
+# --------------------------------------------------------------------------- decode speed-up per batch size
+# fp16 100 / 400 / 800 tok/s at batch 1 / 8 / 32; gptq 50 / 400 / 1200
+FP16_B = side("fp16", perplexity=10.0, decode=100.0, disk=1000, mem=2000, by_batch={1: 100.0, 8: 400.0, 32: 800.0})
+GPTQ_B = side("gptq", perplexity=20.0, decode=50.0, disk=900, mem=1800, by_batch={1: 50.0, 8: 400.0, 32: 1200.0})
+
+
+def test_ratios_per_batch_size():
+    ratios = result(FP16_B, GPTQ_B).ratios()
+    assert ratios["decode_speedup"] == 0.5  # batch 1 keeps its name
+    assert (ratios["decode_speedup_b8"], ratios["decode_speedup_b32"]) == (1.0, 1.5)
+    assert "decode_speedup_b1" not in ratios
+
+
+def test_records_without_batch_sizes_still_read():
+    """Records written before batch sizes existed: batch 1 is their decode_tok_s, nothing else measured."""
+    data = FP16.model_dump(mode="json")
+    del data["decode_tok_s_by_batch"]
+    old = SideMetrics.model_validate(data)
+    assert old.decode_tok_s_by_batch == {} and old.decode_rate(1) == 100.0 and old.decode_rate(8) is None
+    stored = BenchmarkResult(fp16=old, gptq=GPTQ, path="/tmp/bench").model_dump(mode="json")
+    for key in ("baseline_path", "baseline_reused"):
+        del stored[key]
+    again = BenchmarkResult.model_validate(stored)
+    assert again.baseline_path is None and again.ratios() == result(FP16, GPTQ).ratios()
+
+
+def test_per_batch_thresholds_pass():
+    spec = GateSpec(min_decode_speedup_by_batch={8: 1.0, 32: 1.2})
+    decision = evaluate_gate(result=result(FP16_B, GPTQ_B), spec=spec)
+    assert decision.passed, decision.summary()
+    assert [c.metric for c in decision.checks] == ["min_decode_speedup_b8", "min_decode_speedup_b32"]
+    assert decision.checks[0].message == "decode speed-up x at batch 8: 1 >= 1 (fp16 400, gptq 400)"
+
+
+def test_per_batch_thresholds_fail_with_both_values_each():
+    spec = GateSpec(min_decode_speedup=0.4, min_decode_speedup_by_batch={1: 0.6, 8: 1.1, 32: 1.6})
+    decision = evaluate_gate(result=result(FP16_B, GPTQ_B), spec=spec)
+    assert not decision.passed
+    by_metric = {c.metric: c for c in decision.checks}
+    assert by_metric["min_decode_speedup"].passed  # batch 1 at 0.4 passes, at 0.6 (by batch) fails
+    assert [c.metric for c in decision.failures()] == [
+        "min_decode_speedup_b1", "min_decode_speedup_b8", "min_decode_speedup_b32"]
+    expected = {1: ("0.5 < 0.6", "fp16 100,", "gptq 50)"), 8: ("1 < 1.1", "fp16 400,", "gptq 400)"),
+                32: ("1.5 < 1.6", "fp16 800,", "gptq 1200)")}
+    for batch, fragments in expected.items():
+        check = by_metric[f"min_decode_speedup_b{batch}"]
+        assert check.message.startswith(f"decode speed-up x at batch {batch}: ")
+        assert all(f in check.message for f in fragments), check.message
+        assert check.message in decision.summary()
+    assert (by_metric["min_decode_speedup_b32"].baseline, by_metric["min_decode_speedup_b32"].candidate) == (800, 1200)
+
+
+def test_per_batch_threshold_of_an_unmeasured_batch_size_fails_not_measured():
+    spec = GateSpec(min_decode_speedup_by_batch={8: 1.0, 64: 0.5})
+    decision = evaluate_gate(result=result(FP16_B, GPTQ_B), spec=spec)
+    assert not decision.passed
+    (check,) = decision.failures()
+    assert check.metric == "min_decode_speedup_b64" and check.observed is None
+    assert check.message == "decode speed-up x at batch 64: not measured (fp16 n/a, gptq n/a)"
+    # measured on one side only: still not measured, with the side that has it shown
+    gptq = side("gptq", perplexity=20.0, decode=50.0, disk=900, mem=1800, by_batch={1: 50.0, 8: 400.0, 64: 9.0})
+    (check,) = evaluate_gate(result=result(FP16_B, gptq), spec=GateSpec(min_decode_speedup_by_batch={64: 0.5})).checks
+    assert not check.passed and "not measured (fp16 n/a, gptq 9)" in check.message
+    # an old record (no batch sizes) against a batch-8 threshold
+    (check,) = evaluate_gate(result=result(FP16, GPTQ), spec=GateSpec(min_decode_speedup_by_batch={8: 0.5})).checks
+    assert not check.passed and "not measured" in check.message
+
+
+def test_per_batch_thresholds_validated():
+    assert GateSpec(min_decode_speedup_by_batch={"32": 1, 8: 2.5}).min_decode_speedup_by_batch == {8: 2.5, 32: 1.0}
+    for bad, words in [({8: 0}, "must be > 0"), ({8: -1.0}, "must be > 0"), ({0: 1.0}, "between 1 and 256"),
+                       ({512: 1.0}, "between 1 and 256"), ({}, "is empty")]:
+        with pytest.raises(ValidationError, match=words):
+            GateSpec(min_decode_speedup_by_batch=bad)
+    with pytest.raises(SpecError, match="gate.min_decode_speedup_by_batch"):
+        parse_spec({"base": {"uri": "org/model"}, "gate": {"min_decode_speedup_by_batch": {"eight": 1.0}}})

@@ -221,6 +221,12 @@ def test_infra_files_declare_the_gpu_pool_setup():
     script = subprocess.run(["bash", "-n", str(START_WORKERS)], capture_output=True, text=True)
     assert script.returncode == 0, script.stderr
 
+    # `modelfactory deploy` finds the checkout it deploys from (deployments/ and flows/).
+    from modelfactory.interfaces.deploy import prefect_file, source_dir
+
+    if "MODELFACTORY_SOURCE_DIR" not in os.environ:
+        assert source_dir() == REPO and prefect_file().is_file()
+
 
 def test_gpu_stage_end_states_map_to_the_factory_errors():
     from modelfactory.core.errors import QuantizationError

@@ -229,12 +229,12 @@ def test_one_repo_id_rule_for_sources_publishing_cards_and_watches(bad, tmp_path
 
     monkeypatch.chdir(tmp_path)  # "a/b/c" must not exist relative to the cwd
     source, manifest = fake_artifact(tmp_path / "a")
-    for refuse in (lambda: classify_source(f"hf://{bad}"), lambda: normalize_repo(bad),
+    for refuse in (lambda: classify_source(f"hf://{bad}"), lambda: normalize_repo(repo=bad),
                    lambda: publish_hub(source=source, repo_id=bad, revision="main", private=False, manifest=manifest)):
         with pytest.raises(SpecError, match="is not a Hugging Face repo id 'owner/name'"):
             refuse()
     assert hub_base_model(f"hf://{bad}") is None
-    assert classify_source(f"hf://{BASE_REPO}") == "hub" and normalize_repo(f"hf://{BASE_REPO}") == BASE_REPO
+    assert classify_source(f"hf://{BASE_REPO}") == "hub" and normalize_repo(repo=f"hf://{BASE_REPO}") == BASE_REPO
 
 
 # --------------------------------------------------------------------------- publishing

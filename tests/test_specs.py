@@ -27,12 +27,13 @@ def test_defaults_are_valid():
     assert spec.base.repo_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert spec.adapters == ()
     assert spec.quantize.bits in SUPPORTED_BITS
-    assert spec.quantize.group_size in SUPPORTED_GROUP_SIZES
+    assert spec.quantize.group_size == "auto"  # resolved from the model's layer widths by the quantize step
     assert spec.quantize.calibration.text.split == "validation"
     perplexity = spec.benchmark.perplexity
     assert perplexity.stride <= perplexity.context_len
     assert spec.gate.model_dump() == {
-        "max_ppl_increase_pct": None, "min_decode_speedup": None, "max_size_ratio": None, "max_memory_ratio": None,
+        "max_ppl_increase_pct": None, "min_decode_speedup": None, "min_decode_speedup_by_batch": None,
+        "max_size_ratio": None, "max_memory_ratio": None,
     }
     assert spec.trust_remote_code is False
     # Each sub-spec is valid on its own defaults too.
@@ -175,7 +176,8 @@ def test_load_spec_invalid_yaml(tmp_path):
 @pytest.mark.parametrize(
     "kwargs,label",
     [
-        ({}, "gptq-4bit-128g"),
+        ({}, "gptq-4bit-autog"),
+        ({"group_size": 128}, "gptq-4bit-128g"),
         ({"group_size": -1}, "gptq-4bit-nogroup"),
         ({"bits": 8, "group_size": 32}, "gptq-8bit-32g"),
         ({"bits": 3, "group_size": 64, "desc_act": True}, "gptq-3bit-64g-actorder"),
@@ -183,6 +185,22 @@ def test_load_spec_invalid_yaml(tmp_path):
 )
 def test_quant_label(kwargs, label):
     assert QuantSpec(**kwargs).label() == label
+
+
+def test_group_size_auto_resolves_to_an_explicit_size_and_label():
+    spec = QuantSpec(desc_act=True)
+    resolved = spec.resolved(64)
+    assert resolved.group_size == 64 and resolved.label() == "gptq-4bit-64g-actorder"
+    assert resolved.desc_act and resolved.calibration == spec.calibration
+    assert QuantSpec(group_size=32).resolved(64).group_size == 32, "an explicit size is kept"
+    with pytest.raises(ValidationError, match="group_size=100"):
+        spec.resolved(100)
+
+
+@pytest.mark.parametrize("value", ["big", "Auto", 0, 100])
+def test_group_size_other_strings_and_sizes_rejected(value):
+    with pytest.raises(SpecError, match="quantize.group_size"):
+        parse_spec({**HUB, "quantize": {"group_size": value}})
 
 
 def test_json_schema_shows_quantize_fields_with_descriptions():
@@ -193,5 +211,7 @@ def test_json_schema_shows_quantize_fields_with_descriptions():
         assert field in quant["properties"], field
         assert quant["properties"][field].get("description"), f"{field} has no description"
     assert quant["properties"]["bits"]["default"] == 4
+    assert quant["properties"]["group_size"]["default"] == "auto"
+    assert quant["properties"]["group_size"]["enum"][0] == "auto"
     assert quant.get("additionalProperties") is False
     assert "base" in schema["required"]

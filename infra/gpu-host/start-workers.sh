@@ -9,8 +9,11 @@
 #
 # Environment (the flow runs inherit it; see infra/README.md):
 #   PREFECT_API_URL                    the Prefect server (required)
-#   MODELFACTORY_HOME / _WORK_DIR / _CACHE_DIR / _CATALOG_URL / _STORE_URL / _DATA_DIR
-#                                      must match the factory's (same host or shared volumes)
+#   MODELFACTORY_STAGE_STORE_URL       s3://bucket/prefix shared with the factory: step outputs move
+#                                      through it (plus MODELFACTORY_S3_ENDPOINT_URL / AWS credentials);
+#                                      then MODELFACTORY_HOME / _WORK_DIR / _CACHE_DIR are this host's own.
+#                                      Unset: MODELFACTORY_WORK_DIR must be the factory's (shared volume)
+#   MODELFACTORY_DATA_DIR              local dataset copies (calibration / perplexity text)
 #   MODELFACTORY_SOURCE_DIR            checkout the flow code runs from (default: this one)
 #   PREFECT_FLOWS_HEARTBEAT_FREQUENCY  flow-run heartbeat seconds (default 30; the zombie-run
 #                                      automation marks a run Crashed after --zombie-after, 90 s)

@@ -3,11 +3,13 @@
 The same code, tokens and settings for both sides, each side in a fresh process:
 
 - :mod:`~modelfactory.benchmark.perplexity`: sliding-window perplexity over one token sequence,
-  and the digest proving both sides scored the same tokens.
-- :mod:`~modelfactory.benchmark.decode`: batch-1 greedy decode timed without its prefill; eager
-  HF ``generate`` on CPU, and the eager reference every CUDA graph is checked against.
+  the digest proving both sides scored the same tokens, and a hook seeing every window's logits.
+- :mod:`~modelfactory.benchmark.decode`: greedy decode at each batch size (the prompt repeated)
+  timed without its prefill; eager HF ``generate`` on CPU, and the eager reference every CUDA
+  graph is checked against.
 - :mod:`~modelfactory.benchmark.graph`: on CUDA (mode ``auto``) the decode step runs as a
-  hand-captured CUDA graph over a static KV cache, prepared by a treatment and checked first.
+  hand-captured CUDA graph over a static KV cache of the batch, prepared by a treatment and
+  checked first.
 - :mod:`~modelfactory.benchmark.fusion`: q/k/v and gate/up fused into one GEMM each (a treatment).
 - :mod:`~modelfactory.benchmark.kernels`: the GPTQ kernel and decode mode a side runs with, and
   GPTQ kernels as opaque ops for ``torch.compile``.
@@ -21,7 +23,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from modelfactory.benchmark.decode import decode_rate, measure_decode, reference_decode
+from modelfactory.benchmark.decode import (
+    batch_prompt,
+    decode_rate,
+    measure_decode,
+    reference_decode,
+)
 from modelfactory.benchmark.graph import (
     GRAPH_TREATMENTS,
     DecodeCheck,
@@ -38,6 +45,7 @@ from modelfactory.benchmark.kernels import (
 )
 from modelfactory.benchmark.memory import MemoryProbe, disk_bytes
 from modelfactory.benchmark.perplexity import (
+    WindowHook,
     check_same_tokens,
     measure_perplexity,
     perplexity_windows,
@@ -55,6 +63,8 @@ __all__ = [
     "GraphTreatment",
     "MemoryProbe",
     "Treatment",
+    "WindowHook",
+    "batch_prompt",
     "check_same_tokens",
     "choose_decode_mode",
     "choose_kernel",

@@ -1,8 +1,9 @@
 """Eager decode: the timed HF ``generate`` used on CPU, and the reference every graph is checked against.
 
-Batch 1, greedy, after ``warmup`` untimed runs; ``decode_tok_s`` is ``(N - 1) / (t_N - t_1)``
-with medians over ``repeats``: the steady decode rate without the prefill (:func:`decode_rate`);
-``ttft_ms`` is the median t_1 (prefill + first token).
+Greedy, B copies of the prompt (batch B; ``benchmark.decode.batch_sizes``), after ``warmup``
+untimed runs; the rate is ``B * (N - 1) / (t_N - t_1)`` with medians over ``repeats``: the
+steady decode rate of all B sequences together, without the prefill (:func:`decode_rate`);
+``ttft_ms`` is the median t_1 (prefill + first token) at batch 1.
 """
 
 from __future__ import annotations
@@ -11,15 +12,21 @@ import statistics
 import time
 
 
-def decode_rate(*, t_first: float, t_all: float, new_tokens: int) -> float:
-    """Tokens per second of the decode phase, prefill excluded."""
-    return (new_tokens - 1) / max(t_all - t_first, 1e-9)
+def decode_rate(*, t_first: float, t_all: float, new_tokens: int, batch: int = 1) -> float:
+    """Tokens per second of the decode phase over all *batch* sequences, prefill excluded."""
+    return batch * (new_tokens - 1) / max(t_all - t_first, 1e-9)
 
 
-def median_decode(*, firsts: list[float], alls: list[float], new_tokens: int) -> tuple[float, float]:
+def median_decode(*, firsts: list[float], alls: list[float], new_tokens: int, batch: int = 1,
+                  ) -> tuple[float, float]:
     """``(ttft_s, decode_tok_s)`` from the timed runs: medians of t_1 and t_N, then :func:`decode_rate`."""
     t_first, t_all = statistics.median(firsts), statistics.median(alls)
-    return t_first, decode_rate(t_first=t_first, t_all=t_all, new_tokens=new_tokens)
+    return t_first, decode_rate(t_first=t_first, t_all=t_all, new_tokens=new_tokens, batch=batch)
+
+
+def batch_prompt(input_ids, batch: int):
+    """*batch* copies of the one prompt ``input_ids`` (shape ``(1, L)``): equal lengths, so no padding."""
+    return input_ids.expand(batch, -1).contiguous()
 
 
 def _sync(device: str) -> None:
@@ -41,7 +48,8 @@ def _timed_generate(model, input_ids, new_tokens: int, device: str):
 
 
 def measure_decode(model, *, input_ids, new_tokens: int, warmup: int, repeats: int, device: str):
-    """Timed HF ``generate``: ``(ttft_s, decode_tok_s, output_ids)`` (method: the module docstring)."""
+    """Timed HF ``generate`` of the batch *input_ids* (``(B, L)``, see :func:`batch_prompt`):
+    ``(ttft_s, decode_tok_s, output_ids)``, tok/s over all B sequences (method: the module docstring)."""
     import torch
 
     with torch.inference_mode():
@@ -52,7 +60,7 @@ def measure_decode(model, *, input_ids, new_tokens: int, warmup: int, repeats: i
             firsts.append(_timed_generate(model, input_ids, 1, device)[0])
             elapsed, out = _timed_generate(model, input_ids, new_tokens, device)
             alls.append(elapsed)
-    ttft_s, tok_s = median_decode(firsts=firsts, alls=alls, new_tokens=new_tokens)
+    ttft_s, tok_s = median_decode(firsts=firsts, alls=alls, new_tokens=new_tokens, batch=input_ids.shape[0])
     return ttft_s, tok_s, out
 
 

@@ -81,9 +81,11 @@ def _rel_err(a, b) -> float:
 
 
 class GraphDecoder:
-    """Greedy batch-1 decode: a static KV cache and a hand-captured CUDA graph of one step.
+    """Greedy decode: a static KV cache and a hand-captured CUDA graph of one step.
 
-    The captured step is embedding → all layers → argmax → position += 1, so replaying it needs no
+    *input_ids* is ``(B, L)``: B sequences of one length (the benchmark's prompt repeated,
+    :func:`modelfactory.benchmark.decode.batch_prompt`), decoded together; the cache holds B
+    sequences and every captured step produces B tokens. The captured step is embedding → all layers → argmax → position += 1, so replaying it needs no
     host work at all; :meth:`prefill` (not captured) resets the cache and runs the prompt.
     ``compile=True`` runs the step's model call through ``torch.compile`` (Inductor, without its
     own CUDA graphs) before the capture, with quantized linears as opaque custom ops; fusing the
@@ -95,11 +97,12 @@ class GraphDecoder:
         from transformers import StaticCache
 
         self.model, self.input_ids = model, input_ids
-        self.prompt_len = input_ids.shape[1]
+        self.batch, self.prompt_len = input_ids.shape
         device = input_ids.device
+        # Sized by the prefill: the cache allocates B sequences on first use (lazily, before the capture).
         self.cache = StaticCache(config=model.config, max_cache_len=self.prompt_len + max_new_tokens + 1)
         self.prompt_pos = torch.arange(self.prompt_len, device=device)
-        self.token = torch.zeros((1, 1), dtype=torch.long, device=device)
+        self.token = torch.zeros((self.batch, 1), dtype=torch.long, device=device)
         self.position = torch.zeros((1,), dtype=torch.long, device=device)
         self.compile_s = 0.0
         self._forward = self._model_step
@@ -123,8 +126,9 @@ class GraphDecoder:
                 self.logits = self._step()  # graph-owned: holds each replay's logits
 
     def _model_step(self, token, position):
+        # All sequences are at the same position: one cache position, position ids broadcast to B rows.
         logits = self.model(input_ids=token, past_key_values=self.cache, cache_position=position,
-                            position_ids=position.unsqueeze(0), use_cache=True).logits[:, -1]
+                            position_ids=position.unsqueeze(0).expand(self.batch, -1), use_cache=True).logits[:, -1]
         return logits, logits.argmax(-1, keepdim=True)
 
     def prefill(self) -> None:
@@ -142,7 +146,8 @@ class GraphDecoder:
         return logits
 
     def generate(self, new_tokens: int) -> tuple[float, float, list]:
-        """Returns ``(t_first_s, t_all_s, tokens)`` for one timed generation."""
+        """Returns ``(t_first_s, t_all_s, tokens)`` for one timed generation (*tokens*: one ``(B, 1)``
+        tensor per step)."""
         import torch
 
         with torch.inference_mode():
@@ -163,7 +168,9 @@ class GraphDecoder:
 
         Teacher-forced: each step is fed the reference's previous token, and its logits are
         compared with the reference's (relative L2 error, top-1 agreement). Free-running: the
-        greedy tokens of one replayed generation against the reference tokens.
+        greedy tokens of one replayed generation against the reference tokens. The reference is
+        batch 1; at batch B every sequence is compared with it (the worst row's error, the share
+        of all rows' positions that agree, the shortest matching prefix).
         """
         import torch
 
@@ -171,28 +178,31 @@ class GraphDecoder:
         errs, top1 = [], 0
         with torch.inference_mode():
             self.prefill()
-            errs.append(_rel_err(self.prefill_logits[0].float().cpu(), ref_logits[0]))
-            top1 += int(self.prefill_logits[0].argmax()) == ref_tokens[0]
-            for i in range(1, steps):
-                self.token.fill_(ref_tokens[i - 1])
-                self.graph.replay()
-                got = self.logits[0].float().cpu()
-                errs.append(_rel_err(got, ref_logits[i]))
-                top1 += int(got.argmax()) == ref_tokens[i]
-            free = [int(t) for t in self.generate(steps)[2]]
-        prefix = next((i for i, (a, b) in enumerate(zip(free, ref_tokens)) if a != b), steps)
+            got = self.prefill_logits.float().cpu()
+            for i in range(steps):
+                if i:
+                    self.token.fill_(ref_tokens[i - 1])
+                    self.graph.replay()
+                    got = self.logits.float().cpu()
+                errs.append(max(_rel_err(row, ref_logits[i]) for row in got))
+                top1 += int((got.argmax(-1) == ref_tokens[i]).sum())
+            free = torch.cat(self.generate(steps)[2], dim=1).cpu()  # (B, steps)
+        match = free == torch.tensor(ref_tokens)
+        prefix = min(next((i for i, same in enumerate(row.tolist()) if not same), steps) for row in match)
         return DecodeCheck(steps=steps, logits_max_rel_err=max(errs), logits_mean_rel_err=sum(errs) / steps,
-                           teacher_forced_top1_agreement=top1 / steps,
-                           free_run_token_agreement=sum(a == b for a, b in zip(free, ref_tokens)) / steps,
+                           teacher_forced_top1_agreement=top1 / (steps * self.batch),
+                           free_run_token_agreement=float(match.float().mean()),
                            free_run_matching_prefix=prefix)
 
 
 def measure_decode_graph(model, *, input_ids, new_tokens: int, warmup: int, repeats: int, compile: bool = False,
                          decoder: GraphDecoder | None = None):
-    """Batch-1 greedy decode through :class:`GraphDecoder` (one is built unless *decoder* is given).
+    """Greedy decode of the batch *input_ids* through :class:`GraphDecoder` (one is built unless
+    *decoder* is given).
 
     Returns ``(ttft_s, decode_tok_s, output_ids)``; ttft is prefill + first token, the rate is
-    :func:`modelfactory.benchmark.decode.decode_rate` over medians, as for the eager decode.
+    :func:`modelfactory.benchmark.decode.decode_rate` over medians and all B sequences, as for the
+    eager decode.
     """
     import torch
 
@@ -205,5 +215,5 @@ def measure_decode_graph(model, *, input_ids, new_tokens: int, warmup: int, repe
         t_first, t_all, tokens = decoder.generate(new_tokens)
         firsts.append(t_first)
         alls.append(t_all)
-    ttft_s, tok_s = median_decode(firsts=firsts, alls=alls, new_tokens=new_tokens)
-    return ttft_s, tok_s, torch.cat([input_ids] + tokens, dim=1)
+    ttft_s, tok_s = median_decode(firsts=firsts, alls=alls, new_tokens=new_tokens, batch=decoder.batch)
+    return ttft_s, tok_s, torch.cat([decoder.input_ids] + tokens, dim=1)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from modelfactory.core.errors import BenchmarkError
 from modelfactory.core.log import progress
@@ -27,6 +29,13 @@ class Window:
     begin: int
     end: int
     scored: int  # the last `scored` tokens of [begin, end) are predicted and counted
+
+
+#: Called for every window as ``hook(index, window, logits, targets)``: *logits* the float32 logits
+#: predicting the window's scored tokens (``(scored, vocab)``, on the model's device), *targets* those
+#: tokens' ids (``(scored,)``). Where a side writes (fp16) or compares (GPTQ) per-window outputs, e.g.
+#: the reference distributions of a KL divergence (``tasks.benchmark.window_outputs``).
+WindowHook = Callable[[int, "Window", Any, Any], None]
 
 
 def perplexity_windows(n_tokens: int, *, context_len: int, stride: int) -> list[Window]:
@@ -67,8 +76,10 @@ def check_same_tokens(*, fp16: SideMetrics, gptq: SideMetrics) -> None:
                              "the quantized model must keep the baseline's tokenizer")
 
 
-def measure_perplexity(model, *, ids: list[int], context_len: int, stride: int, device: str) -> float:
-    """Perplexity of *model* over *ids* (see the module docstring for the method)."""
+def measure_perplexity(model, *, ids: list[int], context_len: int, stride: int, device: str,
+                       on_window: WindowHook | None = None) -> float:
+    """Perplexity of *model* over *ids* (see the module docstring for the method); *on_window* sees
+    every window's scored logits (:data:`WindowHook`)."""
     import torch
 
     windows = perplexity_windows(len(ids), context_len=context_len, stride=stride)
@@ -81,6 +92,8 @@ def measure_perplexity(model, *, ids: list[int], context_len: int, stride: int, 
             logits = model(input_ids=chunk).logits[0, -w.scored - 1 : -1].float()
             targets = chunk[0, -w.scored :]
             total_nll += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+            if on_window is not None:
+                on_window(i, w, logits, targets)
             n_scored += w.scored
             if time.perf_counter() - last_report > _REPORT_EVERY_S:
                 progress(f"benchmark: perplexity window {i + 1}/{len(windows)}")

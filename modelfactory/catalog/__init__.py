@@ -4,7 +4,7 @@
 >>> catalog.list_runs(status="passed")  # newest first
 
 Modules: ``db`` (:class:`Catalog`, :func:`open_catalog`) built from ``connections``, ``schema``,
-``runs`` and ``watches``; ``engine`` (URLs, engine), ``ids`` (run-id prefixes), ``models`` (ORM
+``runs``, ``sweeps`` and ``watches``; ``engine`` (URLs, engine), ``ids`` (run-id prefixes), ``models`` (ORM
 tables), ``mappers`` (rows → records), ``records`` (the records and closed sets), ``queries``
 (ls / compare / best / lineage / leaderboard), ``render``, ``metrics``, ``recovery``, ``migrations``.
 """
@@ -16,6 +16,7 @@ from modelfactory.catalog.records import (
     METRIC_SIDES,
     RUN_STATUSES,
     STEP_STATUSES,
+    SWEEP_STATUSES,
     ArtifactRecord,
     DeliveryRecord,
     GateCheckRecord,
@@ -24,6 +25,9 @@ from modelfactory.catalog.records import (
     RunDetail,
     RunSummary,
     StepRecord,
+    SweepDetail,
+    SweepMemberRow,
+    SweepSummary,
     WatchRecord,
 )
 from modelfactory.catalog.schema import head_revision
@@ -33,6 +37,7 @@ __all__ = [
     "METRIC_SIDES",
     "RUN_STATUSES",
     "STEP_STATUSES",
+    "SWEEP_STATUSES",
     "ArtifactRecord",
     "DeliveryRecord",
     "PublicationRecord",
@@ -43,6 +48,9 @@ __all__ = [
     "RunDetail",
     "RunSummary",
     "StepRecord",
+    "SweepDetail",
+    "SweepMemberRow",
+    "SweepSummary",
     "head_revision",
     "mask_url",
     "open_catalog",

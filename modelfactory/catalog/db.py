@@ -5,6 +5,7 @@ Open it with :func:`open_catalog`. :class:`Catalog` is put together from one par
 - :mod:`~modelfactory.catalog.connections`  one short connection / transaction per call, errors → CatalogError
 - :mod:`~modelfactory.catalog.schema`       the Alembic revision: read, upgrade, make sure it is at head
 - :mod:`~modelfactory.catalog.runs`         recording a run step by step, reading one back
+- :mod:`~modelfactory.catalog.sweeps`       sweeps: groups of runs, one per configuration, and the winner
 - :mod:`~modelfactory.catalog.watches`      the watch list and webhook deliveries
 
 The queries people use (ls filters, compare, best, lineage, leaderboard) are functions over a
@@ -16,10 +17,11 @@ from __future__ import annotations
 from modelfactory.catalog.engine import create_engine, parse_url
 from modelfactory.catalog.runs import CatalogRuns
 from modelfactory.catalog.schema import CatalogSchema
+from modelfactory.catalog.sweeps import CatalogSweeps
 from modelfactory.catalog.watches import CatalogWatches
 
 
-class Catalog(CatalogSchema, CatalogRuns, CatalogWatches):
+class Catalog(CatalogSchema, CatalogRuns, CatalogSweeps, CatalogWatches):
     """Reads and writes of the run catalog (thread-safe: one short session per call)."""
 
 

@@ -22,8 +22,13 @@ def benchmark_metrics(result: BenchmarkResult) -> list[MetricRecord]:
                 metrics.append(MetricRecord(name=name, side=side.side, value=float(value), unit=unit))
     for name, value in result.ratios().items():
         if value is not None:
-            metrics.append(MetricRecord(name=name, side="delta", value=float(value), unit=RATIO_UNITS[name]))
+            metrics.append(MetricRecord(name=name, side="delta", value=float(value), unit=_ratio_unit(name)))
     return metrics
+
+
+def _ratio_unit(name: str) -> str:
+    # decode_speedup_b<N>: the decode speed-up at batch size N (BenchmarkResult.ratios)
+    return "x" if name.startswith("decode_speedup_b") else RATIO_UNITS[name]
 
 
 def manifest_metrics(result: BenchmarkResult) -> dict[str, object]:

@@ -31,6 +31,7 @@ from modelfactory.catalog.records import (
     MetricSide,
     RunStatus,
     StepStatus,
+    SweepStatus,
     WatchKind,
 )
 
@@ -311,3 +312,70 @@ class WebhookDelivery(Base):
     flow_run_id: Mapped[str | None] = mapped_column(String(64))
     detail: Mapped[str | None] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+
+class RunClaim(Base):
+    """A claim on a run key (0005): the run holding it builds, identical runs wait (``catalog/claims.py``).
+
+    One row per key being built; a holder renews ``expires_at`` by a heartbeat, so the row of a
+    holder that died is taken over once it expired.
+    """
+
+    __tablename__ = "run_claims"
+
+    run_key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))  # "host pid N run <id>": who builds
+    token: Mapped[str] = mapped_column(String(32))  # this claim (a takeover gets a new one)
+    claimed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    renewed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Sweep(Base):
+    """A sweep (0006): many quantization configurations of one merged model, each an ordinary run
+    (:class:`SweepMember`), the winner chosen by the objective among the passing ones."""
+
+    __tablename__ = "sweeps"
+    __table_args__ = (
+        # As for runs: id prefixes on PostgreSQL need a byte-order index (see Run).
+        Index("ix_sweeps_id_pattern", "id", postgresql_ops={"id": "varchar_pattern_ops"}).ddl_if(
+            dialect="postgresql"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    flow_run_id: Mapped[str | None] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(200))
+    objective: Mapped[str] = mapped_column(String(16))  # core.sweep_spec.Objective
+    publish_mode: Mapped[str] = mapped_column(String(16))  # core.sweep_spec.PublishMode
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[SweepStatus] = mapped_column(String(16), index=True)
+    base_uri: Mapped[str | None] = mapped_column(String(1024))
+    base_sha: Mapped[str | None] = mapped_column(String(128))
+    base_model_id: Mapped[int | None] = mapped_column(
+        ForeignKey("base_models.id", ondelete="SET NULL"), index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    winner_run_id: Mapped[str | None] = mapped_column(String(36), ForeignKey("runs.id", ondelete="SET NULL"))
+    front: Mapped[list[str]] = mapped_column(JSON)  # run ids on the Pareto front
+    error_kind: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)
+
+    members: Mapped[list[SweepMember]] = relationship(
+        cascade="all, delete-orphan", passive_deletes=True, order_by=lambda: [SweepMember.position, SweepMember.id]
+    )
+
+
+class SweepMember(Base):
+    """One configuration of a sweep: the run that built, benchmarked and gated it, and its label."""
+
+    __tablename__ = "sweep_members"
+    __table_args__ = (UniqueConstraint("sweep_id", "run_id"), UniqueConstraint("sweep_id", "label"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sweep_id: Mapped[str] = mapped_column(String(36), ForeignKey("sweeps.id", ondelete="CASCADE"))
+    run_id: Mapped[str] = _run_fk()  # a run's sweeps
+    position: Mapped[int] = mapped_column(Integer)  # declaration order in the sweep spec
+    label: Mapped[str] = mapped_column(String(128))  # also the Hub branch it publishes to
+    kernel: Mapped[str] = mapped_column(String(64))
+    on_front: Mapped[bool] = mapped_column(Boolean, default=False)

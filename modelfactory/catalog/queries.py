@@ -188,7 +188,7 @@ def query_runs(
     with catalog.reading("list runs") as session:
         base_ids: list[int] | None = None
         if filters.base is not None:
-            base_ids = _version_ids(session, BaseModelVersion, filters.base)
+            base_ids = version_ids(session, BaseModelVersion, filters.base)
             if not base_ids:
                 return []
         stmt = _filtered(session, select(*ROW_COLUMNS), filters, base_ids=base_ids)
@@ -249,12 +249,12 @@ def _filtered(session: Session, stmt: Select, filters: RunFilter, *,
     """
     if filters.base is not None:
         if base_ids is None:
-            base_ids = _version_ids(session, BaseModelVersion, filters.base)
+            base_ids = version_ids(session, BaseModelVersion, filters.base)
         if not base_ids:
             return None
         stmt = stmt.where(Run.base_model_id.in_(base_ids))
     if filters.adapter is not None:
-        adapter_ids = _version_ids(session, AdapterVersion, filters.adapter)
+        adapter_ids = version_ids(session, AdapterVersion, filters.adapter)
         if not adapter_ids:
             return None
         stmt = stmt.where(Run.id.in_(select(RunAdapter.run_id).where(RunAdapter.adapter_id.in_(adapter_ids))))
@@ -276,7 +276,7 @@ def _filtered(session: Session, stmt: Select, filters: RunFilter, *,
     return stmt
 
 
-def _version_ids(session: Session, model: type, ref: str) -> list[int]:
+def version_ids(session: Session, model: type, ref: str) -> list[int]:
     """Ids of the base model / adapter versions whose URI is *ref* or whose SHA is (or starts with) it."""
     match: ColumnElement[bool] = or_(model.uri == ref, model.sha == ref)
     if len(ref) >= MIN_SHA_PREFIX and re.fullmatch(r"[0-9a-fA-F]+", ref):
@@ -336,7 +336,7 @@ def best_build(
     column, higher_better = OBJECTIVES[by]
     base_filter = RunFilter(**{**_filter_fields(filters), "base": base, "status": None})
     with catalog.reading(f"find the best build of {base!r}") as session:
-        base_ids = _version_ids(session, BaseModelVersion, base)
+        base_ids = version_ids(session, BaseModelVersion, base)
         if not base_ids:
             raise CatalogNotFoundError(
                 f"no run in the catalog at {catalog.url} was built on base model {base!r}: give its URI "
@@ -515,7 +515,7 @@ def leaderboard(catalog: Catalog, *, base: str | None = None, bases: int = 10, r
                   .group_by(BaseModelVersion.id, BaseModelVersion.uri, BaseModelVersion.sha)
                   .order_by(func.max(Run.started_at).desc()).limit(bases))
         if base is not None:
-            ids = _version_ids(session, BaseModelVersion, base)
+            ids = version_ids(session, BaseModelVersion, base)
             if not ids:
                 raise CatalogNotFoundError(
                     f"no run in the catalog at {catalog.url} was built on base model {base!r}: "

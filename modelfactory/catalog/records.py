@@ -34,6 +34,10 @@ WatchKind = Literal["adapter", "base"]
 MetricSide = Literal["fp16", "gptq", "delta", ""]
 #: ``catalog best`` objectives: decode speed-up (higher is better), size or memory ratio (lower is better).
 Objective = Literal["speed", "size", "memory"]
+#: Every status a sweep can have; ``running`` until :meth:`Catalog.finish_sweep` / :meth:`Catalog.fail_sweep`.
+SweepStatus = Literal["running", "finished", "failed"]
+#: The statuses :meth:`Catalog.finish_sweep` accepts.
+FinalSweepStatus = Literal["finished", "failed"]
 #: Links of a lineage chain, in chain order.
 LineageKind = Literal["base", "adapter", "spec", "run", "artifact", "publication"]
 #: How :func:`~modelfactory.catalog.queries.lineage` matched its reference.
@@ -45,6 +49,8 @@ STEP_STATUSES: tuple[str, ...] = get_args(StepStatus)
 DELIVERY_STATUSES: tuple[str, ...] = get_args(DeliveryStatus)
 WATCH_KINDS: tuple[str, ...] = get_args(WatchKind)
 METRIC_SIDES: tuple[str, ...] = get_args(MetricSide)
+SWEEP_STATUSES: tuple[str, ...] = get_args(SweepStatus)
+FINAL_SWEEP_STATUSES: tuple[str, ...] = get_args(FinalSweepStatus)
 #: Where a publication went: the destinations :class:`~modelfactory.core.records.Publication` allows.
 PUBLICATION_DESTINATIONS: tuple[str, ...] = get_args(Publication.model_fields["destination"].annotation)
 
@@ -302,3 +308,93 @@ class Board(_Record):
     base_sha: str
     runs: int  # finished builds of this base (the rows may be capped)
     rows: tuple[RunRow, ...]
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+@dataclass(frozen=True, slots=True)
+class SweepMemberRow(_Record):
+    """One configuration of a sweep as its matrix shows it: the run's config and verdict, where it ran.
+
+    The quality metrics beyond the gate ratios are read generically from the run's ``delta``
+    metrics when the benchmark measured them (``kld_mean``, ``kld_p99``, ``top1_agreement_pct``,
+    ``task_recovery_pct_<task>``: ``task_recovery_pct`` maps task → %). ``hostname`` /
+    ``cuda_visible_devices`` / ``device`` come from the run's ``gpu-stage`` step (``None`` when the
+    stage ran in the factory process).
+    """
+
+    run_id: str
+    label: str  # the configuration's name and the Hub branch it publishes to
+    kernel: str
+    position: int
+    status: RunStatus
+    on_front: bool
+    winner: bool
+    config: str | None
+    bits: int | None
+    group_size: int | None
+    desc_act: bool | None
+    damp_percent: float | None
+    calibration_samples: int | None
+    ppl_increase_pct: float | None
+    size_ratio: float | None
+    decode_speedup: float | None
+    memory_ratio: float | None
+    kld_mean: float | None = None
+    kld_p99: float | None = None
+    top1_agreement_pct: float | None = None
+    task_recovery_pct: dict[str, float] = dataclasses.field(default_factory=dict)
+    hostname: str | None = None
+    cuda_visible_devices: str | None = None
+    device: str | None = None
+    gpu_stage_s: float | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SweepSummary(_Record):
+    """One line of ``modelfactory catalog sweeps``."""
+
+    id: str
+    name: str
+    status: SweepStatus
+    objective: str
+    publish_mode: str
+    base_uri: str | None
+    base_sha: str | None
+    created_at: datetime
+    finished_at: datetime | None
+    winner_run_id: str | None
+    winner_label: str | None
+    members: int
+    passed: int
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SweepDetail(_Record):
+    """Everything about one sweep: its spec, verdict and one :class:`SweepMemberRow` per configuration
+    (declaration order)."""
+
+    id: str
+    name: str
+    status: SweepStatus
+    objective: str
+    publish_mode: str
+    spec: dict[str, Any]
+    flow_run_id: str | None
+    base_uri: str | None
+    base_sha: str | None
+    created_at: datetime
+    finished_at: datetime | None
+    winner_run_id: str | None
+    front: tuple[str, ...]  # run ids
+    error_kind: str | None
+    error: str | None
+    members: tuple[SweepMemberRow, ...]
+
+    @property
+    def winner(self) -> SweepMemberRow | None:
+        """The winning member, ``None`` before the sweep finished or when none passed."""
+        return next((m for m in self.members if m.winner), None)

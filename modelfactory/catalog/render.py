@@ -17,6 +17,9 @@ from modelfactory.catalog.records import (
     RunDetail,
     RunRow,
     RunSummary,
+    SweepDetail,
+    SweepMemberRow,
+    SweepSummary,
 )
 
 STATUS_STYLES = {
@@ -260,10 +263,6 @@ def metric_group(name: str) -> str:
     return next(title for title, member in METRIC_GROUPS if member(name))
 
 
-def _md_cell(text: object) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
 def run_markdown(detail: RunDetail) -> str:
     """A run in Markdown (the Prefect artifact): every metric recorded, fp16 / gptq / delta side by
     side in one table per group (:data:`METRIC_GROUPS`), the runnability checks, the gate verdict."""
@@ -314,3 +313,152 @@ def _runnability_markdown(detail: RunDetail) -> list[str]:
 
 def _secs(value: object) -> str:
     return f"{value:.2f}" if isinstance(value, (int, float)) else ""
+
+
+# --------------------------------------------------------------------------- sweeps
+
+#: What each objective prefers among the passing configurations (``core.sweep_spec.Objective``).
+OBJECTIVE_WORDS = {
+    "smallest": "smallest on disk",
+    "fastest": "fastest decode at batch 1",
+    "closest": "closest to fp16 (KL divergence, else perplexity increase)",
+}
+WINNER_MARK, FRONT_MARK = "★", "◆"
+#: Matrix columns of text (left-aligned); the others are numbers.
+SWEEP_TEXT_COLUMNS = frozenset({"", "branch", "kernel", "act-order", "status", "GPU"})
+
+
+def _flag(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "no")
+
+
+def _gpu(member: SweepMemberRow) -> str:
+    """Where the member's GPU stage ran: ``host · GPU 0`` (``-``: in the factory process)."""
+    if member.hostname is None and member.cuda_visible_devices is None:
+        return member.device or "-"
+    gpus = f" · GPU {member.cuda_visible_devices}" if member.cuda_visible_devices is not None else ""
+    return f"{member.hostname or '?'}{gpus}"
+
+
+def sweep_matrix(detail: SweepDetail) -> tuple[list[str], list[list[str]]]:
+    """The sweep's matrix as headers and text cells, one row per member in declaration order.
+
+    The first column marks the winner (★) and the Pareto front (◆). Quality columns beyond the
+    gate ratios (KL divergence, top-1 agreement, task recovery per task) and the GPU column appear
+    only when some member has them. Every rendering (terminal, Markdown, HTML) uses this.
+    """
+    members = detail.members
+    tasks = sorted({task for m in members for task in m.task_recovery_pct})
+    columns: list[tuple[str, Callable[[SweepMemberRow], str]]] = [
+        ("", lambda m: (WINNER_MARK if m.winner else "") + (FRONT_MARK if m.on_front else "")),
+        ("branch", lambda m: m.label),
+        ("kernel", lambda m: m.kernel),
+        ("bits", lambda m: "-" if m.bits is None else str(m.bits)),
+        ("group", lambda m: "-" if m.group_size is None else str(m.group_size)),
+        ("act-order", lambda m: _flag(m.desc_act)),
+        ("damp", lambda m: _number(m.damp_percent)),
+        ("calib", lambda m: "-" if m.calibration_samples is None else str(m.calibration_samples)),
+        ("status", lambda m: m.status),
+        ("ppl +%", lambda m: _number(m.ppl_increase_pct)),
+        ("size", lambda m: _number(m.size_ratio)),
+        ("speed-up", lambda m: _number(m.decode_speedup)),
+    ]
+    optional: list[tuple[str, Callable[[SweepMemberRow], float | None]]] = [
+        ("KL mean", lambda m: m.kld_mean), ("KL p99", lambda m: m.kld_p99),
+        ("top-1 %", lambda m: m.top1_agreement_pct),
+        *((f"{task} recovery %", lambda m, t=task: m.task_recovery_pct.get(t)) for task in tasks),
+    ]
+    columns += [(header, lambda m, get=get: _number(get(m))) for header, get in optional
+                if any(get(m) is not None for m in members)]
+    if any(_gpu(m) != "-" for m in members):
+        columns.append(("GPU", _gpu))
+    return [header for header, _ in columns], [[cell(m) for _, cell in columns] for m in members]
+
+
+def sweep_headline(detail: SweepDetail) -> str:
+    winner = detail.winner
+    verdict = (f"winner {winner.label}" if winner is not None
+               else "no winner (no configuration passed)" if detail.status == "finished"
+               else "no winner yet" if detail.status == "running" else "no winner")
+    return (f"sweep {detail.name} · {detail.status} · {len(detail.members)} configurations · "
+            f"objective {detail.objective} · {verdict}")
+
+
+def sweep_legend(detail: SweepDetail) -> str:
+    return (f"{WINNER_MARK} winner: {OBJECTIVE_WORDS.get(detail.objective, detail.objective)} among the passing "
+            f"configurations · {FRONT_MARK} Pareto front: no other passing configuration beats it on quality, "
+            f"size and speed at once")
+
+
+def sweep_table(detail: SweepDetail) -> Table:
+    """``catalog show SWEEP``: the matrix, winner ★ and front ◆ marked."""
+    headers, rows = sweep_matrix(detail)
+    table = Table(title=f"{detail.id} · {sweep_headline(detail)}", caption=sweep_legend(detail)
+                  + (f"\n[red]{detail.error_kind or 'error'}[/red]: {_short(detail.error, 200)}" if detail.error else ""))
+    for header in headers:
+        table.add_column(header, justify="left" if header in SWEEP_TEXT_COLUMNS else "right",
+                         no_wrap=header == "branch")
+    status_at = headers.index("status")
+    for row in rows:
+        table.add_row(*(_status(cell) if i == status_at else cell for i, cell in enumerate(row)))
+    return table
+
+
+def sweeps_table(sweeps: Sequence[SweepSummary]) -> Table:
+    """``catalog sweeps``: one row per sweep, newest first."""
+    table = Table(title="sweeps")
+    for header in ("id", "name", "status", "objective", "base", "members", "passed", "winner", "created (UTC)",
+                   "error"):
+        table.add_column(header, no_wrap=header in ("id", "created (UTC)"),
+                         justify="right" if header in ("members", "passed") else "left")
+    for s in sweeps:
+        table.add_row(s.id[:8], s.name, _status(s.status), s.objective, s.base_uri or (s.base_sha or "")[:12],
+                      str(s.members), str(s.passed), s.winner_label or "-", _when(s.created_at), _short(s.error, 60))
+    return table
+
+
+#: Member fields of ``catalog show SWEEP --format csv`` (task recovery: one ``recovery_<task>`` column each).
+SWEEP_CSV_FIELDS = ("run_id", "label", "kernel", "position", "status", "winner", "on_front", "config", "bits",
+                    "group_size", "desc_act", "damp_percent", "calibration_samples", "ppl_increase_pct",
+                    "size_ratio", "decode_speedup", "memory_ratio", "kld_mean", "kld_p99", "top1_agreement_pct",
+                    "hostname", "cuda_visible_devices", "device", "gpu_stage_s")
+
+
+def sweep_csv(detail: SweepDetail) -> str:
+    """``catalog show SWEEP --format csv``: one line per member, every matrix value unformatted."""
+    tasks = sorted({task for m in detail.members for task in m.task_recovery_pct})
+    return _csv(("sweep_id", *SWEEP_CSV_FIELDS, *(f"recovery_{t}" for t in tasks)),
+                [(detail.id, *(getattr(m, f) for f in SWEEP_CSV_FIELDS),
+                  *(m.task_recovery_pct.get(t) for t in tasks)) for m in detail.members])
+
+
+def sweeps_csv(sweeps: Sequence[SweepSummary]) -> str:
+    fields = ("id", "name", "status", "objective", "publish_mode", "base_uri", "base_sha", "created_at",
+              "finished_at", "members", "passed", "winner_run_id", "winner_label", "error")
+    return _csv(fields, [[v.isoformat() if isinstance(v, datetime) else v for v in (getattr(s, f) for f in fields)]
+                         for s in sweeps])
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def sweep_matrix_markdown(detail: SweepDetail) -> str:
+    """The sweep's matrix in Markdown, for the model card and the Prefect artifact.
+
+    One row per configuration (its branch), winner ★ and Pareto front ◆ marked, then the legend.
+    Pure: the same detail gives the same text.
+    """
+    headers, rows = sweep_matrix(detail)
+    base = f"base `{detail.base_uri}` @ `{(detail.base_sha or '-')[:12]}`" if detail.base_uri else "base not resolved"
+    publishes = detail.publish_mode.replace("_", " ")
+    lines = [f"### {_md_cell(sweep_headline(detail))}", "", f"sweep `{detail.id}` · {base} · publishes {publishes}", "",
+             "| " + " | ".join(_md_cell(h) for h in headers) + " |",
+             "|" + "|".join("---" if h in SWEEP_TEXT_COLUMNS else "---:" for h in headers) + "|"]
+    for row in rows:
+        cells = [f"`{cell}`" if header == "branch" else cell for header, cell in zip(headers, row, strict=True)]
+        lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+    lines += ["", sweep_legend(detail)]
+    if detail.error:
+        lines += ["", f"**{detail.error_kind or 'error'}**: {_md_cell(_short(detail.error, 500))}"]
+    return "\n".join(lines) + "\n"

@@ -101,13 +101,13 @@ class CatalogRuns(CatalogConnections):
             run = require_run(session, run_id=run_id, catalog_url=self.url)
             run.base_uri, run.base_sha = base_uri, base_sha
             run.adapters = [dict(adapter) for adapter in adapters]
-            run.base_model_id = _version_id(session, BaseModelVersion, uri=base_uri, sha=base_sha)
+            run.base_model_id = version_id(session, BaseModelVersion, uri=base_uri, sha=base_sha)
             session.execute(delete(RunAdapter).where(RunAdapter.run_id == run_id))
             session.add_all(
                 RunAdapter(
                     run_id=run_id,
                     position=position,
-                    adapter_id=_version_id(session, AdapterVersion, uri=adapter["uri"], sha=adapter["sha"]),
+                    adapter_id=version_id(session, AdapterVersion, uri=adapter["uri"], sha=adapter["sha"]),
                     weight=float(adapter.get("weight", 1.0)),
                 )
                 for position, adapter in enumerate(adapters)
@@ -202,6 +202,16 @@ class CatalogRuns(CatalogConnections):
             require_run_id(session, run_id=run_id, catalog_url=self.url)
             session.add(row)
 
+    def set_resolved_group_size(self, *, run_id: str, group_size: int) -> None:
+        """Fill the config columns of a run whose spec said ``group_size: auto`` with the size its
+        quantize step chose (an explicit size is left as recorded)."""
+        with self.writing(f"record the group size of run {run_id!r}") as session:
+            run = require_run(session, run_id=run_id, catalog_url=self.url)
+            quant = parse_quant(run.spec or {})
+            if quant is None or quant.group_size != "auto":
+                return
+            run.config, run.group_size = quant.resolved(group_size).label(), group_size
+
     def finish_run(
         self, *, run_id: str, status: FinalRunStatus, error: str | None = None, error_kind: str | None = None
     ) -> None:
@@ -237,16 +247,25 @@ class CatalogRuns(CatalogConnections):
         return query_runs(self, filters=RunFilter(status=status, base=base_sha), limit=limit, max_limit=None)
 
 
+def parse_quant(spec: dict[str, Any]) -> QuantSpec | None:
+    """The quantization settings of a recorded spec (defaults filled), ``None`` when they never validated."""
+    try:
+        return QuantSpec.model_validate(spec.get("quantize") or {})
+    except ValidationError:
+        return None
+
+
 def quant_columns(spec: dict[str, Any]) -> dict[str, Any]:
     """The run columns derived from a spec's ``quantize`` part: its settings and label (``QuantSpec``).
 
     A spec that never validated (recorded as a ``failed`` run with the reason) has no configuration:
     the columns stay empty rather than the catalog refusing to record why the run failed.
     """
-    try:
-        quant = QuantSpec.model_validate(spec.get("quantize") or {})
-    except ValidationError:
+    quant = parse_quant(spec)
+    if quant is None:
         return {"config": None, "bits": None, "group_size": None, "desc_act": None}
+    if quant.group_size == "auto":  # known once the quantize step read the model (set_resolved_group_size)
+        return {"config": None, "bits": quant.bits, "group_size": None, "desc_act": quant.desc_act}
     return {"config": quant.label(), "bits": quant.bits, "group_size": quant.group_size, "desc_act": quant.desc_act}
 
 
@@ -258,7 +277,7 @@ def _upsert(session: Session, model: type, rows: list[dict[str, Any]], *, keys: 
     session.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=updates))
 
 
-def _version_id(session: Session, model: type, *, uri: str, sha: str) -> int:
+def version_id(session: Session, model: type, *, uri: str, sha: str) -> int:
     """Id of the (uri, sha) row of *model* (base model / adapter version), inserted if new."""
     insert = sqlite_insert if session.get_bind().dialect.name == "sqlite" else postgresql_insert
     session.execute(

@@ -108,6 +108,12 @@ class GpuStageError(ModelFactoryError):
     kind = "gpu_stage"
 
 
+class StageStoreError(ModelFactoryError):
+    """A step output could not be written to, found in, or fetched intact from the stage store."""
+
+    kind = "stage_store"
+
+
 class DiskFullError(ModelFactoryError, OSError):
     """A write ran out of disk space (or over a file size limit); partial output was removed."""
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from modelfactory.core.specs import QuantSpec
 
 
 class Record(BaseModel):
@@ -44,6 +47,12 @@ class QuantResult(Record):
     quantize_s: float
     engine: str  # e.g. "gptqmodel 7.6.0"
     device: str
+    #: The group size the model was quantized with (``group_size: auto`` resolved; None: not recorded).
+    group_size: int | None = None
+
+    def spec_label(self, spec: QuantSpec) -> str:
+        """The label of what was built: *spec* with the group size this quantization resolved."""
+        return spec.resolved(self.group_size).label() if self.group_size is not None else spec.label()
 
 
 #: The two sides of a benchmark: the fp16 baseline and the GPTQ candidate.
@@ -77,35 +86,71 @@ class SideMetrics(Record):
     mem_after_load_bytes: int
     mem_peak_decode_bytes: int
     mem_peak_bytes: int
-    decode_tok_s: float
+    decode_tok_s: float  # at batch 1
     ttft_ms: float
     decode_mode: RecordedDecodeMode = "eager"
     perplexity: float | None
     ppl_tokens: int
     ppl_tokens_sha256: str
     sample_text: str
+    #: Decode tok/s (every sequence's tokens) per batch size of ``benchmark.decode.batch_sizes``;
+    #: empty in records written before batch sizes existed (:meth:`decode_rate` then knows batch 1).
+    decode_tok_s_by_batch: dict[int, float] = {}
+
+    def decode_rate(self, batch: int) -> float | None:
+        """Decode tok/s at *batch* sequences, ``None`` when that batch size was not measured."""
+        if batch in self.decode_tok_s_by_batch:
+            return self.decode_tok_s_by_batch[batch]
+        return self.decode_tok_s if batch == 1 else None
+
+
+def decode_speedup_name(batch: int) -> str:
+    """The ratio (and gate metric) name of the decode speed-up at *batch*: batch 1 keeps its old name."""
+    return "decode_speedup" if batch == 1 else f"decode_speedup_b{batch}"
+
+
+class BaselineResult(Record):
+    """The fp16 side of a benchmark, measured once per merged model, settings and host, and shared by
+    every quantized configuration of that model (:func:`tasks.benchmark.benchmark_baseline`)."""
+
+    model_sha: str  # the merged model measured (its ModelArtifact.sha)
+    metrics: SideMetrics
+    key: str  # its step key: every candidate checks it was measured with the settings it uses
+    path: str  # the step folder holding fp16.json and the side's per-window outputs
+    reused: bool = False
+    duration_s: float = 0.0
 
 
 class BenchmarkResult(Record):
     fp16: SideMetrics
     gptq: SideMetrics
     path: str  # folder holding benchmark.json
-    reused: bool = False
+    reused: bool = False  # the GPTQ side (and so the whole result) came from a finished benchmark
     duration_s: float = 0.0
+    #: The fp16 side's own step folder (BaselineResult.path), and whether it was reused there
+    #: (``None``/``False`` in results written before the fp16 side was a step of its own).
+    baseline_path: str | None = None
+    baseline_reused: bool = False
+
+    def decode_speedup(self, batch: int) -> float | None:
+        """GPTQ / fp16 decode tok/s at *batch*, ``None`` unless both sides measured it."""
+        a, b = self.fp16.decode_rate(batch), self.gptq.decode_rate(batch)
+        return b / a if a and b is not None else None
 
     def ratios(self) -> dict[str, float | None]:
-        """GPTQ relative to fp16: what the gate checks."""
+        """GPTQ relative to fp16: what the gate checks (``decode_speedup_b<N>`` per batch size N > 1)."""
         a, b = self.fp16, self.gptq
+        batches = sorted((set(a.decode_tok_s_by_batch) | set(b.decode_tok_s_by_batch)) - {1})
         return {
             "ppl_increase_pct": (
                 (b.perplexity / a.perplexity - 1.0) * 100.0 if a.perplexity and b.perplexity else None
             ),
-            "decode_speedup": b.decode_tok_s / a.decode_tok_s if a.decode_tok_s else None,
+            "decode_speedup": self.decode_speedup(1),
             "size_ratio": b.disk_bytes / a.disk_bytes if a.disk_bytes else None,
             "memory_ratio": (
                 b.mem_after_load_bytes / a.mem_after_load_bytes if a.mem_after_load_bytes > 0 else None
             ),
-        }
+        } | {decode_speedup_name(batch): self.decode_speedup(batch) for batch in batches}
 
 
 class GateCheck(Record):

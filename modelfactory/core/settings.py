@@ -20,6 +20,14 @@ Execution (see ``docs/gpu-pool.md``):
 - ``gpu_timeout_s``   optional bound on that wait, queueing included (unset: wait; a dead
   worker's run is marked Crashed by the zombie-run automation, which ends the wait).
 - ``gpu_poll_s``      seconds between state polls of the GPU stage's flow run.
+- ``stage_store_url`` ``s3://bucket/prefix`` where every step output is uploaded (completion
+  marker last) and from which other hosts fetch it; unset: step outputs stay in the local work
+  dir, so a GPU pool needs a work dir shared by every host (``modelfactory/stage_store/``).
+- ``stage_cache_dir`` this host's content-addressed cache of outputs fetched from the stage store,
+  ``<home>/cache/stage`` (not under ``cache_dir``: that one is often a shared kernel-cache volume).
+- ``claim_lease_s`` / ``claim_poll_s``  the run-key claim in the catalog that serialises identical
+  runs across hosts: its lease (renewed by a heartbeat; a dead holder's claim expires after it)
+  and how often a waiting run asks again (``modelfactory/catalog/claims.py``).
 
 S3 (``modelfactory/s3/``; credentials come from the standard AWS chain, never from here):
 
@@ -69,6 +77,14 @@ class Settings(BaseSettings):
     #: Cap on the share of a GPU's memory one step may allocate (e.g. 0.5 to share a GPU between two
     #: runs); unset = all of it. Over the cap a step fails with a clear out-of-memory error.
     cuda_memory_fraction: float | None = Field(default=None, gt=0, le=1)
+    #: ``s3://bucket/prefix`` every step output moves through (hosts share no disk); unset = local work dir.
+    stage_store_url: str | None = None
+    #: Where this host keeps step outputs fetched from the stage store; unset = ``<home>/cache/stage``.
+    stage_cache_dir: Path | None = None
+    #: Seconds a run-key claim lasts without a heartbeat (renewed every third of it).
+    claim_lease_s: float = Field(default=60.0, ge=1)
+    #: Seconds between claim attempts of a run waiting for an identical one.
+    claim_poll_s: float = Field(default=2.0, gt=0)
     #: S3-compatible endpoint (MinIO, moto, ...); unset = AWS_ENDPOINT_URL, else AWS itself.
     s3_endpoint_url: str | None = None
     #: Parallel S3 transfers (parts and files) per upload/download.
@@ -100,6 +116,10 @@ class Settings(BaseSettings):
     @property
     def resolved_cache_dir(self) -> Path:
         return self.cache_dir or self.home / "cache"
+
+    @property
+    def resolved_stage_cache_dir(self) -> Path:
+        return self.stage_cache_dir or self.home / "cache" / "stage"
 
 
 @lru_cache(maxsize=1)

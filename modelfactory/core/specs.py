@@ -10,7 +10,7 @@ changes an output must live here, and nothing that does not.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -152,8 +152,12 @@ class QuantSpec(Spec):
 
     bits: int = Field(default=4, description="Weight bits: 2, 3, 4 or 8.",
                       json_schema_extra={"enum": list(SUPPORTED_BITS)})
-    group_size: int = Field(default=128, description="Columns per scale group (-1: one group per row).",
-                            json_schema_extra={"enum": list(SUPPORTED_GROUP_SIZES)})
+    group_size: int | Literal["auto"] = Field(
+        default="auto",
+        description="Columns per scale group (-1: one group per row). 'auto': the largest of 128, 64, 32 that "
+        "divides every quantized layer's input width (read from the model's config.json when the quantize step "
+        "runs), so the artifact loads with the default CPU and GPU kernels; the step records the size it used.",
+        json_schema_extra={"enum": ["auto", *SUPPORTED_GROUP_SIZES]})
     damp_percent: float = Field(default=0.05, gt=0, lt=1, description="Hessian dampening.")
     desc_act: bool = Field(default=False, description="Quantize columns in activation order.")
     sym: bool = Field(default=True, description="Symmetric quantization.")
@@ -170,18 +174,42 @@ class QuantSpec(Spec):
 
     @field_validator("group_size")
     @classmethod
-    def _group(cls, group: int) -> int:
-        if group not in SUPPORTED_GROUP_SIZES:
-            raise ValueError(f"group_size={group} is not supported: use one of {SUPPORTED_GROUP_SIZES}")
+    def _group(cls, group: int | str) -> int | str:
+        if group != "auto" and group not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(f"group_size={group} is not supported: use 'auto' or one of {SUPPORTED_GROUP_SIZES}")
         return group
 
+    def resolved(self, group_size: int) -> QuantSpec:
+        """This spec with ``group_size: auto`` replaced by *group_size* (the quantize step's choice;
+        see ``tasks.quantize.resolve_group_size``). An explicit group size is kept as is."""
+        if self.group_size != "auto":
+            return self
+        return type(self).model_validate({**self.model_dump(), "group_size": group_size})
+
     def label(self) -> str:
-        """Branch-style name, e.g. ``gptq-4bit-128g`` or ``gptq-4bit-32g-actorder``."""
+        """Branch-style name, e.g. ``gptq-4bit-128g`` or ``gptq-4bit-32g-actorder``.
+
+        Unresolved ``auto`` reads ``gptq-4bit-autog``: the size is known only once the quantize step
+        has read the model's widths; name published things with ``spec.resolved(size).label()``.
+        """
         group = "nogroup" if self.group_size == -1 else f"{self.group_size}g"
         return f"gptq-{self.bits}bit-{group}" + ("-actorder" if self.desc_act else "")
 
 
 # --------------------------------------------------------------------------- benchmark
+#: Decode throughput is measured at these batch sizes by default (issue 12: 1, 8 and 32).
+DEFAULT_DECODE_BATCH_SIZES = (1, 8, 32)
+#: The largest decode batch measured or gated (a static KV cache of this many sequences).
+MAX_DECODE_BATCH = 256
+
+
+def check_batch_sizes(sizes: tuple[int, ...], *, what: str) -> None:
+    """Raise ``ValueError`` naming *what* unless every batch size is in 1..:data:`MAX_DECODE_BATCH`."""
+    bad = [size for size in sizes if not 1 <= size <= MAX_DECODE_BATCH]
+    if bad:
+        raise ValueError(f"{what}: batch sizes must be between 1 and {MAX_DECODE_BATCH}, got {bad}")
+
+
 class PerplexitySpec(Spec):
     text: TextSource = Field(default_factory=TextSource, description="Evaluation text (WikiText-2 test).")
     context_len: int = Field(default=512, ge=16, le=32768, description="Tokens per window.")
@@ -211,6 +239,24 @@ class DecodeSpec(Spec):
     new_tokens: int = Field(default=64, ge=2, le=4096, description="Greedy tokens per timed generation.")
     warmup: int = Field(default=1, ge=0, le=10, description="Untimed generations first.")
     repeats: int = Field(default=3, ge=1, le=20, description="Timed generations (median is reported).")
+    batch_sizes: tuple[int, ...] = Field(
+        default=DEFAULT_DECODE_BATCH_SIZES, min_length=1,
+        description="Decode throughput at each batch size (the prompt repeated; tok/s counts every sequence's "
+        "tokens): ascending, without repeats, from 1 (batch 1 is decode_tok_s) up to "
+        f"{MAX_DECODE_BATCH}.",
+    )
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _batch_sizes(cls, sizes: tuple[int, ...]) -> tuple[int, ...]:
+        check_batch_sizes(sizes, what="benchmark.decode.batch_sizes")
+        if list(sizes) != sorted(set(sizes)):
+            raise ValueError(f"batch_sizes={list(sizes)} must be ascending without repeats, e.g. "
+                             f"{sorted(set(sizes))}")
+        if sizes[0] != 1:
+            raise ValueError(f"batch_sizes={list(sizes)} lacks 1: batch 1 is always measured (it is decode_tok_s, "
+                             f"ttft and the gate's min_decode_speedup); start the list with 1")
+        return sizes
 
 
 class BenchmarkSpec(Spec):
@@ -223,6 +269,15 @@ class BenchmarkSpec(Spec):
     decode: DecodeSpec = Field(default_factory=DecodeSpec)
     reuse: bool = Field(default=True, description="Reuse a finished benchmark with identical inputs.")
 
+    #: Fields that change only the GPTQ side's measurement (or none): left out of the fp16 side's key,
+    #: so every configuration of one merged model shares its fp16 measurement. A new field that the
+    #: fp16 side does not depend on belongs here.
+    NOT_BASELINE_FIELDS: ClassVar[frozenset[str]] = frozenset({"kernel", "reuse"})
+
+    def baseline_inputs(self) -> dict[str, Any]:
+        """The settings the fp16 side's measurement depends on (its step key's spec part)."""
+        return self.model_dump(mode="json", exclude=set(self.NOT_BASELINE_FIELDS))
+
 
 # --------------------------------------------------------------------------- gate / publish
 class GateSpec(Spec):
@@ -232,12 +287,30 @@ class GateSpec(Spec):
         default=None, ge=0, description="Max perplexity increase of GPTQ over fp16, in percent."
     )
     min_decode_speedup: float | None = Field(
-        default=None, gt=0, description="Min decode tok/s ratio GPTQ / fp16."
+        default=None, gt=0, description="Min decode tok/s ratio GPTQ / fp16 at batch 1."
+    )
+    min_decode_speedup_by_batch: dict[int, float] | None = Field(
+        default=None,
+        description="Min decode tok/s ratio GPTQ / fp16 per batch size, e.g. {8: 1.0, 32: 0.9}; a batch size "
+        "not in benchmark.decode.batch_sizes fails as not measured.",
     )
     max_size_ratio: float | None = Field(default=None, gt=0, description="Max disk size ratio GPTQ / fp16.")
     max_memory_ratio: float | None = Field(
         default=None, gt=0, description="Max memory-after-load ratio GPTQ / fp16."
     )
+
+    @field_validator("min_decode_speedup_by_batch")
+    @classmethod
+    def _speedups_by_batch(cls, minimums: dict[int, float] | None) -> dict[int, float] | None:
+        if minimums is None:
+            return None
+        if not minimums:
+            raise ValueError("min_decode_speedup_by_batch is empty: give {batch size: minimum speed-up} or leave it out")
+        check_batch_sizes(tuple(minimums), what="gate.min_decode_speedup_by_batch")
+        bad = {batch: value for batch, value in minimums.items() if not value > 0}
+        if bad:
+            raise ValueError(f"min_decode_speedup_by_batch: minimum speed-ups must be > 0, got {bad}")
+        return dict(sorted(minimums.items()))
 
 
 class PublishSpec(Spec):

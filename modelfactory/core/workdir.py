@@ -95,7 +95,8 @@ def run_lock(key: str, *, root: Path | None = None, poll_s: float = 1.0,
     Two identical runs started together: the second waits here until the first is done, then
     finds every step output complete and reuses it. The kernel drops the lock when its holder
     dies, so a crashed run never blocks the next one. Works across processes on one host and on
-    shared file systems with ``flock`` support.
+    shared file systems with ``flock`` support. The factory flow uses the catalog's run-key claim
+    instead (``modelfactory/catalog/claims.py``), which also holds across hosts without a shared disk.
     """
     folder = (root or get_settings().resolved_work_dir) / "locks"
     folder.mkdir(parents=True, exist_ok=True)

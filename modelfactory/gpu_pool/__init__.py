@@ -10,10 +10,10 @@ from modelfactory.gpu_pool.outcome import (
     GpuPlacement,
     GpuStageOutcome,
     current_placement,
-    outcome_path,
+    outcome_location,
     read_outcome,
     write_outcome,
 )
 
 __all__ = ["DEFAULT_GPU_DEPLOYMENT", "GPU_POOL", "GpuPlacement", "GpuStageOutcome", "GpuStageRun", "current_placement",
-           "dispatch_gpu_stage", "outcome_path", "read_outcome", "write_outcome"]
+           "dispatch_gpu_stage", "outcome_location", "read_outcome", "write_outcome"]

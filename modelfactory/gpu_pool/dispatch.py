@@ -14,7 +14,7 @@ from modelfactory.core.specs import BenchmarkSpec, QuantSpec
 from modelfactory.gpu_pool.outcome import (
     GPU_POOL,
     GpuStageOutcome,
-    outcome_path,
+    outcome_location,
     read_outcome,
 )
 
@@ -64,8 +64,9 @@ class GpuStageRun(Record):
             return GpuStageError(f"{where} was cancelled ({self.state_message or 'no message'})")
         if self.state_type == "COMPLETED":
             return GpuStageError(
-                f"{where} completed but left no outcome at {outcome_path(self.flow_run_id)}: the GPU worker "
-                "and the factory must share MODELFACTORY_WORK_DIR (same host, or the same mounted volume)")
+                f"{where} completed but left no outcome at {outcome_location(self.flow_run_id)}: the GPU worker "
+                "and the factory must use the same MODELFACTORY_STAGE_STORE_URL (or, without a stage store, share "
+                "MODELFACTORY_WORK_DIR: same host, or the same mounted volume)")
         if self.state_type in ("SCHEDULED", "PENDING", "RUNNING", "PAUSED", "LATE"):
             return GpuStageError(
                 f"{where} did not finish within MODELFACTORY_GPU_TIMEOUT_S={get_settings().gpu_timeout_s} s "

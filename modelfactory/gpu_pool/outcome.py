@@ -7,11 +7,12 @@ pool queues the run until a GPU worker has a free slot (one worker per GPU, ``--
 ``CUDA_VISIBLE_DEVICES`` set per worker: see ``infra/gpu-host/start-workers.sh``).
 
 How the result comes back: the sub-flow writes a small JSON record (:class:`GpuStageOutcome`:
-the quantize and benchmark records, where it ran, or the error) to
-``$MODELFACTORY_WORK_DIR/gpu-stage/runs/<flow_run_id>.json``, atomically, on success *and* on
-failure; the factory reads it after the flow run reaches a final state. The records hold paths
-into the work dir, so the work dir must be shared by both sides anyway (one host today; across
-hosts the artifact store takes that role). Prefect's own result persistence is not needed.
+the quantize and benchmark records, where it ran, or the error) as ``gpu-stage/runs/<flow_run_id>.json``
+on success *and* on failure, and the factory reads it after the flow run reaches a final state.
+With a stage store (``MODELFACTORY_STAGE_STORE_URL``) the record and every output it names are
+in the store (``s3://`` URIs): the two sides share no disk. Without one, the record and the
+outputs are in the work dir, which both sides must then share (one host, or one mounted volume).
+Prefect's own result persistence is not needed.
 
 Crashes: a flow run whose worker or host dies stops sending heartbeats; the ``modelfactory:
 crash zombie flow runs`` automation (installed by :mod:`modelfactory.interfaces.deploy`) marks it
@@ -23,12 +24,10 @@ from __future__ import annotations
 
 import os
 import socket
-import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 
+from modelfactory import stage_store
 from modelfactory.core.records import BenchmarkResult, QuantResult, Record
-from modelfactory.core.settings import get_settings
 
 #: ``flow name/deployment name`` of the GPU stage, as declared in ``deployments/prefect.yaml``.
 DEFAULT_GPU_DEPLOYMENT = "gpu-stage/gpu"
@@ -76,20 +75,21 @@ def current_placement(flow_run_id: str | None) -> GpuPlacement:
                         started_at=now_iso())
 
 
-def outcome_path(flow_run_id: str) -> Path:
-    return get_settings().resolved_work_dir / "gpu-stage" / "runs" / f"{flow_run_id}.json"
+def outcome_name(flow_run_id: str) -> str:
+    """The record name of a GPU stage's outcome (in the stage store, else the work dir)."""
+    return f"gpu-stage/runs/{flow_run_id}.json"
 
 
-def write_outcome(path: Path, outcome: GpuStageOutcome) -> None:
-    """Write *outcome* atomically (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(outcome.model_dump_json(indent=2))
-    os.replace(tmp, path)
+def outcome_location(flow_run_id: str) -> str:
+    """Where the outcome of *flow_run_id* is written: an ``s3://`` URI with a stage store, else a path."""
+    return stage_store.record_location(outcome_name(flow_run_id))
+
+
+def write_outcome(flow_run_id: str, outcome: GpuStageOutcome) -> str:
+    """Write *outcome* where the factory reads it (atomically: a reader never sees half); its location."""
+    return stage_store.write_record(outcome_name(flow_run_id), outcome.model_dump_json(indent=2).encode())
 
 
 def read_outcome(flow_run_id: str) -> GpuStageOutcome | None:
-    path = outcome_path(flow_run_id)
-    if not path.is_file():
-        return None
-    return GpuStageOutcome.model_validate_json(path.read_text())
+    data = stage_store.read_record(outcome_name(flow_run_id))
+    return GpuStageOutcome.model_validate_json(data) if data is not None else None

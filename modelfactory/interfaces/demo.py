@@ -14,6 +14,7 @@ import importlib.metadata
 from pathlib import Path
 from typing import Any
 
+from modelfactory import stage_store
 from modelfactory.core.errors import SourceNotFoundError
 from modelfactory.core.records import RunOutcome
 from modelfactory.core.specs import ModelSource
@@ -48,7 +49,7 @@ def demo_spec(gguf: Path, adapter: Path) -> dict[str, Any]:
         "name": "demo-smollm2",
         "base": {"uri": str(gguf)},
         "adapters": [{"uri": str(adapter)}],
-        "quantize": {"bits": 4, "group_size": 128, "calibration": {"num_samples": 64, "seq_len": 512}},
+        "quantize": {"bits": 4, "group_size": "auto", "calibration": {"num_samples": 64, "seq_len": 512}},
         "benchmark": {"perplexity": {"context_len": 512, "stride": 512, "max_tokens": 16384},
                       "decode": {"new_tokens": 32, "repeats": 3}},
         "gate": DEMO_GATE,
@@ -59,5 +60,5 @@ def demo_spec(gguf: Path, adapter: Path) -> dict[str, Any]:
 def run_demo(*, finetune_steps: int = 24, run_id: str | None = None) -> RunOutcome:
     gguf = smollm2_gguf()
     base = download_model(source=ModelSource(uri=str(gguf)))
-    adapter, _ = train_lora(base_path=base.path, base_sha=base.sha, spec=LoraTrainSpec(steps=finetune_steps))
+    adapter, _ = train_lora(base_path=str(stage_store.resolve(base.path)), base_sha=base.sha, spec=LoraTrainSpec(steps=finetune_steps))
     return run_factory(demo_spec(gguf, adapter), origin="demo", run_id=run_id)

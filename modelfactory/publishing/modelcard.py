@@ -341,9 +341,11 @@ def _quant_section(manifest: Mapping[str, Any]) -> str:
     q = manifest["spec"]["quantize"]
     cal = q.get("calibration", {})
     keys = ("bits", "group_size", "desc_act", "sym", "damp_percent", "true_sequential", "batch_size")
+    auto = set((manifest.get("auto_resolved") or {}).get("quantize") or ())
     lines = ["## Quantization", "", f"GPTQ with {manifest.get('engine', 'n/a')}:", "",
              "| setting | value |", "| --- | --- |"]
-    lines += [f"| `{k}` | `{q[k]}` |" for k in keys if k in q]
+    lines += [f"| `{k}` | `{q[k]}`{' (auto: the largest size dividing every layer width)' if k in auto else ''} |"
+              for k in keys if k in q]
     lines += ["", f"Calibration set: {cal.get('num_samples')} sequences × {cal.get('seq_len')} tokens of "
                   f"`{_text_label(cal.get('text', {}))}` (seed {cal.get('seed')})."]
     lines += ["", "Exact spec (as run):", "", "```yaml",

@@ -128,7 +128,7 @@ def local_roots(*extra: str | os.PathLike | None) -> list[str]:
         pass
     roots: set[str] = set()
     for candidate in candidates:
-        if not candidate:
+        if not candidate or "://" in str(candidate):  # an s3:// step output is no folder of this machine
             continue
         path = Path(candidate).expanduser()
         for form in (path, path.resolve()):

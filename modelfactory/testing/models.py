@@ -59,7 +59,7 @@ def tiny_spec(base: Path, **overrides) -> dict:
         "quantize": {"bits": 4, "group_size": 32,
                      "calibration": {"num_samples": 8, "seq_len": 64}},
         "benchmark": {"perplexity": {"context_len": 128, "stride": 128, "max_tokens": 1024},
-                      "decode": {"new_tokens": 8, "repeats": 1}},
+                      "decode": {"new_tokens": 8, "repeats": 1, "batch_sizes": [1, 4]}},
     }
     for key, value in overrides.items():
         spec[key] = value

@@ -89,16 +89,46 @@ def catalog_ls(
 
 @app.command("show")
 def catalog_show(
-    run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix (>= 6 characters).")],
+    run_id: Annotated[str, typer.Argument(help="Run or sweep id, or a unique prefix (>= 6 characters).")],
     format: FormatOption = Format.table,
 ) -> None:
-    """Show one run: metrics side by side, steps, gate, artifacts."""
-    from modelfactory.catalog.render import detail_csv, record_json, run_detail_table
+    """Show one run (metrics side by side, steps, gate, artifacts) or one sweep (its matrix)."""
+    from modelfactory.catalog.render import (
+        detail_csv,
+        record_json,
+        run_detail_table,
+        sweep_csv,
+        sweep_table,
+    )
 
     with reported_errors():
-        detail = _open().get_run(run_id)
+        catalog = _open()
+        kind, full_id = catalog.identify(run_id)
+        if kind == "sweep":
+            sweep = catalog.get_sweep(full_id)
+        else:
+            detail = catalog.get_run(full_id)
+    if kind == "sweep":
+        emit(format, table=lambda: sweep_table(sweep), json=lambda: record_json(sweep), csv=lambda: sweep_csv(sweep))
+        return
     emit(format, table=lambda: run_detail_table(detail), json=lambda: record_json(detail),
          csv=lambda: detail_csv(detail))
+
+
+@app.command("sweeps")
+def catalog_sweeps(
+    status: Annotated[Optional[str], typer.Option(help="running, finished or failed.")] = None,
+    base: Annotated[Optional[str], typer.Option(help="Base model URI or commit SHA (7+ character prefix).")] = None,
+    limit: Annotated[int, typer.Option(help="At most N sweeps.")] = 50,
+    format: FormatOption = Format.table,
+) -> None:
+    """List sweeps, newest first (`catalog show SWEEP` prints one's matrix)."""
+    from modelfactory.catalog.render import record_json, sweeps_csv, sweeps_table
+
+    with reported_errors():
+        sweeps = _open().list_sweeps(status=status, base=base, limit=limit)  # type: ignore[arg-type]
+    emit(format, table=lambda: sweeps_table(sweeps), json=lambda: record_json(sweeps),
+          csv=lambda: sweeps_csv(sweeps))
 
 
 @app.command("compare")

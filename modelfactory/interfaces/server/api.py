@@ -9,6 +9,8 @@
                                also adapter, bits, max_kld, min_top1, min_task_recovery
 - ``GET /api/lineage?ref=R``   base → adapters → spec → run → artifact → publications
 - ``GET /api/leaderboard``     finished builds per base model
+- ``GET /api/sweeps``          sweeps newest first (status, base, limit) → ``{"sweeps": [...]}``
+- ``GET /api/sweeps/{id}``     one sweep (id or unique 6+ character prefix): its matrix, winner, front
 
 Errors are ``{"detail": {"error": kind, "message": ...}}`` (:func:`http_status`): 400 a bad query
 (a bad filter value, an ambiguous run id prefix), 404 not found, 503 the catalog database unreachable
@@ -181,3 +183,20 @@ def leaderboard(base: str | None = None, rows: Annotated[int, Query(ge=1, le=100
     from modelfactory.catalog.queries import leaderboard as boards
 
     return answer(lambda: {"boards": [b.to_dict() for b in boards(get_catalog(), base=base, rows=rows)]})
+
+
+@router.get("/sweeps")
+def list_sweeps(
+    status: str | None = None,
+    base: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 50,
+) -> dict[str, Any]:
+    """Sweeps newest first (same semantics as ``modelfactory catalog sweeps``)."""
+    return answer(lambda: {"sweeps": [s.to_dict() for s in get_catalog().list_sweeps(
+        status=status, base=base, limit=limit)]})  # type: ignore[arg-type]
+
+
+@router.get("/sweeps/{sweep_id}")
+def get_sweep(sweep_id: str) -> dict[str, Any]:
+    """One sweep: its spec, status, winner, front and one row per configuration (its run)."""
+    return answer(lambda: get_catalog().get_sweep(sweep_id).to_dict())

@@ -4,8 +4,9 @@ One section per base model: a scatter plot (perplexity increase vs decode speed-
 memory ratio with ``?x=size``; one point per build, pass/fail marked, the best passing build
 ringed), a second one of KL divergence from fp16 vs size ratio when builds measured it, and a
 table of its finished builds (gate ratios, KL divergence, top-1 agreement, task recovery),
-passing first, fastest first. Everything is rendered
-on the server: inline SVG and CSS, no script, nothing from a CDN.
+passing first, fastest first; then the most recent sweeps, each with its matrix (one row per
+configuration, winner ★ and Pareto front ◆ marked). Everything is rendered on the server: inline
+SVG and CSS, no script, nothing from a CDN.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse
 
-from modelfactory.catalog.records import Board, RunRow
+from modelfactory.catalog.records import Board, RunRow, SweepDetail
+from modelfactory.catalog.render import (
+    SWEEP_TEXT_COLUMNS,
+    sweep_headline,
+    sweep_legend,
+    sweep_matrix,
+)
 from modelfactory.core.errors import CatalogError
 from modelfactory.interfaces.server.plot import AXES, KLD_AXES, Point, scatter_svg
 
@@ -29,7 +36,8 @@ table{border-collapse:collapse;margin-top:12px;font-size:.9em}
 th,td{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left}td.num{text-align:right}
 tr.passed td.status{color:#2e7d32}tr.rejected td.status{color:#c62828}tr.best{background:#fff8e1}
 .legend span{margin-right:16px}.muted{color:#777}svg text{font-size:11px;fill:#444}
-nav a{margin-right:12px}
+nav a{margin-right:12px}tr.winner{background:#fff8e1;font-weight:600}tr.front td:first-child{color:#1565c0}
+h3{font-size:1em;margin-top:1.5em}
 """
 
 
@@ -86,6 +94,31 @@ def _board_html(board: Board, x: str, best_id: str | None) -> str:
             f'<table class="leaderboard"><thead><tr>{header}</tr></thead><tbody>{rows}</tbody></table></section>')
 
 
+def _sweep_html(detail: SweepDetail) -> str:
+    """One sweep: its headline, legend and matrix (the rows of :func:`sweep_matrix`), winner highlighted."""
+    headers, rows = sweep_matrix(detail)
+    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+    body = []
+    for member, row in zip(detail.members, rows, strict=True):
+        classes = " ".join([member.status, *(["winner"] if member.winner else []),
+                            *(["front"] if member.on_front else [])])
+        cells = []
+        for header, cell in zip(headers, row, strict=True):
+            text = escape(cell)
+            if header == "branch":
+                text = f'<a href="/api/runs/{escape(member.run_id)}"><code>{text}</code></a>'
+            css = "status" if header == "status" else ("" if header in SWEEP_TEXT_COLUMNS else "num")
+            cells.append(f'<td class="{css}">{text}</td>' if css else f"<td>{text}</td>")
+        body.append(f'<tr class="{classes}" data-run="{escape(member.run_id)}">{"".join(cells)}</tr>')
+    error = f'<p class="error">{escape(detail.error)}</p>' if detail.error else ""
+    return (f'<article class="sweep" data-sweep="{escape(detail.id)}">'
+            f'<h3><a href="/api/sweeps/{escape(detail.id)}"><code>{escape(detail.id[:8])}</code></a> '
+            f'{escape(sweep_headline(detail))}</h3>'
+            f'<p class="muted">base {escape(detail.base_uri or "not resolved")} · {escape(sweep_legend(detail))}</p>'
+            f'{error}<table class="sweep-matrix"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody>'
+            f"</table></article>")
+
+
 def _page(title: str, body: str, status_code: int = 200) -> HTMLResponse:
     html = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
             f'<style>{STYLE}</style></head><body><h1>{escape(title)}</h1>'
@@ -100,8 +133,9 @@ def leaderboard_page(
     base: str | None = None,
     x: Annotated[str, Query(pattern="^(speed|size|memory)$")] = "speed",
     rows: Annotated[int, Query(ge=1, le=1000)] = 100,
+    sweeps: Annotated[int, Query(ge=0, le=50)] = 5,
 ) -> HTMLResponse:
-    """Leaderboard per base model with a perplexity-increase plot."""
+    """Leaderboard per base model with a perplexity-increase plot, then the *sweeps* most recent sweeps."""
     from modelfactory.catalog.queries import best_build, leaderboard
     from modelfactory.interfaces.server.api import get_catalog, http_status
 
@@ -112,6 +146,10 @@ def leaderboard_page(
         for board in boards:
             best = best_build(catalog, base=board.base_sha, by=x).best
             sections.append(_board_html(board, x, best.id if best else None))
+        recent = [catalog.get_sweep(s.id) for s in catalog.list_sweeps(base=base, limit=sweeps)] if sweeps else []
+        if recent:
+            sections.append('<section class="sweeps"><h2>Recent sweeps</h2>'
+                            + "".join(_sweep_html(detail) for detail in recent) + "</section>")
     except CatalogError as exc:
         return _page("modelfactory leaderboard", f'<p class="error">{escape(exc.message)}</p>', http_status(exc))
     body = "".join(sections) or '<p class="empty">No finished builds in the catalog yet: run `modelfactory run`.</p>'

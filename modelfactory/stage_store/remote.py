@@ -1,0 +1,200 @@
+"""The stage store's S3 side: step outputs uploaded with their completion marker last.
+
+Layout under ``MODELFACTORY_STAGE_STORE_URL`` (``s3://bucket/prefix``)::
+
+    <step>/<key>/_COMPLETE.json       the completion marker, written LAST and only once (IfNoneMatch)
+    <step>/<key>/<attempt>/<files>    the files, as one upload attempt put them
+    gpu-stage/runs/<flow_run_id>.json small records (the GPU stage's outcome)
+
+The marker is a manifest (:mod:`modelfactory.core.manifest` format: ``files`` with path, size
+and sha256, ``total_bytes``) plus the step's own completion marker (``marker``: what the step
+recorded about itself, e.g. the quantization time) and ``data``: the attempt prefix its files
+are under. Files go to an attempt prefix of their own, so two hosts uploading the same key at
+once (different bytes: GPU kernels are not bit-reproducible) never mix their files: the first
+marker written wins, the loser deletes its attempt. A reader trusts nothing without a marker,
+and checks every file's sha256 against it (:mod:`modelfactory.stage_store.cache`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from modelfactory.core.errors import SpecError, StageStoreError
+from modelfactory.core.hashing import file_sha256
+from modelfactory.core.log import progress
+from modelfactory.core.manifest import SCHEMA, manifest_bytes
+from modelfactory.core.settings import get_settings
+from modelfactory.core.workdir import MARKER
+from modelfactory.s3.client import (
+    S3Url,
+    make_client,
+    make_manager,
+    read_object,
+    s3_errors,
+)
+
+CHECKSUM = {"ChecksumAlgorithm": "SHA256"}
+
+
+def store_root() -> S3Url | None:
+    """The configured stage store, or ``None`` (step outputs stay in the local work dir)."""
+    url = get_settings().stage_store_url
+    if not url:
+        return None
+    try:
+        return S3Url.parse(url)
+    except SpecError as exc:
+        raise SpecError(f"MODELFACTORY_STAGE_STORE_URL={url!r} is not an S3 prefix: set it to "
+                        "s3://bucket/prefix, or unset it to keep step outputs in the local work dir") from exc
+
+
+def output_url(root: S3Url, step: str, key: str) -> S3Url:
+    return root.child(step, key)
+
+
+def step_of(root: S3Url, url: S3Url) -> tuple[str, str] | None:
+    """``(step, key)`` when *url* is a step output folder of the store at *root*, else ``None``."""
+    if url.bucket != root.bucket or not url.prefix.startswith(root.prefix):
+        return None
+    parts = url.prefix[len(root.prefix):].strip("/").split("/")
+    return (parts[0], parts[1]) if len(parts) == 2 else None
+
+
+def output_files(folder: Path) -> list[Path]:
+    """The files of a step output folder (its own completion marker travels inside the store's)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p != folder / MARKER)
+
+
+def build_manifest(folder: Path, *, step: str, key: str, marker: dict[str, Any], data: str) -> dict[str, Any]:
+    """The store's completion marker for *folder*: every file's size and sha256 (hashed in parallel)."""
+    files = output_files(folder)
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(file_sha256, files))
+    entries = [{"path": f.relative_to(folder).as_posix(), "size": f.stat().st_size, "sha256": d}
+               for f, d in zip(files, digests)]
+    return {"schema": SCHEMA, "files": entries, "total_bytes": sum(e["size"] for e in entries), "step": step,
+            "key": key, "marker": marker, "data": data, "host": socket.gethostname(),
+            "created_at": datetime.now(UTC).isoformat()}
+
+
+def read_marker(client, url: S3Url) -> bytes | None:
+    """The completion marker of the output at *url*, or ``None`` while it is not complete."""
+    with s3_errors("reading the completion marker of", url=str(url), fatal=StageStoreError):
+        return read_object(client, url.bucket, url.key(MARKER))
+
+
+def upload_output(*, root: S3Url, step: str, key: str, folder: Path, marker: dict[str, Any]) -> bytes:
+    """Upload the complete step output *folder* as ``<step>/<key>`` (files first, marker last).
+
+    Returns the marker in the store: this upload's, or the one already there (then nothing is
+    uploaded: the output is complete in the store, possibly built on another host).
+    """
+    url = output_url(root, step, key)
+    client = make_client()
+    if (existing := read_marker(client, url)) is not None:
+        return existing
+    attempt = uuid.uuid4().hex[:12]
+    manifest = build_manifest(folder, step=step, key=key, marker=marker, data=f"{attempt}/")
+    data = manifest_bytes(manifest)
+    dest = url.child(attempt)
+    progress(f"{step}: uploading {len(manifest['files'])} files, {manifest['total_bytes'] / 1e6:.1f} MB to the "
+             f"stage store {url}")
+    with s3_errors(f"uploading the {step} output to", url=str(url), fatal=StageStoreError):
+        try:
+            with make_manager(client) as manager:
+                futures = [manager.upload(str(folder / e["path"]), dest.bucket, dest.key(e["path"]),
+                                          extra_args=dict(CHECKSUM)) for e in manifest["files"]]
+                # A failure leaves the `with`, whose exit cancels the rest (see publishing.s3.upload_tree).
+                for future in futures:
+                    future.result()
+        except BaseException:
+            _discard(client, dest)
+            raise
+        if _put_if_absent(client, url.bucket, url.key(MARKER), data):
+            return data
+        _discard(client, dest)  # another host completed this key first: its output is the one
+        progress(f"{step}: {url} was completed by another host meanwhile: using that one")
+        theirs = read_marker(client, url)
+        if theirs is None:
+            raise StageStoreError(f"{url}: the completion marker was refused as existing but cannot be read: "
+                                  "check the bucket's consistency, then run again")
+        return theirs
+
+
+def _put_if_absent(client, bucket: str, key: str, data: bytes) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=data, ContentType="application/json", IfNoneMatch="*",
+                          **CHECKSUM)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+            return False
+        raise
+    return True
+
+
+def _discard(client, prefix: S3Url) -> None:
+    """Best effort: abort the multipart uploads and delete the objects of one attempt."""
+    try:
+        for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=prefix.bucket,
+                                                                             Prefix=prefix.prefix):
+            for upload in page.get("Uploads", []):
+                client.abort_multipart_upload(Bucket=prefix.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=prefix.bucket, Prefix=prefix.prefix):
+            keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+            if keys:
+                client.delete_objects(Bucket=prefix.bucket, Delete={"Objects": keys, "Quiet": True})
+    except Exception as exc:  # noqa: BLE001 - the upload's own error matters more; leftovers are unreferenced
+        progress(f"stage store: could not remove the unfinished upload {prefix} ({type(exc).__name__}); it is "
+                 "never read (no marker points at it) and can be deleted by hand or a lifecycle rule")
+
+
+def download_files(client, *, url: S3Url, manifest: dict[str, Any], dest: Path) -> None:
+    """Download every file the marker *manifest* of the output at *url* lists into *dest*."""
+    source = url.child(manifest["data"])
+    with make_manager(client) as manager:
+        futures = []
+        for entry in manifest["files"]:
+            target = dest / entry["path"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            futures.append(manager.download(source.bucket, source.key(entry["path"]), str(target),
+                                            extra_args={"ChecksumMode": "ENABLED"}))
+        for future in futures:  # a failure cancels the rest on leaving the `with`
+            future.result()
+
+
+def put_record(root: S3Url, rel: str, data: bytes) -> str:
+    """Write the small record *rel* (e.g. ``gpu-stage/runs/<id>.json``) to the store; its URI."""
+    client = make_client()
+    uri = f"s3://{root.bucket}/{root.key(rel)}"
+    with s3_errors("writing the record", url=uri, fatal=StageStoreError):
+        client.put_object(Bucket=root.bucket, Key=root.key(rel), Body=data, ContentType="application/json",
+                          **CHECKSUM)
+    return uri
+
+
+def get_record(root: S3Url, rel: str) -> bytes | None:
+    client = make_client()
+    with s3_errors("reading the record", url=f"s3://{root.bucket}/{root.key(rel)}", fatal=StageStoreError):
+        return read_object(client, root.bucket, root.key(rel))
+
+
+def parse_marker(url: S3Url, data: bytes) -> dict[str, Any]:
+    """The completion marker *data* of the output at *url*, checked for the fields readers use."""
+    try:
+        manifest = json.loads(data)
+        missing = {"files", "data", "marker"} - set(manifest)
+    except (ValueError, TypeError) as exc:
+        missing, manifest = {f"valid JSON ({exc})"}, None
+    if missing:
+        raise StageStoreError(f"{url}: its completion marker {MARKER} is not a stage-store manifest (no "
+                              f"{', '.join(sorted(missing))}); delete that prefix and run the step again")
+    return manifest

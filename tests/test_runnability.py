@@ -1,0 +1,256 @@
+"""Runs where users run it: plain-transformers load + generate in a fresh process, and the group size choice.
+
+The process tests run the real ``plain_load.py`` (``python -I``) on real GPTQ artifacts of the tiny
+random Llama, quantized with the factory's own step on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from modelfactory.testing.models import make_tiny_llama
+from modelfactory.testing.env import own_work_dir
+
+from modelfactory.benchmark import plain_load
+from modelfactory.benchmark.layer_widths import (
+    choose_group_size,
+    fitting_group_sizes,
+    layer_widths_from_config,
+)
+from modelfactory.benchmark.runnability import (
+    PLAIN_LOAD_SCRIPT,
+    check_runs_plainly,
+    explain_failure,
+    load_snippet,
+    resolve_devices,
+    result_from_child,
+)
+from modelfactory.core.errors import SpecError
+
+#: config.json of SmolLM2-135M(-Instruct) and of Llama-2-7B, the parts that set the layer widths.
+SMOLLM2 = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+           "num_key_value_heads": 3, "head_dim": 64}
+LLAMA_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
+            "num_key_value_heads": 32}
+INT4PACK_ERROR = "_weight_int4pack_mm_cpu: expect K to be divisible by qGroupSize, got K:576, qGroupSize:128"
+
+
+# --------------------------------------------------------------------------- group size from layer widths
+def test_smollm2_widths_choose_group_64():
+    widths = layer_widths_from_config(SMOLLM2)
+    assert widths.in_features == (576, 1536)
+    assert widths.out_features == (192, 576, 1536)
+    assert widths.linears["self_attn.k_proj"] == (576, 192)
+    assert choose_group_size(in_features=widths.in_features) == 64
+    assert choose_group_size(in_features=[576, 1536]) == 64
+
+
+def test_llama_7b_widths_choose_group_128():
+    widths = layer_widths_from_config(LLAMA_7B)
+    assert widths.in_features == (4096, 11008)
+    assert choose_group_size(in_features=widths.in_features) == 128
+
+
+def test_head_dim_times_heads_is_o_proj_input_width():
+    # Qwen3-4B: hidden 2560 but 32 heads x head_dim 128 = 4096 into o_proj
+    widths = layer_widths_from_config({"hidden_size": 2560, "intermediate_size": 9728, "num_attention_heads": 32,
+                                       "num_key_value_heads": 8, "head_dim": 128})
+    assert widths.linears["self_attn.o_proj"] == (4096, 2560)
+    assert widths.linears["self_attn.k_proj"] == (2560, 1024)
+    assert widths.in_features == (2560, 4096, 9728)
+
+
+def test_moe_experts_widths_are_included():
+    widths = layer_widths_from_config({"hidden_size": 2048, "num_attention_heads": 16, "moe_intermediate_size": 1408,
+                                       "shared_expert_intermediate_size": 5632})
+    assert widths.linears["mlp.experts.down_proj"] == (1408, 2048)
+    assert widths.linears["mlp.shared_expert.down_proj"] == (5632, 2048)
+    assert choose_group_size(in_features=widths.in_features) == 128
+
+
+def test_preference_order_is_respected():
+    assert choose_group_size(in_features=[4096], preferred=(64, 128)) == 64
+    assert fitting_group_sizes([576, 1536]) == [64, 32]
+
+
+def test_width_divisible_by_no_preferred_size_is_a_spec_error_with_advice():
+    with pytest.raises(SpecError) as info:
+        choose_group_size(in_features=[1000, 4096])
+    text = str(info.value)
+    assert "1000 (= 125 x 8)" in text, "names the width that does not fit, and its power-of-two factor"
+    assert "4096 (" not in text, "widths that fit are not blamed"
+    assert "set quantize.group_size explicitly" in text
+
+
+def test_missing_config_key_says_what_to_do():
+    with pytest.raises(SpecError, match="no usable 'intermediate_size'.*set quantize.group_size explicitly"):
+        layer_widths_from_config({"hidden_size": 64, "num_attention_heads": 4})
+
+
+def test_multimodal_text_config_is_used():
+    assert layer_widths_from_config({"model_type": "llava", "text_config": SMOLLM2}).in_features == (576, 1536)
+
+
+# --------------------------------------------------------------------------- explanations
+def test_int4pack_error_explained_with_the_group_size_that_fits():
+    text = explain_failure(error_type="RuntimeError", message=INT4PACK_ERROR, device="cpu",
+                           widths=layer_widths_from_config(SMOLLM2), kernel="TorchAtenLinear", stage="generate")
+    assert "group size 128 does not divide layer width 576" in text
+    assert "use group_size 64 (or 32 or 16)" in text
+    assert "TorchAtenLinear" in text
+    assert INT4PACK_ERROR in text, "the library's own message is kept"
+
+
+def test_int4pack_error_explained_without_widths_uses_the_width_in_the_message():
+    text = explain_failure(error_type="RuntimeError", message=INT4PACK_ERROR, device="cpu")
+    assert "group size 128 does not divide layer width 576" in text and "use group_size 64" in text
+
+
+def test_machete_out_features_error_names_the_layers_and_that_group_size_does_not_change_widths():
+    message = ("<class 'gptqmodel.nn_modules.qlinear.machete.MacheteLinear'>: `out_features`: 192 must be "
+               "divisible by [128].")
+    text = explain_failure(error_type="NotImplementedError", message=message, device="cuda",
+                           widths=layer_widths_from_config(SMOLLM2))
+    assert "MacheteLinear" in text and "output width to be a multiple of 128" in text
+    assert "self_attn.k_proj (192)" in text and "self_attn.o_proj (576)" in text
+    assert "mlp.gate_proj" not in text, "1536 is a multiple of 128"
+    assert "the group size does not change these widths" in text
+    assert 'backend="gptq_triton"' in text
+    assert "group size MacheteLinear does not take (it takes -1, 64, 128; e.g. 32)" in text
+    assert message in text
+
+
+def test_in_features_group_size_validation_error_explained():
+    message = ("<class 'gptqmodel.nn_modules.qlinear.marlin.MarlinLinear'>: `in_features`: 576 must be divisible "
+               "by `group_size: 128`.")
+    text = explain_failure(error_type="NotImplementedError", message=message, device="cuda",
+                           widths=layer_widths_from_config(SMOLLM2))
+    assert "group size 128 does not divide layer width 576" in text and "use group_size 64" in text
+
+
+def test_unknown_error_passes_through_with_the_library_message():
+    text = explain_failure(error_type="OSError", message="Can't load tokenizer for '/x'. Make sure...", device="cpu")
+    assert "OSError: Can't load tokenizer for '/x'" in text and "not a known pattern" in text
+
+
+def test_a_run_that_imported_factory_code_is_void():
+    data = {"plain_load": 1, "ok": True, "stage": "done", "tokens": 4, "text": "abc", "kernel": "TorchAtenLinear",
+            "factory_modules": ["modelfactory", "modelfactory.core"]}
+    result = result_from_child(data, device="cpu", snippet="...", wall_s=1.0)
+    assert not result.ok and result.error_type == "FactoryImport"
+    assert "modelfactory.core" in result.explanation
+
+
+def test_devices():
+    assert resolve_devices(["cpu", "cpu"]) == ("cpu",)
+    assert resolve_devices("auto")[0] == "cpu"
+    with pytest.raises(SpecError, match="'tpu'"):
+        resolve_devices(["tpu"])
+
+
+# --------------------------------------------------------------------------- snippet
+def test_load_snippet_is_the_code_the_check_runs():
+    card = load_snippet(model="org/model-gptq", device="cpu", revision="gptq-4bit-64g")
+    assert 'AutoModelForCausalLM.from_pretrained("org/model-gptq", revision="gptq-4bit-64g")' in card
+    assert "max_new_tokens=4, do_sample=False" in card
+    cuda = load_snippet(model="/m", device="cuda")
+    assert 'from_pretrained("/m", device_map="cuda")' in cuda
+    assert 'AutoTokenizer.from_pretrained("/m")\n' in cuda
+    compile(card, "card", "exec")
+
+
+def test_plain_load_script_imports_no_factory_code():
+    source = PLAIN_LOAD_SCRIPT.read_text()
+    imports = [line.strip() for line in source.splitlines() if line.strip().startswith(("import ", "from "))]
+    assert imports and not [line for line in imports if "modelfactory" in line or line.split()[1] in ("tasks", "flows")]
+
+
+# --------------------------------------------------------------------------- real artifacts, real process
+def _quantize(model_dir: Path, work: Path, group_size: int | str):
+    from modelfactory.core.records import ModelArtifact
+    from modelfactory.core.specs import QuantSpec
+    from tasks.quantize import quantize_model
+
+    spec = QuantSpec.model_validate({"bits": 4, "group_size": group_size,
+                                     "calibration": {"num_samples": 8, "seq_len": 64}})
+    artifact = ModelArtifact(path=str(model_dir), sha=f"tiny-{model_dir.name}", source_uri=str(model_dir),
+                             kind="local")
+    with own_work_dir(work):
+        return quantize_model(model=artifact, spec=spec, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("rwork")
+
+
+@pytest.fixture(scope="module")
+def tiny_gptq(tiny_llama, tiny_work) -> Path:
+    """The tiny Llama (input widths 64 and 128) quantized with group_size auto (-> 64)."""
+    result = _quantize(tiny_llama, tiny_work, "auto")
+    assert result.group_size == 64
+    return Path(result.model.path)
+
+
+@pytest.fixture(scope="module")
+def tiny_gptq_misfit(smollm2_tokenizer_dir, tmp_path_factory) -> Path:
+    """A tiny Llama of width 96 quantized with group size 64: quantizes fine, cannot run int4pack on CPU."""
+    base = make_tiny_llama(tmp_path_factory.mktemp("tiny96"), smollm2_tokenizer_dir, hidden=96)
+    return Path(_quantize(base, tmp_path_factory.mktemp("rwork96"), 64).model.path)
+
+
+def test_good_artifact_runs_on_cpu_without_factory_code(tiny_gptq, tmp_path):
+    report = check_runs_plainly(model_dir=tiny_gptq, devices=["cpu"], timeout_s=600, log_path=tmp_path / "log")
+    assert report.passed, report.summary()
+    (result,) = report.results
+    assert result.ok and result.device == "cpu" and result.stage == "done"
+    assert result.factory_modules == ()
+    assert result.kernel == "TorchAtenLinear", "GPTQModel's default CPU kernel, as a user gets it"
+    assert result.tokens == plain_load.DEFAULT_NEW_TOKENS and result.text
+    assert result.load_s > 0 and result.generate_s > 0 and result.wall_s >= result.load_s
+    assert result.versions["transformers"] and result.versions["gptqmodel"]
+    assert result.snippet == load_snippet(model=str(tiny_gptq.resolve()), device="cpu")
+    log = (tmp_path / "log").read_text()
+    assert result.snippet in log and '{"plain_load": 1, "ok": true' in log
+
+
+def test_group_size_that_does_not_divide_a_width_fails_with_the_reason_and_the_fix(tiny_gptq_misfit):
+    report = check_runs_plainly(model_dir=tiny_gptq_misfit, devices=["cpu"], timeout_s=600)
+    assert not report.passed
+    (result,) = report.results
+    assert result.stage == "generate" and result.error_type == "RuntimeError"
+    assert "expect K to be divisible by qGroupSize, got K:96, qGroupSize:64" in result.error_message
+    assert "group size 64 does not divide layer width 96" in result.explanation
+    assert "use group_size 32" in result.explanation
+    assert "_weight_int4pack_mm" in result.traceback_tail
+    assert result.explanation in report.summary()
+
+
+def test_corrupted_config_fails_at_load_with_the_library_message(tiny_gptq, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_gptq, broken)
+    (broken / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+    (result,) = check_runs_plainly(model_dir=broken, devices=["cpu"], timeout_s=600).results
+    assert not result.ok and result.stage == "load"
+    assert result.error_message and result.error_message in result.explanation
+    assert "not a known pattern" in result.explanation
+
+
+def test_timeout_kills_the_process_and_says_so(tiny_gptq):
+    (result,) = check_runs_plainly(model_dir=tiny_gptq, devices=["cpu"], timeout_s=0.05).results
+    assert not result.ok and result.error_type == "Timeout"
+    assert "raise the timeout" in result.explanation
+
+
+def test_group_size_auto_is_resolved_recorded_and_shares_the_explicit_output(tiny_gptq, tiny_llama, tiny_work):
+    from modelfactory.core.specs import QuantSpec
+    from tasks.quantize import resolve_group_size
+
+    assert resolve_group_size(QuantSpec(), str(tiny_llama)).group_size == 64
+    assert resolve_group_size(QuantSpec(group_size=32), str(tiny_llama)).group_size == 32
+    assert json.loads((tiny_gptq / "quantize_config.json").read_text())["group_size"] == 64
+    explicit = _quantize(tiny_llama, tiny_work, 64)
+    assert explicit.model.reused and Path(explicit.model.path) == tiny_gptq and explicit.group_size == 64
