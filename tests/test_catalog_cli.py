@@ -78,7 +78,7 @@ def test_show_compare_best_lineage(cli) -> None:
 
 
 def test_ls_and_best_with_the_verdict_bounds(cli) -> None:
-    invoke, seeded, _ = cli
+    invoke, _, _ = cli
     runs = json.loads(invoke("ls", "--max-kld", "0.05", "--min-task-recovery", "97%", "--sort", "kld",
                              "--format", "json"))
     assert [r["name"] for r in runs] == ["a-8g128", "a-4g32", "a-4g128", "b-4g128"]

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from modelfactory.benchmark import plain_load
+from modelfactory.benchmark.runnability import RunnabilityResult, load_snippet
 from modelfactory.catalog import open_catalog
 from modelfactory.catalog.metrics import manifest_metrics
 from modelfactory.catalog.recovery import import_artifact
@@ -30,7 +32,12 @@ from modelfactory.core.records import (
 from modelfactory.core.settings import get_settings
 from modelfactory.core.specs import FactorySpec
 from modelfactory.publishing.local import local_root
-from modelfactory.publishing.modelcard import decode_batches, measured_values, render_card, task_names
+from modelfactory.publishing.modelcard import (
+    decode_batches,
+    measured_values,
+    render_card,
+    task_names,
+)
 from modelfactory.publishing.public import (
     local_roots,
     public_ref,
@@ -49,14 +56,8 @@ TINY_GATE = {"max_ppl_increase_pct": 5.0, "max_size_ratio": 0.999}
 
 
 def checked_snippet(model: str, device: str = "cpu") -> str:
-    """The code the runnability check runs (plain_load's snippet format) on *model*."""
-    placement = ', device_map="cuda"' if device == "cuda" else ""
-    return (f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            f"model = AutoModelForCausalLM.from_pretrained({json.dumps(model)}{placement})\n"
-            f"tokenizer = AutoTokenizer.from_pretrained({json.dumps(model)})\n\n"
-            f'inputs = tokenizer("The capital of France is", return_tensors="pt").to(model.device)\n'
-            f"out = model.generate(**inputs, max_new_tokens=4, do_sample=False)\n"
-            f"print(tokenizer.decode(out[0], skip_special_tokens=True))\n")
+    """The code the runnability check runs on *model* (a local folder there)."""
+    return plain_load.snippet(model=model, device=device)
 
 
 def side(name: str, **values) -> SideMetrics:
@@ -69,9 +70,11 @@ def side(name: str, **values) -> SideMetrics:
 
 def smollm2_bench(path: str = "/nowhere") -> BenchmarkResult:
     """SmolLM2-135M at 4-bit as issue 12 measured it (the sides' records the benchmark writes)."""
-    return BenchmarkResult(fp16=side("fp16"), gptq=side("gptq", perplexity=39.50, decode_tok_s=36.3,
-                                                             disk_bytes=110_000_000, mem_after_load_bytes=150_000_000),
-                           path=path)
+    return BenchmarkResult(
+        fp16=side("fp16", decode_tok_s_by_batch={1: 30.0, 8: 200.0, 32: 600.0}),
+        gptq=side("gptq", perplexity=39.50, decode_tok_s=36.3, disk_bytes=110_000_000, mem_after_load_bytes=150_000_000,
+                  decode_tok_s_by_batch={1: 36.3, 8: 150.0, 32: 420.0}),
+        path=path)
 
 
 #: The verdict's metric rows as the benchmark records them (the names agreed with the measurement side).
@@ -85,9 +88,6 @@ VERDICT_ROWS = [
     ("task_arc_easy_acc", "fp16", 0.50, ""), ("task_arc_easy_acc", "gptq", 0.49, ""),
     ("task_recovery_pct_piqa_local", "delta", 95.27, "%"), ("task_recovery_pct_arc_easy", "delta", 98.0, "%"),
     ("task_recovery_pct", "delta", 95.27, "%"),
-    ("decode_tok_s_b8", "fp16", 200.0, "tok/s"), ("decode_tok_s_b8", "gptq", 150.0, "tok/s"),
-    ("decode_speedup_b8", "delta", 0.75, "x"),
-    ("decode_tok_s_b32", "fp16", 600.0, "tok/s"), ("decode_tok_s_b32", "gptq", 420.0, "tok/s"),
 ]
 
 
@@ -100,9 +100,11 @@ def smollm2_manifest(folder: Path, *, verdict: bool = True, runnability: list[di
     metrics = manifest_metrics(smollm2_bench())
     if verdict:
         metrics["measured"] += [{"name": n, "side": s, "value": v, "unit": u} for n, s, v, u in VERDICT_ROWS]
-    else:  # a manifest written before the verdict's metrics (and before "measured") existed
+    else:  # a manifest written before the verdict's metrics (and before "measured", batch sizes) existed
         metrics.pop("measured")
         metrics["ratios"] = {k: v for k, v in metrics["ratios"].items() if not k.startswith("decode_speedup_b")}
+        for name in ("fp16", "gptq"):
+            metrics[name].pop("decode_tok_s_by_batch")
     extra = {"runnability": runnability} if runnability else {}
     return build_manifest(folder, name="SmolLM2-135M-Instruct", config="gptq-4bit-64g", key="k" * 24,
                           created_at="2026-11-29T00:00:00+00:00", spec=spec,
@@ -136,7 +138,7 @@ def test_card_shows_both_sides_and_the_hub_reads_its_eval_results(tmp_path: Path
         "| task recovery, lowest over tasks |  |  | 95.3 % |",
         "| decode tok/s (batch 1, 64 new tokens, eager) | 30.0 | 36.3 | 1.21× |",
         "| decode tok/s (batch 8, all sequences) | 200.0 | 150.0 | 0.75× |",
-        "| decode tok/s (batch 32, all sequences) | 600.0 | 420.0 | 0.70× |",  # no delta row: computed
+        "| decode tok/s (batch 32, all sequences) | 600.0 | 420.0 | 0.70× |",
         "| safetensors on disk | 270.0 MB | 110.0 MB | 0.407× |",
         "| memory after load (rss) | 300.0 MB | 150.0 MB | 0.500× |",
         "| `min_task_recovery_pct` | 94 | 95.27 | pass |",
@@ -184,9 +186,11 @@ def test_load_it_is_the_code_the_runnability_check_ran(tmp_path: Path) -> None:
     manifest = smollm2_manifest(tmp_path / "a", runnability=checks)
     card = render_card(manifest=manifest, repo_id=REPO_ID, revision=REVISION)
     blocks = card.split("```python\n")[1:3]
-    expected = [checked_snippet(REPO_ID).replace(f'"{REPO_ID}"', f'"{REPO_ID}", revision="{REVISION}"'),
-                checked_snippet(REPO_ID, "cuda").replace(f'"{REPO_ID}"', f'"{REPO_ID}", revision="{REVISION}"')]
-    assert [b.split("```")[0] for b in blocks] == expected  # only the model reference differs from what ran
+    # what ran, pointed at the published model: the runnability check's own snippet for the repo
+    expected = [load_snippet(model=REPO_ID, revision=REVISION, device="cpu"),
+                load_snippet(model=REPO_ID, revision=REVISION, device="cuda")]
+    assert [b.split("```")[0] for b in blocks] == expected
+    assert expected[0].replace(f'"{REPO_ID}", revision="{REVISION}"', json.dumps(str(folder))) == checks[0]["snippet"]
     assert "On CPU — checked: loads and generates (loaded in 1.2 s, generated in 0.5 s)." in card
     assert "On a CUDA GPU — checked" in card and str(folder) not in card and "device_map=\"auto\"" not in card
 
@@ -298,8 +302,8 @@ def _local_sources(tmp_path: Path, work: Path):
         decision = GateDecision(passed=True, checks=(GateCheck(
             metric="max_ppl_increase_pct", threshold=50.0, baseline=28.76, candidate=39.5, observed=37.3, passed=True,
             message=f"perplexity +37.3 % (measured in {work / 'benchmark' / 'k1'})"),))
-        checks = [{"device": "cpu", "ok": True, "load_s": 1.0, "generate_s": 0.2, "snippet": checked_snippet(str(artifact)),
-                   "error_type": None, "explanation": None}]
+        checks = [RunnabilityResult(device="cpu", ok=True, snippet=checked_snippet(str(artifact)), stage="done",
+                                    wall_s=3.0, load_s=1.0, generate_s=0.2, tokens=4, text=" Paris")]
         return dict(spec=spec, merge=merge, quant=quant, bench=smollm2_bench(str(work / "benchmark" / "k1")),
                     decision=decision, runnability=checks)
 
@@ -335,7 +339,7 @@ def test_nothing_published_names_a_local_path(local_hub, local_sources, tmp_path
     assert manifest["run_key"] == step_key("run", spec=records(f"hf://{REPO_ID}")["spec"])
     assert "measured in k1" in manifest["gate"]["checks"][0]["message"]
     (check,) = manifest["runnability"]
-    assert check["snippet"] == checked_snippet(REPO_ID).replace(f'"{REPO_ID}"', f'"{REPO_ID}", revision="{REVISION}"')
+    assert check["snippet"] == load_snippet(model=REPO_ID, revision=REVISION, device="cpu")
     assert stored_manifest["runnability"][0]["snippet"] == checked_snippet("./SmolLM2-135M-Instruct")
     assert f"GPTQ 4-bit quantization of `{gguf_name}` (local file, sha256 `{known['gguf_sha']}`)" in card
     assert f"- LoRA adapter: `adapter` (local folder, sha256 `{known['adapter_sha']}`)" in card
@@ -372,3 +376,25 @@ def test_a_factory_run_from_local_folders_publishes_no_local_path(prefect, local
     detail = open_catalog().get_run(outcome.run_id)  # the catalog keeps the full paths
     assert detail.base_uri == str(tiny_llama.resolve()) and detail.adapters[0]["uri"] == str(lora.resolve())
     assert published["run_key"] == detail.run_key
+
+
+def test_the_run_artifact_shows_the_runnability_checks(tmp_path: Path) -> None:
+    """RunRecorder.runnability records the checks as step ``runnability``; the Prefect artifact shows them."""
+    from modelfactory.catalog.render import run_markdown
+    from tasks.record import RunRecorder
+
+    recorder = RunRecorder.start(run_id="run-runnability-1", name="r", spec={}, run_key="k", flow_run_id=None,
+                                 catalog_url=f"sqlite:///{tmp_path / 'catalog.db'}")
+    recorder.runnability([
+        RunnabilityResult(device="cpu", ok=True, snippet=checked_snippet("/w/q"), stage="done", wall_s=2.0, load_s=1.5,
+                          generate_s=0.25, tokens=4),
+        RunnabilityResult(device="cuda", ok=False, snippet=checked_snippet("/w/q", "cuda"), stage="load", wall_s=9.0,
+                          error_type="ValueError", error_message="in_features: 576 must be divisible by [64]",
+                          explanation="use group_size 64")], duration_s=11.0)
+    detail = recorder.catalog.get_run("run-runnability-1")
+    (step,) = [s for s in detail.steps if s.name == "runnability"]
+    assert step.status == "failed" and step.detail["results"][0]["snippet"] == checked_snippet("/w/q")  # full path kept
+    markdown = run_markdown(detail)
+    assert "### runnability (plain transformers): failed" in markdown
+    assert "| cpu | yes | 1.50 | 0.25 |  |" in markdown
+    assert "| cuda | **no** |  |  | ValueError: in_features: 576 must be divisible by [64] use group_size 64 |" in markdown

@@ -20,6 +20,9 @@ def benchmark_metrics(result: BenchmarkResult) -> list[MetricRecord]:
             value = getattr(side, name)
             if value is not None:
                 metrics.append(MetricRecord(name=name, side=side.side, value=float(value), unit=unit))
+        # decode_tok_s_b<N>: decode tok/s at batch size N > 1 (batch 1 is decode_tok_s)
+        metrics += [MetricRecord(name=f"decode_tok_s_b{batch}", side=side.side, value=float(rate), unit="tok/s")
+                    for batch, rate in sorted(side.decode_tok_s_by_batch.items()) if batch != 1]
     for name, value in result.ratios().items():
         if value is not None:
             metrics.append(MetricRecord(name=name, side="delta", value=float(value), unit=_ratio_unit(name)))

@@ -11,6 +11,7 @@ run / artifact / base model :class:`CatalogNotFoundError`.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -114,7 +115,7 @@ class RunFilter:
             )
         for what, value in (("max KL divergence", self.max_kld), ("min top-1 agreement", self.min_top1),
                             ("min task recovery", self.min_task_recovery)):
-            if value is not None and not (isinstance(value, (int, float)) and value == value and value >= 0):
+            if value is not None and not (isinstance(value, (int, float)) and not math.isnan(value) and value >= 0):
                 raise CatalogQueryError(f"{what} {value!r} must be a number >= 0: give e.g. 0.05 or 97%")
 
 
@@ -140,7 +141,7 @@ def parse_percent(text: str | float, *, what: str = "perplexity increase", examp
         value = float(raw)
     except ValueError as exc:
         raise CatalogQueryError(f"{what} {text!r} is not a percentage: give e.g. {example} or 2.5") from exc
-    if value != value or value < 0:
+    if math.isnan(value) or value < 0:
         raise CatalogQueryError(f"{what} {text!r} must be a percentage >= 0: give e.g. {example}")
     return value
 
@@ -151,7 +152,7 @@ def parse_number(text: str | float, *, what: str, example: str) -> float:
         value = float(str(text).strip())
     except ValueError as exc:
         raise CatalogQueryError(f"{what} {text!r} is not a number: give e.g. {example}") from exc
-    if value != value or value < 0:
+    if math.isnan(value) or value < 0:
         raise CatalogQueryError(f"{what} {text!r} must be a number >= 0: give e.g. {example}")
     return value
 

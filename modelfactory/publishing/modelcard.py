@@ -102,9 +102,13 @@ def measured_values(manifest: Mapping[str, Any]) -> Values:
     metrics = manifest.get("metrics") or {}
     values: Values = {}
     for side in ("fp16", "gptq"):
-        for name, value in (metrics.get(side) or {}).items():
+        record = metrics.get(side) or {}
+        for name, value in record.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 values[(name, side)] = float(value)
+        for batch, rate in (record.get("decode_tok_s_by_batch") or {}).items():  # SideMetrics' per-batch rates
+            if str(batch) != "1" and isinstance(rate, (int, float)):
+                values[(f"decode_tok_s_b{batch}", side)] = float(rate)
     for name, value in (metrics.get("ratios") or {}).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             values[(name, "delta")] = float(value)

@@ -46,9 +46,8 @@ def is_local_ref(ref: str) -> bool:
         return True
     if scheme in REMOTE_SCHEMES or (scheme and len(scheme) > 1):  # one letter: a Windows drive
         return False
-    if is_hub_repo_id(ref) and not Path(ref).expanduser().exists():
-        return False  # owner/name on the Hub (a relative folder of that name would exist)
-    return True
+    # owner/name is a Hub repo, unless a relative folder of that name exists
+    return not is_hub_repo_id(ref) or Path(ref).expanduser().exists()
 
 
 def local_name(ref: str) -> str:

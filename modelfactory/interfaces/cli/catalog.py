@@ -75,7 +75,12 @@ def catalog_ls(
     format: FormatOption = Format.table,
 ) -> None:
     """List runs matching every given filter (newest first unless --sort)."""
-    from modelfactory.catalog.queries import RunFilter, parse_when, query_runs, verdict_bounds
+    from modelfactory.catalog.queries import (
+        RunFilter,
+        parse_when,
+        query_runs,
+        verdict_bounds,
+    )
     from modelfactory.catalog.render import record_json, rows_csv, rows_table
 
     with reported_errors():

@@ -107,7 +107,12 @@ def list_runs(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 50,
 ) -> dict[str, Any]:
     """Runs matching every given filter (same semantics as ``modelfactory catalog ls``)."""
-    from modelfactory.catalog.queries import RunFilter, parse_when, query_runs, verdict_bounds
+    from modelfactory.catalog.queries import (
+        RunFilter,
+        parse_when,
+        query_runs,
+        verdict_bounds,
+    )
 
     def query() -> dict[str, Any]:
         filters = RunFilter(base=base, adapter=adapter, status=status, bits=bits, group_size=group_size,

@@ -75,8 +75,8 @@ def scatter_svg(points: Sequence[Point], *, x_label: str, y_label: str = "perple
     def sy(v: float) -> float:
         return TOP + plot_h - (v - y0) / ((y1 - y0) or 1) * plot_h
 
-    parts = [f'<svg class="plot" data-plot="{escape(name)}" role="img" aria-label="{escape(title or y_label)}" '
-             f'viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" xmlns="http://www.w3.org/2000/svg">',
+    parts = [(f'<svg class="plot" data-plot="{escape(name)}" role="img" aria-label="{escape(title or y_label)}" '
+              f'viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" xmlns="http://www.w3.org/2000/svg">'),
              f'<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" fill="#fafafa" stroke="#999"/>']
     for t in x_ticks:
         parts.append(f'<line x1="{sx(t):.1f}" y1="{TOP}" x2="{sx(t):.1f}" y2="{TOP + plot_h}" stroke="#e3e3e3"/>'
