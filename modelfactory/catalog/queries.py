@@ -192,7 +192,11 @@ def query_runs(
             base_ids = version_ids(session, BaseModelVersion, filters.base)
             if not base_ids:
                 return []
-        stmt = _filtered(session, select(*ROW_COLUMNS), filters, base_ids=base_ids)
+        # Sorted by a ratio, the runs are read in that order from a (filter, ratio) index and the read
+        # stops at the limit; a verdict bound there must not look indexable, or SQLite ranges over
+        # the bound's own index and sorts every match instead (see _filtered).
+        stmt = _filtered(session, select(*ROW_COLUMNS), filters, base_ids=base_ids,
+                         index_bounds=not column.expression.nullable)
         if stmt is None:
             return []
         ties = (Run.started_at.desc(), Run.id.desc())
@@ -243,10 +247,13 @@ def _on(subquery: Any, key: Any) -> Any:
 
 
 def _filtered(session: Session, stmt: Select, filters: RunFilter, *,
-              base_ids: list[int] | None = None) -> Select | None:
+              base_ids: list[int] | None = None, index_bounds: bool = True) -> Select | None:
     """*stmt* with the WHERE clauses of *filters*; ``None`` when a base/adapter matches nothing.
 
     *base_ids*: the base model versions of ``filters.base`` when the caller looked them up already.
+    *index_bounds* False: the verdict bounds are spelled ``column + 0 <= value`` (the same test, but no
+    index on the column looks usable for it), for reads that an index on another column serves in
+    order (a ratio sort) or from the index alone (``best``'s ix_runs_best).
     """
     if filters.base is not None:
         if base_ids is None:
@@ -268,12 +275,15 @@ def _filtered(session: Session, stmt: Select, filters: RunFilter, *,
         stmt = stmt.where(Run.started_at >= aware(filters.since))
     if filters.until is not None:
         stmt = stmt.where(Run.started_at < aware(filters.until))
+    def bounded(column: Any) -> Any:
+        return column if index_bounds else column + 0
+
     if filters.max_kld is not None:
-        stmt = stmt.where(Run.kld_mean <= filters.max_kld)
+        stmt = stmt.where(bounded(Run.kld_mean) <= filters.max_kld)
     if filters.min_top1 is not None:
-        stmt = stmt.where(Run.top1_agreement_pct >= filters.min_top1)
+        stmt = stmt.where(bounded(Run.top1_agreement_pct) >= filters.min_top1)
     if filters.min_task_recovery is not None:
-        stmt = stmt.where(Run.task_recovery_pct >= filters.min_task_recovery)
+        stmt = stmt.where(bounded(Run.task_recovery_pct) >= filters.min_task_recovery)
     return stmt
 
 
@@ -344,7 +354,7 @@ def best_build(
                 f"or commit SHA as `catalog ls` shows it"
             )
         stmt = _filtered(session, select(Run.id, Run.ppl_increase_pct.label("ppl"), column.label("objective"),
-                                         Run.started_at), base_filter, base_ids=base_ids)
+                                         Run.started_at), base_filter, base_ids=base_ids, index_bounds=False)
         assert stmt is not None
         # ``status || ''`` and ``objective + 0``: the same tests, but no (status, ...) index looks usable
         # for them -- SQLite without ANALYZE statistics (modelfactory never runs it) would otherwise read
