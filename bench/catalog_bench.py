@@ -54,6 +54,7 @@ TARGET_P95_MS = 50.0
 SIDE_METRICS = {"perplexity": "ppl", "decode_tok_s": "tok/s", "ttft_ms": "ms", "disk_bytes": "B", "load_s": "s",
                 "mem_after_load_bytes": "B", "mem_peak_decode_bytes": "B", "mem_peak_bytes": "B"}
 DELTAS = {"ppl_increase_pct": "%", "decode_speedup": "x", "size_ratio": "x", "memory_ratio": "x"}
+VERDICT = {"kld_mean": "nats", "top1_agreement_pct": "%", "task_recovery_pct": "%"}
 GATE = ("max_ppl_increase_pct", "min_decode_speedup", "max_size_ratio", "max_memory_ratio")
 STEPS = ("download", "merge", "quantize", "benchmark", "gate", "publish")
 CONFIGS = [(bits, group, desc) for bits in (2, 3, 4, 8) for group in (32, 64, 128, -1) for desc in (False, True)]
@@ -66,6 +67,8 @@ N_BASES, SHAS_PER_BASE, N_ADAPTERS = 10, 2, 40
 def generate(n_runs: int, seed: int = 0) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
     """Rows for every table, plus the values the query mix samples from."""
     rng = random.Random(seed)
+    # the verdict's measures (0007) from their own generator: every other value is what it was before
+    verdict_rng = random.Random(seed + 1)
     t0 = datetime(2025, 1, 1, tzinfo=UTC)
     bases = [{"id": i + 1, "uri": f"org/base-{i // SHAS_PER_BASE}", "sha": f"{i + 1:040x}", "first_seen": t0}
              for i in range(N_BASES * SHAS_PER_BASE)]
@@ -95,6 +98,12 @@ def generate(n_runs: int, seed: int = 0) -> tuple[dict[str, list[dict[str, Any]]
             "size_ratio": bits / 16 + rng.uniform(0.01, 0.08),
             "memory_ratio": bits / 16 + rng.uniform(0.03, 0.1),
         } if measured else {k: None for k in DELTAS}
+        loss = (9 - bits) / 2  # fewer bits, further from fp16
+        verdict = {
+            "kld_mean": verdict_rng.uniform(0.001, 0.05) * loss,
+            "top1_agreement_pct": 100 - verdict_rng.uniform(0.5, 4.0) * loss,
+            "task_recovery_pct": 100 - verdict_rng.uniform(0.0, 3.0) * loss,
+        } if measured else {k: None for k in VERDICT}
         tables["runs"].append({
             "id": run_id, "flow_run_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)), "name": f"build-{n}",
             "status": status, "run_key": f"{rng.getrandbits(64):016x}", "spec": spec, "base_uri": base["uri"],
@@ -102,7 +111,7 @@ def generate(n_runs: int, seed: int = 0) -> tuple[dict[str, list[dict[str, Any]]
             "library_versions": {"torch": "2.13.0", "gptqmodel": "7.6.0"}, "host": {"hostname": f"gpu-{n % 16}"},
             "started_at": started, "finished_at": finished, "error_kind": "quantization" if status == "failed" else None,
             "error": "GPTQModel failed: out of memory" if status == "failed" else None, "config": label,
-            "bits": bits, "group_size": group, "desc_act": desc, "base_model_id": base["id"], **ratios,
+            "bits": bits, "group_size": group, "desc_act": desc, "base_model_id": base["id"], **ratios, **verdict,
         })
         for position, adapter in enumerate(chosen):
             tables["run_adapters"].append({"run_id": run_id, "position": position, "adapter_id": adapter["id"],
@@ -119,6 +128,9 @@ def generate(n_runs: int, seed: int = 0) -> tuple[dict[str, list[dict[str, Any]]
                                               "value": rng.uniform(1, 1e9), "unit": unit})
             for name, unit in DELTAS.items():
                 tables["metrics"].append({"run_id": run_id, "name": name, "side": "delta", "value": ratios[name],
+                                          "unit": unit})
+            for name, unit in VERDICT.items():
+                tables["metrics"].append({"run_id": run_id, "name": name, "side": "delta", "value": verdict[name],
                                           "unit": unit})
             tables["metrics"].append({"run_id": run_id, "name": "quantize_s", "side": "gptq",
                                       "value": rng.uniform(10, 400), "unit": "s"})
@@ -276,6 +288,10 @@ def query_mix(catalog: Catalog, sample: dict[str, Any]) -> dict[str, Callable[[r
         "best --max-ppl-increase 3% --by speed": lambda r: best_build(
             catalog, base=r.choice(bases), max_ppl_increase_pct=3.0, by="speed"),
         "best --by size": lambda r: best_build(catalog, base=r.choice(bases), by="size"),
+        "ls --status passed --sort kld": ls(status="passed", sort="kld"),
+        "ls --base --max-kld 0.05 --sort recovery": ls(base=lambda r: r.choice(bases), max_kld=0.05, sort="recovery"),
+        "best --min-task-recovery 97% --max-kld 0.05": lambda r: best_build(
+            catalog, base=r.choice(bases), by="speed", filters=RunFilter(min_task_recovery=97.0, max_kld=0.05)),
         "compare (3 runs)": lambda r: compare_runs(catalog, run_ids=r.sample(ids, 3)),
         "lineage (manifest sha)": lambda r: lineage(catalog, ref=r.choice(sample["manifests"])),
     }
@@ -298,6 +314,8 @@ def api_mix(client: Any, sample: dict[str, Any]) -> dict[str, Callable[[random.R
         "GET /api/runs/{id}": get(lambda r: f"/api/runs/{r.choice(ids)}"),  # type: ignore[arg-type]
         "GET /api/best?max_ppl_increase=3%": get("/api/best", lambda r: {"base": r.choice(bases),
                                                                          "max_ppl_increase": "3%"}),
+        "GET /api/best?min_task_recovery=97%&max_kld=0.05": get("/api/best", lambda r: {
+            "base": r.choice(bases), "min_task_recovery": "97%", "max_kld": "0.05"}),
         "GET /api/lineage/{manifest}": get(lambda r: f"/api/lineage/{r.choice(sample['manifests'])}"),  # type: ignore
     }
 

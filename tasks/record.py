@@ -7,6 +7,7 @@ shows a run as ``running`` from its first step, and a failure anywhere still lea
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from modelfactory.catalog import Catalog, MetricRecord, open_catalog
@@ -77,6 +78,17 @@ class RunRecorder:
                   detail={"path": result.path, "kernel": result.gptq.kernel, "device": result.gptq.device})
         self.catalog.record_metrics(run_id=self.run_id, metrics=benchmark_metrics(result))
 
+    def runnability(self, results: Sequence[Any], *, duration_s: float = 0.0) -> None:
+        """The plain-transformers checks (one per device) as step ``runnability``: ``failed`` unless every
+        device ran; its detail lists them (``{device, ok, load_s, generate_s, error, advice, snippet}``,
+        the snippet as it ran, on the local folder: the catalog keeps full paths)."""
+        from tasks.publish import runnability_entries
+
+        entries = runnability_entries(results)
+        ok = bool(entries) and all(e["ok"] for e in entries)
+        self.catalog.record_step(run_id=self.run_id, name="runnability", status="ok" if ok else "failed",
+                                 duration_s=duration_s, detail={"results": entries})
+
     def gate(self, decision: GateDecision, duration_s: float) -> None:
         self.step("gate", duration_s=duration_s, detail={"passed": decision.passed})
         self.catalog.record_gate(run_id=self.run_id, checks=decision.checks)
@@ -92,7 +104,8 @@ class RunRecorder:
         self.summary_artifact()
 
     def summary_artifact(self) -> None:
-        """Leave the run's metrics table as a Prefect markdown artifact (key ``run-<id8>``); best effort."""
+        """Leave the run as a Prefect markdown artifact (key ``run-<id8>``; every metric recorded, grouped,
+        the runnability checks, the gate: :func:`~modelfactory.catalog.render.run_markdown`); best effort."""
         from prefect.artifacts import create_markdown_artifact
 
         from modelfactory.catalog.render import run_markdown

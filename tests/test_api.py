@@ -57,6 +57,27 @@ def test_runs_endpoint_has_the_ls_filters(api) -> None:
     assert get(limit=0).status_code == 422
 
 
+def test_runs_and_best_take_the_verdict_bounds(api) -> None:
+    """max_kld / min_top1 / min_task_recovery (and sort=kld|top1|recovery) as for `catalog ls` / `best`."""
+    client, seeded = api
+    get = lambda path="/api/runs", **params: client.get(path, params=params)  # noqa: E731
+    assert names(seeded, get(max_kld="0.05").json()["runs"]) == ["b-4g128", "a-8g128", "a-4g32", "a-4g128"]
+    assert names(seeded, get(min_top1="95%", base=BASE_A).json()["runs"]) == ["a-8g128", "a-4g32", "a-4g128"]
+    assert names(seeded, get(min_task_recovery="97%", sort="recovery").json()["runs"]) == [
+        "a-8g128", "a-4g32", "a-4g128", "b-4g128"]
+    runs = get(sort="kld", limit=2).json()["runs"]
+    assert names(seeded, runs) == ["a-8g128", "a-4g32"] and runs[0]["kld_mean"] == 0.002
+    assert runs[0]["top1_agreement_pct"] == 99.5 and runs[0]["task_recovery_pct"] == 100.2
+    assert names(seeded, get(sort="top1", base=BASE_A).json()["runs"])[-1] == "a-failed"  # not measured: last
+    best = get("/api/best", base=BASE_A, min_task_recovery="97%", max_kld="0.05").json()
+    assert best["best"]["id"] == seeded.ids["a-4g128"] and best["candidates"] == 3
+    assert best["bounds"] == {"max_kld": 0.05, "min_task_recovery": 97.0}
+    none = get("/api/best", base=BASE_A, max_kld="0.001")
+    assert none.status_code == 404 and "within a mean KL divergence <= 0.001" in none.json()["detail"]["message"]
+    for bad in (get(max_kld="low"), get(min_top1="-5"), get("/api/best", base=BASE_A, min_task_recovery="most")):
+        assert bad.status_code == 400 and bad.json()["detail"]["error"] == "catalog_query", bad.json()
+
+
 def test_run_compare_best_lineage_leaderboard(api) -> None:
     client, seeded = api
     run_id = seeded.ids["a-3g128"]

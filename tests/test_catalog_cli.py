@@ -71,6 +71,24 @@ def test_show_compare_best_lineage(cli) -> None:
     assert "is no run id, artifact or publication URI" in invoke("lineage", "file:///nowhere", code=1)
 
 
+def test_ls_and_best_with_the_verdict_bounds(cli) -> None:
+    invoke, _, _ = cli
+    runs = json.loads(invoke("ls", "--max-kld", "0.05", "--min-task-recovery", "97%", "--sort", "kld",
+                             "--format", "json"))
+    assert [r["name"] for r in runs] == ["a-8g128", "a-4g32", "a-4g128", "b-4g128"]
+    assert [r["name"] for r in json.loads(invoke("ls", "--min-top1", "95", "--base", BASE_A, "--sort", "top1",
+                                                 "--format", "json"))] == ["a-8g128", "a-4g32", "a-4g128"]
+    table = invoke("ls", "--base", BASE_A, "--sort", "recovery", "--limit", "2")
+    assert "KL" in table and "top-1 %" in table and "recovery %" in table and "100.2" in table
+    best = json.loads(invoke("best", "--base", BASE_A, "--min-task-recovery", "97%", "--max-kld", "0.05",
+                             "--format", "json"))
+    assert best["best"]["name"] == "a-4g128" and best["bounds"] == {"max_kld": 0.05, "min_task_recovery": 97.0}
+    assert "task recovery >= 97%" in invoke("best", "--base", BASE_A, "--min-task-recovery", "97%")
+    assert ("no passing build of 'org/llama-base' within a mean KL divergence <= 0.001 has speed measured: relax "
+            "--max-ppl-increase, --max-kld") in invoke("best", "--base", BASE_A, "--max-kld", "0.001", code=1)
+    assert "max KL divergence 'low' is not a number" in invoke("ls", "--max-kld", "low", code=1)
+
+
 def test_upgrade_is_required_for_a_catalog_behind_head(tmp_path: Path, set_env) -> None:
     url = f"sqlite:///{tmp_path / 'old.db'}"
     with at_revision(url, "0002"):

@@ -28,9 +28,11 @@ from modelfactory.catalog.queries import (
     compare_runs,
     leaderboard,
     lineage,
+    no_best_message,
     parse_percent,
     parse_when,
     query_runs,
+    verdict_bounds,
 )
 from modelfactory.catalog.render import (
     best_csv,
@@ -191,6 +193,8 @@ def _expected_order(rows, sort: str) -> list[str]:
     ties newest first, then by id descending."""
     key_name, direction = {"ppl": ("ppl_increase_pct", 1), "speed": ("decode_speedup", -1),
                            "size": ("size_ratio", 1), "memory": ("memory_ratio", 1), "name": ("name", 1),
+                           "kld": ("kld_mean", 1), "top1": ("top1_agreement_pct", -1),
+                           "recovery": ("task_recovery_pct", -1),
                            "newest": ("started_at", -1), "oldest": ("started_at", 1)}[sort]
     ordered = sorted(rows, key=lambda r: r.id, reverse=True)
     ordered.sort(key=lambda r: r.started_at, reverse=True)
@@ -199,18 +203,33 @@ def _expected_order(rows, sort: str) -> list[str]:
     return [r.id for r in present] + [r.id for r in ordered if getattr(r, key_name) is None]
 
 
-@pytest.mark.parametrize("sort", ["ppl", "speed", "size", "memory", "newest", "oldest", "name"])
+@pytest.mark.parametrize("sort", ["ppl", "speed", "size", "memory", "kld", "top1", "recovery", "newest", "oldest",
+                                  "name"])
 def test_ls_sort_orders_across_base_versions_and_missing_values(two_versions: Seeded, sort: str) -> None:
     """Ratio sorts read runs with the value, then those without (0004); a base matching several
     versions is merged from one ordered read per version: same order as one big sort, at every limit."""
     cat = two_versions.catalog
     for filters in (RunFilter(base=BASE_A), RunFilter(), RunFilter(status="passed"), RunFilter(base=SHA_A2),
-                    RunFilter(base=BASE_A, status="failed"), RunFilter(base=BASE_A, bits=4)):
+                    RunFilter(base=BASE_A, status="failed"), RunFilter(base=BASE_A, bits=4),
+                    RunFilter(base=BASE_A, max_kld=0.1), RunFilter(status="passed", min_task_recovery=96.5)):
         everything = query_runs(cat, filters=filters, sort="newest", limit=1000)
         expected = _expected_order(everything, sort)
         for limit in range(1, len(expected) + 2):
             got = [r.id for r in query_runs(cat, filters=filters, sort=sort, limit=limit)]
             assert got == expected[:limit], (filters, limit)
+
+
+def test_best_with_verdict_bounds_matches_brute_force(two_versions: Seeded) -> None:
+    """best's candidates meet the verdict bounds too (index-only: ix_runs_best carries the columns)."""
+    cat = two_versions.catalog
+    for bounds in ({"max_kld": 0.05}, {"min_top1": 95.0}, {"min_task_recovery": 97.0},
+                   {"max_kld": 0.05, "min_task_recovery": 97.0, "min_top1": 98.0}, {"max_kld": 0.001}):
+        for by in ("speed", "size"):
+            found = best_build(cat, base=BASE_A, by=by, filters=RunFilter(**bounds))
+            rows = [r for r in query_runs(cat, filters=RunFilter(base=BASE_A, status="passed", **bounds), limit=1000)
+                    if r.ppl_increase_pct is not None]
+            assert found.candidates == len(rows) and found.bounds == bounds
+            assert [r.id for r in found.front] == _brute_front(rows, by), (bounds, by)
 
 
 def _brute_front(rows, by: str) -> list[str]:
@@ -268,6 +287,49 @@ def test_best_is_the_pareto_front_point_with_the_best_objective(seeded: Seeded) 
     only_y = best_build(seeded.catalog, base=BASE_A, by="speed", filters=RunFilter(adapter=LORA_Y))
     assert seeded.names([only_y.best]) == ["a-3g128-ao"]  # the passing build that merged lora-y
     assert best_build(seeded.catalog, base=BASE_B, by="speed").best.name == "b-4g128"
+
+
+def test_ls_and_best_filter_and_sort_on_the_verdict(seeded: Seeded) -> None:
+    """KL divergence, top-1 agreement and task recovery (0007 columns, from the delta metrics): bounds
+    are inclusive, runs that did not measure a bounded value are left out; sorts put them last."""
+    assert ls(seeded, max_kld=0.05) == ["b-4g128", "a-8g128", "a-4g32", "a-4g128"]
+    assert ls(seeded, min_top1=95, base=BASE_A) == ["a-8g128", "a-4g32", "a-4g128"]
+    assert ls(seeded, min_task_recovery=97.0) == ["b-4g128", "a-8g128", "a-4g32", "a-4g128"]  # 97.0 is in
+    assert ls(seeded, min_task_recovery=97.0, max_kld=0.02, status="passed") == ["a-8g128", "a-4g32", "a-4g128"]
+    assert ls(seeded, "kld") == ["a-8g128", "a-4g32", "a-4g128", "b-4g128", "a-3g128-ao", "a-3g128", "a-2g64",
+                                 "b-running", "a-failed"]
+    assert ls(seeded, "top1", limit=3) == ["a-8g128", "a-4g32", "a-4g128"]
+    assert ls(seeded, "recovery", base=BASE_A) == ["a-8g128", "a-4g32", "a-4g128", "a-3g128-ao", "a-3g128",
+                                                   "a-2g64", "a-failed"]
+    (row,) = query_runs(seeded.catalog, filters=RunFilter(config="gptq-3bit-128g-actorder"))
+    assert (row.kld_mean, row.top1_agreement_pct, row.task_recovery_pct) == (0.055, 93.5, 96.5)
+
+    unbounded = best_build(seeded.catalog, base=BASE_A, by="speed")
+    assert seeded.names([unbounded.best]) == ["a-3g128"]  # the fastest: recovers 95 % of fp16's task score
+    strict = best_build(seeded.catalog, base=BASE_A, by="speed",
+                        filters=RunFilter(**verdict_bounds(min_task_recovery="97%", max_kld="0.05")))
+    assert strict.candidates == 3 and seeded.names(strict.front) == ["a-8g128", "a-4g32", "a-4g128"]
+    assert seeded.names([strict.best]) == ["a-4g128"] and strict.bounds == {"max_kld": 0.05, "min_task_recovery": 97.0}
+    assert seeded.names([best_build(seeded.catalog, base=BASE_A, by="size",
+                                    filters=RunFilter(min_top1=99)).best]) == ["a-8g128"]
+    none = best_build(seeded.catalog, base=BASE_A, filters=RunFilter(max_kld=0.001))
+    assert none.best is None and none.candidates == 0
+    assert no_best_message(none, relax="--max-kld") == (
+        "no passing build of 'org/llama-base' within a mean KL divergence <= 0.001 has speed measured: relax --max-kld")
+
+
+def test_verdict_bounds_reject_bad_input() -> None:
+    assert verdict_bounds(max_kld="0.05", min_top1="95%", min_task_recovery=" 97 % ") == {
+        "max_kld": 0.05, "min_top1": 95.0, "min_task_recovery": 97.0}
+    assert verdict_bounds() == {"max_kld": None, "min_top1": None, "min_task_recovery": None}
+    with pytest.raises(CatalogQueryError, match="max KL divergence 'low' is not a number: give e.g. 0.05"):
+        verdict_bounds(max_kld="low")
+    with pytest.raises(CatalogQueryError, match="min task recovery '-1%' must be a percentage >= 0: give e.g. 97%"):
+        verdict_bounds(min_task_recovery="-1%")
+    with pytest.raises(CatalogQueryError, match="min top-1 agreement 'most' is not a percentage"):
+        verdict_bounds(min_top1="most")
+    with pytest.raises(CatalogQueryError, match="max KL divergence -0.1 must be a number >= 0"):
+        RunFilter(max_kld=-0.1)
 
 
 def test_best_without_candidates_or_base(seeded: Seeded) -> None:
@@ -330,6 +392,7 @@ def test_leaderboard_per_base(seeded: Seeded) -> None:
     boards = leaderboard(seeded.catalog)
     assert [b.base_uri for b in boards] == [BASE_B, BASE_A]  # most recent finished run first
     board_a = boards[1]
+    assert {r.name: r.kld_mean for r in board_a.rows}["a-2g64"] == 0.2
     assert board_a.runs == 6 and seeded.names(board_a.rows) == [
         "a-3g128", "a-3g128-ao", "a-4g128", "a-4g32", "a-8g128", "a-2g64"]  # passed by speed, then rejected
     (only,) = leaderboard(seeded.catalog, base=SHA_B, rows=5)
@@ -355,6 +418,9 @@ def test_renderings(seeded: Seeded) -> None:
     assert "(+23.1%)" in out and SHA_A in out
     parsed = list(csv.DictReader(io.StringIO(rows_csv(rows))))
     assert [r["name"] for r in parsed] == [r.name for r in rows] and parsed[-1]["decode_speedup"] == "1.3"
+    assert (parsed[-1]["kld_mean"], parsed[-1]["top1_agreement_pct"], parsed[-1]["task_recovery_pct"]) == (
+        "0.02", "97.5", "98.0")
+    assert "top-1 %" in out and "recovery %" in out and "0.055" in out and "96.5" in out
     assert [r["best"] for r in csv.DictReader(io.StringIO(best_csv(best)))] == ["False"] * 3 + ["True"]
     header = next(csv.reader(io.StringIO(comparison_csv(comparison))))
     assert header[:3] == ["metric", "side", "unit"] and len(header) == 6
@@ -363,6 +429,11 @@ def test_renderings(seeded: Seeded) -> None:
     assert "perplexity,fp16,10.0,ppl" in detail_csv(detail)
     markdown = run_markdown(detail)
     assert "| perplexity | 10 | 10.1 |" in markdown and "| max_ppl_increase_pct | 5 | 1 | yes |" in markdown
+    # every metric recorded, one table per family
+    sections = [line for line in markdown.splitlines() if line.startswith("### ")]
+    assert sections == ["### quality vs fp16", "### tasks (lm-eval)", "### speed", "### size and memory"]
+    assert "| kld_mean |  |  | 0.02 |  | nats |" in markdown and "| task_piqa_acc | 0.6 | 0.588 |" in markdown
+    assert markdown.index("### tasks (lm-eval)") < markdown.index("| task_recovery_pct_piqa |")
 
 
 # --------------------------------------------------------------------------- migration 0003
@@ -383,3 +454,27 @@ def test_upgrade_from_0002_backfills_ratios_and_sources(catalog_url: str) -> Non
         assert (row.decode_speedup, row.ppl_increase_pct, row.size_ratio) == (1.5, 2.0, None)
         assert best_build(cat, base="f00d").best.id == "old-0002"
         assert lineage(cat, ref="old-0002").nodes[1].detail["weight"] == 0.5
+
+
+# --------------------------------------------------------------------------- migration 0007
+
+
+def test_upgrade_from_0006_backfills_the_verdict_columns(catalog_url: str) -> None:  # noqa: F811
+    with at_revision(catalog_url, "0006") as engine, engine.begin() as conn:
+        conn.execute(text("INSERT INTO base_models (uri, sha, first_seen) VALUES ('org/old', 'f00d', CURRENT_TIMESTAMP)"))
+        base_id = conn.execute(text("SELECT id FROM base_models WHERE uri = 'org/old'")).scalar()
+        for run_id, kld in (("old-0006", 0.04), ("older-0006", None)):
+            conn.execute(text(
+                "INSERT INTO runs (id, name, status, run_key, spec, adapters, library_versions, host, started_at, "
+                "base_uri, base_sha, base_model_id, ppl_increase_pct, decode_speedup) VALUES (:id, 'old', 'passed', "
+                "'k', '{}', '[]', '{}', '{}', CURRENT_TIMESTAMP, 'org/old', 'f00d', :base, 2.0, 1.5)"),
+                {"id": run_id, "base": base_id})
+            if kld is not None:
+                for name, value in (("kld_mean", kld), ("task_recovery_pct", 96.0), ("kld_p99", 0.5)):
+                    conn.execute(text("INSERT INTO metrics (run_id, name, side, value, unit) "
+                                      "VALUES (:id, :n, 'delta', :v, '')"), {"id": run_id, "n": name, "v": value})
+    with open_catalog(catalog_url, auto_upgrade=True) as cat:
+        (row,) = query_runs(cat, filters=RunFilter(max_kld=0.05))
+        assert (row.id, row.kld_mean, row.task_recovery_pct, row.top1_agreement_pct) == ("old-0006", 0.04, 96.0, None)
+        assert best_build(cat, base="org/old", filters=RunFilter(min_task_recovery=95)).best.id == "old-0006"
+        assert [r.id for r in query_runs(cat, sort="kld")] == ["old-0006", "older-0006"]

@@ -37,13 +37,19 @@ def test_leaderboard_in_chromium(seeded_url) -> None:
         assert rows.nth(0).get_attribute("data-run") == seeded.ids["a-3g128"]
         assert "★" in rows.nth(0).inner_text() and "best" in rows.nth(0).get_attribute("class")
         assert rows.nth(5).locator("td.status").inner_text() == "rejected"
-        plot = board_a.locator("svg.plot")
+        plot = board_a.locator('svg.plot[data-plot="ppl"]')  # perplexity increase vs speed-up
         assert plot.is_visible() and plot.bounding_box()["width"] > 300
         assert plot.locator("circle.point.pass").count() == 5 and plot.locator("path.point.fail").count() == 1
         assert plot.locator("circle.best").count() == 1
         best_point = plot.locator(f'circle.point[data-run="{seeded.ids["a-3g128"]}"]')
         assert "ppl +2.5%" in best_point.locator("title").text_content()
         page.screenshot(path=str(screenshot_path("leaderboard.png")), full_page=True)
+
+        kld = board_a.locator('svg.plot[data-plot="kld"]')  # size ratio against KL divergence from fp16
+        assert kld.is_visible() and "KL divergence from fp16" in kld.text_content()
+        assert kld.locator("circle.point.pass").count() == 5 and kld.locator("path.point.fail").count() == 1
+        assert "KL 0.2" in kld.locator(f'path.point[data-run="{seeded.ids["a-2g64"]}"] title').text_content()
+        assert "100.2" in rows.nth(4).inner_text()  # a-8g128's task recovery column
 
         page.goto(f"{base_url}/?x=size")  # the same page at /, size ratio on the x axis
         assert "disk size ratio" in page.locator("section.board svg").first.text_content()
@@ -59,6 +65,27 @@ def test_leaderboard_html_without_browser(seeded_url) -> None:
             "<body>")[1].replace('xmlns="http://www.w3.org/2000/svg"', "")  # nothing fetched from elsewhere
         assert client.get("/leaderboard", params={"base": "org/none"}).status_code == 404
         assert client.get("/leaderboard", params={"x": "ppl"}).status_code == 422
+        assert html.count('data-plot="kld"') == 1 and "<th>KL</th><th>top-1 %</th><th>recovery %</th>" in html
+
+
+def test_kld_plot_only_for_builds_that_measured_it() -> None:
+    from datetime import UTC, datetime
+
+    from modelfactory.catalog.records import Board, RunRow
+    from modelfactory.interfaces.server.pages import kld_plot
+
+    def row(name: str, kld: float | None, status: str = "passed") -> RunRow:
+        return RunRow(id=f"{name}-0000", name=name, status=status, run_key="k", base_uri="org/b", base_sha="s" * 40,
+                      started_at=datetime(2026, 1, 1, tzinfo=UTC), finished_at=None, error=None, config="c", bits=4,
+                      group_size=128, desc_act=False, adapters=(), ppl_increase_pct=1.0, decode_speedup=1.2,
+                      size_ratio=0.3, memory_ratio=0.3, kld_mean=kld)
+
+    old = Board(base_uri="org/b", base_sha="s" * 40, runs=1, rows=(row("old", None),))
+    assert kld_plot(old, None) == ""  # runs recorded before KL divergence existed: no second plot
+    svg = kld_plot(Board(base_uri="org/b", base_sha="s" * 40, runs=3, rows=(
+        row("a", 0.02), row("b", 0.31, "rejected"), row("old", None))), best_id="a-0000")
+    assert svg.count('class="point') == 2 and 'class="best"' in svg and "KL 0.31 (rejected)" in svg
+    assert "disk size ratio" in svg and "KL divergence from fp16, mean" in svg
 
 
 def test_empty_catalog_page(tmp_path: Path) -> None:

@@ -32,7 +32,8 @@ DETAIL_LOADS = [
 ROW_COLUMNS = (
     Run.id, Run.name, Run.status, Run.run_key, Run.base_uri, Run.base_sha, Run.started_at, Run.finished_at,
     Run.error, Run.config, Run.bits, Run.group_size, Run.desc_act, Run.adapters, Run.ppl_increase_pct,
-    Run.decode_speedup, Run.size_ratio, Run.memory_ratio,
+    Run.decode_speedup, Run.size_ratio, Run.memory_ratio, Run.kld_mean, Run.top1_agreement_pct,
+    Run.task_recovery_pct,
 )
 
 
@@ -51,6 +52,7 @@ def run_row(row: Any) -> RunRow:
         error=row.error, config=row.config, bits=row.bits, group_size=row.group_size, desc_act=row.desc_act,
         adapters=tuple(dict(a) for a in (row.adapters or [])), ppl_increase_pct=row.ppl_increase_pct,
         decode_speedup=row.decode_speedup, size_ratio=row.size_ratio, memory_ratio=row.memory_ratio,
+        kld_mean=row.kld_mean, top1_agreement_pct=row.top1_agreement_pct, task_recovery_pct=row.task_recovery_pct,
     )
 
 

@@ -68,6 +68,11 @@ class Base(DeclarativeBase):
 
 #: The gate ratios denormalised onto runs (0003), perplexity increase first.
 RATIO_COLUMNS = ("ppl_increase_pct", "decode_speedup", "size_ratio", "memory_ratio")
+#: The verdict's quality measures denormalised onto runs (0007): KL divergence from fp16 (mean),
+#: top-1 agreement with fp16 (%), task recovery (%, the lowest over the lm-eval tasks).
+VERDICT_COLUMNS = ("kld_mean", "top1_agreement_pct", "task_recovery_pct")
+#: Every run column kept in step with the ``delta`` metric of the same name (``record_metrics``).
+DELTA_COLUMNS = RATIO_COLUMNS + VERDICT_COLUMNS
 
 
 class Run(Base):
@@ -85,8 +90,13 @@ class Run(Base):
         # sorted every run of the base instead of walking (status, started_at) newest first.
         *(Index(f"ix_runs_status_{ratio}", "status", ratio) for ratio in RATIO_COLUMNS),
         *(Index(f"ix_runs_base_model_id_{ratio}", "base_model_id", ratio) for ratio in RATIO_COLUMNS[1:]),
-        Index("ix_runs_best", "base_model_id", "ppl_increase_pct", "status", *RATIO_COLUMNS[1:], "started_at",
-              "id"),
+        # 0007: the verdict columns, sorted within a status or a base model version like the ratios, and
+        # in ix_runs_best (after the objectives, so its prefix and plans stay 0004's) so that best with
+        # --max-kld / --min-top1 / --min-task-recovery still reads no table row.
+        *(Index(f"ix_runs_status_{column}", "status", column) for column in VERDICT_COLUMNS),
+        *(Index(f"ix_runs_base_model_id_{column}", "base_model_id", column) for column in VERDICT_COLUMNS),
+        Index("ix_runs_best", "base_model_id", "ppl_increase_pct", "status", *RATIO_COLUMNS[1:], *VERDICT_COLUMNS,
+              "started_at", "id"),
         # SQLite serves a prefix as a range on the primary key; PostgreSQL's LIKE 'p%' needs a
         # byte-order index whatever the database collation.
         Index("ix_runs_id_pattern", "id", postgresql_ops={"id": "varchar_pattern_ops"}).ddl_if(
@@ -124,6 +134,10 @@ class Run(Base):
     decode_speedup: Mapped[float | None] = mapped_column(Float)
     size_ratio: Mapped[float | None] = mapped_column(Float)
     memory_ratio: Mapped[float | None] = mapped_column(Float)
+    # 0007, likewise from the ``delta`` metrics of the same names (VERDICT_COLUMNS).
+    kld_mean: Mapped[float | None] = mapped_column(Float)
+    top1_agreement_pct: Mapped[float | None] = mapped_column(Float)
+    task_recovery_pct: Mapped[float | None] = mapped_column(Float)
 
     steps: Mapped[list[Step]] = relationship(
         cascade="all, delete-orphan", passive_deletes=True, order_by="Step.id"

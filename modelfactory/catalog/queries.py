@@ -11,6 +11,7 @@ run / artifact / base model :class:`CatalogNotFoundError`.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ if TYPE_CHECKING:  # only for annotations: Catalog.list_runs is query_runs
     from modelfactory.catalog.db import Catalog
 
 #: ``sort`` keys of :func:`query_runs`.
-SortKey = Literal["newest", "oldest", "ppl", "speed", "size", "memory", "name"]
+SortKey = Literal["newest", "oldest", "ppl", "speed", "size", "memory", "kld", "top1", "recovery", "name"]
 
 #: Column and direction of each ``sort`` key (its natural direction; ties: newest first).
 SORTS: dict[SortKey, tuple[Any, Literal["asc", "desc"]]] = {
@@ -60,12 +61,17 @@ SORTS: dict[SortKey, tuple[Any, Literal["asc", "desc"]]] = {
     "speed": (Run.decode_speedup, "desc"),
     "size": (Run.size_ratio, "asc"),
     "memory": (Run.memory_ratio, "asc"),
+    "kld": (Run.kld_mean, "asc"),
+    "top1": (Run.top1_agreement_pct, "desc"),
+    "recovery": (Run.task_recovery_pct, "desc"),
     "name": (Run.name, "asc"),
 }
 #: ``by`` objectives of :func:`best_build`: the column and whether higher is better.
 OBJECTIVES: dict[Objective, tuple[Any, bool]] = {
     "speed": (Run.decode_speedup, True), "size": (Run.size_ratio, False), "memory": (Run.memory_ratio, False),
 }
+#: The :class:`RunFilter` fields that bound the verdict's quality measures.
+VERDICT_FILTERS = ("max_kld", "min_top1", "min_task_recovery")
 MAX_LIMIT = 10_000
 MAX_COMPARE = 20
 #: Shortest SHA prefix that matches a base model / adapter commit.
@@ -79,6 +85,9 @@ class RunFilter:
 
     *base* and *adapter* match a URI exactly or a commit SHA (a prefix of 7+ characters will do);
     *since* is inclusive, *until* exclusive (a date-only value from :func:`parse_when` covers the day).
+    *max_kld* (mean KL divergence from fp16, nats per token), *min_top1* (top-1 agreement, %) and
+    *min_task_recovery* (task recovery, %, the lowest over the tasks) keep only runs that measured
+    the value and are within the bound (inclusive).
     """
 
     base: str | None = None
@@ -90,6 +99,9 @@ class RunFilter:
     config: str | None = None
     since: datetime | None = None
     until: datetime | None = None
+    max_kld: float | None = None
+    min_top1: float | None = None
+    min_task_recovery: float | None = None
 
     def __post_init__(self) -> None:
         if self.status is not None and self.status not in RUN_STATUSES:
@@ -101,6 +113,10 @@ class RunFilter:
                 f"date range since {self.since.isoformat()} until {self.until.isoformat()} is empty: "
                 f"give a 'since' before 'until'"
             )
+        for what, value in (("max KL divergence", self.max_kld), ("min top-1 agreement", self.min_top1),
+                            ("min task recovery", self.min_task_recovery)):
+            if value is not None and not (isinstance(value, (int, float)) and not math.isnan(value) and value >= 0):
+                raise CatalogQueryError(f"{what} {value!r} must be a number >= 0: give e.g. 0.05 or 97%")
 
 
 def parse_when(text: str, *, end: bool = False) -> datetime:
@@ -117,16 +133,41 @@ def parse_when(text: str, *, end: bool = False) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def parse_percent(text: str | float) -> float:
-    """``'3%'``, ``'3'`` or ``3.0`` → ``3.0`` (a perplexity increase in percent)."""
+def parse_percent(text: str | float, *, what: str = "perplexity increase", example: str = "3%") -> float:
+    """``'3%'``, ``'3'`` or ``3.0`` → ``3.0`` (a percentage, by default a perplexity increase; *what*
+    names it in errors, *example* shows a good value)."""
     raw = str(text).strip().removesuffix("%").strip()
     try:
         value = float(raw)
     except ValueError as exc:
-        raise CatalogQueryError(f"perplexity increase {text!r} is not a percentage: give e.g. 3% or 2.5") from exc
-    if value != value or value < 0:
-        raise CatalogQueryError(f"perplexity increase {text!r} must be a percentage >= 0: give e.g. 3%")
+        raise CatalogQueryError(f"{what} {text!r} is not a percentage: give e.g. {example} or 2.5") from exc
+    if math.isnan(value) or value < 0:
+        raise CatalogQueryError(f"{what} {text!r} must be a percentage >= 0: give e.g. {example}")
     return value
+
+
+def parse_number(text: str | float, *, what: str, example: str) -> float:
+    """A number >= 0 (e.g. a KL divergence bound); *what* names it in errors, *example* shows one."""
+    try:
+        value = float(str(text).strip())
+    except ValueError as exc:
+        raise CatalogQueryError(f"{what} {text!r} is not a number: give e.g. {example}") from exc
+    if math.isnan(value) or value < 0:
+        raise CatalogQueryError(f"{what} {text!r} must be a number >= 0: give e.g. {example}")
+    return value
+
+
+def verdict_bounds(*, max_kld: str | float | None = None, min_top1: str | float | None = None,
+                   min_task_recovery: str | float | None = None) -> dict[str, float | None]:
+    """The verdict filters of :class:`RunFilter` from text as ``ls`` / ``best`` / the API take it
+    (``0.05``; ``95`` or ``95%``; ``97%``), parsed and checked."""
+    return {
+        "max_kld": None if max_kld is None else parse_number(max_kld, what="max KL divergence", example="0.05"),
+        "min_top1": None if min_top1 is None else parse_percent(min_top1, what="min top-1 agreement",
+                                                                example="95%"),
+        "min_task_recovery": None if min_task_recovery is None else parse_percent(
+            min_task_recovery, what="min task recovery", example="97%"),
+    }
 
 
 # --------------------------------------------------------------------------- ls
@@ -151,7 +192,11 @@ def query_runs(
             base_ids = version_ids(session, BaseModelVersion, filters.base)
             if not base_ids:
                 return []
-        stmt = _filtered(session, select(*ROW_COLUMNS), filters, base_ids=base_ids)
+        # Sorted by a ratio, the runs are read in that order from a (filter, ratio) index and the read
+        # stops at the limit; a verdict bound there must not look indexable, or SQLite ranges over
+        # the bound's own index and sorts every match instead (see _filtered).
+        stmt = _filtered(session, select(*ROW_COLUMNS), filters, base_ids=base_ids,
+                         index_bounds=not column.expression.nullable)
         if stmt is None:
             return []
         ties = (Run.started_at.desc(), Run.id.desc())
@@ -202,10 +247,13 @@ def _on(subquery: Any, key: Any) -> Any:
 
 
 def _filtered(session: Session, stmt: Select, filters: RunFilter, *,
-              base_ids: list[int] | None = None) -> Select | None:
+              base_ids: list[int] | None = None, index_bounds: bool = True) -> Select | None:
     """*stmt* with the WHERE clauses of *filters*; ``None`` when a base/adapter matches nothing.
 
     *base_ids*: the base model versions of ``filters.base`` when the caller looked them up already.
+    *index_bounds* False: the verdict bounds are spelled ``column + 0 <= value`` (the same test, but no
+    index on the column looks usable for it), for reads that an index on another column serves in
+    order (a ratio sort) or from the index alone (``best``'s ix_runs_best).
     """
     if filters.base is not None:
         if base_ids is None:
@@ -227,6 +275,15 @@ def _filtered(session: Session, stmt: Select, filters: RunFilter, *,
         stmt = stmt.where(Run.started_at >= aware(filters.since))
     if filters.until is not None:
         stmt = stmt.where(Run.started_at < aware(filters.until))
+    def bounded(column: Any) -> Any:
+        return column if index_bounds else column + 0
+
+    if filters.max_kld is not None:
+        stmt = stmt.where(bounded(Run.kld_mean) <= filters.max_kld)
+    if filters.min_top1 is not None:
+        stmt = stmt.where(bounded(Run.top1_agreement_pct) >= filters.min_top1)
+    if filters.min_task_recovery is not None:
+        stmt = stmt.where(bounded(Run.task_recovery_pct) >= filters.min_task_recovery)
     return stmt
 
 
@@ -277,7 +334,8 @@ def best_build(
 
     Candidates: runs of *base* with status ``passed`` (gate passed, published), a perplexity
     increase <= *max_ppl_increase_pct* (when given) and the *by* objective measured, narrowed
-    by *filters* (config fields, adapter, dates). The front keeps every candidate that no other
+    by *filters* (config fields, adapter, dates, and the verdict bounds: KL divergence, top-1
+    agreement, task recovery). The front keeps every candidate that no other
     beats on both perplexity increase and objective; ``best`` is its point with the best
     objective (ties: lower perplexity increase, then newest). ``best`` is ``None`` without
     candidates. Raises :class:`CatalogNotFoundError` when no run was ever built on *base*.
@@ -296,7 +354,7 @@ def best_build(
                 f"or commit SHA as `catalog ls` shows it"
             )
         stmt = _filtered(session, select(Run.id, Run.ppl_increase_pct.label("ppl"), column.label("objective"),
-                                         Run.started_at), base_filter, base_ids=base_ids)
+                                         Run.started_at), base_filter, base_ids=base_ids, index_bounds=False)
         assert stmt is not None
         # ``status || ''`` and ``objective + 0``: the same tests, but no (status, ...) index looks usable
         # for them -- SQLite without ANALYZE statistics (modelfactory never runs it) would otherwise read
@@ -309,8 +367,22 @@ def best_build(
         rows = {r.id: r for r in (run_row(x) for x in session.execute(
             select(*ROW_COLUMNS).where(Run.id.in_(front_ids))))} if front_ids else {}
     front = tuple(rows[i] for i in front_ids)
+    bounds = {name: getattr(base_filter, name) for name in VERDICT_FILTERS if getattr(base_filter, name) is not None}
     return BestBuild(base=base, by=by, max_ppl_increase_pct=max_ppl_increase_pct, candidates=candidates,
-                     best=front[-1] if front else None, front=front)
+                     best=front[-1] if front else None, front=front, bounds=bounds)
+
+
+def no_best_message(best: BestBuild, *, relax: str) -> str:
+    """Why *best* found no build (its base, every bound it applied), and what to *relax*."""
+    bounds = [f"a {best.max_ppl_increase_pct:g}% perplexity increase"] if best.max_ppl_increase_pct is not None else []
+    bounds += [f"{BOUND_TEXT[name]} {value:g}{'' if name == 'max_kld' else '%'}" for name, value in best.bounds.items()]
+    within = f" within {', '.join(bounds)}" if bounds else ""
+    return f"no passing build of {best.base!r}{within} has {best.by} measured: relax {relax}"
+
+
+#: How a verdict bound reads in messages.
+BOUND_TEXT = {"max_kld": "a mean KL divergence <=", "min_top1": "a top-1 agreement >=",
+              "min_task_recovery": "a task recovery >="}
 
 
 def _pareto_front(session: Session, candidates: Select, *, higher_better: bool) -> tuple[list[str], int]:
@@ -482,7 +554,10 @@ __all__ = [
     "compare_runs",
     "leaderboard",
     "lineage",
+    "no_best_message",
+    "parse_number",
     "parse_percent",
     "parse_when",
     "query_runs",
+    "verdict_bounds",
 ]

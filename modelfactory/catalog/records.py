@@ -221,7 +221,8 @@ class RunDetail(RunSummary):
 
 @dataclass(frozen=True, slots=True)
 class RunRow(RunSummary):
-    """One run as ``catalog ls``, ``best`` and the leaderboard show it: config and gate ratios."""
+    """One run as ``catalog ls``, ``best`` and the leaderboard show it: config, gate ratios and the
+    verdict's quality measures (``None`` when not measured, e.g. runs recorded before they existed)."""
 
     bits: int | None
     group_size: int | None
@@ -231,6 +232,9 @@ class RunRow(RunSummary):
     decode_speedup: float | None
     size_ratio: float | None
     memory_ratio: float | None
+    kld_mean: float | None = None  # KL(fp16 || GPTQ) per token, mean (nats)
+    top1_agreement_pct: float | None = None  # % of positions where both pick the same next token
+    task_recovery_pct: float | None = None  # GPTQ task score as % of fp16's, lowest over the tasks
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +252,8 @@ class BestBuild(_Record):
     candidates: int
     best: RunRow | None
     front: tuple[RunRow, ...]
+    #: The verdict bounds the candidates met (``max_kld``, ``min_top1``, ``min_task_recovery``), as given.
+    bounds: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 from sqlalchemy import select
 
-from modelfactory.catalog import Catalog
+from modelfactory.catalog import Catalog, MetricRecord
 from modelfactory.catalog.metrics import benchmark_metrics
 from modelfactory.catalog.models import Artifact, Run
 from modelfactory.catalog.models import Publication as PublicationRow
@@ -52,8 +52,10 @@ def import_artifact(catalog: Catalog, *, uri: str) -> ImportResult:
         if key not in manifest:
             raise PublishError(f"manifest of {uri} has no {key!r}: it was not written by a factory run, "
                                f"so there is nothing to record")
-    spec = parse_spec(manifest["spec"], origin=f"manifest of {uri}")
-    run_key = step_key("run", spec=spec)
+    spec = manifest["spec"]
+    # The run's own key: the published spec names local sources by name only, so it no longer hashes
+    # to the key the run was recorded under (manifests before that carry no run_key and full paths).
+    run_key = manifest.get("run_key") or step_key("run", spec=parse_spec(spec, origin=f"manifest of {uri}"))
     known = _run_with_manifest(catalog, digest)
     if known and _complete(catalog, known, digest):
         return ImportResult(known, "already-recorded", digest)
@@ -61,16 +63,14 @@ def import_artifact(catalog: Catalog, *, uri: str) -> ImportResult:
     action = "completed" if run_id else "created"
     if run_id is None:
         run_id = str(uuid.uuid4())
-        catalog.start_run(run_id=run_id, name=spec.name, spec=spec.model_dump(mode="json"), run_key=run_key,
+        catalog.start_run(run_id=run_id, name=str(spec.get("name") or "run"), spec=spec, run_key=run_key,
                           library_versions={"imported_from": uri, "engine": manifest.get("engine")})
     sources = manifest["sources"]
-    catalog.set_sources(run_id=run_id, base_uri=sources["base"]["uri"], base_sha=sources["base"]["sha"],
-                        adapters=[{"uri": a["source_uri"], "sha": a["sha"], "weight": a.get("weight", 1.0)}
-                                  for a in sources.get("adapters", [])])
-    metrics = manifest["metrics"]
-    bench = BenchmarkResult(fp16=SideMetrics.model_validate(metrics["fp16"]),
-                            gptq=SideMetrics.model_validate(metrics["gptq"]), path=uri)
-    catalog.record_metrics(run_id=run_id, metrics=benchmark_metrics(bench))
+    if catalog.get_run(run_id).base_sha is None:  # a run that recorded its sources keeps their full paths
+        catalog.set_sources(run_id=run_id, base_uri=sources["base"]["uri"], base_sha=sources["base"]["sha"],
+                            adapters=[{"uri": a["source_uri"], "sha": a["sha"], "weight": a.get("weight", 1.0)}
+                                      for a in sources.get("adapters", [])])
+    catalog.record_metrics(run_id=run_id, metrics=_manifest_metric_rows(manifest["metrics"], uri=uri))
     catalog.record_gate(run_id=run_id, checks=[GateCheck.model_validate(c) for c in manifest["gate"]["checks"]])
     size = int(manifest["total_bytes"])
     detail = catalog.get_run(run_id)
@@ -82,6 +82,17 @@ def import_artifact(catalog: Catalog, *, uri: str) -> ImportResult:
             destination=destination, uri=uri, manifest_sha256=digest, size_bytes=size))
     catalog.finish_run(run_id=run_id, status="passed" if manifest["gate"]["passed"] else "rejected")
     return ImportResult(run_id, action, digest)
+
+
+def _manifest_metric_rows(metrics: dict, *, uri: str) -> list[MetricRecord]:
+    """The metric rows a manifest carries (``measured``: exactly what the run recorded), or for an
+    older manifest those of its two sides' records."""
+    if metrics.get("measured"):
+        return [MetricRecord(name=m["name"], side=m["side"], value=float(m["value"]), unit=m.get("unit", ""))
+                for m in metrics["measured"]]
+    bench = BenchmarkResult(fp16=SideMetrics.model_validate(metrics["fp16"]),
+                            gptq=SideMetrics.model_validate(metrics["gptq"]), path=uri)
+    return benchmark_metrics(bench)
 
 
 def _run_with_manifest(catalog: Catalog, digest: str) -> str | None:

@@ -116,6 +116,9 @@ def runs_json(runs: Sequence[RunSummary | RunDetail]) -> str:
 
 RATIO_HEADERS = (("ppl_increase_pct", "ppl +%"), ("decode_speedup", "speed-up"), ("size_ratio", "size"),
                  ("memory_ratio", "memory"))
+#: The verdict's quality measures of a run row (0007), after the ratios.
+VERDICT_HEADERS = (("kld_mean", "KL"), ("top1_agreement_pct", "top-1 %"), ("task_recovery_pct", "recovery %"))
+ROW_MEASURES = RATIO_HEADERS + VERDICT_HEADERS
 
 
 def _adapters(adapters: Sequence[dict]) -> str:
@@ -125,25 +128,31 @@ def _adapters(adapters: Sequence[dict]) -> str:
 def _row_values(row: RunRow) -> list[str]:
     return [row.id[:8], row.name, _status(row.status), row.config or "-",
             row.base_uri or (row.base_sha or "")[:12], _adapters(row.adapters), _when(row.started_at),
-            *(_number(getattr(row, name)) for name, _ in RATIO_HEADERS)]
+            *(_number(getattr(row, name)) for name, _ in ROW_MEASURES)]
 
 
 def rows_table(rows: Sequence[RunRow], *, title: str = "runs") -> Table:
-    """``catalog ls``: one row per run with its config and gate ratios."""
+    """``catalog ls``: one row per run with its config, gate ratios and verdict measures."""
     table = Table(title=title)
     for header in ("id", "name", "status", "config", "base", "adapters", "started (UTC)"):
         table.add_column(header, no_wrap=header in ("id", "started (UTC)"))
-    for _, header in RATIO_HEADERS:
+    for _, header in ROW_MEASURES:
         table.add_column(header, justify="right")
     for row in rows:
         table.add_row(*_row_values(row))
     return table
 
 
+#: How ``best`` states the verdict bounds its candidates met.
+BOUND_LABELS = {"max_kld": "KL <=", "min_top1": "top-1 >=", "min_task_recovery": "task recovery >="}
+
+
 def best_table(best: BestBuild) -> Table:
     """``catalog best``: the Pareto front, the best build marked with ★."""
     bound = "any" if best.max_ppl_increase_pct is None else f"<= {best.max_ppl_increase_pct:g}%"
-    table = rows_table(best.front, title=f"best build of {best.base} by {best.by} · ppl increase {bound} · "
+    verdict = "".join(f" · {BOUND_LABELS[name]} {value:g}{'%' if name != 'max_kld' else ''}"
+                      for name, value in best.bounds.items())
+    table = rows_table(best.front, title=f"best build of {best.base} by {best.by} · ppl increase {bound}{verdict} · "
                        f"{best.candidates} passing candidates, Pareto front:")
     table.columns[0].header = "id"
     if best.best is not None:
@@ -196,7 +205,7 @@ def _csv(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 ROW_FIELDS = ("id", "name", "status", "config", "bits", "group_size", "desc_act", "base_uri", "base_sha",
-              "started_at", "finished_at", "ppl_increase_pct", "decode_speedup", "size_ratio", "memory_ratio")
+              "started_at", "finished_at", *(name for name, _ in ROW_MEASURES))
 
 
 def rows_csv(rows: Sequence[RunRow], *, extra: Callable[[RunRow], Sequence[object]] | None = None,
@@ -239,8 +248,24 @@ def record_json(record: object) -> str:
 # --------------------------------------------------------------------------- markdown (Prefect artifact)
 
 
+#: Groups of the run artifact's metric tables, in order: (title, does this metric name belong to it).
+METRIC_GROUPS: tuple[tuple[str, Callable[[str], bool]], ...] = (
+    ("quality vs fp16", lambda n: n.startswith(("perplexity", "ppl_", "kld_", "top1_"))),
+    ("tasks (lm-eval)", lambda n: n.startswith("task_")),
+    ("speed", lambda n: n.startswith(("decode_", "ttft_", "load_s", "quantize_s"))),
+    ("size and memory", lambda n: n.startswith(("disk_", "size_", "mem_", "memory_"))),
+    ("other", lambda n: True),
+)
+
+
+def metric_group(name: str) -> str:
+    """The title of the run artifact's table that shows metric *name* (:data:`METRIC_GROUPS`)."""
+    return next(title for title, member in METRIC_GROUPS if member(name))
+
+
 def run_markdown(detail: RunDetail) -> str:
-    """A run's metrics table in Markdown (fp16 / gptq / delta side by side), with the gate verdict."""
+    """A run in Markdown (the Prefect artifact): every metric recorded, fp16 / gptq / delta side by
+    side in one table per group (:data:`METRIC_GROUPS`), the runnability checks, the gate verdict."""
     def cell(value: float | None) -> str:
         return "" if value is None else f"{value:.6g}"
 
@@ -249,10 +274,16 @@ def run_markdown(detail: RunDetail) -> str:
     if detail.adapters:
         lines.append(f" · adapters {_adapters(detail.adapters)}")
     sides = ["fp16", "gptq", "delta", ""]
-    lines += ["", "| metric | fp16 | gptq | delta | value | unit |", "|---|---:|---:|---:|---:|---|"]
-    for name in dict.fromkeys(m.name for m in detail.metrics):
-        unit = next(m.unit for m in detail.metrics if m.name == name)
-        lines.append(f"| {name} | " + " | ".join(cell(detail.value(name, side)) for side in sides) + f" | {unit} |")
+    names = list(dict.fromkeys(m.name for m in detail.metrics))
+    for title, _ in METRIC_GROUPS:
+        group = [name for name in names if metric_group(name) == title]
+        if not group:
+            continue
+        lines += ["", f"### {title}", "", "| metric | fp16 | gptq | delta | value | unit |", "|---|---:|---:|---:|---:|---|"]
+        for name in group:
+            unit = next(m.unit for m in detail.metrics if m.name == name)
+            lines.append(f"| {name} | " + " | ".join(cell(detail.value(name, side)) for side in sides) + f" | {unit} |")
+    lines += _runnability_markdown(detail)
     if detail.gate_checks:
         lines += ["", "| gate check | threshold | observed | passed |", "|---|---:|---:|---|"]
         lines += [f"| {c.metric} | {c.threshold:g} | {cell(c.observed)} | {'yes' if c.passed else '**no**'} |"
@@ -262,6 +293,26 @@ def run_markdown(detail: RunDetail) -> str:
     if detail.error:
         lines += ["", f"**{detail.error_kind or 'error'}**: {_short(detail.error, 500)}"]
     return "\n".join(lines) + "\n"
+
+
+def _runnability_markdown(detail: RunDetail) -> list[str]:
+    """The ``runnability`` step (plain-transformers load + generate per device), when the run recorded one."""
+    step = next((s for s in detail.steps if s.name == "runnability"), None)
+    if step is None:
+        return []
+    lines = ["", f"### runnability (plain transformers): {step.status}"]
+    results = [r for r in ((step.detail or {}).get("results") or []) if isinstance(r, dict)]
+    if results:
+        lines += ["", "| device | runs | load s | generate s | error |", "|---|---|---:|---:|---|"]
+        for r in results:
+            error = " ".join(str(x) for x in (r.get("error"), r.get("advice")) if x)
+            lines.append(f"| {r.get('device')} | {'yes' if r.get('ok') else '**no**'} | {_secs(r.get('load_s'))} | "
+                         f"{_secs(r.get('generate_s'))} | {_md_cell(_short(error, 300))} |")
+    return lines
+
+
+def _secs(value: object) -> str:
+    return f"{value:.2f}" if isinstance(value, (int, float)) else ""
 
 
 # --------------------------------------------------------------------------- sweeps

@@ -21,7 +21,7 @@ from modelfactory.catalog.connections import CatalogConnections
 from modelfactory.catalog.ids import require_run, require_run_id, resolve_run_id
 from modelfactory.catalog.mappers import DETAIL_LOADS, run_detail
 from modelfactory.catalog.models import (
-    RATIO_COLUMNS,
+    DELTA_COLUMNS,
     AdapterVersion,
     Artifact,
     BaseModelVersion,
@@ -156,7 +156,7 @@ class CatalogRuns(CatalogConnections):
             require_run_id(session, run_id=run_id, catalog_url=self.url)
             _upsert(session, Metric, list(rows.values()), keys=("run_id", "name", "side"))
             ratios = {name: row["value"] for (name, side), row in rows.items()
-                      if side == "delta" and name in RATIO_COLUMNS}
+                      if side == "delta" and name in DELTA_COLUMNS}
             if ratios:  # the denormalised copies ls / best sort and filter on
                 session.execute(update(Run).where(Run.id == run_id).values(**ratios))
 

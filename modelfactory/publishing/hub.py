@@ -128,8 +128,10 @@ def _commit_text(manifest: dict[str, Any]) -> tuple[str, str]:
 
 
 # --------------------------------------------------------------------------- entry point
-def publish_hub(*, source: Path, repo_id: str, revision: str, private: bool, manifest: dict) -> Publication:
-    """Push *source* (+ model card + manifest) to branch *revision* of Hub repo *repo_id* in one commit."""
+def publish_hub(*, source: Path, repo_id: str, revision: str, private: bool, manifest: dict,
+                matrix_markdown: str | None = None) -> Publication:
+    """Push *source* (+ model card + manifest) to branch *revision* of Hub repo *repo_id* in one commit
+    (*matrix_markdown*: a sweep's matrix for the card)."""
     from huggingface_hub import HfApi
 
     check_hub_repo_id(repo_id, what="the Hub repo of the publish destination", fix="use hf://owner/name")
@@ -144,7 +146,8 @@ def publish_hub(*, source: Path, repo_id: str, revision: str, private: bool, man
             progress(f"publish: {repo_id}@{revision} already holds this artifact (commit {head[:12]}); nothing pushed")
             return Publication(uri=uri, manifest_sha256=manifest_digest(existing), size_bytes=manifest["total_bytes"],
                                reused=True, destination="hub", revision=revision, commit=head)
-        card = render_card(manifest=manifest, repo_id=repo_id, revision=revision, secrets=[token])
+        card = render_card(manifest=manifest, repo_id=repo_id, revision=revision, secrets=[token],
+                           matrix_markdown=matrix_markdown)
         operations = commit_operations(api, source=source, repo_id=repo_id, head=head, manifest=manifest, card=card)
         title, description = _commit_text(manifest)
         progress(f"publish: pushing {len(manifest['files'])} files + model card, "

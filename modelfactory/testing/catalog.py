@@ -103,6 +103,17 @@ BUILDS = {
     "b-4g128":    ("B", ["Y"], 4, 128, False, "passed", 1.5, 1.40, 0.29, 0.31, 8),
     "b-running":  ("B", [], 4, 128, False, "running", None, None, None, None, 9),
 }
+#: name: (mean KL divergence, top-1 agreement %, task recovery % (lowest over tasks)) -- the verdict's
+#: measures (0007), recorded as delta metrics; failed / running builds measured none.
+VERDICT = {
+    "a-4g128":    (0.020, 97.5, 98.0),
+    "a-4g32":     (0.015, 98.0, 99.0),
+    "a-3g128":    (0.060, 93.0, 95.0),
+    "a-3g128-ao": (0.055, 93.5, 96.5),
+    "a-2g64":     (0.200, 85.0, 90.0),
+    "a-8g128":    (0.002, 99.5, 100.2),
+    "b-4g128":    (0.030, 96.0, 97.0),
+}
 
 
 @dataclass
@@ -143,6 +154,15 @@ def seed(catalog: Catalog) -> Seeded:
         catalog.record_step(run_id=run_id, name="download", status="ok", duration_s=1.0)
         if ppl is not None:
             _record_benchmark(catalog, run_id, ppl=ppl, speed=speed, size=size, memory=memory)
+            kld, top1, recovery = VERDICT[name]
+            catalog.record_metrics(run_id=run_id, metrics=[
+                MetricRecord("kld_mean", "delta", kld, "nats"),
+                MetricRecord("top1_agreement_pct", "delta", top1, "%"),
+                MetricRecord("task_recovery_pct", "delta", recovery, "%"),
+                MetricRecord("task_recovery_pct_piqa", "delta", recovery, "%"),
+                MetricRecord("task_piqa_acc", "fp16", 0.6, ""),
+                MetricRecord("task_piqa_acc", "gptq", 0.6 * recovery / 100, ""),
+            ])
         if status == "passed":
             _record_publications(catalog, seeded, name, run_id)
         if status != "running":

@@ -26,6 +26,9 @@ class Sort(str, Enum):
     speed = "speed"
     size = "size"
     memory = "memory"
+    kld = "kld"
+    top1 = "top1"
+    recovery = "recovery"
     name = "name"
 
 
@@ -36,6 +39,13 @@ class Objective(str, Enum):
 
 
 FormatOption = Annotated[Format, format_option(Format.table, Format.json, Format.csv)]
+MaxKldOption = Annotated[Optional[str], typer.Option(
+    "--max-kld", help="Max mean KL divergence from fp16 (nats per token), e.g. 0.05.")]
+MinTop1Option = Annotated[Optional[str], typer.Option(
+    "--min-top1", help="Min top-1 agreement with fp16 in %, e.g. 95 or 95%.")]
+MinRecoveryOption = Annotated[Optional[str], typer.Option(
+    "--min-task-recovery", help="Min task recovery (GPTQ score as % of fp16's, lowest over the lm-eval tasks), "
+                                "e.g. 97%.")]
 
 
 def _open():
@@ -55,19 +65,29 @@ def catalog_ls(
     config: Annotated[Optional[str], typer.Option(help="Config label, e.g. gptq-4bit-128g.")] = None,
     since: Annotated[Optional[str], typer.Option(help="Started at or after (ISO date/datetime, UTC).")] = None,
     until: Annotated[Optional[str], typer.Option(help="Started before (a bare date includes that day).")] = None,
+    max_kld: MaxKldOption = None,
+    min_top1: MinTop1Option = None,
+    min_task_recovery: MinRecoveryOption = None,
     sort: Annotated[Sort, typer.Option(help="newest, oldest, ppl (lowest increase), speed (fastest), size, "
-                                            "memory (smallest ratio), name.")] = Sort.newest,
+                                            "memory (smallest ratio), kld (lowest KL divergence), top1 (highest "
+                                            "agreement), recovery (highest task recovery), name.")] = Sort.newest,
     limit: Annotated[int, typer.Option(help="At most N runs.")] = 50,
     format: FormatOption = Format.table,
 ) -> None:
     """List runs matching every given filter (newest first unless --sort)."""
-    from modelfactory.catalog.queries import RunFilter, parse_when, query_runs
+    from modelfactory.catalog.queries import (
+        RunFilter,
+        parse_when,
+        query_runs,
+        verdict_bounds,
+    )
     from modelfactory.catalog.render import record_json, rows_csv, rows_table
 
     with reported_errors():
         filters = RunFilter(base=base, adapter=adapter, status=status, bits=bits, group_size=group_size,
                             desc_act=desc_act, config=config, since=parse_when(since) if since else None,
-                            until=parse_when(until, end=True) if until else None)
+                            until=parse_when(until, end=True) if until else None,
+                            **verdict_bounds(max_kld=max_kld, min_top1=min_top1, min_task_recovery=min_task_recovery))
         rows = query_runs(_open(), filters=filters, sort=sort.value, limit=limit)
     emit(format, table=lambda: rows_table(rows), json=lambda: record_json(rows), csv=lambda: rows_csv(rows))
 
@@ -143,22 +163,31 @@ def catalog_best(
     = Objective.speed,
     adapter: Annotated[Optional[str], typer.Option(help="Only builds with this adapter (URI or SHA).")] = None,
     bits: Annotated[Optional[int], typer.Option(help="Only this many GPTQ bits.")] = None,
+    max_kld: MaxKldOption = None,
+    min_top1: MinTop1Option = None,
+    min_task_recovery: MinRecoveryOption = None,
     format: FormatOption = Format.table,
 ) -> None:
     """The Pareto-best passing build of a base model (exit 1 when none qualifies)."""
-    from modelfactory.catalog.queries import RunFilter, best_build, parse_percent
+    from modelfactory.catalog.queries import (
+        RunFilter,
+        best_build,
+        no_best_message,
+        parse_percent,
+        verdict_bounds,
+    )
     from modelfactory.catalog.render import best_csv, best_table, record_json
     from modelfactory.core.errors import CatalogNotFoundError
 
     with reported_errors():
         limit = parse_percent(max_ppl_increase) if max_ppl_increase is not None else None
+        bounds = verdict_bounds(max_kld=max_kld, min_top1=min_top1, min_task_recovery=min_task_recovery)
         best = best_build(_open(), base=base, max_ppl_increase_pct=limit, by=by.value,
-                          filters=RunFilter(adapter=adapter, bits=bits))
+                          filters=RunFilter(adapter=adapter, bits=bits, **bounds))
         if best.best is None:
-            bound = f" within a {limit:g}% perplexity increase" if limit is not None else ""
             raise CatalogNotFoundError(
-                f"no passing build of {base!r}{bound} has {by.value} measured: relax --max-ppl-increase, "
-                f"or list the runs with `modelfactory catalog ls --base {base}`"
+                no_best_message(best, relax="--max-ppl-increase, --max-kld, --min-top1 or --min-task-recovery")
+                + f", or list the runs with `modelfactory catalog ls --base {base}`"
             )
     emit(format, table=lambda: best_table(best), json=lambda: record_json(best), csv=lambda: best_csv(best))
 

@@ -1,10 +1,12 @@
 """Read-only JSON API over the run catalog: the queries of ``modelfactory catalog``, over HTTP.
 
 - ``GET /api/runs``            filters of ``catalog ls`` (base, adapter, status, bits, group_size,
-                               desc_act, config, since, until, sort, limit) → ``{"runs": [...]}``
+                               desc_act, config, since, until, max_kld, min_top1, min_task_recovery,
+                               sort, limit) → ``{"runs": [...]}``
 - ``GET /api/runs/{id}``       one run (id or unique 6+ character prefix), everything recorded
 - ``GET /api/compare?run=A&run=B``  runs side by side with % changes against the first
-- ``GET /api/best?base=X&max_ppl_increase=3%&by=speed``  the Pareto-best passing build (404: none)
+- ``GET /api/best?base=X&max_ppl_increase=3%&by=speed``  the Pareto-best passing build (404: none);
+                               also adapter, bits, max_kld, min_top1, min_task_recovery
 - ``GET /api/lineage?ref=R``   base → adapters → spec → run → artifact → publications
 - ``GET /api/leaderboard``     finished builds per base model
 - ``GET /api/sweeps``          sweeps newest first (status, base, limit) → ``{"sweeps": [...]}``
@@ -96,16 +98,27 @@ def list_runs(
     config: str | None = None,
     since: str | None = None,
     until: str | None = None,
+    max_kld: Annotated[str | None, Query(description="Max mean KL divergence from fp16 (nats/token), e.g. 0.05")]
+    = None,
+    min_top1: Annotated[str | None, Query(description="Min top-1 agreement with fp16, e.g. 95%")] = None,
+    min_task_recovery: Annotated[str | None, Query(description="Min task recovery (lowest over tasks), e.g. 97%")]
+    = None,
     sort: str = "newest",
     limit: Annotated[int, Query(ge=1, le=10_000)] = 50,
 ) -> dict[str, Any]:
     """Runs matching every given filter (same semantics as ``modelfactory catalog ls``)."""
-    from modelfactory.catalog.queries import RunFilter, parse_when, query_runs
+    from modelfactory.catalog.queries import (
+        RunFilter,
+        parse_when,
+        query_runs,
+        verdict_bounds,
+    )
 
     def query() -> dict[str, Any]:
         filters = RunFilter(base=base, adapter=adapter, status=status, bits=bits, group_size=group_size,
                             desc_act=desc_act, config=config, since=parse_when(since) if since else None,
-                            until=parse_when(until, end=True) if until else None)
+                            until=parse_when(until, end=True) if until else None,
+                            **verdict_bounds(max_kld=max_kld, min_top1=min_top1, min_task_recovery=min_task_recovery))
         rows = query_runs(get_catalog(), filters=filters, sort=sort, limit=limit)
         return {"runs": [row.to_dict() for row in rows]}
 
@@ -132,19 +145,27 @@ def best(
     by: str = "speed",
     adapter: str | None = None,
     bits: int | None = None,
+    max_kld: str | None = None,
+    min_top1: str | None = None,
+    min_task_recovery: str | None = None,
 ) -> dict[str, Any]:
     """The Pareto-best passing build of *base*; 404 when no build qualifies."""
-    from modelfactory.catalog.queries import RunFilter, best_build, parse_percent
+    from modelfactory.catalog.queries import (
+        RunFilter,
+        best_build,
+        no_best_message,
+        parse_percent,
+        verdict_bounds,
+    )
 
     def query() -> dict[str, Any]:
         limit = parse_percent(max_ppl_increase) if max_ppl_increase is not None else None
+        bounds = verdict_bounds(max_kld=max_kld, min_top1=min_top1, min_task_recovery=min_task_recovery)
         found = best_build(get_catalog(), base=base, max_ppl_increase_pct=limit, by=by,
-                           filters=RunFilter(adapter=adapter, bits=bits))
+                           filters=RunFilter(adapter=adapter, bits=bits, **bounds))
         if found.best is None:
-            bound = f" within a {limit:g}% perplexity increase" if limit is not None else ""
             raise CatalogNotFoundError(
-                f"no passing build of {base!r}{bound} has {by} measured: relax max_ppl_increase"
-            )
+                no_best_message(found, relax="max_ppl_increase, max_kld, min_top1 or min_task_recovery"))
         return found.to_dict()
 
     return answer(query)

@@ -2,9 +2,11 @@
 
 One section per base model: a scatter plot (perplexity increase vs decode speed-up, or size /
 memory ratio with ``?x=size``; one point per build, pass/fail marked, the best passing build
-ringed) and a table of its finished builds, passing first, fastest first; then the most recent
-sweeps, each with its matrix (one row per configuration, winner ★ and Pareto front ◆ marked).
-Everything is rendered on the server: inline SVG and CSS, no script, nothing from a CDN.
+ringed), a second one of KL divergence from fp16 vs size ratio when builds measured it, and a
+table of its finished builds (gate ratios, KL divergence, top-1 agreement, task recovery),
+passing first, fastest first; then the most recent sweeps, each with its matrix (one row per
+configuration, winner ★ and Pareto front ◆ marked). Everything is rendered on the server: inline
+SVG and CSS, no script, nothing from a CDN.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from modelfactory.catalog.render import (
     sweep_matrix,
 )
 from modelfactory.core.errors import CatalogError
-from modelfactory.interfaces.server.plot import AXES, Point, scatter_svg
+from modelfactory.interfaces.server.plot import AXES, KLD_AXES, Point, scatter_svg
 
 router = APIRouter(tags=["pages"])
 
@@ -52,25 +54,43 @@ def _row_html(rank: int, row: RunRow, best_id: str | None) -> str:
             f"<td>{escape(row.name)}</td><td>{escape(row.config or '–')}</td><td>{adapters}</td>"
             f'<td class="num">{_num(row.ppl_increase_pct)}</td><td class="num">{_num(row.decode_speedup)}</td>'
             f'<td class="num">{_num(row.size_ratio)}</td><td class="num">{_num(row.memory_ratio)}</td>'
+            f'<td class="num">{_num(row.kld_mean)}</td><td class="num">{_num(row.top1_agreement_pct, ".4g")}</td>'
+            f'<td class="num">{_num(row.task_recovery_pct, ".4g")}</td>'
             f'<td class="status">{escape(row.status)}</td>'
             f'<td>{row.started_at.strftime("%Y-%m-%d %H:%M")}</td></tr>')
 
 
+def _points(board: Board, x: str, y: str, best_id: str | None) -> list[Point]:
+    """One point per build of *board* that measured both RunRow fields *x* and *y*."""
+    return [Point(run_id=r.id, label=f"{r.id[:8]} {r.name} {r.config or ''}", x=getattr(r, x), y=getattr(r, y),
+                  passed=r.status == "passed", best=r.id == best_id)
+            for r in board.rows if getattr(r, x) is not None and getattr(r, y) is not None]
+
+
+def kld_plot(board: Board, best_id: str | None) -> str:
+    """Size ratio against KL divergence from fp16, for the builds that measured it ('' when none did)."""
+    x, x_label, y, y_label = KLD_AXES
+    points = _points(board, x, y, best_id)
+    if not points:
+        return ""
+    return scatter_svg(points, x_label=x_label, y_label=y_label, y_tip="KL {:.4g}", name="kld",
+                       title=f"{board.base_uri}: size vs KL divergence")
+
+
 def _board_html(board: Board, x: str, best_id: str | None) -> str:
     column, x_label = AXES[x]
-    points = [Point(run_id=r.id, label=f"{r.id[:8]} {r.name} {r.config or ''}", x=getattr(r, column),
-                    y=r.ppl_increase_pct, passed=r.status == "passed", best=r.id == best_id)
-              for r in board.rows if getattr(r, column) is not None and r.ppl_increase_pct is not None]
+    points = _points(board, column, "ppl_increase_pct", best_id)
     title = f"{board.base_uri} @ {board.base_sha[:12]}"
     header = "".join(f"<th>{h}</th>" for h in ("#", "run", "name", "config", "adapters", "ppl +%", "speed-up",
-                                               "size", "memory", "status", "started (UTC)"))
+                                               "size", "memory", "KL", "top-1 %", "recovery %", "status",
+                                               "started (UTC)"))
     rows = "".join(_row_html(i, row, best_id) for i, row in enumerate(board.rows, start=1))
     shown = f"{len(board.rows)} of {board.runs}" if board.runs > len(board.rows) else f"{board.runs}"
     return (f'<section class="board" data-base="{escape(board.base_uri)}"><h2>{escape(title)}</h2>'
             f'<p class="muted">{shown} finished builds; ★ = best passing build by {escape(x)}</p>'
             f'<p class="legend"><span style="color:#2e7d32">● passed</span>'
             f'<span style="color:#c62828">✕ rejected</span><span style="color:#f9a825">◯ best</span></p>'
-            f'{scatter_svg(points, x_label=x_label, title=title)}'
+            f'{scatter_svg(points, x_label=x_label, title=title)}{kld_plot(board, best_id)}'
             f'<table class="leaderboard"><thead><tr>{header}</tr></thead><tbody>{rows}</tbody></table></section>')
 
 

@@ -1,6 +1,7 @@
 """A scatter plot as inline SVG, rendered on the server (no script, no CDN).
 
-One point per build: x = decode speed-up (or size / memory ratio), y = perplexity increase in %;
+One point per build: x = decode speed-up (or size / memory ratio), y = perplexity increase in %
+(or any other measure: the leaderboard also plots KL divergence from fp16 against the size ratio);
 passing builds are green dots, rejected ones red crosses; the best point can be ringed.
 """
 
@@ -49,11 +50,17 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     return ticks
 
 
+#: The KL divergence plot: x = disk size ratio, y = mean KL divergence from fp16 (``RunRow`` fields).
+KLD_AXES = ("size_ratio", "disk size ratio (gptq / fp16)", "kld_mean", "KL divergence from fp16, mean (nats/token)")
+
+
 def scatter_svg(points: Sequence[Point], *, x_label: str, y_label: str = "perplexity increase (%)",
-                title: str = "") -> str:
-    """The plot as an ``<svg>`` element (points carry ``data-run`` and a ``<title>`` tooltip)."""
+                title: str = "", y_tip: str = "ppl +{:.3g}%", name: str = "ppl") -> str:
+    """The plot as an ``<svg>`` element (points carry ``data-run`` and a ``<title>`` tooltip, in which
+    *y_tip* formats the y value; *name* is the svg's ``data-plot``)."""
     if not points:
-        return (f'<svg class="plot" role="img" viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}">'
+        return (f'<svg class="plot" data-plot="{escape(name)}" role="img" viewBox="0 0 {WIDTH} {HEIGHT}" '
+                f'width="{WIDTH}" height="{HEIGHT}">'
                 f'<text x="{WIDTH / 2}" y="{HEIGHT / 2}" text-anchor="middle">no finished builds with these '
                 f'metrics</text></svg>')
     xs, ys = [p.x for p in points], [p.y for p in points]
@@ -68,8 +75,8 @@ def scatter_svg(points: Sequence[Point], *, x_label: str, y_label: str = "perple
     def sy(v: float) -> float:
         return TOP + plot_h - (v - y0) / ((y1 - y0) or 1) * plot_h
 
-    parts = [f'<svg class="plot" role="img" aria-label="{escape(title or y_label)}" viewBox="0 0 {WIDTH} {HEIGHT}" '
-             f'width="{WIDTH}" height="{HEIGHT}" xmlns="http://www.w3.org/2000/svg">',
+    parts = [(f'<svg class="plot" data-plot="{escape(name)}" role="img" aria-label="{escape(title or y_label)}" '
+              f'viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" xmlns="http://www.w3.org/2000/svg">'),
              f'<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" fill="#fafafa" stroke="#999"/>']
     for t in x_ticks:
         parts.append(f'<line x1="{sx(t):.1f}" y1="{TOP}" x2="{sx(t):.1f}" y2="{TOP + plot_h}" stroke="#e3e3e3"/>'
@@ -83,7 +90,8 @@ def scatter_svg(points: Sequence[Point], *, x_label: str, y_label: str = "perple
                  f'text-anchor="middle">{escape(y_label)}</text>')
     for p in sorted(points, key=lambda p: p.best):  # the best point is drawn last (on top)
         cx, cy = sx(p.x), sy(p.y)
-        tip = f"<title>{escape(p.label)}: x={p.x:.4g}, ppl +{p.y:.3g}% ({'passed' if p.passed else 'rejected'})</title>"
+        tip = (f"<title>{escape(p.label)}: x={p.x:.4g}, {escape(y_tip.format(p.y))} "
+               f"({'passed' if p.passed else 'rejected'})</title>")
         run = escape(p.run_id)
         if p.passed:
             parts.append(f'<circle class="point pass" data-run="{run}" cx="{cx:.1f}" cy="{cy:.1f}" r="5" '
