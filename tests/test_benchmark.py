@@ -13,15 +13,24 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+import torch
+
 import tasks.benchmark as step
+from modelfactory.benchmark.agreement import AgreementStats, write_reference
+from modelfactory.benchmark.perplexity import token_digest
 from modelfactory.core.errors import BenchmarkError, SpecError
 from modelfactory.core.isolation import run_isolated
 from modelfactory.core.records import ModelArtifact, SideMetrics
 from modelfactory.core.specs import BenchmarkSpec, DecodeSpec, QuantSpec, parse_spec
 from modelfactory.testing.env import own_work_dir
 
-SAME = "a" * 64
+#: The scored tokens of the canned sides (their digest is what the fp16 side's agreement reference holds).
+TARGETS = [3, 1, 4, 1, 5]
+SAME = token_digest(TARGETS)
 OTHER = "b" * 64
+#: What a canned GPTQ worker reports against the reference.
+CANNED_AGREEMENT = AgreementStats(positions=len(TARGETS), top_k=4, vocab_size=8, kld_mean=0.01, kld_median=0.005,
+                                  kld_p99=0.09, kld_max=0.1, top1_agreement_pct=80.0, rest_mass_mean=0.02)
 
 
 def _side(side: str, digest: str, load_s: float = 0.1) -> dict:
@@ -47,8 +56,20 @@ class Workers:
         assert target == "tasks.benchmark:measure_side"
         self.calls.append(kwargs["side"])
         self.kwargs.append(kwargs)
+        self._agreement_outputs(kwargs)
         return _side(kwargs["side"], self.digests[kwargs["side"]],
                      load_s=self.load_s if kwargs["side"] == "fp16" else 0.1)
+
+
+    @staticmethod
+    def _agreement_outputs(kwargs: dict) -> None:
+        """What a real worker leaves next to its record: the fp16 reference, or the GPTQ side's agreement."""
+        out = Path(kwargs["out_dir"])
+        if kwargs["side"] == "fp16":
+            logits = torch.randn(len(TARGETS), 8, generator=torch.Generator().manual_seed(0))
+            write_reference(out / step.REFERENCE_DIR, [(logits, torch.tensor(TARGETS))], top_k=4)
+        else:
+            (out / step.AGREEMENT_FILE).write_text(CANNED_AGREEMENT.model_dump_json())
 
 
 @pytest.fixture
