@@ -32,7 +32,7 @@ from modelfactory.benchmark.agreement import (
     ReferenceWriter,
     read_reference_info,
 )
-from modelfactory.benchmark.task_eval import TaskEvalResult, evaluate_tasks
+from modelfactory.benchmark.task_eval import TaskEvalResult, check_tasks_available, evaluate_tasks
 from modelfactory import stage_store
 from modelfactory.core import workdir
 from modelfactory.core.devices import (
@@ -55,7 +55,7 @@ from modelfactory.core.records import (
     SideMetrics,
     TaskMetrics,
 )
-from modelfactory.core.specs import AgreementSpec, BenchmarkSpec, DecodeSpec
+from modelfactory.core.specs import AgreementSpec, BenchmarkSpec, DecodeSpec, TaskEvalSpec
 from modelfactory.sources.text import load_text
 
 SIDES: tuple[Side, ...] = ("fp16", "gptq")
@@ -563,3 +563,11 @@ def benchmark_baseline_task(model: ModelArtifact, spec: BenchmarkSpec) -> Baseli
 def benchmark_candidate_task(baseline: BaselineResult, candidate: ModelArtifact, spec: BenchmarkSpec,
                              ) -> BenchmarkResult:
     return benchmark_candidate(baseline=baseline, candidate=candidate, spec=spec)
+
+
+@task(name="check-tasks")
+def check_tasks_task(spec: TaskEvalSpec) -> None:
+    """Before any heavy work: every lm-eval task of *spec* is known and its data is on this machine
+    (:func:`~modelfactory.benchmark.task_eval.check_tasks_available`); nothing to check without tasks."""
+    if spec.names:
+        check_tasks_available(spec.names)

@@ -14,6 +14,7 @@ from pathlib import Path
 from prefect import task
 
 from modelfactory import stage_store
+from modelfactory.benchmark.runnability import RunnabilityReport
 from modelfactory.core.errors import PublishError
 from modelfactory.core.log import progress
 from modelfactory.core.manifest import build_manifest
@@ -29,6 +30,7 @@ from modelfactory.core.settings import get_settings
 from modelfactory.core.specs import FactorySpec
 from modelfactory.publishing.destinations import destination_kind
 from modelfactory.publishing.local import local_root, publish_local
+from tasks.runnability import manifest_entries
 
 
 def artifact_name(spec: FactorySpec) -> str:
@@ -42,7 +44,7 @@ def artifact_name(spec: FactorySpec) -> str:
 
 
 def publish_artifact(*, spec: FactorySpec, merge: MergeResult, quant: QuantResult, bench: BenchmarkResult,
-                     decision: GateDecision) -> Publication:
+                     decision: GateDecision, runnability: RunnabilityReport | None = None) -> Publication:
     if not decision.passed:
         raise PublishError(f"refusing to publish {quant.model.path}: the gate {decision.summary()}")
     destination = spec.publish.destination or get_settings().resolved_store_url
@@ -57,8 +59,10 @@ def publish_artifact(*, spec: FactorySpec, merge: MergeResult, quant: QuantResul
         sources={"base": {"uri": merge.base.source_uri, "sha": merge.base.sha},
                  "adapters": [a.model_dump(mode="json") for a in merge.adapters]},
         metrics={"fp16": bench.fp16.model_dump(mode="json"), "gptq": bench.gptq.model_dump(mode="json"),
+                 "agreement": bench.agreement.model_dump(mode="json") if bench.agreement else None,
                  "ratios": bench.ratios()},
         gate=decision.model_dump(mode="json"),
+        runnability=manifest_entries(runnability, model=f"{parts[0]}-{parts[1]}"),
         engine=quant.engine,
     )
     progress(f"publish: {len(manifest['files'])} files, {manifest['total_bytes'] / 1e6:.1f} MB -> {destination}")
@@ -92,5 +96,6 @@ PUBLISH_RETRY_DELAYS_S = [5, 20, 60]
 @task(name="publish", retries=len(PUBLISH_RETRY_DELAYS_S), retry_delay_seconds=PUBLISH_RETRY_DELAYS_S,
       retry_condition_fn=retry_transient)
 def publish_task(spec: FactorySpec, merge: MergeResult, quant: QuantResult, bench: BenchmarkResult,
-                 decision: GateDecision) -> Publication:
-    return publish_artifact(spec=spec, merge=merge, quant=quant, bench=bench, decision=decision)
+                 decision: GateDecision, runnability: RunnabilityReport | None = None) -> Publication:
+    return publish_artifact(spec=spec, merge=merge, quant=quant, bench=bench, decision=decision,
+                            runnability=runnability)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from modelfactory.catalog import Catalog, MetricRecord, open_catalog
+from modelfactory.benchmark.runnability import RunnabilityReport
 from modelfactory.catalog.metrics import benchmark_metrics
 from modelfactory.core.errors import error_kind
 from modelfactory.core.log import get_logger
@@ -71,6 +72,15 @@ class RunRecorder:
             self.catalog.set_resolved_group_size(run_id=self.run_id, group_size=result.group_size)
         self.catalog.record_metrics(run_id=self.run_id, metrics=[MetricRecord(
             name="quantize_s", side="gptq", value=result.quantize_s, unit="s")])
+
+    def runnability(self, report: RunnabilityReport | None) -> None:
+        """The plain-transformers check (nothing when disabled): ``failed`` when the artifact did not run,
+        the report as detail."""
+        if report is None:
+            return
+        self.catalog.record_step(run_id=self.run_id, name="runnability", status="ok" if report.passed else "failed",
+                                 duration_s=sum(r.wall_s for r in report.results), output_uri=None,
+                                 detail=report.model_dump(mode="json"))
 
     def benchmark(self, result: BenchmarkResult) -> None:
         self.step("benchmark", duration_s=result.duration_s, reused=result.reused, output_uri=result.path,
