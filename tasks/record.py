@@ -74,13 +74,16 @@ class RunRecorder:
             name="quantize_s", side="gptq", value=result.quantize_s, unit="s")])
 
     def runnability(self, report: RunnabilityReport | None) -> None:
-        """The plain-transformers check (nothing when disabled): ``failed`` when the artifact did not run,
-        the report as detail."""
+        """The plain-transformers check (nothing when disabled): ``failed`` when the artifact did not run;
+        per device what happened as detail (not the folder it ran on: that is a path of the host that ran it)."""
         if report is None:
             return
+        detail = {"passed": report.passed, "results": [
+            r.model_dump(mode="json", include={"device", "ok", "stage", "kernel", "load_s", "generate_s", "wall_s",
+                                               "tokens", "error_type", "error_message", "explanation", "versions"})
+            for r in report.results]}
         self.catalog.record_step(run_id=self.run_id, name="runnability", status="ok" if report.passed else "failed",
-                                 duration_s=sum(r.wall_s for r in report.results), output_uri=None,
-                                 detail=report.model_dump(mode="json"))
+                                 duration_s=sum(r.wall_s for r in report.results), output_uri=None, detail=detail)
 
     def benchmark(self, result: BenchmarkResult) -> None:
         self.step("benchmark", duration_s=result.duration_s, reused=result.reused, output_uri=result.path,

@@ -19,7 +19,7 @@ from modelfactory.interfaces.runner import run_factory
 from modelfactory.publishing.local import local_root
 from modelfactory.testing.models import make_lora, make_tiny_llama, tiny_spec
 
-STEPS = ["download", "merge", "quantize", "benchmark", "gate", "publish"]
+STEPS = ["download", "merge", "quantize", "runnability", "benchmark", "gate", "publish"]
 #: The tiny model is dominated by its (unquantized) 49k-token embedding, so GPTQ shrinks it only a little.
 TINY_GATE = {"max_ppl_increase_pct": 5.0, "max_size_ratio": 0.999}
 
@@ -51,7 +51,8 @@ def test_passing_run_is_published_and_recorded(passed_run):
         assert detail.value(name, "fp16") is not None and detail.value(name, "gptq") is not None, name
     assert detail.value("merge_max_abs_logit_diff") < 1e-3
     assert detail.value("size_ratio", "delta") < 1.0  # embeddings (not quantized) dominate a tiny model
-    assert [c.metric for c in detail.gate_checks] == ["max_ppl_increase_pct", "max_size_ratio"] and detail.gate_passed
+    assert [c.metric for c in detail.gate_checks] == ["max_ppl_increase_pct", "max_size_ratio", "require_runnable"]
+    assert detail.gate_passed
     (artifact,) = detail.artifacts
     assert artifact.uri == passed_run.artifact_uri
     manifest = verify_folder(local_root(artifact.uri))
