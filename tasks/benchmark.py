@@ -395,10 +395,8 @@ def _stored_baseline(folder: Path, *, spec: BenchmarkSpec) -> SideMetrics:
         metrics = _side_record(json.loads((folder / BASELINE_FILE).read_text()), side="fp16")
     except (OSError, ValueError, TypeError) as exc:  # JSON and pydantic errors are ValueErrors
         raise BenchmarkError(f"stored fp16 baseline {folder} is unreadable ({exc})") from exc
-    if spec.agreement.enabled:
-        info = read_reference_info(folder / REFERENCE_DIR)
-        if info.scored_tokens_sha256 != metrics.ppl_tokens_sha256:
-            raise BenchmarkError(f"the agreement reference in {folder} scored other tokens than its perplexity")
+    if spec.agreement.enabled:  # finished and readable; the GPTQ side checks it scores the very same tokens
+        read_reference_info(folder / REFERENCE_DIR)
     return metrics
 
 

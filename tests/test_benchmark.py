@@ -263,3 +263,26 @@ def test_decode_batch_sizes_default_and_validation():
             DecodeSpec(batch_sizes=bad)
     with pytest.raises(SpecError, match="benchmark.decode.batch_sizes"):
         parse_spec({"base": {"uri": "org/model"}, "benchmark": {"decode": {"batch_sizes": [1, 1024]}}})
+
+
+# --------------------------------------------------------------------------- agreement outputs
+def test_agreement_travels_with_the_result_and_a_baseline_without_its_reference_is_measured_again(workers, tmp_path):
+    import shutil
+
+    first = _run(tmp_path)
+    assert first.agreement is not None and first.agreement.kld_p99 == CANNED_AGREEMENT.kld_p99
+    assert first.agreement.kld_is_lower_bound  # top_k 4 < vocabulary 8
+    assert _run(tmp_path).agreement == first.agreement  # reused with the stored stats
+    shutil.rmtree(Path(first.baseline_path) / step.REFERENCE_DIR)
+    again = _run(tmp_path)
+    assert not again.baseline_reused and workers.calls == ["fp16", "gptq", "fp16"]
+    off = _run(tmp_path, spec=BenchmarkSpec(agreement={"enabled": False}))
+    assert off.agreement is None and "kld_mean" not in off.ratios()
+
+
+def test_agreement_and_tasks_key_both_sides():
+    key = step.baseline_key(model_sha="m", spec=BenchmarkSpec())
+    for changed in ({"agreement": {"top_k": 32}}, {"agreement": {"enabled": False}}, {"tasks": {"names": ["piqa_local"]}}):
+        assert step.baseline_key(model_sha="m", spec=BenchmarkSpec.model_validate(changed)) != key, changed
+    assert step.baseline_key(model_sha="m", spec=BenchmarkSpec(runnability={"new_tokens": 8})) == key
+    assert BenchmarkSpec(runnability={"new_tokens": 8}).candidate_inputs() == BenchmarkSpec().candidate_inputs()
