@@ -12,6 +12,7 @@ import uuid
 
 from prefect import flow, runtime
 
+from modelfactory.benchmark.runnability import RunnabilityReport
 from modelfactory.catalog import claims
 from modelfactory.core.hashing import step_key
 from modelfactory.core.log import progress
@@ -24,7 +25,6 @@ from modelfactory.core.records import (
 from modelfactory.core.settings import get_settings
 from modelfactory.core.specs import BenchmarkSpec, FactorySpec, QuantSpec
 from modelfactory.gpu_pool import dispatch_gpu_stage
-from modelfactory.benchmark.runnability import RunnabilityReport
 from tasks.benchmark import benchmark_task, check_tasks_task
 from tasks.download import download_task, resolve_adapter_task
 from tasks.gate import gate_task

@@ -26,14 +26,18 @@ from pathlib import Path
 from prefect import task
 
 from modelfactory import benchmark as bench
+from modelfactory import stage_store
 from modelfactory.benchmark.agreement import (
     AgreementScorer,
     AgreementStats,
     ReferenceWriter,
     read_reference_info,
 )
-from modelfactory.benchmark.task_eval import TaskEvalResult, check_tasks_available, evaluate_tasks
-from modelfactory import stage_store
+from modelfactory.benchmark.task_eval import (
+    TaskEvalResult,
+    check_tasks_available,
+    evaluate_tasks,
+)
 from modelfactory.core import workdir
 from modelfactory.core.devices import (
     apply_memory_cap,
@@ -55,7 +59,12 @@ from modelfactory.core.records import (
     SideMetrics,
     TaskMetrics,
 )
-from modelfactory.core.specs import AgreementSpec, BenchmarkSpec, DecodeSpec, TaskEvalSpec
+from modelfactory.core.specs import (
+    AgreementSpec,
+    BenchmarkSpec,
+    DecodeSpec,
+    TaskEvalSpec,
+)
 from modelfactory.sources.text import load_text
 
 SIDES: tuple[Side, ...] = ("fp16", "gptq")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from modelfactory.catalog import Catalog, MetricRecord, open_catalog
 from modelfactory.benchmark.runnability import RunnabilityReport
+from modelfactory.catalog import Catalog, MetricRecord, open_catalog
 from modelfactory.catalog.metrics import benchmark_metrics
 from modelfactory.core.errors import error_kind
 from modelfactory.core.log import get_logger

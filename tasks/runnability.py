@@ -18,7 +18,11 @@ from importlib import metadata
 from prefect import task
 
 from modelfactory import stage_store
-from modelfactory.benchmark.runnability import RunnabilityReport, check_runs_plainly, resolve_devices
+from modelfactory.benchmark.runnability import (
+    RunnabilityReport,
+    check_runs_plainly,
+    resolve_devices,
+)
 from modelfactory.core import workdir
 from modelfactory.core.errors import BenchmarkError
 from modelfactory.core.hashing import step_key

@@ -11,9 +11,8 @@ import json
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
-
 import torch
+from pydantic import ValidationError
 
 import tasks.benchmark as step
 from modelfactory.benchmark.agreement import AgreementStats, write_reference

@@ -226,9 +226,9 @@ def test_per_batch_thresholds_validated():
 
 
 # --------------------------------------------------------------------------- agreement, tasks, runnability (issue 12)
-from modelfactory.benchmark.runnability import RunnabilityReport, RunnabilityResult  # noqa: E402
-from modelfactory.core.records import AgreementMetrics, TaskMetrics  # noqa: E402
-from tasks.gate import check_runnability  # noqa: E402
+from modelfactory.benchmark.runnability import RunnabilityReport, RunnabilityResult
+from modelfactory.core.records import AgreementMetrics, TaskMetrics
+from tasks.gate import check_runnability
 
 AGREEMENT = AgreementMetrics(positions=1000, top_k=256, vocab_size=49152, kld_mean=0.05, kld_median=0.02,
                              kld_p99=0.6, kld_max=2.0, top1_agreement_pct=90.0, rest_mass_mean=0.01,

@@ -16,7 +16,12 @@ from modelfactory.benchmark.agreement import DEFAULT_TOP_K
 from modelfactory.catalog import open_catalog
 from modelfactory.catalog.metrics import benchmark_metrics
 from modelfactory.core.records import ModelArtifact
-from modelfactory.core.specs import DEFAULT_AGREEMENT_TOP_K, BenchmarkSpec, QuantSpec, RunnabilitySpec
+from modelfactory.core.specs import (
+    DEFAULT_AGREEMENT_TOP_K,
+    BenchmarkSpec,
+    QuantSpec,
+    RunnabilitySpec,
+)
 from modelfactory.interfaces.runner import run_factory
 from modelfactory.testing.env import own_work_dir
 from modelfactory.testing.models import make_tiny_llama, tiny_spec
