@@ -1,4 +1,4 @@
-"""The factory flow: download → merge → quantize → benchmark → gate → publish, all recorded.
+"""The factory flow: download → merge → quantize → runnability → benchmark → gate → publish, all recorded.
 
 Only wiring lives here; each step is a pure function with a thin task in ``tasks/``. With
 ``MODELFACTORY_GPU_DEPLOYMENT`` set, quantize + benchmark run as the ``gpu-stage`` flow on the
@@ -12,6 +12,7 @@ import uuid
 
 from prefect import flow, runtime
 
+from modelfactory.benchmark.runnability import RunnabilityReport
 from modelfactory.catalog import claims
 from modelfactory.core.hashing import step_key
 from modelfactory.core.log import progress
@@ -24,13 +25,14 @@ from modelfactory.core.records import (
 from modelfactory.core.settings import get_settings
 from modelfactory.core.specs import BenchmarkSpec, FactorySpec, QuantSpec
 from modelfactory.gpu_pool import dispatch_gpu_stage
-from tasks.benchmark import benchmark_task
+from tasks.benchmark import benchmark_task, check_tasks_task
 from tasks.download import download_task, resolve_adapter_task
 from tasks.gate import gate_task
 from tasks.merge import merge_task
 from tasks.publish import publish_task
 from tasks.quantize import quantize_task
 from tasks.record import RunRecorder
+from tasks.runnability import runnability_task
 
 
 @flow(name="model-factory", log_prints=True, validate_parameters=True)
@@ -52,6 +54,7 @@ def factory(spec: FactorySpec, run_id: str | None = None) -> RunOutcome:
 
 def _steps(spec: FactorySpec, run_id: str, recorder: RunRecorder) -> RunOutcome:
     """download → merge → quantize → benchmark → gate → publish, each recorded as it ends."""
+    check_tasks_task(spec.benchmark.tasks)  # an unknown task or missing data fails before any download
     base = download_task(spec.base, spec.trust_remote_code)
     recorder.step("download", base, detail={"sha": base.sha, "kind": base.kind})
     adapters = tuple(resolve_adapter_task(adapter) for adapter in spec.adapters)
@@ -61,23 +64,25 @@ def _steps(spec: FactorySpec, run_id: str, recorder: RunRecorder) -> RunOutcome:
     recorder.merge(merged)
 
     if gpu_deployment := get_settings().gpu_deployment:  # GPU steps on the gpu work pool
-        quant, bench = _gpu_stage_on_pool(recorder, deployment=gpu_deployment, model=merged.model,
-                                            quantize=spec.quantize, benchmark=spec.benchmark, run_id=run_id)
+        quant, bench, runnable = _gpu_stage_on_pool(recorder, deployment=gpu_deployment, model=merged.model,
+                                                      quantize=spec.quantize, benchmark=spec.benchmark, run_id=run_id)
     else:  # in this process
         quant = quantize_task(merged.model, spec.quantize, spec.benchmark.device)
         recorder.quantize(quant)
+        runnable = runnability_task(quant, spec.benchmark.runnability)
+        recorder.runnability(runnable)
 
         bench = benchmark_task(merged.model, quant.model, spec.benchmark)
         recorder.benchmark(bench)
 
     started = time.perf_counter()
-    decision = gate_task(bench, spec.gate)
+    decision = gate_task(bench, spec.gate, runnable)
     recorder.gate(decision, time.perf_counter() - started)
 
     publication = None
     if decision.passed:
         started = time.perf_counter()
-        publication = publish_task(spec, merged, quant, bench, decision)
+        publication = publish_task(spec, merged, quant, bench, decision, runnable.results if runnable else ())
         recorder.publication(publication, time.perf_counter() - started)
     status = "passed" if decision.passed else "rejected"
     recorder.finish(status)
@@ -86,7 +91,8 @@ def _steps(spec: FactorySpec, run_id: str, recorder: RunRecorder) -> RunOutcome:
 
 
 def _gpu_stage_on_pool(recorder: RunRecorder, *, deployment: str, model: ModelArtifact, quantize: QuantSpec,
-                         benchmark: BenchmarkSpec, run_id: str) -> tuple[QuantResult, BenchmarkResult]:
+                         benchmark: BenchmarkSpec, run_id: str,
+                         ) -> tuple[QuantResult, BenchmarkResult, RunnabilityReport | None]:
     """The factory's GPU steps through the pool: dispatch, record what came back, raise on failure."""
     settings = get_settings()
     stage = dispatch_gpu_stage(deployment=deployment, model=model, quantize=quantize, benchmark=benchmark,
@@ -96,8 +102,9 @@ def _gpu_stage_on_pool(recorder: RunRecorder, *, deployment: str, model: ModelAr
     recorder.gpu_stage(stage.detail(), duration_s=stage.run_s or 0.0, ok=ok)
     if outcome is not None and outcome.quantize is not None:
         recorder.quantize(outcome.quantize)  # recorded even when the benchmark then failed
+        recorder.runnability(outcome.runnability)
     if not ok:
         raise stage.error()
     assert outcome is not None and outcome.quantize is not None and outcome.benchmark is not None
     recorder.benchmark(outcome.benchmark)
-    return outcome.quantize, outcome.benchmark
+    return outcome.quantize, outcome.benchmark, outcome.runnability

@@ -20,6 +20,7 @@ from modelfactory.gpu_pool import GpuStageOutcome, current_placement, write_outc
 from modelfactory.gpu_pool.outcome import now_iso
 from tasks.benchmark import benchmark_task
 from tasks.quantize import quantize_task
+from tasks.runnability import runnability_task
 
 
 @flow(name="gpu-stage", log_prints=True, validate_parameters=True)
@@ -34,17 +35,18 @@ def gpu_stage(model: ModelArtifact, quantize: QuantSpec, benchmark: BenchmarkSpe
     outcome_id = flow_run_id or f"local-{uuid.uuid4()}"
     get_logger().info(f"gpu-stage: on {placement.hostname} (pid {placement.pid}), "
                       f"CUDA_VISIBLE_DEVICES={placement.cuda_visible_devices}, device {placement.device}")
-    quant = bench = None
+    quant = bench = runnable = None
     try:
         quant = quantize_task(model, quantize, benchmark.device)
+        runnable = runnability_task(quant, benchmark.runnability)  # here, so CUDA is covered on a GPU worker
         bench = benchmark_task(model, quant.model, benchmark)
     except BaseException as exc:
         message = exc.message if isinstance(exc, ModelFactoryError) else (str(exc) or repr(exc))
         write_outcome(outcome_id, GpuStageOutcome(
-            placement=placement.model_copy(update={"finished_at": now_iso()}), quantize=quant,
+            placement=placement.model_copy(update={"finished_at": now_iso()}), quantize=quant, runnability=runnable,
             error_type=type(exc).__name__, error_message=message[:4000]))
         raise
     outcome = GpuStageOutcome(placement=placement.model_copy(update={"finished_at": now_iso()}),
-                              quantize=quant, benchmark=bench)
+                              quantize=quant, benchmark=bench, runnability=runnable)
     write_outcome(outcome_id, outcome)
     return outcome

@@ -27,6 +27,17 @@ from prefect import task
 
 from modelfactory import benchmark as bench
 from modelfactory import stage_store
+from modelfactory.benchmark.agreement import (
+    AgreementScorer,
+    AgreementStats,
+    ReferenceWriter,
+    read_reference_info,
+)
+from modelfactory.benchmark.task_eval import (
+    TaskEvalResult,
+    check_tasks_available,
+    evaluate_tasks,
+)
 from modelfactory.core import workdir
 from modelfactory.core.devices import (
     apply_memory_cap,
@@ -40,13 +51,20 @@ from modelfactory.core.hashing import step_key
 from modelfactory.core.isolation import run_isolated
 from modelfactory.core.log import progress
 from modelfactory.core.records import (
+    AgreementMetrics,
     BaselineResult,
     BenchmarkResult,
     ModelArtifact,
     Side,
     SideMetrics,
+    TaskMetrics,
 )
-from modelfactory.core.specs import BenchmarkSpec, DecodeSpec
+from modelfactory.core.specs import (
+    AgreementSpec,
+    BenchmarkSpec,
+    DecodeSpec,
+    TaskEvalSpec,
+)
 from modelfactory.sources.text import load_text
 
 SIDES: tuple[Side, ...] = ("fp16", "gptq")
@@ -55,6 +73,10 @@ BASELINE_STEP = "benchmark-fp16"
 BASELINE_FILE = "fp16.json"
 #: The GPTQ side against a baseline: ``<work_dir>/benchmark/<key>/benchmark.json`` (both sides).
 CANDIDATE_STEP = "benchmark"
+#: The fp16 side's KL-divergence reference, a folder inside its step folder.
+REFERENCE_DIR = "agreement-reference"
+#: The GPTQ side's agreement statistics, written by its worker into the candidate's step folder.
+AGREEMENT_FILE = "agreement.json"
 
 
 def _load(model_path: str, *, side: Side, spec: BenchmarkSpec, device: str, dtype):
@@ -89,19 +111,55 @@ def measure_side(*, model_path: str, side: Side, spec: dict, treatment: bench.Gr
                                          "decode.batch_sizes, or run on a GPU with more free memory") from exc
 
 
-def window_outputs(*, side: Side, out_dir: Path | None, reference_dir: Path | None) -> bench.WindowHook | None:
-    """The hook for extra per-window outputs of a side's perplexity pass (``None``: nothing extra yet).
+class WindowOutputs:
+    """Per-window outputs of one side's perplexity pass: the hook (:meth:`__call__`) and :meth:`finish`.
+
+    fp16 side: the KL-divergence reference (top-k log-probs + residual mass per position,
+    :class:`~modelfactory.benchmark.agreement.ReferenceWriter`) into its own step folder;
+    GPTQ side: KL and top-1 agreement of its own distributions against that reference
+    (:class:`~modelfactory.benchmark.agreement.AgreementScorer`).
+    """
+
+    def __init__(self, sink) -> None:
+        self._sink = sink
+
+    def __call__(self, index: int, window, logits, targets) -> None:
+        self._sink.add(logits, targets)
+
+    def finish(self) -> AgreementStats | None:
+        """GPTQ side: the agreement statistics; fp16 side: ``None`` (the reference is written)."""
+        result = self._sink.finish()
+        return result if isinstance(result, AgreementStats) else None
+
+
+def window_outputs(*, side: Side, out_dir: Path | None, reference_dir: Path | None,
+                   agreement: AgreementSpec) -> WindowOutputs | None:
+    """The hook for extra per-window outputs of a side's perplexity pass (``None``: nothing extra).
 
     It is called for every evaluation window with the window, the float32 logits at its scored
     positions and their target ids (:func:`modelfactory.benchmark.measure_perplexity`), so it sees
     exactly the tokens whose digest proves both sides scored the same text. *out_dir* is the side's
     own step folder under construction — for the fp16 side ``benchmark-fp16/<key>/``, committed and
     reused together with ``fp16.json`` by every configuration of the merged model — and
-    *reference_dir* the committed fp16 folder (GPTQ side only). This is where the fp16 side writes
-    its KL-divergence reference (top-k log-probs per window) into *out_dir*, and where the GPTQ side
-    reads it back from *reference_dir* to compare its own distribution with (KL, top-1 agreement).
+    *reference_dir* the committed fp16 folder (GPTQ side only). The fp16 side writes its
+    KL-divergence reference (top-k log-probs per window) into ``out_dir/REFERENCE_DIR``, and the
+    GPTQ side reads it back from ``reference_dir/REFERENCE_DIR`` to compare its own distribution
+    with (KL, top-1 agreement).
     """
-    return None
+    if not agreement.enabled:
+        return None
+    if side == "fp16":
+        if out_dir is None:
+            raise BenchmarkError("the fp16 side needs its step folder to write the agreement reference into")
+        return WindowOutputs(ReferenceWriter(out_dir / REFERENCE_DIR, top_k=agreement.top_k))
+    if reference_dir is None:
+        raise BenchmarkError("the GPTQ side needs the fp16 baseline's folder to score agreement against")
+    return WindowOutputs(AgreementScorer(reference_dir / REFERENCE_DIR))
+
+
+def _task_metrics(result: TaskEvalResult) -> dict[str, TaskMetrics]:
+    return {s.task: TaskMetrics(acc=s.acc, acc_stderr=s.acc_stderr, acc_norm=s.acc_norm,
+                                acc_norm_stderr=s.acc_norm_stderr, n_docs=s.n_docs) for s in result.scores}
 
 
 def _measure_side(*, model_path: str, side: Side, spec: dict, treatment: bench.GraphTreatment | None = None,
@@ -162,12 +220,27 @@ def _measure_side(*, model_path: str, side: Side, spec: dict, treatment: bench.G
              + f"; ttft {first.ttft_s * 1000:.0f} ms")
 
     progress(f"benchmark[{side}]: perplexity over {len(ids)} tokens of {origin}")
+    outputs = window_outputs(side=side, out_dir=_path(out_dir), reference_dir=_path(reference_dir),
+                             agreement=bspec.agreement)
     ppl = bench.measure_perplexity(model, ids=ids, context_len=bspec.perplexity.context_len,
-                                   stride=bspec.perplexity.stride, device=device,
-                                   on_window=window_outputs(side=side, out_dir=_path(out_dir),
-                                                            reference_dir=_path(reference_dir)))
+                                   stride=bspec.perplexity.stride, device=device, on_window=outputs)
     progress(f"benchmark[{side}]: perplexity {ppl:.3f}")
-    return SideMetrics(
+    if outputs is not None and (stats := outputs.finish()) is not None:
+        # The worker returns one record; the agreement travels next to it in the step folder under construction.
+        (Path(out_dir) / AGREEMENT_FILE).write_text(stats.model_dump_json(indent=2))
+        progress(f"benchmark[{side}]: KL(fp16||gptq) mean {stats.kld_mean:.4g}, p99 {stats.kld_p99:.4g} nats "
+                 f"(top-{stats.top_k}), top-1 agreement {stats.top1_agreement_pct:.2f} %")
+    task_fields: dict = {}
+    if bspec.tasks.names:
+        # The loaded model as it is (the GPTQ side with the benchmark's kernel selection) through lm-eval's HF wrapper.
+        progress(f"benchmark[{side}]: lm-eval {', '.join(bspec.tasks.names)} (limit {bspec.tasks.limit})")
+        evaluated = evaluate_tasks(model=model, tokenizer=tokenizer, tasks=bspec.tasks.names,
+                                   limit=bspec.tasks.limit, batch_size=bspec.tasks.batch_size)
+        task_fields = {"tasks": _task_metrics(evaluated), "tasks_lm_eval_version": evaluated.lm_eval_version,
+                       "tasks_limit": evaluated.limit}
+        progress(f"benchmark[{side}]: " + "; ".join(
+            f"{t}: acc {m.acc}, acc_norm {m.acc_norm} ({m.n_docs} docs)" for t, m in task_fields["tasks"].items()))
+    return SideMetrics(**task_fields,
         side=side, device=device if device == "cpu" else torch.cuda.get_device_name(), dtype=dtype_name,
         kernel=kernel, disk_bytes=bench.disk_bytes(Path(model_path)), load_s=load_s, memory_kind=probe.kind,
         mem_after_load_bytes=mem_after_load, mem_peak_decode_bytes=first.mem_peak_bytes,
@@ -324,15 +397,28 @@ def _side_record(data: object, *, side: Side) -> SideMetrics:
     return metrics
 
 
-def _stored_baseline(folder: Path) -> SideMetrics:
-    """The fp16 side of a finished baseline step, validated; :class:`BenchmarkError` if unreadable."""
+def _stored_baseline(folder: Path, *, spec: BenchmarkSpec) -> SideMetrics:
+    """The fp16 side of a finished baseline step, validated (with its agreement reference when *spec*
+    measures agreement); :class:`BenchmarkError` if unreadable."""
     try:
-        return _side_record(json.loads((folder / BASELINE_FILE).read_text()), side="fp16")
+        metrics = _side_record(json.loads((folder / BASELINE_FILE).read_text()), side="fp16")
     except (OSError, ValueError, TypeError) as exc:  # JSON and pydantic errors are ValueErrors
         raise BenchmarkError(f"stored fp16 baseline {folder} is unreadable ({exc})") from exc
+    if spec.agreement.enabled:  # finished and readable; the GPTQ side checks it scores the very same tokens
+        read_reference_info(folder / REFERENCE_DIR)
+    return metrics
 
 
-def _stored_candidate(folder: Path, *, baseline: BaselineResult) -> SideMetrics:
+def _agreement_record(folder: Path, *, spec: BenchmarkSpec) -> AgreementMetrics | None:
+    """The GPTQ side's agreement statistics in *folder* (``None`` when *spec* does not measure them)."""
+    if not spec.agreement.enabled:
+        return None
+    stats = AgreementStats.model_validate_json((folder / AGREEMENT_FILE).read_text())
+    return AgreementMetrics(**stats.model_dump(), kld_is_lower_bound=stats.kld_is_lower_bound)
+
+
+def _stored_candidate(folder: Path, *, baseline: BaselineResult, spec: BenchmarkSpec,
+                      ) -> tuple[SideMetrics, AgreementMetrics | None]:
     """The GPTQ side of a finished benchmark against *baseline*, validated as a fresh one is before
     it is committed.
 
@@ -343,13 +429,14 @@ def _stored_candidate(folder: Path, *, baseline: BaselineResult) -> SideMetrics:
     try:
         data = json.loads((folder / "benchmark.json").read_text())
         sides = {side: _side_record(data[side], side=side) for side in SIDES}
+        agreement = _agreement_record(folder, spec=spec)
     except (OSError, ValueError, KeyError, TypeError) as exc:  # JSON and pydantic errors are ValueErrors
         raise BenchmarkError(f"stored benchmark {folder} is unreadable ({exc})") from exc
     if sides["fp16"] != baseline.metrics:
         raise BenchmarkError(f"stored benchmark {folder} was combined with another fp16 measurement than "
                              f"the baseline in {baseline.path}")
     bench.check_same_tokens(**sides)
-    return sides["gptq"]
+    return sides["gptq"], agreement
 
 
 def _measure(model: ModelArtifact, *, side: Side, spec: BenchmarkSpec, log_path: Path, out_dir: Path,
@@ -395,7 +482,7 @@ def benchmark_baseline(*, model: ModelArtifact, spec: BenchmarkSpec) -> Baseline
     key = baseline_key(model_sha=model.sha, spec=spec)
     if (done := _reusable(BASELINE_STEP, key, spec)) is not None:
         try:
-            metrics = _stored_baseline(done.folder())
+            metrics = _stored_baseline(done.folder(), spec=spec)
         except BenchmarkError as exc:
             progress(f"benchmark: not reusing {done.uri}: {exc}; measuring again")
             workdir.discard(BASELINE_STEP, key)
@@ -410,7 +497,7 @@ def benchmark_baseline(*, model: ModelArtifact, spec: BenchmarkSpec) -> Baseline
         marker.update(model=model.sha)
     done = stage_store.publish(BASELINE_STEP, key)
     # What is stored is the baseline (a concurrent identical measurement may have been committed first).
-    return BaselineResult(model_sha=model.sha, metrics=_stored_baseline(final), key=key, path=done.uri,
+    return BaselineResult(model_sha=model.sha, metrics=_stored_baseline(final, spec=spec), key=key, path=done.uri,
                           duration_s=time.perf_counter() - start)
 
 
@@ -430,31 +517,32 @@ def benchmark_candidate(*, baseline: BaselineResult, candidate: ModelArtifact, s
             f"the fp16 baseline in {baseline.path} (key {baseline.key}) was measured with other benchmark settings "
             f"or on another kind of host than this benchmark's (key {expected}): measure the baseline with this "
             f"spec on this kind of host (benchmark_baseline) and pass that")
-    key = step_key(CANDIDATE_STEP, baseline=baseline.key, gptq=candidate.sha,
-                   spec=spec.model_dump(mode="json", exclude={"reuse"}))
+    key = step_key(CANDIDATE_STEP, baseline=baseline.key, gptq=candidate.sha, spec=spec.candidate_inputs())
     shared = {"fp16": baseline.metrics, "baseline_path": baseline.path, "baseline_reused": baseline.reused}
     if (done := _reusable(CANDIDATE_STEP, key, spec)) is not None:
         try:
-            gptq = _stored_candidate(done.folder(), baseline=baseline)
+            gptq, agreement = _stored_candidate(done.folder(), baseline=baseline, spec=spec)
         except BenchmarkError as exc:
             progress(f"benchmark: not reusing {done.uri}: {exc}; measuring again")
             workdir.discard(CANDIDATE_STEP, key)
         else:
             progress(f"benchmark: reusing {done.uri}")
-            return BenchmarkResult(**shared, gptq=gptq, path=done.uri, reused=True,
+            return BenchmarkResult(**shared, gptq=gptq, agreement=agreement, path=done.uri, reused=True,
                                    duration_s=time.perf_counter() - start)
     final = workdir.step_dir(CANDIDATE_STEP, key)
     with workdir.building(CANDIDATE_STEP, key) as (tmp, marker):
         gptq = _measure(candidate, side="gptq", spec=spec, log_path=final.with_suffix(".log"), out_dir=tmp,
                         reference_dir=stage_store.resolve(baseline.path))
         bench.check_same_tokens(fp16=baseline.metrics, gptq=gptq)  # before the commit: never stored for reuse
+        _agreement_record(tmp, spec=spec)  # the worker wrote it (checked before the commit)
         sides = {"fp16": baseline.metrics, "gptq": gptq}
         (tmp / "benchmark.json").write_text(json.dumps({k: v.model_dump(mode="json") for k, v in sides.items()},
                                                        indent=2))
         marker.update(fp16=baseline.model_sha, gptq=candidate.sha, baseline=baseline.key)
     done = stage_store.publish(CANDIDATE_STEP, key)
     # What is stored is the result (a concurrent identical measurement may have been committed first).
-    return BenchmarkResult(**shared, gptq=_stored_candidate(final, baseline=baseline), path=done.uri,
+    gptq, agreement = _stored_candidate(final, baseline=baseline, spec=spec)
+    return BenchmarkResult(**shared, gptq=gptq, agreement=agreement, path=done.uri,
                            duration_s=time.perf_counter() - start)
 
 
@@ -482,3 +570,11 @@ def benchmark_baseline_task(model: ModelArtifact, spec: BenchmarkSpec) -> Baseli
 def benchmark_candidate_task(baseline: BaselineResult, candidate: ModelArtifact, spec: BenchmarkSpec,
                              ) -> BenchmarkResult:
     return benchmark_candidate(baseline=baseline, candidate=candidate, spec=spec)
+
+
+@task(name="check-tasks")
+def check_tasks_task(spec: TaskEvalSpec) -> None:
+    """Before any heavy work: every lm-eval task of *spec* is known and its data is on this machine
+    (:func:`~modelfactory.benchmark.task_eval.check_tasks_available`); nothing to check without tasks."""
+    if spec.names:
+        check_tasks_available(spec.names)

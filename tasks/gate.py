@@ -1,7 +1,9 @@
-"""Step 5 — gate: compare the benchmark against per-metric thresholds.
+"""Step 5 — gate: compare the benchmark against per-metric thresholds, and require a runnable artifact.
 
 Every configured threshold is checked and every failure is reported at once, each with the
-fp16 and GPTQ values, so one rejected run tells the whole story.
+fp16 and GPTQ values (``not measured`` when a threshold's metric is missing), so one rejected run
+tells the whole story. The runnability report (``tasks.runnability``) fails the gate when the
+artifact does not load and generate in plain transformers, with the library's error and the advice.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from collections.abc import Callable
 
 from prefect import task
 
+from modelfactory.benchmark.runnability import RunnabilityReport
 from modelfactory.core.records import (
     BenchmarkResult,
     GateCheck,
     GateDecision,
     SideMetrics,
+    task_recovery_name,
 )
 from modelfactory.core.specs import GateSpec
 
@@ -27,6 +31,15 @@ _RULES: dict[str, tuple[str, Callable[[SideMetrics], float | None], str, str]] =
     "max_size_ratio": ("size_ratio", lambda s: float(s.disk_bytes), "max", "disk size ratio"),
     "max_memory_ratio": ("memory_ratio", lambda s: float(s.mem_after_load_bytes), "max", "memory ratio"),
 }
+#: Agreement thresholds: gate field -> (ratio name, "max"|"min", label). Measured between the sides, so
+#: the message's fp16/gptq values are the reference (0 KL, 100 % agreement) and the GPTQ value.
+_AGREEMENT_RULES: dict[str, tuple[str, str, str, float]] = {
+    "max_kld_mean": ("kld_mean", "max", "mean KL(fp16||gptq) nats", 0.0),
+    "max_kld_p99": ("kld_p99", "max", "p99 KL(fp16||gptq) nats", 0.0),
+    "min_top1_agreement_pct": ("top1_agreement_pct", "min", "top-1 agreement %", 100.0),
+}
+#: GateSpec fields not checked by the generic per-ratio loop.
+_SPECIAL_FIELDS = {"min_decode_speedup_by_batch", "min_task_recovery_pct", "require_runnable", *_AGREEMENT_RULES}
 #: Ratios are computed in floating point ((11 / 10 - 1) * 100 == 10.000000000000009): an observed value
 #: this close to its threshold (relative) is equal to it, and thresholds are inclusive.
 _REL_TOL = 1e-9
@@ -44,6 +57,49 @@ def check_decode_speedup(batch: int, threshold: float, result: BenchmarkResult) 
     return _check(f"min_decode_speedup_b{batch}", threshold, observed=result.decode_speedup(batch),
                   baseline=result.fp16.decode_rate(batch), candidate=result.gptq.decode_rate(batch),
                   direction="min", label=f"decode speed-up x at batch {batch}")
+
+
+def check_agreement(field: str, threshold: float, result: BenchmarkResult) -> GateCheck:
+    """``max_kld_mean`` / ``max_kld_p99`` / ``min_top1_agreement_pct`` (not measured: agreement was off)."""
+    ratio_name, direction, label, reference = _AGREEMENT_RULES[field]
+    observed = result.ratios().get(ratio_name)
+    if observed is not None and result.agreement is not None and result.agreement.kld_is_lower_bound \
+            and ratio_name.startswith("kld"):
+        label += f" (lower bound, top-{result.agreement.top_k})"
+    return _check(field, threshold, observed=observed, baseline=reference if observed is not None else None,
+                  candidate=observed, direction=direction, label=label)
+
+
+def check_task_recovery(task: str, threshold: float, result: BenchmarkResult) -> GateCheck:
+    """``min_task_recovery_pct`` for one task, as metric ``min_task_recovery_pct_<task>``: GPTQ / fp16 score in %
+    (:meth:`~modelfactory.core.records.BenchmarkResult.task_recovery`: acc_norm when both sides have it, else acc)."""
+    fp16, gptq = result.fp16.tasks.get(task), result.gptq.tasks.get(task)
+    metric = (fp16 or gptq).primary[0] if (fp16 or gptq) else "acc_norm"
+    return _check(f"min_{task_recovery_name(task)}", threshold, observed=result.task_recovery(task),
+                  baseline=fp16.primary[1] if fp16 else None, candidate=gptq.primary[1] if gptq else None,
+                  direction="min", label=f"{task} {metric} recovery %")
+
+
+def task_thresholds(spec: GateSpec, result: BenchmarkResult) -> dict[str, float]:
+    """``min_task_recovery_pct`` per task: a number applies to every task either side evaluated."""
+    minimum = spec.min_task_recovery_pct
+    if minimum is None:
+        return {}
+    if isinstance(minimum, dict):
+        return dict(minimum)
+    tasks = sorted(set(result.fp16.tasks) | set(result.gptq.tasks))
+    # No task evaluated at all: one check that fails as not measured (a threshold is never silently skipped).
+    return {task: minimum for task in tasks} or {"all": minimum}
+
+
+def check_runnability(report: RunnabilityReport) -> GateCheck:
+    """``require_runnable``: every device of the report loaded and generated (1 = ran, 0 = failed)."""
+    runs = ", ".join(f"{r.device}: {'ok' if r.ok else 'failed'}" for r in report.results) or "no device checked"
+    passed = report.passed
+    message = (f"runs in plain transformers ({runs})" if passed else
+               f"does not run in plain transformers ({runs}): {report.summary()}")
+    return GateCheck(metric="require_runnable", threshold=1.0, baseline=None, candidate=1.0 if passed else 0.0,
+                     observed=1.0 if passed else 0.0, passed=passed, message=message)
 
 
 def _check(metric: str, threshold: float, *, observed: float | None, baseline: float | None,
@@ -65,16 +121,27 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
-def evaluate_gate(*, result: BenchmarkResult, spec: GateSpec) -> GateDecision:
-    """All configured checks; passed only if every one passes (no thresholds: passes)."""
+def evaluate_gate(*, result: BenchmarkResult, spec: GateSpec,
+                  runnability: RunnabilityReport | None = None) -> GateDecision:
+    """All configured checks; passed only if every one passes (no thresholds: passes).
+
+    *runnability*: the plain-transformers report of the artifact (``None``: the check was disabled,
+    so there is nothing to require); with ``spec.require_runnable`` a failed report fails the gate.
+    """
     checks = [check_metric(field, threshold, result)
-              for field, threshold in spec.model_dump(exclude={"min_decode_speedup_by_batch"}).items()
+              for field, threshold in spec.model_dump(exclude=_SPECIAL_FIELDS).items()
               if threshold is not None]
     checks += [check_decode_speedup(batch, threshold, result)
                for batch, threshold in (spec.min_decode_speedup_by_batch or {}).items()]
+    checks += [check_agreement(field, getattr(spec, field), result)
+               for field in _AGREEMENT_RULES if getattr(spec, field) is not None]
+    checks += [check_task_recovery(task, threshold, result)
+               for task, threshold in task_thresholds(spec, result).items()]
+    if spec.require_runnable and runnability is not None:
+        checks.append(check_runnability(runnability))
     return GateDecision(passed=all(c.passed for c in checks), checks=tuple(checks))
 
 
 @task(name="gate")
-def gate_task(result: BenchmarkResult, spec: GateSpec) -> GateDecision:
-    return evaluate_gate(result=result, spec=spec)
+def gate_task(result: BenchmarkResult, spec: GateSpec, runnability: RunnabilityReport | None = None) -> GateDecision:
+    return evaluate_gate(result=result, spec=spec, runnability=runnability)

@@ -7,9 +7,9 @@ shows a run as ``running`` from its first step, and a failure anywhere still lea
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
+from modelfactory.benchmark.runnability import RunnabilityReport
 from modelfactory.catalog import Catalog, MetricRecord, open_catalog
 from modelfactory.catalog.metrics import benchmark_metrics
 from modelfactory.core.errors import error_kind
@@ -73,21 +73,23 @@ class RunRecorder:
         self.catalog.record_metrics(run_id=self.run_id, metrics=[MetricRecord(
             name="quantize_s", side="gptq", value=result.quantize_s, unit="s")])
 
+    def runnability(self, report: RunnabilityReport | None) -> None:
+        """The plain-transformers check (nothing when disabled): ``failed`` when the artifact did not run;
+        per device what happened as detail (not the folder it ran on: that is a path of the host that ran it)."""
+        if report is None:
+            return
+        detail = {"passed": report.passed, "results": [
+            r.model_dump(mode="json", include={"device", "ok", "stage", "kernel", "load_s", "generate_s", "wall_s",
+                                               "tokens", "error_type", "error_message", "explanation", "versions"})
+            for r in report.results]}
+        self.catalog.record_step(run_id=self.run_id, name="runnability", status="ok" if report.passed else "failed",
+                                 duration_s=sum(r.wall_s for r in report.results), output_uri=None, detail=detail)
+
     def benchmark(self, result: BenchmarkResult) -> None:
         self.step("benchmark", duration_s=result.duration_s, reused=result.reused, output_uri=result.path,
                   detail={"path": result.path, "kernel": result.gptq.kernel, "device": result.gptq.device})
         self.catalog.record_metrics(run_id=self.run_id, metrics=benchmark_metrics(result))
 
-    def runnability(self, results: Sequence[Any], *, duration_s: float = 0.0) -> None:
-        """The plain-transformers checks (one per device) as step ``runnability``: ``failed`` unless every
-        device ran; its detail lists them (``{device, ok, load_s, generate_s, error, advice, snippet}``,
-        the snippet as it ran, on the local folder: the catalog keeps full paths)."""
-        from tasks.publish import runnability_entries
-
-        entries = runnability_entries(results)
-        ok = bool(entries) and all(e["ok"] for e in entries)
-        self.catalog.record_step(run_id=self.run_id, name="runnability", status="ok" if ok else "failed",
-                                 duration_s=duration_s, detail={"results": entries})
 
     def gate(self, decision: GateDecision, duration_s: float) -> None:
         self.step("gate", duration_s=duration_s, detail={"passed": decision.passed})

@@ -11,17 +11,25 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 import tasks.benchmark as step
+from modelfactory.benchmark.agreement import AgreementStats, write_reference
+from modelfactory.benchmark.perplexity import token_digest
 from modelfactory.core.errors import BenchmarkError, SpecError
 from modelfactory.core.isolation import run_isolated
 from modelfactory.core.records import ModelArtifact, SideMetrics
 from modelfactory.core.specs import BenchmarkSpec, DecodeSpec, QuantSpec, parse_spec
 from modelfactory.testing.env import own_work_dir
 
-SAME = "a" * 64
+#: The scored tokens of the canned sides (their digest is what the fp16 side's agreement reference holds).
+TARGETS = [3, 1, 4, 1, 5]
+SAME = token_digest(TARGETS)
 OTHER = "b" * 64
+#: What a canned GPTQ worker reports against the reference.
+CANNED_AGREEMENT = AgreementStats(positions=len(TARGETS), top_k=4, vocab_size=8, kld_mean=0.01, kld_median=0.005,
+                                  kld_p99=0.09, kld_max=0.1, top1_agreement_pct=80.0, rest_mass_mean=0.02)
 
 
 def _side(side: str, digest: str, load_s: float = 0.1) -> dict:
@@ -47,8 +55,20 @@ class Workers:
         assert target == "tasks.benchmark:measure_side"
         self.calls.append(kwargs["side"])
         self.kwargs.append(kwargs)
+        self._agreement_outputs(kwargs)
         return _side(kwargs["side"], self.digests[kwargs["side"]],
                      load_s=self.load_s if kwargs["side"] == "fp16" else 0.1)
+
+
+    @staticmethod
+    def _agreement_outputs(kwargs: dict) -> None:
+        """What a real worker leaves next to its record: the fp16 reference, or the GPTQ side's agreement."""
+        out = Path(kwargs["out_dir"])
+        if kwargs["side"] == "fp16":
+            logits = torch.randn(len(TARGETS), 8, generator=torch.Generator().manual_seed(0))
+            write_reference(out / step.REFERENCE_DIR, [(logits, torch.tensor(TARGETS))], top_k=4)
+        else:
+            (out / step.AGREEMENT_FILE).write_text(CANNED_AGREEMENT.model_dump_json())
 
 
 @pytest.fixture
@@ -242,3 +262,26 @@ def test_decode_batch_sizes_default_and_validation():
             DecodeSpec(batch_sizes=bad)
     with pytest.raises(SpecError, match="benchmark.decode.batch_sizes"):
         parse_spec({"base": {"uri": "org/model"}, "benchmark": {"decode": {"batch_sizes": [1, 1024]}}})
+
+
+# --------------------------------------------------------------------------- agreement outputs
+def test_agreement_travels_with_the_result_and_a_baseline_without_its_reference_is_measured_again(workers, tmp_path):
+    import shutil
+
+    first = _run(tmp_path)
+    assert first.agreement is not None and first.agreement.kld_p99 == CANNED_AGREEMENT.kld_p99
+    assert first.agreement.kld_is_lower_bound  # top_k 4 < vocabulary 8
+    assert _run(tmp_path).agreement == first.agreement  # reused with the stored stats
+    shutil.rmtree(Path(first.baseline_path) / step.REFERENCE_DIR)
+    again = _run(tmp_path)
+    assert not again.baseline_reused and workers.calls == ["fp16", "gptq", "fp16"]
+    off = _run(tmp_path, spec=BenchmarkSpec(agreement={"enabled": False}))
+    assert off.agreement is None and "kld_mean" not in off.ratios()
+
+
+def test_agreement_and_tasks_key_both_sides():
+    key = step.baseline_key(model_sha="m", spec=BenchmarkSpec())
+    for changed in ({"agreement": {"top_k": 32}}, {"agreement": {"enabled": False}}, {"tasks": {"names": ["piqa_local"]}}):
+        assert step.baseline_key(model_sha="m", spec=BenchmarkSpec.model_validate(changed)) != key, changed
+    assert step.baseline_key(model_sha="m", spec=BenchmarkSpec(runnability={"new_tokens": 8})) == key
+    assert BenchmarkSpec(runnability={"new_tokens": 8}).candidate_inputs() == BenchmarkSpec().candidate_inputs()

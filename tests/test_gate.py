@@ -223,3 +223,126 @@ def test_per_batch_thresholds_validated():
             GateSpec(min_decode_speedup_by_batch=bad)
     with pytest.raises(SpecError, match="gate.min_decode_speedup_by_batch"):
         parse_spec({"base": {"uri": "org/model"}, "gate": {"min_decode_speedup_by_batch": {"eight": 1.0}}})
+
+
+# --------------------------------------------------------------------------- agreement, tasks, runnability (issue 12)
+from modelfactory.benchmark.runnability import RunnabilityReport, RunnabilityResult
+from modelfactory.core.records import AgreementMetrics, TaskMetrics
+from tasks.gate import check_runnability
+
+AGREEMENT = AgreementMetrics(positions=1000, top_k=256, vocab_size=49152, kld_mean=0.05, kld_median=0.02,
+                             kld_p99=0.6, kld_max=2.0, top1_agreement_pct=90.0, rest_mass_mean=0.01,
+                             kld_is_lower_bound=True)
+
+
+def with_tasks(base: SideMetrics, **tasks: TaskMetrics) -> SideMetrics:
+    return base.model_copy(update={"tasks": tasks})
+
+
+#: piqa: acc_norm 0.66 -> 0.627 (95 %); hellaswag-like task without acc_norm: acc 0.5 -> 0.45 (90 %).
+FP16_T = with_tasks(FP16, piqa=TaskMetrics(acc=0.635, acc_stderr=0.02, acc_norm=0.66, acc_norm_stderr=0.02, n_docs=400),
+                    arc=TaskMetrics(acc=0.5, acc_stderr=0.03, n_docs=100))
+GPTQ_T = with_tasks(GPTQ, piqa=TaskMetrics(acc=0.605, acc_stderr=0.02, acc_norm=0.627, acc_norm_stderr=0.02, n_docs=400),
+                    arc=TaskMetrics(acc=0.45, acc_stderr=0.03, n_docs=100))
+
+
+def full() -> BenchmarkResult:
+    return BenchmarkResult(fp16=FP16_T, gptq=GPTQ_T, path="/tmp/bench", agreement=AGREEMENT)
+
+
+def test_ratios_with_agreement_and_tasks():
+    ratios = full().ratios()
+    assert ratios["kld_mean"] == 0.05 and ratios["kld_p99"] == 0.6 and ratios["top1_agreement_pct"] == 90.0
+    assert ratios["task_recovery_pct_piqa"] == pytest.approx(95.0)  # acc_norm
+    assert ratios["task_recovery_pct_arc"] == pytest.approx(90.0)  # no acc_norm: acc
+    assert ratios["task_recovery_pct"] == pytest.approx(90.0)  # the worst task
+
+
+def test_agreement_thresholds_pass_and_fail_with_both_values():
+    ok = evaluate_gate(result=full(), spec=GateSpec(max_kld_mean=0.05, max_kld_p99=1.0, min_top1_agreement_pct=90))
+    assert ok.passed and [c.metric for c in ok.checks] == ["max_kld_mean", "max_kld_p99", "min_top1_agreement_pct"]
+    bad = evaluate_gate(result=full(), spec=GateSpec(max_kld_mean=0.01, max_kld_p99=0.5, min_top1_agreement_pct=95))
+    assert not bad.passed and len(bad.failures()) == 3
+    by = {c.metric: c for c in bad.checks}
+    assert by["max_kld_mean"].message == "mean KL(fp16||gptq) nats (lower bound, top-256): 0.05 > 0.01 (fp16 0, gptq 0.05)"
+    assert "0.6 > 0.5" in by["max_kld_p99"].message
+    assert by["min_top1_agreement_pct"].message == "top-1 agreement %: 90 < 95 (fp16 100, gptq 90)"
+
+
+def test_agreement_threshold_without_agreement_fails_not_measured():
+    decision = evaluate_gate(result=result(FP16, GPTQ), spec=GateSpec(max_kld_mean=1.0))
+    (check,) = decision.checks
+    assert not decision.passed and "not measured" in check.message and check.observed is None
+
+
+def test_task_recovery_one_number_checks_every_task():
+    decision = evaluate_gate(result=full(), spec=GateSpec(min_task_recovery_pct=92))
+    by = {c.metric: c for c in decision.checks}
+    assert set(by) == {"min_task_recovery_pct_arc", "min_task_recovery_pct_piqa"}
+    assert by["min_task_recovery_pct_piqa"].passed
+    arc = by["min_task_recovery_pct_arc"]
+    assert not arc.passed and arc.message == "arc acc recovery %: 90 < 92 (fp16 0.5, gptq 0.45)"
+    assert "piqa acc_norm recovery %: 95 >= 92 (fp16 0.66, gptq 0.627)" == by["min_task_recovery_pct_piqa"].message
+
+
+def test_task_recovery_per_task_and_unmeasured_task():
+    decision = evaluate_gate(result=full(), spec=GateSpec(min_task_recovery_pct={"piqa": 96.0, "winogrande": 90.0}))
+    by = {c.metric: c for c in decision.checks}
+    assert not by["min_task_recovery_pct_piqa"].passed
+    assert "not measured" in by["min_task_recovery_pct_winogrande"].message
+    none = evaluate_gate(result=result(FP16, GPTQ), spec=GateSpec(min_task_recovery_pct=90))
+    assert not none.passed and "not measured" in none.checks[0].message
+
+
+def test_task_recovery_spec_validation():
+    with pytest.raises(ValidationError, match="empty"):
+        GateSpec(min_task_recovery_pct={})
+    with pytest.raises(ValidationError, match="between 0 and 1000"):
+        GateSpec(min_task_recovery_pct=-1)
+    with pytest.raises(SpecError, match="benchmark.tasks.names is empty"):
+        parse_spec({"base": {"uri": "org/model"}, "gate": {"min_task_recovery_pct": 95}})
+    with pytest.raises(SpecError, match=r"not in benchmark.tasks.names.*\['arc'\]"):
+        parse_spec({"base": {"uri": "org/model"}, "benchmark": {"tasks": {"names": ["piqa_local"]}},
+                    "gate": {"min_task_recovery_pct": {"piqa_local": 95, "arc": 90}}})
+    with pytest.raises(SpecError, match="agreement.enabled is false"):
+        parse_spec({"base": {"uri": "org/model"}, "benchmark": {"agreement": {"enabled": False}},
+                    "gate": {"max_kld_p99": 1.0}})
+
+
+def _report(ok: bool) -> RunnabilityReport:
+    failure = {} if ok else {"error_type": "RuntimeError", "error_message": "expect K to be divisible by qGroupSize",
+                             "explanation": "group size 64 does not divide layer width 96 ... use group_size 32"}
+    return RunnabilityReport(model_dir="/m", results=(
+        RunnabilityResult(device="cpu", ok=ok, snippet="...", stage="done" if ok else "generate", wall_s=1.0,
+                          **failure),))
+
+
+def test_runnability_fails_the_gate_with_the_library_error_and_the_advice():
+    decision = evaluate_gate(result=result(FP16, GPTQ), spec=GateSpec(), runnability=_report(False))
+    (check,) = decision.checks
+    assert not decision.passed and check.metric == "require_runnable"
+    assert "cpu: failed" in check.message and "use group_size 32" in check.message
+    assert check == check_runnability(_report(False))
+    assert evaluate_gate(result=result(FP16, GPTQ), spec=GateSpec(), runnability=_report(True)).passed
+
+
+def test_runnability_not_checked_when_disabled_or_not_required():
+    assert evaluate_gate(result=result(FP16, GPTQ), spec=GateSpec(), runnability=None).checks == ()
+    assert evaluate_gate(result=result(FP16, GPTQ), spec=GateSpec(require_runnable=False),
+                         runnability=_report(False)).passed
+
+
+def test_records_without_agreement_and_tasks_still_read():
+    """benchmark.json and GPU-stage outcomes written before issue 12 load with defaults."""
+    from modelfactory.gpu_pool.outcome import GpuStageOutcome
+
+    old = {"fp16": FP16.model_dump(mode="json", exclude={"tasks", "tasks_lm_eval_version", "tasks_limit"}),
+           "gptq": GPTQ.model_dump(mode="json", exclude={"tasks", "tasks_lm_eval_version", "tasks_limit"}),
+           "path": "/tmp/bench"}
+    loaded = BenchmarkResult.model_validate(old)
+    assert loaded.agreement is None and loaded.fp16.tasks == {}
+    assert not {"kld_mean", "task_recovery_pct"} & set(loaded.ratios())
+    outcome = GpuStageOutcome.model_validate({"placement": {"flow_run_id": None, "hostname": "h", "pid": 1,
+                                                            "cuda_visible_devices": None, "device": "cpu",
+                                                            "started_at": "now"}})
+    assert outcome.runnability is None

@@ -40,7 +40,7 @@ pytestmark = pytest.mark.pool
 
 #: Seconds without heartbeat before the automation crashes a gpu-stage run (workers beat every 30 s).
 ZOMBIE_AFTER_S = 60
-GPU_STEPS = ["download", "merge", "gpu-stage", "quantize", "benchmark", "gate", "publish"]
+GPU_STEPS = ["download", "merge", "gpu-stage", "quantize", "runnability", "benchmark", "gate", "publish"]
 
 
 # --------------------------------------------------------------------------- fixtures

@@ -10,7 +10,7 @@ from modelfactory.catalog import open_catalog
 from modelfactory.core.manifest import verify_folder
 from modelfactory.publishing.local import local_root
 
-STEPS = ["download", "merge", "quantize", "benchmark", "gate", "publish"]
+STEPS = ["download", "merge", "quantize", "runnability", "benchmark", "gate", "publish"]
 
 
 def test_passing_run_is_published_and_recorded(tiny_run):
@@ -26,7 +26,8 @@ def test_passing_run_is_published_and_recorded(tiny_run):
         assert detail.value(name, "fp16") is not None and detail.value(name, "gptq") is not None, name
     assert detail.value("merge_max_abs_logit_diff") < 1e-3
     assert detail.value("size_ratio", "delta") < 1.0  # embeddings (not quantized) dominate a tiny model
-    assert [c.metric for c in detail.gate_checks] == ["max_ppl_increase_pct", "max_size_ratio"] and detail.gate_passed
+    assert [c.metric for c in detail.gate_checks] == ["max_ppl_increase_pct", "max_size_ratio", "require_runnable"]
+    assert detail.gate_passed
     (artifact,) = detail.artifacts
     assert artifact.uri == outcome.artifact_uri
     manifest = verify_folder(local_root(artifact.uri))

@@ -68,3 +68,19 @@ def test_smollm2_rerun_is_served_from_reuse(first_run, smollm2_spec):
     assert steps["quantize"] == steps["merge"] == steps["benchmark"] == "reused", steps
     assert steps["publish"] == "reused" and again.artifact_uri == outcome.artifact_uri
     print(f"first run {first_s:.0f} s, reused rerun {rerun_s:.1f} s")  # timings are reported, not asserted
+
+
+def test_smollm2_demo_verdict_checks(first_run):
+    """The demo's issue-12 checks on the real model: KL / top-1 on the perplexity windows, PIQA on its first
+    100 validation items (the demo's bounded subset), and the plain-transformers check on CPU."""
+    outcome, _ = first_run
+    detail = open_catalog().get_run(outcome.run_id)
+    assert 0 < detail.value("kld_mean", "delta") < detail.value("kld_p99", "delta")
+    assert 50 < detail.value("top1_agreement_pct", "delta") < 100
+    for side in ("fp16", "gptq"):
+        assert 0.5 < detail.value("task_piqa_local_acc_norm", side) < 0.9  # 0.690 for fp16 (docs/benchmarks.md)
+    assert detail.value("task_recovery_pct", "delta") == detail.value("task_recovery_pct_piqa_local", "delta")
+    steps = {s.name: s for s in detail.steps}
+    assert steps["runnability"].status == "ok" and steps["runnability"].detail["results"][0]["device"] == "cpu"
+    manifest = verify_folder(local_root(outcome.artifact_uri))
+    assert manifest["runnability"][0]["ok"] and "/" + "work" not in manifest["runnability"][0]["snippet"]

@@ -33,8 +33,12 @@ def test_defaults_are_valid():
     assert perplexity.stride <= perplexity.context_len
     assert spec.gate.model_dump() == {
         "max_ppl_increase_pct": None, "min_decode_speedup": None, "min_decode_speedup_by_batch": None,
-        "max_size_ratio": None, "max_memory_ratio": None,
+        "max_size_ratio": None, "max_memory_ratio": None, "max_kld_mean": None, "max_kld_p99": None,
+        "min_top1_agreement_pct": None, "min_task_recovery_pct": None,
+        "require_runnable": True,  # only checked when benchmark.runnability is enabled (the default)
     }
+    assert spec.benchmark.agreement.enabled and spec.benchmark.runnability.enabled
+    assert spec.benchmark.tasks.names == ()  # task accuracy is opt-in
     assert spec.trust_remote_code is False
     # Each sub-spec is valid on its own defaults too.
     assert QuantSpec() == spec.quantize

@@ -73,6 +73,22 @@ RecordedDecodeMode = Literal[
 ]
 
 
+class TaskMetrics(Record):
+    """One lm-eval task on one side: accuracy and length-normalized accuracy with their stderr
+    (``None`` where the task does not report a metric)."""
+
+    acc: float | None = None
+    acc_stderr: float | None = None
+    acc_norm: float | None = None
+    acc_norm_stderr: float | None = None
+    n_docs: int | None = None
+
+    @property
+    def primary(self) -> tuple[str, float | None]:
+        """``("acc_norm", value)`` when the task reports it, else ``("acc", value)``: the score recovery uses."""
+        return ("acc_norm", self.acc_norm) if self.acc_norm is not None else ("acc", self.acc)
+
+
 class SideMetrics(Record):
     """One side (fp16 baseline or GPTQ) measured by the one benchmark harness."""
 
@@ -96,6 +112,11 @@ class SideMetrics(Record):
     #: Decode tok/s (every sequence's tokens) per batch size of ``benchmark.decode.batch_sizes``;
     #: empty in records written before batch sizes existed (:meth:`decode_rate` then knows batch 1).
     decode_tok_s_by_batch: dict[int, float] = {}
+    #: lm-eval scores per task of ``benchmark.tasks`` (empty when none were evaluated, and in older records).
+    tasks: dict[str, TaskMetrics] = {}
+    #: lm-eval's version and the document limit the task scores were measured with.
+    tasks_lm_eval_version: str | None = None
+    tasks_limit: int | None = None
 
     def decode_rate(self, batch: int) -> float | None:
         """Decode tok/s at *batch* sequences, ``None`` when that batch size was not measured."""
@@ -121,6 +142,30 @@ class BaselineResult(Record):
     duration_s: float = 0.0
 
 
+class AgreementMetrics(Record):
+    """The GPTQ side's next-token distributions against the fp16 side's, over every perplexity position
+    (``modelfactory.benchmark.agreement``)."""
+
+    positions: int
+    top_k: int
+    vocab_size: int
+    #: KL(fp16 || GPTQ) in nats per token, over the fp16 top-k tokens + one residual bucket.
+    kld_mean: float
+    kld_median: float
+    kld_p99: float
+    kld_max: float
+    top1_agreement_pct: float
+    #: Mean fp16 probability mass outside the stored top-k (the slack of the lower bound scales with it).
+    rest_mass_mean: float
+    #: True when top_k < vocabulary: the KL values are lower bounds of the full-vocabulary KL (docs/benchmarks.md).
+    kld_is_lower_bound: bool
+
+
+def task_recovery_name(task: str) -> str:
+    """The ratio (and catalog metric) name of one task's score recovery."""
+    return f"task_recovery_pct_{task}"
+
+
 class BenchmarkResult(Record):
     fp16: SideMetrics
     gptq: SideMetrics
@@ -131,6 +176,21 @@ class BenchmarkResult(Record):
     #: (``None``/``False`` in results written before the fp16 side was a step of its own).
     baseline_path: str | None = None
     baseline_reused: bool = False
+    #: KL divergence / top-1 agreement with fp16 (``None``: not measured, or a result written before it existed).
+    agreement: AgreementMetrics | None = None
+
+    def task_recovery(self, task: str) -> float | None:
+        """GPTQ / fp16 score of *task* in %, on acc_norm when both sides report it, else on acc
+        (lm-eval's length-normalized accuracy is the score peers compare on multiple-choice tasks
+        such as PIQA, where answers differ in length); ``None`` unless both sides measured it."""
+        a, b = self.fp16.tasks.get(task), self.gptq.tasks.get(task)
+        if a is None or b is None:
+            return None
+        if a.acc_norm is not None and b.acc_norm is not None:
+            base, quant = a.acc_norm, b.acc_norm
+        else:
+            base, quant = a.acc, b.acc
+        return quant / base * 100.0 if base and quant is not None else None
 
     def decode_speedup(self, batch: int) -> float | None:
         """GPTQ / fp16 decode tok/s at *batch*, ``None`` unless both sides measured it."""
@@ -138,9 +198,24 @@ class BenchmarkResult(Record):
         return b / a if a and b is not None else None
 
     def ratios(self) -> dict[str, float | None]:
-        """GPTQ relative to fp16: what the gate checks (``decode_speedup_b<N>`` per batch size N > 1)."""
+        """GPTQ relative to fp16: what the gate checks (``decode_speedup_b<N>`` per batch size N > 1).
+
+        With agreement measured: ``kld_mean``, ``kld_p99``, ``top1_agreement_pct``. With tasks:
+        ``task_recovery_pct_<task>`` per task (:meth:`task_recovery`: acc_norm, else acc) and
+        ``task_recovery_pct``, the smallest of them (``None`` if any task lacks a side).
+        """
         a, b = self.fp16, self.gptq
         batches = sorted((set(a.decode_tok_s_by_batch) | set(b.decode_tok_s_by_batch)) - {1})
+        tasks = sorted(set(a.tasks) | set(b.tasks))
+        recoveries = {task_recovery_name(task): self.task_recovery(task) for task in tasks}
+        agreement = {}
+        if self.agreement is not None:
+            agreement = {"kld_mean": self.agreement.kld_mean, "kld_p99": self.agreement.kld_p99,
+                         "top1_agreement_pct": self.agreement.top1_agreement_pct}
+        overall = {}
+        if recoveries:
+            values = list(recoveries.values())
+            overall = {"task_recovery_pct": None if None in values else min(values)}
         return {
             "ppl_increase_pct": (
                 (b.perplexity / a.perplexity - 1.0) * 100.0 if a.perplexity and b.perplexity else None
@@ -150,7 +225,7 @@ class BenchmarkResult(Record):
             "memory_ratio": (
                 b.mem_after_load_bytes / a.mem_after_load_bytes if a.mem_after_load_bytes > 0 else None
             ),
-        } | {decode_speedup_name(batch): self.decode_speedup(batch) for batch in batches}
+        } | {decode_speedup_name(batch): self.decode_speedup(batch) for batch in batches} | agreement | overall | recoveries
 
 
 class GateCheck(Record):

@@ -259,6 +259,54 @@ class DecodeSpec(Spec):
         return sizes
 
 
+#: Default number of fp16 top-k log-probs stored per position for the KL divergence
+#: (``modelfactory.benchmark.agreement.DEFAULT_TOP_K``: the measured bound's gap; docs/benchmarks.md).
+#: Kept equal to it by a test: core cannot import the benchmark layer.
+DEFAULT_AGREEMENT_TOP_K = 256
+
+
+class AgreementSpec(Spec):
+    """KL(fp16 || GPTQ) and top-1 agreement on the perplexity windows (llama.cpp's way of judging a quantization)."""
+
+    enabled: bool = Field(default=True, description="Measure distribution agreement with the fp16 side.")
+    top_k: int = Field(
+        default=DEFAULT_AGREEMENT_TOP_K, ge=1, le=65536,
+        description="fp16 log-probs stored per position (plus the residual mass): the KL is a lower bound of the "
+        "full-vocabulary KL, tighter as top_k grows (docs/benchmarks.md).",
+    )
+
+
+class TaskEvalSpec(Spec):
+    """lm-evaluation-harness tasks, both sides through lm-eval's HF wrapper (opt-in: no tasks by default)."""
+
+    names: tuple[str, ...] = Field(
+        default=(), description="lm-eval task names, e.g. ['piqa_local'] (local PIQA validation) or Hub tasks "
+        "like 'piqa' (need the Hub or a filled datasets cache). Empty: no task evaluation.",
+    )
+    limit: int | None = Field(default=None, ge=1, description="First N documents per task (None: all).")
+    batch_size: int = Field(default=8, ge=1, le=512, description="lm-eval batch size.")
+
+    @field_validator("names")
+    @classmethod
+    def _unique(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"tasks listed twice: {repeated}")
+        return names
+
+
+class RunnabilitySpec(Spec):
+    """After quantization: load the artifact with plain transformers (default settings) and generate, in a
+    fresh process that imports no factory code (``modelfactory.benchmark.runnability``)."""
+
+    enabled: bool = Field(default=True, description="Check that the artifact runs in plain transformers.")
+    devices: Literal["auto"] | tuple[Literal["cpu", "cuda"], ...] = Field(
+        default="auto", description="auto: CPU always, plus CUDA when a GPU is visible.")
+    new_tokens: int = Field(default=4, ge=1, le=256, description="Greedy tokens to generate.")
+    timeout_s: float = Field(default=600.0, gt=0, le=7200,
+                             description="Per device (a first CUDA load may compile kernels for minutes).")
+
+
 class BenchmarkSpec(Spec):
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: cuda when present.")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
@@ -267,16 +315,29 @@ class BenchmarkSpec(Spec):
     kernel: str = Field(default="auto", description="GPTQModel backend (auto, gptq_marlin, gptq_torch, ...).")
     perplexity: PerplexitySpec = Field(default_factory=PerplexitySpec)
     decode: DecodeSpec = Field(default_factory=DecodeSpec)
+    agreement: AgreementSpec = Field(default_factory=AgreementSpec)
+    tasks: TaskEvalSpec = Field(default_factory=TaskEvalSpec)
+    runnability: RunnabilitySpec = Field(
+        default_factory=RunnabilitySpec,
+        description="The plain-transformers check of the quantized artifact (its own step, right after quantize).")
     reuse: bool = Field(default=True, description="Reuse a finished benchmark with identical inputs.")
 
     #: Fields that change only the GPTQ side's measurement (or none): left out of the fp16 side's key,
     #: so every configuration of one merged model shares its fp16 measurement. A new field that the
-    #: fp16 side does not depend on belongs here.
-    NOT_BASELINE_FIELDS: ClassVar[frozenset[str]] = frozenset({"kernel", "reuse"})
+    #: fp16 side does not depend on belongs here. ``agreement`` is not: the fp16 side writes the
+    #: reference top-k log-probs in its own step folder.
+    NOT_BASELINE_FIELDS: ClassVar[frozenset[str]] = frozenset({"kernel", "reuse", "runnability"})
+    #: Fields that change no benchmark measurement at all (left out of the GPTQ side's key too):
+    #: the runnability check is a step of its own with its own key.
+    NOT_MEASUREMENT_FIELDS: ClassVar[frozenset[str]] = frozenset({"reuse", "runnability"})
 
     def baseline_inputs(self) -> dict[str, Any]:
         """The settings the fp16 side's measurement depends on (its step key's spec part)."""
         return self.model_dump(mode="json", exclude=set(self.NOT_BASELINE_FIELDS))
+
+    def candidate_inputs(self) -> dict[str, Any]:
+        """The settings the GPTQ side's measurement depends on (its step key's spec part)."""
+        return self.model_dump(mode="json", exclude=set(self.NOT_MEASUREMENT_FIELDS))
 
 
 # --------------------------------------------------------------------------- gate / publish
@@ -298,6 +359,22 @@ class GateSpec(Spec):
     max_memory_ratio: float | None = Field(
         default=None, gt=0, description="Max memory-after-load ratio GPTQ / fp16."
     )
+    max_kld_mean: float | None = Field(
+        default=None, ge=0, description="Max mean per-token KL(fp16 || GPTQ) in nats (benchmark.agreement).")
+    max_kld_p99: float | None = Field(
+        default=None, ge=0, description="Max 99th percentile of the per-token KL(fp16 || GPTQ) in nats.")
+    min_top1_agreement_pct: float | None = Field(
+        default=None, ge=0, le=100, description="Min % of positions where GPTQ's top token is fp16's.")
+    min_task_recovery_pct: float | dict[str, float] | None = Field(
+        default=None,
+        description="Min task score recovery GPTQ / fp16 in % (acc_norm when the task has it, else acc): one "
+        "number for every task of benchmark.tasks, or {task: pct}; a task not evaluated fails as not measured.",
+    )
+    require_runnable: bool = Field(
+        default=True,
+        description="Fail when the artifact does not load and generate in plain transformers "
+        "(benchmark.runnability; not checked when that is disabled).",
+    )
 
     @field_validator("min_decode_speedup_by_batch")
     @classmethod
@@ -311,6 +388,17 @@ class GateSpec(Spec):
         if bad:
             raise ValueError(f"min_decode_speedup_by_batch: minimum speed-ups must be > 0, got {bad}")
         return dict(sorted(minimums.items()))
+
+    @field_validator("min_task_recovery_pct")
+    @classmethod
+    def _task_recovery(cls, minimum: float | dict[str, float] | None) -> float | dict[str, float] | None:
+        values = minimum.values() if isinstance(minimum, dict) else [] if minimum is None else [minimum]
+        if isinstance(minimum, dict) and not minimum:
+            raise ValueError("min_task_recovery_pct is empty: give {task: minimum %}, one number, or leave it out")
+        bad = [v for v in values if not 0 <= v <= 1000]
+        if bad:
+            raise ValueError(f"min_task_recovery_pct: minimums are percentages between 0 and 1000, got {bad}")
+        return minimum
 
 
 class PublishSpec(Spec):
@@ -344,6 +432,25 @@ class FactorySpec(Spec):
     gate: GateSpec = Field(default_factory=GateSpec)
     publish: PublishSpec = Field(default_factory=PublishSpec)
     trust_remote_code: bool = Field(default=False, description="Allow models that ship Python code.")
+
+    @model_validator(mode="after")
+    def _gate_measures_what_it_checks(self) -> FactorySpec:
+        """A threshold whose metric this spec never measures is a mistake to catch before any heavy work."""
+        gate, bench = self.gate, self.benchmark
+        if not bench.agreement.enabled:
+            unmeasured = [f for f in ("max_kld_mean", "max_kld_p99", "min_top1_agreement_pct")
+                          if getattr(gate, f) is not None]
+            if unmeasured:
+                raise ValueError(f"gate.{', gate.'.join(unmeasured)} set but benchmark.agreement.enabled is false: "
+                                 "enable the agreement measurement or drop the threshold")
+        minimum = gate.min_task_recovery_pct
+        if minimum is not None and not bench.tasks.names:
+            raise ValueError("gate.min_task_recovery_pct set but benchmark.tasks.names is empty: list the lm-eval "
+                             "tasks to evaluate (e.g. ['piqa_local']) or drop the threshold")
+        if isinstance(minimum, dict) and (extra := sorted(set(minimum) - set(bench.tasks.names))):
+            raise ValueError(f"gate.min_task_recovery_pct names tasks not in benchmark.tasks.names "
+                             f"{list(bench.tasks.names)}: {extra}")
+        return self
 
 
 # --------------------------------------------------------------------------- loading

@@ -27,6 +27,7 @@ import socket
 from datetime import UTC, datetime
 
 from modelfactory import stage_store
+from modelfactory.benchmark.runnability import RunnabilityReport
 from modelfactory.core.records import BenchmarkResult, QuantResult, Record
 
 #: ``flow name/deployment name`` of the GPU stage, as declared in ``deployments/prefect.yaml``.
@@ -52,6 +53,8 @@ class GpuStageOutcome(Record):
     placement: GpuPlacement
     quantize: QuantResult | None = None
     benchmark: BenchmarkResult | None = None
+    #: The plain-transformers check of the artifact on the worker (CPU and its GPU); None: disabled or not reached.
+    runnability: RunnabilityReport | None = None
     error_type: str | None = None
     error_message: str | None = None
 

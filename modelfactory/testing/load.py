@@ -55,7 +55,7 @@ from modelfactory.testing.models import (
 from modelfactory.testing.prefect_server import GpuHostWorkers, PrefectServer
 
 GPU_FLOW = "gpu-stage"
-GPU_STEPS = ["download", "merge", "gpu-stage", "quantize", "benchmark", "gate", "publish"]
+GPU_STEPS = ["download", "merge", "gpu-stage", "quantize", "runnability", "benchmark", "gate", "publish"]
 #: Flow-run states that still hold (or wait for) something.
 NOT_FINAL = ["SCHEDULED", "PENDING", "RUNNING", "CANCELLING", "PAUSED"]
 #: Metrics every passed pool run must have in the catalog: (name, side).
