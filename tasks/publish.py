@@ -42,7 +42,8 @@ def artifact_name(spec: FactorySpec) -> str:
 
 
 def publish_artifact(*, spec: FactorySpec, merge: MergeResult, quant: QuantResult, bench: BenchmarkResult,
-                     decision: GateDecision) -> Publication:
+                     decision: GateDecision, matrix_markdown: str | None = None) -> Publication:
+    """Publish a passing build; *matrix_markdown* (a sweep's matrix) goes into a Hub model card."""
     if not decision.passed:
         raise PublishError(f"refusing to publish {quant.model.path}: the gate {decision.summary()}")
     destination = spec.publish.destination or get_settings().resolved_store_url
@@ -63,11 +64,12 @@ def publish_artifact(*, spec: FactorySpec, merge: MergeResult, quant: QuantResul
     )
     progress(f"publish: {len(manifest['files'])} files, {manifest['total_bytes'] / 1e6:.1f} MB -> {destination}")
     return publish_to(destination=destination, source=source, parts=parts, manifest=manifest,
-                      private=spec.publish.private, revision=spec.publish.revision or config)
+                      private=spec.publish.private, revision=spec.publish.revision or config,
+                      matrix_markdown=matrix_markdown)
 
 
 def publish_to(*, destination: str, source: Path, parts: tuple[str, str, str], manifest: dict, private: bool,
-               revision: str) -> Publication:
+               revision: str, matrix_markdown: str | None = None) -> Publication:
     """Send *source* to *destination* by its scheme: ``file://`` (or a path), ``s3://`` or ``hf://``."""
     kind = destination_kind(destination)
     if kind == "s3":
@@ -78,7 +80,8 @@ def publish_to(*, destination: str, source: Path, parts: tuple[str, str, str], m
         from modelfactory.publishing.hub import publish_hub
 
         repo_id = destination.removeprefix("hf://").strip("/")
-        return publish_hub(source=source, repo_id=repo_id, revision=revision, private=private, manifest=manifest)
+        return publish_hub(source=source, repo_id=repo_id, revision=revision, private=private, manifest=manifest,
+                           matrix_markdown=matrix_markdown)
     folder, digest, reused = publish_local(source=source, root=local_root(destination), parts=parts,
                                            manifest=manifest)
     return Publication(uri=folder.resolve().as_uri(), manifest_sha256=digest, size_bytes=manifest["total_bytes"],
@@ -92,5 +95,6 @@ PUBLISH_RETRY_DELAYS_S = [5, 20, 60]
 @task(name="publish", retries=len(PUBLISH_RETRY_DELAYS_S), retry_delay_seconds=PUBLISH_RETRY_DELAYS_S,
       retry_condition_fn=retry_transient)
 def publish_task(spec: FactorySpec, merge: MergeResult, quant: QuantResult, bench: BenchmarkResult,
-                 decision: GateDecision) -> Publication:
-    return publish_artifact(spec=spec, merge=merge, quant=quant, bench=bench, decision=decision)
+                 decision: GateDecision, matrix_markdown: str | None = None) -> Publication:
+    return publish_artifact(spec=spec, merge=merge, quant=quant, bench=bench, decision=decision,
+                            matrix_markdown=matrix_markdown)

@@ -21,6 +21,7 @@ token and the error mapping are :mod:`modelfactory.hf`'s; the token is never log
 
 from __future__ import annotations
 
+import inspect
 import json
 import tempfile
 from pathlib import Path
@@ -127,9 +128,26 @@ def _commit_text(manifest: dict[str, Any]) -> tuple[str, str]:
     return title, f"Gate {gate}. {shown}. Files and sha256 in manifest.json."
 
 
+def _card_matrix(matrix_markdown: str | None) -> dict[str, str]:
+    """The sweep matrix as ``render_card``'s keyword, when the card renders one.
+
+    Why the check: the card's matrix section (``render_card(matrix_markdown=...)``) lands separately
+    from the sweep flow; until then a sweep publishes its cards without the matrix, not fails.
+    """
+    if matrix_markdown is None:
+        return {}
+    if "matrix_markdown" not in inspect.signature(render_card).parameters:
+        progress("publish: this model card has no sweep-matrix section yet; publishing the card without it")
+        return {}
+    return {"matrix_markdown": matrix_markdown}
+
+
 # --------------------------------------------------------------------------- entry point
-def publish_hub(*, source: Path, repo_id: str, revision: str, private: bool, manifest: dict) -> Publication:
-    """Push *source* (+ model card + manifest) to branch *revision* of Hub repo *repo_id* in one commit."""
+def publish_hub(*, source: Path, repo_id: str, revision: str, private: bool, manifest: dict,
+                matrix_markdown: str | None = None) -> Publication:
+    """Push *source* (+ model card + manifest) to branch *revision* of Hub repo *repo_id* in one commit.
+
+    *matrix_markdown*: a sweep's matrix of every configuration, for the card (``flows/sweep.py``)."""
     from huggingface_hub import HfApi
 
     check_hub_repo_id(repo_id, what="the Hub repo of the publish destination", fix="use hf://owner/name")
@@ -144,7 +162,8 @@ def publish_hub(*, source: Path, repo_id: str, revision: str, private: bool, man
             progress(f"publish: {repo_id}@{revision} already holds this artifact (commit {head[:12]}); nothing pushed")
             return Publication(uri=uri, manifest_sha256=manifest_digest(existing), size_bytes=manifest["total_bytes"],
                                reused=True, destination="hub", revision=revision, commit=head)
-        card = render_card(manifest=manifest, repo_id=repo_id, revision=revision, secrets=[token])
+        card = render_card(manifest=manifest, repo_id=repo_id, revision=revision, secrets=[token],
+                           **_card_matrix(matrix_markdown))
         operations = commit_operations(api, source=source, repo_id=repo_id, head=head, manifest=manifest, card=card)
         title, description = _commit_text(manifest)
         progress(f"publish: pushing {len(manifest['files'])} files + model card, "
