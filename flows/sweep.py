@@ -33,8 +33,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.factory import _gpu_stage_on_pool
 from modelfactory import stage_store
-from modelfactory.catalog import Catalog, open_catalog
-from modelfactory.catalog import claims
+from modelfactory.catalog import Catalog, claims, open_catalog
 from modelfactory.catalog.render import sweep_matrix_markdown
 from modelfactory.core.devices import resolve_device
 from modelfactory.core.errors import error_kind

@@ -27,7 +27,12 @@ import socket
 from datetime import UTC, datetime
 
 from modelfactory import stage_store
-from modelfactory.core.records import BaselineResult, BenchmarkResult, QuantResult, Record
+from modelfactory.core.records import (
+    BaselineResult,
+    BenchmarkResult,
+    QuantResult,
+    Record,
+)
 
 #: ``flow name/deployment name`` of the GPU stage, as declared in ``deployments/prefect.yaml``.
 DEFAULT_GPU_DEPLOYMENT = "gpu-stage/gpu"
