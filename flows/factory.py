@@ -17,6 +17,7 @@ from modelfactory.catalog import claims
 from modelfactory.core.hashing import step_key
 from modelfactory.core.log import progress
 from modelfactory.core.records import (
+    BaselineResult,
     BenchmarkResult,
     ModelArtifact,
     QuantResult,
@@ -91,12 +92,16 @@ def _steps(spec: FactorySpec, run_id: str, recorder: RunRecorder) -> RunOutcome:
 
 
 def _gpu_stage_on_pool(recorder: RunRecorder, *, deployment: str, model: ModelArtifact, quantize: QuantSpec,
-                         benchmark: BenchmarkSpec, run_id: str,
+                         benchmark: BenchmarkSpec, run_id: str, baseline: BaselineResult | None = None,
                          ) -> tuple[QuantResult, BenchmarkResult, RunnabilityReport | None]:
-    """The factory's GPU steps through the pool: dispatch, record what came back, raise on failure."""
+    """The factory's GPU steps through the pool: dispatch, record what came back, raise on failure.
+
+    *baseline*: the fp16 side already measured (a sweep member, ``flows/sweep.py``): the stage
+    measures only the GPTQ side against it."""
     settings = get_settings()
     stage = dispatch_gpu_stage(deployment=deployment, model=model, quantize=quantize, benchmark=benchmark,
-                               run_id=run_id, timeout_s=settings.gpu_timeout_s, poll_s=settings.gpu_poll_s)
+                               run_id=run_id, baseline=baseline, timeout_s=settings.gpu_timeout_s,
+                               poll_s=settings.gpu_poll_s)
     outcome = stage.outcome
     ok = stage.state_type == "COMPLETED" and outcome is not None and outcome.benchmark is not None
     recorder.gpu_stage(stage.detail(), duration_s=stage.run_s or 0.0, ok=ok)

@@ -4,6 +4,10 @@ The factory flow dispatches it through ``run_deployment`` when ``MODELFACTORY_GP
 set (:mod:`modelfactory.gpu_pool`, ``docs/gpu-pool.md``). One flow run holds one GPU: each GPU
 worker serves one flow run at a time and sees only its own device (``CUDA_VISIBLE_DEVICES``).
 Wiring only; the steps are the same tasks the in-process factory runs.
+
+Three modes, by the parameters: quantize + benchmark (the plain factory); quantize + the GPTQ side
+against a given *baseline* (a sweep member: the fp16 side was measured once for the sweep); and,
+with no *quantize*, the fp16 side alone (that one baseline measurement of a sweep, ``flows/sweep.py``).
 """
 
 from __future__ import annotations
@@ -14,18 +18,26 @@ from prefect import flow, runtime
 
 from modelfactory.core.errors import ModelFactoryError
 from modelfactory.core.log import get_logger
-from modelfactory.core.records import ModelArtifact
+from modelfactory.core.records import BaselineResult, ModelArtifact
 from modelfactory.core.specs import BenchmarkSpec, QuantSpec
 from modelfactory.gpu_pool import GpuStageOutcome, current_placement, write_outcome
 from modelfactory.gpu_pool.outcome import now_iso
-from tasks.benchmark import benchmark_task
+from tasks.benchmark import (
+    benchmark_baseline_task,
+    benchmark_candidate_task,
+    benchmark_task,
+)
 from tasks.quantize import quantize_task
 from tasks.runnability import runnability_task
 
 
 @flow(name="gpu-stage", log_prints=True, validate_parameters=True)
-def gpu_stage(model: ModelArtifact, quantize: QuantSpec, benchmark: BenchmarkSpec) -> GpuStageOutcome:
+def gpu_stage(model: ModelArtifact, quantize: QuantSpec | None, benchmark: BenchmarkSpec,
+              baseline: BaselineResult | None = None) -> GpuStageOutcome:
     """GPTQ-quantize *model* and benchmark it against itself in fp16, on this worker's GPU.
+
+    With *baseline* (its fp16 side, measured once for a sweep) only the GPTQ side is measured;
+    with *quantize* ``None`` only the fp16 side of *model* is (the sweep's baseline).
 
     The outcome (records, where it ran, or the error) is written for the factory either way. With a
     stage store its records carry ``s3://`` URIs: the inputs are fetched here, the outputs uploaded.
@@ -35,11 +47,15 @@ def gpu_stage(model: ModelArtifact, quantize: QuantSpec, benchmark: BenchmarkSpe
     outcome_id = flow_run_id or f"local-{uuid.uuid4()}"
     get_logger().info(f"gpu-stage: on {placement.hostname} (pid {placement.pid}), "
                       f"CUDA_VISIBLE_DEVICES={placement.cuda_visible_devices}, device {placement.device}")
-    quant = bench = runnable = None
+    quant = bench = fp16 = runnable = None
     try:
-        quant = quantize_task(model, quantize, benchmark.device)
-        runnable = runnability_task(quant, benchmark.runnability)  # here, so CUDA is covered on a GPU worker
-        bench = benchmark_task(model, quant.model, benchmark)
+        if quantize is None:
+            fp16 = benchmark_baseline_task(model, benchmark)
+        else:
+            quant = quantize_task(model, quantize, benchmark.device)
+            runnable = runnability_task(quant, benchmark.runnability)  # here, so CUDA is covered on a GPU worker
+            bench = (benchmark_candidate_task(baseline, quant.model, benchmark) if baseline is not None
+                     else benchmark_task(model, quant.model, benchmark))
     except BaseException as exc:
         message = exc.message if isinstance(exc, ModelFactoryError) else (str(exc) or repr(exc))
         write_outcome(outcome_id, GpuStageOutcome(
@@ -47,6 +63,6 @@ def gpu_stage(model: ModelArtifact, quantize: QuantSpec, benchmark: BenchmarkSpe
             error_type=type(exc).__name__, error_message=message[:4000]))
         raise
     outcome = GpuStageOutcome(placement=placement.model_copy(update={"finished_at": now_iso()}),
-                              quantize=quant, benchmark=bench, runnability=runnable)
+                              quantize=quant, benchmark=bench, baseline=fp16, runnability=runnable)
     write_outcome(outcome_id, outcome)
     return outcome

@@ -24,7 +24,8 @@ def test_grid_crosses_every_list_onto_the_template():
 
 
 def test_labels_stay_unique_when_the_label_fields_agree():
-    spec = sweep(grid={"damp_percent": [0.01, 0.1], "calibration_samples": [64, 128]})
+    spec = sweep(quantize={"group_size": 128},  # explicit: the default 'auto' is resolved only by the flow
+                 grid={"damp_percent": [0.01, 0.1], "calibration_samples": [64, 128]})
     labels = [m.label for m in spec.members()]
     assert len(set(labels)) == 4
     assert "gptq-4bit-128g-damp0.01-cal64" in labels
@@ -85,3 +86,43 @@ def test_no_passing_member_means_no_winner_and_ppl_stands_in_for_kld():
     scores = [MemberScore(label="p", passed=True, ppl_increase_pct=30.0),
               MemberScore(label="q", passed=True, ppl_increase_pct=20.0)]
     assert choose_winner(scores, objective="closest") == "q"
+
+
+def test_auto_group_size_is_resolved_before_labels_and_duplicates():
+    spec = SweepSpec.model_validate({"base": {"uri": "o/m"}, "configs": [{"group_size": "auto"}, {"group_size": 64},
+                                                                          {"group_size": 32}]})
+    assert [m.label for m in spec.members()] == ["gptq-4bit-autog", "gptq-4bit-64g", "gptq-4bit-32g"]
+    resolved = spec.members(resolve=lambda q: q.resolved(64))
+    assert [m.label for m in resolved] == ["gptq-4bit-64g", "gptq-4bit-32g"]  # 'auto' is 64 here: one member
+    assert resolved[0].quantize.group_size == 64
+
+
+def test_publish_mode_picks_what_is_published():
+    from modelfactory.sweeps.outcome import to_publish
+
+    assert to_publish(mode="winner", winner="b", passing=["a", "b"]) == ["b"]
+    assert to_publish(mode="winner", winner=None, passing=[]) == []
+    assert to_publish(mode="all_passing", winner="b", passing=["a", "b"]) == ["a", "b"]
+    assert to_publish(mode="none", winner="b", passing=["a", "b"]) == []
+
+
+def test_local_members_run_one_per_gpu_and_one_per_8_cpu_cores(monkeypatch):
+    from modelfactory.sweeps import outcome
+
+    assert outcome.local_member_slots("cuda") == 1
+    monkeypatch.setattr(outcome.os, "cpu_count", lambda: 2)
+    assert outcome.local_member_slots("cpu") == 1
+    monkeypatch.setattr(outcome.os, "cpu_count", lambda: 64)
+    assert outcome.local_member_slots("cpu") == 8
+
+
+def test_sweep_file_errors_read_like_run_spec_errors(tmp_path):
+    from modelfactory.core.errors import SpecError
+    from modelfactory.core.sweep_spec import load_sweep_spec
+
+    with pytest.raises(SpecError, match="does not exist"):
+        load_sweep_spec(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: {uri: o/m}\ngrid: {bits: [5]}\n")
+    with pytest.raises(SpecError, match=r"invalid spec in .*bad.yaml"):
+        load_sweep_spec(bad)

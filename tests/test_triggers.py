@@ -330,10 +330,11 @@ def cheap_spec_file(tmp_path: Path) -> Path:
 
 # --------------------------------------------------------------------------- deployments, schedule, UI
 def test_deploy_registers_every_deployment_and_the_nightly_schedule(deployed):
-    for name in ("model-factory/factory", "watch-nightly/nightly", "on-finetune/on-finetune", "gpu-stage/gpu"):
+    for name in ("model-factory/factory", "sweep/sweep", "watch-nightly/nightly", "on-finetune/on-finetune",
+                 "gpu-stage/gpu"):
         assert deployment(deployed, name)["name"] == name.split("/")[1]
     assert {p["name"] for p in api(deployed, "POST", "/work_pools/filter")} >= {"cpu", "gpu"}
-    for name in ("model-factory/factory", "watch-nightly/nightly", "on-finetune/on-finetune"):
+    for name in ("model-factory/factory", "sweep/sweep", "watch-nightly/nightly", "on-finetune/on-finetune"):
         assert deployment(deployed, name)["work_pool_name"] == "cpu"
 
     nightly = deployment(deployed, "watch-nightly/nightly")

@@ -10,7 +10,7 @@ changes an output must live here, and nothing that does not.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -454,6 +454,9 @@ class FactorySpec(Spec):
 
 
 # --------------------------------------------------------------------------- loading
+SpecT = TypeVar("SpecT", bound=Spec)
+
+
 def _format_validation_error(exc: ValidationError, origin: str) -> str:
     lines = []
     for err in exc.errors():
@@ -464,16 +467,26 @@ def _format_validation_error(exc: ValidationError, origin: str) -> str:
     return f"invalid spec in {origin}:\n" + "\n".join(lines) + "\nfix these fields and run again"
 
 
-def parse_spec(data: dict[str, Any], *, origin: str = "spec") -> FactorySpec:
-    """Validate a dict into a :class:`FactorySpec`, raising :class:`SpecError` with every problem."""
+def validate_spec(model: type[SpecT], data: dict[str, Any], *, origin: str = "spec") -> SpecT:
+    """Validate a dict into *model* (a factory or sweep spec), raising :class:`SpecError` with every problem."""
     try:
-        return FactorySpec.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise SpecError(_format_validation_error(exc, origin)) from exc
 
 
+def parse_spec(data: dict[str, Any], *, origin: str = "spec") -> FactorySpec:
+    """Validate a dict into a :class:`FactorySpec`, raising :class:`SpecError` with every problem."""
+    return validate_spec(FactorySpec, data, origin=origin)
+
+
 def load_spec(path: str | Path) -> FactorySpec:
     """Read a YAML or JSON spec file."""
+    return parse_spec(read_spec_file(path), origin=str(path))
+
+
+def read_spec_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML or JSON spec file (not validated), or :class:`SpecError` saying what is wrong."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -490,7 +503,7 @@ def load_spec(path: str | Path) -> FactorySpec:
         raise SpecError(f"spec file {str(path)!r} is not valid YAML/JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise SpecError(f"spec file {str(path)!r} must hold a mapping at the top, got {type(data).__name__}")
-    return parse_spec(data, origin=str(path))
+    return data
 
 
 def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,8 @@ so a sweep of one configuration *is* a plain run.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -27,6 +29,8 @@ from modelfactory.core.specs import (
     QuantSpec,
     Spec,
     merge_overrides,
+    read_spec_file,
+    validate_spec,
 )
 
 #: How the winner is chosen among the configurations that pass the gate.
@@ -105,20 +109,28 @@ class SweepSpec(Spec):
             raise ValueError(f"{len(members)} configurations exceed the limit of {MAX_MEMBERS}: narrow the grid")
         return self
 
-    def quant_configs(self) -> list[QuantSpec]:
-        """The distinct quantization configurations, template first-filled, in declaration order."""
+    def quant_configs(self, resolve: Callable[[QuantSpec], QuantSpec] | None = None) -> list[QuantSpec]:
+        """The distinct quantization configurations, template first-filled, in declaration order.
+
+        *resolve* (the sweep flow passes the quantize step's ``group_size: auto`` rule for the merged
+        model) is applied before duplicates are dropped, so ``auto`` and the size it resolves to are
+        one configuration, labelled with the real size.
+        """
         template = self.quantize.model_dump(mode="json")
         overrides = (self.grid.overrides() if self.grid is not None
                      else [dict(c) for c in self.configs] if self.configs is not None else [{}])
         seen: dict[str, QuantSpec] = {}
         for override in overrides:
             config = QuantSpec.model_validate(merge_overrides(template, override))
+            if resolve is not None:
+                config = resolve(config)
             seen.setdefault(config.model_dump_json(), config)
         return list(seen.values())
 
-    def members(self) -> list[SweepMember]:
-        """Every (configuration, kernel) pair with a unique branch-style label."""
-        configs = self.quant_configs()
+    def members(self, resolve: Callable[[QuantSpec], QuantSpec] | None = None) -> list[SweepMember]:
+        """Every (configuration, kernel) pair with a unique branch-style label (*resolve*: see
+        :meth:`quant_configs`)."""
+        configs = self.quant_configs(resolve)
         kernels = self.kernels or (self.benchmark.kernel,)
         labels = _unique_labels(configs)
         return [SweepMember(label=label if len(kernels) == 1 else f"{label}-{kernel}", quantize=config,
@@ -147,3 +159,13 @@ def _unique_labels(configs: list[QuantSpec]) -> list[str]:
     if len(set(labels)) != len(labels):  # differ in fields no label shows (sym, seq_len, ...): number them
         labels = [f"{label}-c{i}" for i, label in enumerate(labels)]
     return labels
+
+
+def parse_sweep_spec(data: dict[str, Any], *, origin: str = "sweep spec") -> SweepSpec:
+    """Validate a dict into a :class:`SweepSpec` (:class:`~modelfactory.core.errors.SpecError` with every problem)."""
+    return validate_spec(SweepSpec, data, origin=origin)
+
+
+def load_sweep_spec(path: str | Path) -> SweepSpec:
+    """Read a YAML or JSON sweep spec file (``modelfactory sweep --spec``), reported as ``run --spec`` is."""
+    return parse_sweep_spec(read_spec_file(path), origin=str(path))

@@ -8,7 +8,7 @@ from typing import Any
 
 from modelfactory.core.errors import ERRORS_BY_NAME, GpuStageError, ModelFactoryError
 from modelfactory.core.log import get_logger
-from modelfactory.core.records import ModelArtifact, Record
+from modelfactory.core.records import BaselineResult, ModelArtifact, Record
 from modelfactory.core.settings import get_settings
 from modelfactory.core.specs import BenchmarkSpec, QuantSpec
 from modelfactory.gpu_pool.outcome import (
@@ -79,10 +79,15 @@ def _seconds(start: datetime | None, end: datetime | None) -> float | None:
     return (end - start).total_seconds() if start and end else None
 
 
-def dispatch_gpu_stage(*, deployment: str, model: ModelArtifact, quantize: QuantSpec, benchmark: BenchmarkSpec,
-                       run_id: str, timeout_s: float | None = None, poll_s: float = 2.0) -> GpuStageRun:
+def dispatch_gpu_stage(*, deployment: str, model: ModelArtifact, quantize: QuantSpec | None, benchmark: BenchmarkSpec,
+                       run_id: str, baseline: BaselineResult | None = None, timeout_s: float | None = None,
+                       poll_s: float = 2.0) -> GpuStageRun:
     """Run the GPU stage as a flow run of *deployment* and wait for it (a subflow of the caller).
 
+    The stage's modes (``flows/gpu_stage.py``): quantize + benchmark (the plain factory); with
+    *baseline*, quantize + the GPTQ side against that shared fp16 measurement (a sweep member);
+    with *quantize* ``None``, the fp16 side only (a sweep's baseline). *run_id* names the run (or
+    sweep) the stage belongs to: its tag and idempotency key.
     Returns when the run is final or *timeout_s* passed (then the run is cancelled).
     """
     from prefect.client.orchestration import get_client
@@ -92,9 +97,15 @@ def dispatch_gpu_stage(*, deployment: str, model: ModelArtifact, quantize: Quant
     from prefect.states import Cancelled, Cancelling
 
     logger = get_logger()
-    parameters = {"model": model.model_dump(mode="json"), "quantize": quantize.model_dump(mode="json"),
+    parameters = {"model": model.model_dump(mode="json"),
+                  "quantize": quantize.model_dump(mode="json") if quantize is not None else None,
                   "benchmark": benchmark.model_dump(mode="json")}
-    logger.info(f"gpu-stage: dispatching quantize + benchmark to deployment {deployment!r}")
+    if baseline is not None:  # only then: a gpu-stage deployment of an older checkout keeps working
+        parameters["baseline"] = baseline.model_dump(mode="json")
+    what = ("the fp16 baseline" if quantize is None
+            else "quantize + benchmark against the shared fp16 baseline" if baseline is not None
+            else "quantize + benchmark")
+    logger.info(f"gpu-stage: dispatching {what} to deployment {deployment!r}")
     started = time.perf_counter()
     try:
         flow_run = run_deployment(deployment, parameters=parameters, timeout=timeout_s, poll_interval=poll_s,

@@ -28,7 +28,12 @@ from datetime import UTC, datetime
 
 from modelfactory import stage_store
 from modelfactory.benchmark.runnability import RunnabilityReport
-from modelfactory.core.records import BenchmarkResult, QuantResult, Record
+from modelfactory.core.records import (
+    BaselineResult,
+    BenchmarkResult,
+    QuantResult,
+    Record,
+)
 
 #: ``flow name/deployment name`` of the GPU stage, as declared in ``deployments/prefect.yaml``.
 DEFAULT_GPU_DEPLOYMENT = "gpu-stage/gpu"
@@ -48,13 +53,18 @@ class GpuPlacement(Record):
 
 
 class GpuStageOutcome(Record):
-    """What the ``gpu-stage`` flow hands back (as JSON in the work dir)."""
+    """What the ``gpu-stage`` flow hands back (as JSON in the work dir).
+
+    A plain or candidate stage fills ``quantize`` and ``benchmark``; a sweep's baseline-only stage
+    (no quantization: the fp16 side, measured once for every configuration) fills ``baseline``.
+    """
 
     placement: GpuPlacement
     quantize: QuantResult | None = None
     benchmark: BenchmarkResult | None = None
     #: The plain-transformers check of the artifact on the worker (CPU and its GPU); None: disabled or not reached.
     runnability: RunnabilityReport | None = None
+    baseline: BaselineResult | None = None
     error_type: str | None = None
     error_message: str | None = None
 

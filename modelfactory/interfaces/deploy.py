@@ -5,7 +5,7 @@ what they need exists and then runs ``prefect --no-prompt deploy`` on that file:
 
 1. the ``gpu`` work pool (type ``process`` by default; ``kubernetes`` with
    ``infra/k8s/gpu-base-job-template.json``), with an optional pool-wide concurrency limit
-   (the total number of GPUs behind it), and the ``cpu`` process pool of the factory, nightly and
+   (the total number of GPUs behind it), and the ``cpu`` process pool of the factory, sweep, nightly and
    on-finetune deployments (``docs/triggers.md``);
 2. every deployment in ``deployments/prefect.yaml`` (or the ones named);
 3. the ``modelfactory: crash silent gpu-stage runs`` automation: a ``gpu-stage`` flow run whose
@@ -237,7 +237,7 @@ def deploy(*, gpus: int | None = None, names: list[str] | None = None, pool_type
     _checkout_file(prefect_file(root=root))
     template = k8s_base_job_template(root=root) if pool_type == "kubernetes" else None
     ensure_work_pool(pool_type=pool_type, concurrency_limit=gpus, base_job_template=template)  # the gpu pool
-    ensure_work_pool(CPU_POOL, pool_type="process", description="modelfactory factory, nightly and on-finetune "
+    ensure_work_pool(CPU_POOL, pool_type="process", description="modelfactory factory, sweep, nightly and on-finetune "
                      "flows: `prefect worker start --pool cpu --type process`")
     deploy_from_yaml(names=names, root=root)
     ensure_zombie_automation(zombie_after_s=zombie_after_s)

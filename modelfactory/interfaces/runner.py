@@ -9,6 +9,8 @@ from modelfactory.catalog import open_catalog
 from modelfactory.core.errors import SpecError
 from modelfactory.core.records import RunOutcome
 from modelfactory.core.specs import FactorySpec, parse_spec
+from modelfactory.core.sweep_spec import SweepSpec, parse_sweep_spec
+from modelfactory.sweeps.outcome import SweepOutcome
 
 
 def record_invalid_spec(*, data: dict[str, Any], error: SpecError) -> str:
@@ -37,3 +39,16 @@ def run_factory(data: dict[str, Any] | FactorySpec, *, origin: str = "spec", run
             record_invalid_spec(data=data, error=exc)
             raise
     return factory(spec, run_id=run_id or str(uuid.uuid4()))
+
+
+def run_sweep(data: dict[str, Any] | SweepSpec, *, origin: str = "sweep spec", sweep_id: str | None = None,
+              ) -> SweepOutcome:
+    """Validate *data* and run the sweep flow on it (ephemeral Prefect unless PREFECT_API_URL is set).
+
+    Errors propagate; the sweep row in the catalog (id *sweep_id*, generated if not given) says why
+    once the sweep started. An invalid spec raises :class:`SpecError` before anything is recorded.
+    """
+    from flows.sweep import sweep
+
+    spec = data if isinstance(data, SweepSpec) else parse_sweep_spec(data, origin=origin)
+    return sweep(spec, sweep_id=sweep_id or str(uuid.uuid4()))

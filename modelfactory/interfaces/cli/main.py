@@ -1,4 +1,4 @@
-"""``modelfactory`` command line: demo, run, deploy, serve, and the catalog / watch / artifact groups.
+"""``modelfactory`` command line: demo, run, sweep, deploy, serve, and the catalog / watch / artifact groups.
 
 Shared by every command (``interfaces/cli/common.py``): errors of the hierarchy end it with one clean
 line and exit 1; ``--format`` takes ``table|json|csv`` (what the command's output allows).
@@ -6,6 +6,7 @@ line and exit 1; ``--format`` takes ``table|json|csv`` (what the command's outpu
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -140,6 +141,54 @@ def run(
     }
     data = merge_overrides(data, overrides)
     _run_and_report(lambda run_id: run_factory(data, origin=str(spec or "flags"), run_id=run_id), format)
+
+
+#: ``sweep`` prints the sweep's matrix as ``catalog show SWEEP`` does.
+SweepFormat = Annotated[Format, format_option(Format.table, Format.json)]
+
+
+@app.command()
+def sweep(
+    spec: Annotated[Path, typer.Option(help="YAML/JSON sweep spec: base, adapters, grid or configs, objective, "
+                                            "publish_mode (examples/sweep.yaml).")],
+    format: SweepFormat = Format.table,
+) -> None:
+    """Quantize one model in several configurations, pick the winner by the objective, publish it.
+
+    Exit 0 when a configuration passed (the winner), 2 when none passed, 1 on errors (also when
+    every configuration failed).
+    """
+    import uuid
+
+    from modelfactory.catalog import open_catalog
+    from modelfactory.catalog.render import record_json, sweep_table
+    from modelfactory.core.sweep_spec import load_sweep_spec
+    from modelfactory.interfaces.runner import run_sweep
+
+    with reported_errors():
+        sweep_spec = load_sweep_spec(spec)
+    sweep_id = str(uuid.uuid4())
+    try:
+        outcome = run_sweep(sweep_spec, sweep_id=sweep_id)
+    except ModelFactoryError as exc:
+        with contextlib.suppress(ModelFactoryError):  # the sweep never reached the catalog: the error says why
+            with open_catalog() as catalog:
+                detail = catalog.get_sweep(sweep_id)
+            console.print(sweep_table(detail))
+        fail(exc)
+    with reported_errors(), open_catalog() as catalog:
+        detail = catalog.get_sweep(outcome.sweep_id)
+    emit(format, table=lambda: sweep_table(detail), json=lambda: record_json(detail))
+    if format is Format.table:
+        if outcome.winner is not None:
+            published = [m for m in outcome.members if m.published]
+            console.print(f"[green]winner[/green]: {outcome.winner_label} ({outcome.objective}); "
+                          f"published {', '.join(f'{m.label} -> {m.artifact_uri}' for m in published) or 'nothing'}",
+                          soft_wrap=True)
+        else:
+            console.print("[yellow]no configuration passed the gate[/yellow]: nothing published", soft_wrap=True)
+    if outcome.winner is None:
+        raise typer.Exit(code=1 if all(m.status == "failed" for m in outcome.members) else 2)
 
 
 def _adapter(text: str) -> dict:
