@@ -70,6 +70,7 @@ from tasks.merge import merge_task
 from tasks.publish import publish_task
 from tasks.quantize import quantize_task, resolve_group_size
 from tasks.record import RunRecorder
+from tasks.runnability import runnability_task
 
 
 @dataclass(frozen=True)
