@@ -254,3 +254,15 @@ def test_group_size_auto_is_resolved_recorded_and_shares_the_explicit_output(tin
     assert json.loads((tiny_gptq / "quantize_config.json").read_text())["group_size"] == 64
     explicit = _quantize(tiny_llama, tiny_work, 64)
     assert explicit.model.reused and Path(explicit.model.path) == tiny_gptq and explicit.group_size == 64
+
+
+def test_machete_fetching_cutlass_offline_is_explained_from_the_traceback():
+    """Seen on an H200 (bench/results/llama2-7b-shape-gptq-4bit-128g-verdict-h200.json): the default Hopper
+    kernel downloads CUTLASS at first load; offline, the library only says 'name resolution'."""
+    tail = ('  File ".../gptqmodel/utils/machete.py", line 379, in _ensure_cutlass_source\n'
+            '    _download_cutlass_archive(_CUTLASS_RELEASE_URL, archive_path)\n'
+            'urllib.error.URLError: <urlopen error [Errno -3] Temporary failure in name resolution>')
+    text = explain_failure(error_type="URLError", message="<urlopen error [Errno -3] Temporary failure in name "
+                           "resolution>", device="cuda", traceback_tail=tail)
+    assert "Machete" in text and "CUTLASS" in text and "backend='marlin'" in text
+    assert "name resolution" in text  # the library's own error stays in the explanation

@@ -171,7 +171,14 @@ def _timeout(m: re.Match, ctx: dict) -> str:
             f"GPU machine may spend minutes compiling GPTQModel's kernels: raise the timeout, or read the log")
 
 
-#: (pattern on "ErrorType: message", explainer). First match wins; unknown errors pass through.
+def _kernel_download(m: re.Match, ctx: dict) -> str:
+    return ("GPTQModel's Machete kernel (its default for GPTQ on Hopper GPUs) downloads the CUTLASS sources the "
+            "first time it is used, and this host could not reach the network: run the first load on a host with "
+            "network access and keep GPTQModel's cache (MODELFACTORY_CACHE_DIR), or load with another backend, "
+            "e.g. from_pretrained(dir, device_map='cuda', quantization_config=GPTQConfig(bits=4, backend='marlin'))")
+
+
+#: (pattern on "ErrorType: message" + the traceback tail, explainer). First match wins; unknown errors pass through.
 KNOWN_FAILURES: tuple[tuple[re.Pattern[str], Callable[[re.Match, dict], str]], ...] = (
     (re.compile(r"expect K to be divisible by qGroupSize, got K:\s*(?P<k>\d+), qGroupSize:\s*(?P<g>\d+)"), _int4pack),
     (re.compile(r"(?P<cls>\w+Linear)\W*:\s*`?in_features`?:\s*(?P<k>\d+) must be divisible by `?group_size:\s*(?P<g>\d+)"),
@@ -180,16 +187,19 @@ KNOWN_FAILURES: tuple[tuple[re.Pattern[str], Callable[[re.Match, dict], str]], .
                 r"\[(?P<div>[\d,\s]+)\]"), _shape),
     (re.compile(r"(?i)OutOfMemoryError.*|CUDA out of memory.*|DefaultCPUAllocator: not enough memory.*"), _oom),
     (re.compile(r"^Timeout\b"), _timeout),
+    (re.compile(r"(?s)_ensure_cutlass_source.*(URLError|urlopen|name resolution)"), _kernel_download),
 )
 
 
 def explain_failure(*, error_type: str | None, message: str | None, device: str, widths: LayerWidths | None = None,
-                    kernel: str | None = None, stage: str = "load", timeout_s: float = 0.0) -> str:
-    """What failed and what to do, from the library's error: known patterns get advice, others pass through."""
+                    kernel: str | None = None, stage: str = "load", timeout_s: float = 0.0,
+                    traceback_tail: str | None = None) -> str:
+    """What failed and what to do, from the library's error (and where it was raised: the traceback
+    tail): known patterns get advice, others pass through."""
     error = f"{error_type or 'Error'}: {message or '(no message)'}"
     ctx = {"device": device, "widths": widths, "kernel": kernel, "stage": stage, "timeout_s": timeout_s}
     for pattern, explain in KNOWN_FAILURES:
-        match = pattern.search(error)
+        match = pattern.search(error) or (pattern.search(f"{traceback_tail}\n{error}") if traceback_tail else None)
         if match:
             return f"{explain(match, ctx)}. Library error at {stage}: {_first_line(error)}"
     return (f"plain transformers failed at {stage} on {device} with {_first_line(error)} "
@@ -310,7 +320,8 @@ def result_from_child(data: dict, *, device: Device, snippet: str, wall_s: float
                        f"last output:\n{fields['traceback_tail']}")
     elif not ok:
         explanation = explain_failure(error_type=fields["error_type"], message=fields["error_message"], device=device,
-                                      widths=widths, kernel=fields["kernel"], stage=stage, timeout_s=timeout_s)
+                                      widths=widths, kernel=fields["kernel"], stage=stage, timeout_s=timeout_s,
+                                      traceback_tail=fields.get("traceback_tail"))
     return RunnabilityResult(device=device, ok=ok, snippet=snippet, stage=stage, wall_s=wall_s,
                              tokens=int(data.get("tokens") or 0), versions=data.get("versions") or {},
                              factory_modules=factory_modules, explanation=explanation, **fields)
