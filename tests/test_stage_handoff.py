@@ -34,6 +34,8 @@ from modelfactory.testing.prefect_server import (
     GpuHostWorkers,
     PrefectServer,
     child_env,
+    prefect_api,
+    started,
     wait_for,
 )
 from modelfactory.testing.s3_server import s3_environment
@@ -61,12 +63,8 @@ def factory_side(store, tmp_path_factory) -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def server(factory_side, tmp_path_factory) -> Iterator[PrefectServer]:
-    server = PrefectServer(tmp_path_factory.mktemp("prefect-server"))
-    try:
-        server.start_and_wait()
+    with started(PrefectServer(tmp_path_factory.mktemp("prefect-server"))) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -77,27 +75,18 @@ def gpu_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def gpu_workers(server, store, gpu_home, tmp_path_factory) -> Iterator[GpuHostWorkers]:
     """The GPU host: the gpu-stage deployment and one worker whose home, work dir and cache are its own."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     from modelfactory.interfaces.deploy import deploy
 
-    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+    with prefect_api(server):
         deploy(gpus=1, names=["gpu"])
         workers = GpuHostWorkers(server, tmp_path_factory.mktemp("gpu-workers"), gpu_ids="0",
                                  PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30", MODELFACTORY_HOME=str(gpu_home),
                                  MODELFACTORY_WORK_DIR=str(gpu_home / "work"),
                                  MODELFACTORY_STAGE_CACHE_DIR=str(gpu_home / "cache" / "stage"),
                                  MODELFACTORY_STAGE_STORE_URL=store)
-        try:
-            workers.start_and_wait()
-            with env_settings(MODELFACTORY_GPU_DEPLOYMENT=DEFAULT_GPU_DEPLOYMENT, MODELFACTORY_GPU_POLL_S="1"):
-                yield workers
-        finally:
-            workers.stop()
-            APILogWorker.drain_all(timeout=30, at_exit=False)
-            EventsWorker.drain_all(timeout=30, at_exit=False)
+        with started(workers), env_settings(MODELFACTORY_GPU_DEPLOYMENT=DEFAULT_GPU_DEPLOYMENT,
+                                            MODELFACTORY_GPU_POLL_S="1"):
+            yield workers
 
 
 def files_under(root: Path) -> list[Path]:
