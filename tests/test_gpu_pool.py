@@ -26,7 +26,7 @@ from modelfactory.interfaces.runner import run_factory
 from modelfactory.testing.env import own_work_dir
 from modelfactory.testing.env import settings_env as env_settings
 from modelfactory.testing.load import in_thread, when
-from modelfactory.testing.pool import diagnostics, pool_spec
+from modelfactory.testing.pool import diagnostics, dispatching_to_gpu_pool, pool_spec
 from modelfactory.testing.prefect_server import (
     REPO,
     START_WORKERS,
@@ -70,7 +70,7 @@ def pool(server) -> Iterator[PrefectServer]:
 
     with prefect_api(server):
         deploy(gpus=1, zombie_after_s=ZOMBIE_AFTER_S)
-        with env_settings(MODELFACTORY_GPU_DEPLOYMENT=DEFAULT_GPU_DEPLOYMENT, MODELFACTORY_GPU_POLL_S="1"):
+        with dispatching_to_gpu_pool():
             yield server
 
 

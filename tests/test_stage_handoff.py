@@ -24,12 +24,12 @@ import pytest
 from modelfactory.catalog import claims, open_catalog
 from modelfactory.core.hashing import file_sha256, step_key
 from modelfactory.core.specs import parse_spec
-from modelfactory.gpu_pool import DEFAULT_GPU_DEPLOYMENT, read_outcome
+from modelfactory.gpu_pool import read_outcome
 from modelfactory.interfaces.runner import run_factory
 from modelfactory.testing.env import REPO
 from modelfactory.testing.env import settings_env as env_settings
 from modelfactory.testing.models import make_lora
-from modelfactory.testing.pool import diagnostics, pool_spec
+from modelfactory.testing.pool import diagnostics, dispatching_to_gpu_pool, pool_spec
 from modelfactory.testing.prefect_server import (
     GpuHostWorkers,
     PrefectServer,
@@ -84,8 +84,7 @@ def gpu_workers(server, store, gpu_home, tmp_path_factory) -> Iterator[GpuHostWo
                                  MODELFACTORY_WORK_DIR=str(gpu_home / "work"),
                                  MODELFACTORY_STAGE_CACHE_DIR=str(gpu_home / "cache" / "stage"),
                                  MODELFACTORY_STAGE_STORE_URL=store)
-        with started(workers), env_settings(MODELFACTORY_GPU_DEPLOYMENT=DEFAULT_GPU_DEPLOYMENT,
-                                            MODELFACTORY_GPU_POLL_S="1"):
+        with started(workers), dispatching_to_gpu_pool():
             yield workers
 
 

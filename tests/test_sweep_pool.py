@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 
 from modelfactory.catalog import open_catalog
-from modelfactory.gpu_pool import DEFAULT_GPU_DEPLOYMENT, read_outcome
+from modelfactory.gpu_pool import read_outcome
 from modelfactory.interfaces.runner import run_sweep
-from modelfactory.testing.env import own_work_dir, settings_env
+from modelfactory.testing.env import own_work_dir
 from modelfactory.testing.models import tiny_spec
+from modelfactory.testing.pool import dispatching_to_gpu_pool
 from modelfactory.testing.prefect_server import (
     GpuHostWorkers,
     PrefectServer,
@@ -46,7 +47,7 @@ def pool(factory_home, tmp_path_factory) -> Iterator[PrefectServer]:
 
     with started(PrefectServer(tmp_path_factory.mktemp("prefect-server"))) as server, prefect_api(server):
         deploy(gpus=2)
-        with settings_env(MODELFACTORY_GPU_DEPLOYMENT=DEFAULT_GPU_DEPLOYMENT, MODELFACTORY_GPU_POLL_S="1"):
+        with dispatching_to_gpu_pool():
             yield server
 
 

@@ -52,6 +52,7 @@ from modelfactory.testing.models import (
     save_smollm2_tokenizer,
     tiny_spec,
 )
+from modelfactory.testing.pool import dispatching_to_gpu_pool
 from modelfactory.testing.prefect_server import (
     GpuHostWorkers,
     PrefectServer,
@@ -99,8 +100,7 @@ class PoolRig:
             stack.enter_context(started(self.server))
             stack.enter_context(prefect_api(self.server))
             deploy(gpus=self.slots, zombie_after_s=self.zombie_after_s)
-            stack.enter_context(settings_env(MODELFACTORY_GPU_DEPLOYMENT=DEFAULT_GPU_DEPLOYMENT,
-                                             MODELFACTORY_GPU_POLL_S="1", MODELFACTORY_GPU_TIMEOUT_S=None))
+            stack.enter_context(dispatching_to_gpu_pool(MODELFACTORY_GPU_TIMEOUT_S=None))
             self.workers = GpuHostWorkers(self.server, self.home / "gpu-host",
                                           gpu_ids=",".join(str(i) for i in range(self.slots)),
                                           PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30")
