@@ -76,8 +76,7 @@ def pool(server) -> Iterator[PrefectServer]:
 
 @pytest.fixture(scope="module")
 def workers(pool, tmp_path_factory) -> Iterator[GpuHostWorkers]:
-    with started(GpuHostWorkers(pool, tmp_path_factory.mktemp("gpu-host"), gpu_ids="0",
-                                PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30")) as workers:
+    with started(GpuHostWorkers(pool, tmp_path_factory.mktemp("gpu-host"), gpu_ids="0")) as workers:
         yield workers
 
 

@@ -80,7 +80,7 @@ def gpu_workers(server, store, gpu_home, tmp_path_factory) -> Iterator[GpuHostWo
     with prefect_api(server):
         deploy(gpus=1, names=["gpu"])
         workers = GpuHostWorkers(server, tmp_path_factory.mktemp("gpu-workers"), gpu_ids="0",
-                                 PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30", MODELFACTORY_HOME=str(gpu_home),
+                                 MODELFACTORY_HOME=str(gpu_home),
                                  MODELFACTORY_WORK_DIR=str(gpu_home / "work"),
                                  MODELFACTORY_STAGE_CACHE_DIR=str(gpu_home / "cache" / "stage"),
                                  MODELFACTORY_STAGE_STORE_URL=store)

@@ -53,8 +53,7 @@ def pool(factory_home, tmp_path_factory) -> Iterator[PrefectServer]:
 
 @pytest.fixture(scope="module")
 def workers(pool, tmp_path_factory) -> Iterator[GpuHostWorkers]:
-    with started(GpuHostWorkers(pool, tmp_path_factory.mktemp("gpu-host"), gpu_ids="0,1",
-                                PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30")) as workers:
+    with started(GpuHostWorkers(pool, tmp_path_factory.mktemp("gpu-host"), gpu_ids="0,1")) as workers:
         yield workers
 
 

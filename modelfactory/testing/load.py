@@ -102,8 +102,7 @@ class PoolRig:
             deploy(gpus=self.slots, zombie_after_s=self.zombie_after_s)
             stack.enter_context(dispatching_to_gpu_pool(MODELFACTORY_GPU_TIMEOUT_S=None))
             self.workers = GpuHostWorkers(self.server, self.home / "gpu-host",
-                                          gpu_ids=",".join(str(i) for i in range(self.slots)),
-                                          PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30")
+                                          gpu_ids=",".join(str(i) for i in range(self.slots)))
             stack.enter_context(started(self.workers))
         except BaseException:
             print(self.diagnostics(), file=sys.stderr)

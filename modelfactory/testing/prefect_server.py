@@ -174,7 +174,8 @@ class GpuHostWorkers(Background):
                                        PREFECT=str(BIN / "prefect"), MODELFACTORY_GPU_IDS=gpu_ids,
                                        MODELFACTORY_SOURCE_DIR=str(REPO), WORKER_LOG_DIR=str(home / "logs"),
                                        PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="1",
-                                       **env),
+                                       # flow runs beat every 30 s: what the zombie automation counts on
+                                       **{"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30", **env}),
                          log=home / "start-workers.log")
 
     def worker_logs(self, lines: int = 80) -> str:
