@@ -25,18 +25,7 @@ from pathlib import Path
 import torch
 
 from modelfactory.benchmark import agreement
-
-
-def rtn_quantize_(model, *, bits: int, group: int) -> None:
-    levels = 2**bits - 1
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
-                w = module.weight.float().reshape(-1, group)
-                lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-                scale = (hi - lo).clamp_min(1e-8) / levels
-                q = ((w - lo) / scale).round().clamp(0, levels) * scale + lo
-                module.weight.copy_(q.reshape(module.weight.shape).to(module.weight.dtype))
+from modelfactory.testing.models import rtn_quantize_
 
 
 def _load(path: str, dtype):

@@ -29,7 +29,6 @@ from modelfactory import benchmark as bench
 from modelfactory import stage_store
 from modelfactory.benchmark.agreement import (
     AgreementScorer,
-    AgreementStats,
     ReferenceWriter,
     read_reference_info,
 )
@@ -126,10 +125,10 @@ class WindowOutputs:
     def __call__(self, index: int, window, logits, targets) -> None:
         self._sink.add(logits, targets)
 
-    def finish(self) -> AgreementStats | None:
+    def finish(self) -> AgreementMetrics | None:
         """GPTQ side: the agreement statistics; fp16 side: ``None`` (the reference is written)."""
         result = self._sink.finish()
-        return result if isinstance(result, AgreementStats) else None
+        return result if isinstance(result, AgreementMetrics) else None
 
 
 def window_outputs(*, side: Side, out_dir: Path | None, reference_dir: Path | None,
@@ -413,8 +412,7 @@ def _agreement_record(folder: Path, *, spec: BenchmarkSpec) -> AgreementMetrics 
     """The GPTQ side's agreement statistics in *folder* (``None`` when *spec* does not measure them)."""
     if not spec.agreement.enabled:
         return None
-    stats = AgreementStats.model_validate_json((folder / AGREEMENT_FILE).read_text())
-    return AgreementMetrics(**stats.model_dump(), kld_is_lower_bound=stats.kld_is_lower_bound)
+    return AgreementMetrics.model_validate_json((folder / AGREEMENT_FILE).read_text())
 
 
 def _stored_candidate(folder: Path, *, baseline: BaselineResult, spec: BenchmarkSpec,

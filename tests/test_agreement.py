@@ -29,6 +29,7 @@ from modelfactory.benchmark.agreement import (
     write_reference,
 )
 from modelfactory.core.errors import BenchmarkError
+from modelfactory.testing.models import rtn_quantize_
 
 
 def _logits_of(probs) -> torch.Tensor:
@@ -136,19 +137,6 @@ def test_bad_inputs_are_clear_errors(tmp_path):
 
 
 # --------------------------------------------------------------------------- round trip on a real tiny model
-def _rtn_quantize_(model, *, bits: int = 4, group: int = 32) -> None:
-    """Round-to-nearest asymmetric quantization of every decoder linear weight, in place (a GPTQ stand-in)."""
-    levels = 2**bits - 1
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
-                w = module.weight.float().reshape(-1, group)
-                lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-                scale = (hi - lo).clamp_min(1e-8) / levels
-                q = ((w - lo) / scale).round().clamp(0, levels) * scale + lo
-                module.weight.copy_(q.reshape(module.weight.shape).to(module.weight.dtype))
-
-
 SHARPEN = 15.0
 WINDOWS = {"context_len": 128, "stride": 64, "device": "cpu"}
 
@@ -165,7 +153,7 @@ def tiny_pair(tiny_llama):
     with torch.no_grad():
         for model in (fp, quant):
             model.model.norm.weight.mul_(SHARPEN)
-    _rtn_quantize_(quant)
+    rtn_quantize_(quant)
     text = (Path(os.environ["MODELFACTORY_DATA_DIR"]) / "wikitext-2-raw-v1" / "test.txt").read_text()[:4000]
     ids = AutoTokenizer.from_pretrained(tiny_llama)(text, add_special_tokens=False)["input_ids"][:600]
     return fp, quant, ids

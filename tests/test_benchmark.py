@@ -15,11 +15,11 @@ import torch
 from pydantic import ValidationError
 
 import tasks.benchmark as step
-from modelfactory.benchmark.agreement import AgreementStats, write_reference
+from modelfactory.benchmark.agreement import write_reference
 from modelfactory.benchmark.perplexity import token_digest
 from modelfactory.core.errors import BenchmarkError, SpecError
 from modelfactory.core.isolation import run_isolated
-from modelfactory.core.records import ModelArtifact, SideMetrics
+from modelfactory.core.records import AgreementMetrics, ModelArtifact, SideMetrics
 from modelfactory.core.specs import BenchmarkSpec, DecodeSpec, QuantSpec, parse_spec
 from modelfactory.testing.env import own_work_dir
 
@@ -28,7 +28,7 @@ TARGETS = [3, 1, 4, 1, 5]
 SAME = token_digest(TARGETS)
 OTHER = "b" * 64
 #: What a canned GPTQ worker reports against the reference.
-CANNED_AGREEMENT = AgreementStats(positions=len(TARGETS), top_k=4, vocab_size=8, kld_mean=0.01, kld_median=0.005,
+CANNED_AGREEMENT = AgreementMetrics(positions=len(TARGETS), top_k=4, vocab_size=8, kld_mean=0.01, kld_median=0.005,
                                   kld_p99=0.09, kld_max=0.1, top1_agreement_pct=80.0, rest_mass_mean=0.02)
 
 

@@ -13,7 +13,14 @@ from typer.testing import CliRunner
 
 from modelfactory.catalog import head_revision, open_catalog
 from modelfactory.interfaces.cli.main import app
-from modelfactory.testing.catalog import BASE_A, LORA_Y, SHA_A, at_revision, seed
+from modelfactory.testing.catalog import (
+    BASE_A,
+    LORA_Y,
+    SHA_A,
+    at_revision,
+    catalog_cli,
+    seed,
+)
 
 runner = CliRunner()
 
@@ -25,14 +32,7 @@ def cli(tmp_path: Path, set_env):
         seeded = seed(cat)
     set_env(MODELFACTORY_CATALOG_URL=url, COLUMNS="250")
 
-    def invoke(*args: str, code: int = 0) -> str:
-        result = runner.invoke(app, ["catalog", *args])
-        assert result.exit_code == code, result.output
-        # An error is a message and an exit code, never a traceback (an uncaught exception).
-        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-        return result.output
-
-    return invoke, seeded, url
+    return catalog_cli(), seeded, url
 
 
 def test_ls_filters_sort_and_formats(cli) -> None:

@@ -15,7 +15,6 @@ import pytest
 from alembic import command
 from fastapi.testclient import TestClient
 from sqlalchemy import inspect, text
-from typer.testing import CliRunner
 
 from modelfactory.catalog import Catalog, MetricRecord, SweepDetail, open_catalog
 from modelfactory.catalog.render import sweep_matrix, sweep_matrix_markdown
@@ -23,13 +22,11 @@ from modelfactory.catalog.schema import alembic_config
 from modelfactory.core.errors import CatalogNotFoundError, CatalogQueryError
 from modelfactory.core.records import GateCheck
 from modelfactory.core.sweep_spec import SweepSpec
-from modelfactory.interfaces.cli.main import app
 from modelfactory.interfaces.server import create_app
-from modelfactory.testing.catalog import at_revision
+from modelfactory.testing.catalog import at_revision, catalog_cli
 from modelfactory.testing.server import catalog_app_env
 
 BASE, SHA = "org/sweep-base", "5" * 40
-runner = CliRunner()
 
 #: label → (status, ppl +%, size, speed-up, KL mean or None, arc recovery % or None, host, GPU)
 MEMBERS = {
@@ -296,13 +293,7 @@ def cli(catalog_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator:  # noqa:
     monkeypatch.setenv("COLUMNS", "250")
     get_settings.cache_clear()
 
-    def invoke(*args: str, code: int = 0) -> str:
-        result = runner.invoke(app, ["catalog", *args])
-        assert result.exit_code == code, result.output
-        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-        return result.output
-
-    yield invoke, recorded, catalog_url
+    yield catalog_cli(), recorded, catalog_url
     get_settings.cache_clear()
 
 

@@ -15,7 +15,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import psutil
 import pytest
 import yaml
@@ -27,12 +26,15 @@ from modelfactory.interfaces.runner import run_factory
 from modelfactory.testing.env import own_work_dir
 from modelfactory.testing.env import settings_env as env_settings
 from modelfactory.testing.load import in_thread, when
-from modelfactory.testing.pool import diagnostics, pool_spec
+from modelfactory.testing.pool import diagnostics, dispatching_to_gpu_pool, pool_spec
 from modelfactory.testing.prefect_server import (
     REPO,
     START_WORKERS,
     GpuHostWorkers,
     PrefectServer,
+    api,
+    prefect_api,
+    started,
     wait_for,
 )
 
@@ -56,49 +58,26 @@ def _own_work_dir(factory_home, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(factory_home, tmp_path_factory) -> Iterator[PrefectServer]:
-    server = PrefectServer(tmp_path_factory.mktemp("prefect-server"))
-    try:
-        server.start_and_wait()
+    with started(PrefectServer(tmp_path_factory.mktemp("prefect-server"))) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
 def pool(server) -> Iterator[PrefectServer]:
     """The server with the gpu pool, the gpu-stage deployment and the zombie automation; this
     process's flows talk to it and dispatch their GPU steps to it."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     from modelfactory.interfaces.deploy import deploy
 
-    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+    with prefect_api(server):
         deploy(gpus=1, zombie_after_s=ZOMBIE_AFTER_S)
-        try:
-            with env_settings(MODELFACTORY_GPU_DEPLOYMENT=DEFAULT_GPU_DEPLOYMENT, MODELFACTORY_GPU_POLL_S="1"):
-                yield server
-        finally:  # send this process's run logs/events while the server is up (else: retries at exit)
-            APILogWorker.drain_all(timeout=30, at_exit=False)
-            EventsWorker.drain_all(timeout=30, at_exit=False)
+        with dispatching_to_gpu_pool():
+            yield server
 
 
 @pytest.fixture(scope="module")
 def workers(pool, tmp_path_factory) -> Iterator[GpuHostWorkers]:
-    workers = GpuHostWorkers(pool, tmp_path_factory.mktemp("gpu-host"), gpu_ids="0",
-                             PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30")
-    try:
-        workers.start_and_wait()
+    with started(GpuHostWorkers(pool, tmp_path_factory.mktemp("gpu-host"), gpu_ids="0")) as workers:
         yield workers
-    finally:
-        workers.stop()
-
-
-def api(server: PrefectServer, method: str, path: str, **json_body: Any) -> Any:
-    response = httpx.request(method, f"{server.api_url}{path}", json=json_body or None, timeout=10)
-    response.raise_for_status()
-    return response.json()
 
 
 def flow_run(server: PrefectServer, flow_run_id: str) -> dict[str, Any]:

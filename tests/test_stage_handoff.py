@@ -24,16 +24,18 @@ import pytest
 from modelfactory.catalog import claims, open_catalog
 from modelfactory.core.hashing import file_sha256, step_key
 from modelfactory.core.specs import parse_spec
-from modelfactory.gpu_pool import DEFAULT_GPU_DEPLOYMENT, read_outcome
+from modelfactory.gpu_pool import read_outcome
 from modelfactory.interfaces.runner import run_factory
 from modelfactory.testing.env import REPO
 from modelfactory.testing.env import settings_env as env_settings
 from modelfactory.testing.models import make_lora
-from modelfactory.testing.pool import diagnostics, pool_spec
+from modelfactory.testing.pool import diagnostics, dispatching_to_gpu_pool, pool_spec
 from modelfactory.testing.prefect_server import (
     GpuHostWorkers,
     PrefectServer,
     child_env,
+    prefect_api,
+    started,
     wait_for,
 )
 from modelfactory.testing.s3_server import s3_environment
@@ -61,12 +63,8 @@ def factory_side(store, tmp_path_factory) -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def server(factory_side, tmp_path_factory) -> Iterator[PrefectServer]:
-    server = PrefectServer(tmp_path_factory.mktemp("prefect-server"))
-    try:
-        server.start_and_wait()
+    with started(PrefectServer(tmp_path_factory.mktemp("prefect-server"))) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -77,27 +75,17 @@ def gpu_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def gpu_workers(server, store, gpu_home, tmp_path_factory) -> Iterator[GpuHostWorkers]:
     """The GPU host: the gpu-stage deployment and one worker whose home, work dir and cache are its own."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     from modelfactory.interfaces.deploy import deploy
 
-    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+    with prefect_api(server):
         deploy(gpus=1, names=["gpu"])
         workers = GpuHostWorkers(server, tmp_path_factory.mktemp("gpu-workers"), gpu_ids="0",
-                                 PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30", MODELFACTORY_HOME=str(gpu_home),
+                                 MODELFACTORY_HOME=str(gpu_home),
                                  MODELFACTORY_WORK_DIR=str(gpu_home / "work"),
                                  MODELFACTORY_STAGE_CACHE_DIR=str(gpu_home / "cache" / "stage"),
                                  MODELFACTORY_STAGE_STORE_URL=store)
-        try:
-            workers.start_and_wait()
-            with env_settings(MODELFACTORY_GPU_DEPLOYMENT=DEFAULT_GPU_DEPLOYMENT, MODELFACTORY_GPU_POLL_S="1"):
-                yield workers
-        finally:
-            workers.stop()
-            APILogWorker.drain_all(timeout=30, at_exit=False)
-            EventsWorker.drain_all(timeout=30, at_exit=False)
+        with started(workers), dispatching_to_gpu_pool():
+            yield workers
 
 
 def files_under(root: Path) -> list[Path]:

@@ -13,15 +13,21 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-import httpx
 import pytest
 
 from modelfactory.catalog import open_catalog
-from modelfactory.gpu_pool import DEFAULT_GPU_DEPLOYMENT, read_outcome
+from modelfactory.gpu_pool import read_outcome
 from modelfactory.interfaces.runner import run_sweep
-from modelfactory.testing.env import own_work_dir, settings_env
+from modelfactory.testing.env import own_work_dir
 from modelfactory.testing.models import tiny_spec
-from modelfactory.testing.prefect_server import GpuHostWorkers, PrefectServer
+from modelfactory.testing.pool import dispatching_to_gpu_pool
+from modelfactory.testing.prefect_server import (
+    GpuHostWorkers,
+    PrefectServer,
+    api,
+    prefect_api,
+    started,
+)
 
 pytestmark = pytest.mark.pool
 
@@ -37,42 +43,18 @@ def _own_work_dir(factory_home, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pool(factory_home, tmp_path_factory) -> Iterator[PrefectServer]:
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     from modelfactory.interfaces.deploy import deploy
 
-    server = PrefectServer(tmp_path_factory.mktemp("prefect-server"))
-    try:
-        server.start_and_wait()
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            deploy(gpus=2)
-            try:
-                with settings_env(MODELFACTORY_GPU_DEPLOYMENT=DEFAULT_GPU_DEPLOYMENT, MODELFACTORY_GPU_POLL_S="1"):
-                    yield server
-            finally:
-                APILogWorker.drain_all(timeout=30, at_exit=False)
-                EventsWorker.drain_all(timeout=30, at_exit=False)
-    finally:
-        server.stop()
+    with started(PrefectServer(tmp_path_factory.mktemp("prefect-server"))) as server, prefect_api(server):
+        deploy(gpus=2)
+        with dispatching_to_gpu_pool():
+            yield server
 
 
 @pytest.fixture(scope="module")
 def workers(pool, tmp_path_factory) -> Iterator[GpuHostWorkers]:
-    workers = GpuHostWorkers(pool, tmp_path_factory.mktemp("gpu-host"), gpu_ids="0,1",
-                             PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30")
-    try:
-        workers.start_and_wait()
+    with started(GpuHostWorkers(pool, tmp_path_factory.mktemp("gpu-host"), gpu_ids="0,1")) as workers:
         yield workers
-    finally:
-        workers.stop()
-
-
-def api(server: PrefectServer, method: str, path: str, **body: Any) -> Any:
-    response = httpx.request(method, f"{server.api_url}{path}", json=body or None, timeout=10)
-    response.raise_for_status()
-    return response.json()
 
 
 def tagged_runs(server: PrefectServer, tag: str) -> list[dict[str, Any]]:

@@ -40,6 +40,8 @@ from modelfactory.testing.prefect_server import (
     PrefectServer,
     child_env,
     free_port,
+    prefect_api,
+    started,
     wait_for,
 )
 
@@ -155,32 +157,20 @@ def hub_env(hub, tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def server(factory_home, tmp_path_factory) -> Iterator[PrefectServer]:
-    server = PrefectServer(tmp_path_factory.mktemp("prefect-server"), ui=True)
-    try:
-        server.start_and_wait()
+    with started(PrefectServer(tmp_path_factory.mktemp("prefect-server"), ui=True)) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
 def deployed(server) -> Iterator[PrefectServer]:
     """Everything `modelfactory deploy` sets up; this process's Prefect calls go to the server."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     from modelfactory.interfaces.deploy import deploy
 
-    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-        started = time.perf_counter()
+    with prefect_api(server):
+        begun = time.perf_counter()
         deploy()
-        print(f"deploy: {time.perf_counter() - started:.1f} s")
-        try:
-            yield server
-        finally:
-            APILogWorker.drain_all(timeout=30, at_exit=False)
-            EventsWorker.drain_all(timeout=30, at_exit=False)
+        print(f"deploy: {time.perf_counter() - begun:.1f} s")
+        yield server
 
 
 @pytest.fixture(scope="module")

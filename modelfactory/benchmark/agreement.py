@@ -34,7 +34,7 @@ so the stored KL is a **lower bound** of the full-vocabulary KL, and the gap is 
 i.e. the fp16 model's residual mass times how much the quantized model reshapes the tail. It is 0
 when the tail is reshaped proportionally, and shrinks as k grows (R -> 0). Measured on SmolLM2-135M,
 GPTQ 4-bit g128 (docs/benchmarks.md): the stored mean is 26 % below the full KL at k=32, 10 % at
-k=256, 2 % at k=2048 (p99: 8 %, 3 %, 0.5 %). :attr:`AgreementStats.rest_mass_mean` reports the
+k=256, 2 % at k=2048 (p99: 8 %, 3 %, 0.5 %). :attr:`AgreementMetrics.rest_mass_mean` reports the
 mean R of a run so the slack can be judged. Top-1 agreement is exact (the fp16 argmax is always in
 the stored top-k).
 """
@@ -48,7 +48,7 @@ from pathlib import Path
 
 from modelfactory.benchmark.perplexity import perplexity_windows, token_digest
 from modelfactory.core.errors import BenchmarkError
-from modelfactory.core.records import Record
+from modelfactory.core.records import AgreementMetrics, Record
 
 FORMAT = "modelfactory.topk-logprobs/1"
 #: 256: on SmolLM2-135M (GPTQ 4-bit g128) the stored KL is then 10 % below the full KL on the mean and
@@ -74,28 +74,6 @@ class ReferenceInfo(Record):
     #: sha256 of the scored token ids, in order (:func:`modelfactory.benchmark.perplexity.token_digest`).
     scored_tokens_sha256: str
     chunks: tuple[ChunkInfo, ...]
-
-
-class AgreementStats(Record):
-    """The quantized side against the fp16 reference, over every scored position."""
-
-    positions: int
-    top_k: int
-    vocab_size: int
-    #: KL(fp16 || quantized) in nats per token over the top-k + residual buckets (a lower bound of
-    #: the full-vocabulary KL when top_k < vocab_size; see the module docstring).
-    kld_mean: float
-    kld_median: float
-    kld_p99: float
-    kld_max: float
-    #: % of positions where the quantized argmax is an fp16 argmax (exact).
-    top1_agreement_pct: float
-    #: Mean fp16 probability mass outside its top-k (the residual bucket): the bound's slack scales with it.
-    rest_mass_mean: float
-
-    @property
-    def kld_is_lower_bound(self) -> bool:
-        return self.top_k < self.vocab_size
 
 
 # --------------------------------------------------------------------------- pure math
@@ -181,12 +159,12 @@ def _quantile(sorted_values, q: float) -> float:
     return float(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo))
 
 
-def summarize(kl, top1, rest_logp, *, top_k: int, vocab_size: int) -> AgreementStats:
+def summarize(kl, top1, rest_logp, *, top_k: int, vocab_size: int) -> AgreementMetrics:
     """Mean / median / p99 / max KL, top-1 agreement % and mean residual mass over all positions."""
     if len(kl) == 0:
         raise BenchmarkError("no scored positions to compare: the evaluation text produced no windows")
     ordered = kl.double().sort().values
-    return AgreementStats(
+    return AgreementMetrics(
         positions=len(kl), top_k=top_k, vocab_size=vocab_size,
         kld_mean=float(ordered.mean()), kld_median=_quantile(ordered, 0.5), kld_p99=_quantile(ordered, 0.99),
         kld_max=float(ordered[-1]), top1_agreement_pct=100.0 * float(top1.double().mean()),
@@ -351,7 +329,7 @@ class AgreementScorer:
         self._targets.extend(targets.tolist())
         self._seen += len(targets)
 
-    def finish(self) -> AgreementStats:
+    def finish(self) -> AgreementMetrics:
         import torch
 
         if self._seen != self.info.positions or token_digest(self._targets) != self.info.scored_tokens_sha256:
@@ -361,7 +339,7 @@ class AgreementScorer:
                          top_k=self.info.top_k, vocab_size=self.info.vocab_size)
 
 
-def score_agreement(folder: Path, windows: Iterable[tuple]) -> AgreementStats:
+def score_agreement(folder: Path, windows: Iterable[tuple]) -> AgreementMetrics:
     """Quantized side: KL and top-1 agreement of every ``(logits, targets)`` window against the stored reference."""
     scorer = AgreementScorer(folder)
     for logits, targets in windows:

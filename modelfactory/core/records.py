@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 if TYPE_CHECKING:
     from modelfactory.core.specs import QuantSpec
@@ -144,7 +144,7 @@ class BaselineResult(Record):
 
 class AgreementMetrics(Record):
     """The GPTQ side's next-token distributions against the fp16 side's, over every perplexity position
-    (``modelfactory.benchmark.agreement``)."""
+    (``modelfactory.benchmark.agreement`` computes it and writes it as the step's ``agreement.json``)."""
 
     positions: int
     top_k: int
@@ -159,6 +159,15 @@ class AgreementMetrics(Record):
     rest_mass_mean: float
     #: True when top_k < vocabulary: the KL values are lower bounds of the full-vocabulary KL (docs/benchmarks.md).
     kld_is_lower_bound: bool
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_lower_bound(cls, data: object) -> object:
+        """``kld_is_lower_bound`` follows from top_k and the vocabulary: filled in when not given (the
+        benchmark builds the record without it, and agreement.json files written before it was stored lack it)."""
+        if isinstance(data, dict) and "kld_is_lower_bound" not in data and {"top_k", "vocab_size"} <= data.keys():
+            return {**data, "kld_is_lower_bound": data["top_k"] < data["vocab_size"]}
+        return data
 
 
 def task_recovery_name(task: str) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -199,3 +199,21 @@ def latest_run(catalog: Catalog | None = None):
     with open_catalog() if catalog is None else nullcontext(catalog) as cat:
         (run,) = cat.list_runs(limit=1)
         return cat.get_run(run.id)
+
+
+def catalog_cli() -> Callable[..., str]:
+    """``invoke(*args, code=0)``: ``modelfactory catalog ARGS`` in process (CliRunner), its output; asserts the
+    exit code is *code* and that an error is a message and an exit code, never a traceback (an uncaught exception)."""
+    from typer.testing import CliRunner
+
+    from modelfactory.interfaces.cli.main import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str, code: int = 0) -> str:
+        result = runner.invoke(app, ["catalog", *args])
+        assert result.exit_code == code, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+        return result.output
+
+    return invoke

@@ -52,7 +52,13 @@ from modelfactory.testing.models import (
     save_smollm2_tokenizer,
     tiny_spec,
 )
-from modelfactory.testing.prefect_server import GpuHostWorkers, PrefectServer
+from modelfactory.testing.pool import dispatching_to_gpu_pool
+from modelfactory.testing.prefect_server import (
+    GpuHostWorkers,
+    PrefectServer,
+    prefect_api,
+    started,
+)
 
 GPU_FLOW = "gpu-stage"
 GPU_STEPS = ["download", "merge", "gpu-stage", "quantize", "runnability", "benchmark", "gate", "publish"]
@@ -87,28 +93,17 @@ class PoolRig:
         self._stack = ExitStack()
 
     def __enter__(self) -> PoolRig:
-        from prefect.events.worker import EventsWorker
-        from prefect.logging.handlers import APILogWorker
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
         from modelfactory.interfaces.deploy import deploy
 
         stack = self._stack
         try:
-            self.server.start_and_wait()
-            stack.callback(self.server.stop)
-            stack.enter_context(temporary_settings(updates={PREFECT_API_URL: self.server.api_url}))
-            # Send this process's run logs/events while the server is still up (else: retries at exit).
-            stack.callback(lambda: (APILogWorker.drain_all(timeout=30, at_exit=False),
-                                    EventsWorker.drain_all(timeout=30, at_exit=False)))
+            stack.enter_context(started(self.server))
+            stack.enter_context(prefect_api(self.server))
             deploy(gpus=self.slots, zombie_after_s=self.zombie_after_s)
-            stack.enter_context(settings_env(MODELFACTORY_GPU_DEPLOYMENT=DEFAULT_GPU_DEPLOYMENT,
-                                             MODELFACTORY_GPU_POLL_S="1", MODELFACTORY_GPU_TIMEOUT_S=None))
+            stack.enter_context(dispatching_to_gpu_pool(MODELFACTORY_GPU_TIMEOUT_S=None))
             self.workers = GpuHostWorkers(self.server, self.home / "gpu-host",
-                                          gpu_ids=",".join(str(i) for i in range(self.slots)),
-                                          PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30")
-            stack.callback(self.workers.stop)
-            self.workers.start_and_wait()
+                                          gpu_ids=",".join(str(i) for i in range(self.slots)))
+            stack.enter_context(started(self.workers))
         except BaseException:
             print(self.diagnostics(), file=sys.stderr)
             stack.close()

@@ -78,3 +78,19 @@ def save_smollm2_tokenizer(out: Path) -> Path:
     tokenizer.eos_token = tokenizer.pad_token = "<|im_end|>"
     tokenizer.save_pretrained(out)
     return out
+
+
+def rtn_quantize_(model, *, bits: int = 4, group: int = 32) -> None:
+    """Round-to-nearest asymmetric quantization of every decoder linear weight, in place: a cheap GPTQ
+    stand-in that gives the quantized side of an agreement measurement a realistic, nonzero error."""
+    import torch
+
+    levels = 2**bits - 1
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
+                w = module.weight.float().reshape(-1, group)
+                lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+                scale = (hi - lo).clamp_min(1e-8) / levels
+                q = ((w - lo) / scale).round().clamp(0, levels) * scale + lo
+                module.weight.copy_(q.reshape(module.weight.shape).to(module.weight.dtype))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
+from modelfactory.gpu_pool import DEFAULT_GPU_DEPLOYMENT
+from modelfactory.testing.env import settings_env
 from modelfactory.testing.models import tiny_spec
 from modelfactory.testing.prefect_server import GpuHostWorkers
 
@@ -26,3 +28,9 @@ def pool_spec(tiny_llama: Path, name: str, **overrides: Any) -> dict:
     """The tiny spec with a gate the random model passes; *overrides* replace top-level fields."""
     fields = {"name": name, "gate": {"max_ppl_increase_pct": 50.0}, "publish": {"name": name}}
     return tiny_spec(tiny_llama, **{**fields, **overrides})
+
+
+def dispatching_to_gpu_pool(**extra: str | None) -> AbstractContextManager[None]:
+    """Settings under which this process's runs send their GPU stage to the ``gpu-stage`` deployment and
+    poll it every second (plus *extra* settings; ``None`` unsets one)."""
+    return settings_env(MODELFACTORY_GPU_DEPLOYMENT=DEFAULT_GPU_DEPLOYMENT, MODELFACTORY_GPU_POLL_S="1", **extra)

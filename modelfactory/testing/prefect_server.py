@@ -13,10 +13,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import psutil
@@ -173,7 +174,8 @@ class GpuHostWorkers(Background):
                                        PREFECT=str(BIN / "prefect"), MODELFACTORY_GPU_IDS=gpu_ids,
                                        MODELFACTORY_SOURCE_DIR=str(REPO), WORKER_LOG_DIR=str(home / "logs"),
                                        PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="1",
-                                       **env),
+                                       # flow runs beat every 30 s: what the zombie automation counts on
+                                       **{"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30", **env}),
                          log=home / "start-workers.log")
 
     def worker_logs(self, lines: int = 80) -> str:
@@ -198,3 +200,39 @@ class GpuHostWorkers(Background):
             return expected <= set(self.online_workers(since=since))
 
         wait_for(f"workers {sorted(expected)} online", ready, timeout=timeout, diagnostics=self.worker_logs)
+
+
+_Started = TypeVar("_Started", PrefectServer, GpuHostWorkers)
+
+
+@contextmanager
+def started(process: _Started) -> Iterator[_Started]:
+    """*process* started and ready inside the block; stopped after it (also when it never became ready)."""
+    try:
+        process.start_and_wait()
+        yield process
+    finally:
+        process.stop()
+
+
+@contextmanager
+def prefect_api(server: PrefectServer) -> Iterator[PrefectServer]:
+    """Inside the block this process's Prefect calls go to *server*; on the way out its run logs and events
+    are sent while the server is still up (else Prefect retries them at exit, against a stopped server)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        try:
+            yield server
+        finally:
+            APILogWorker.drain_all(timeout=30, at_exit=False)
+            EventsWorker.drain_all(timeout=30, at_exit=False)
+
+
+def api(server: PrefectServer, method: str, path: str, **body: Any) -> Any:
+    """One Prefect REST call to *server*; the JSON answer (raises on an HTTP error)."""
+    response = httpx.request(method, f"{server.api_url}{path}", json=body or None, timeout=10)
+    response.raise_for_status()
+    return response.json()

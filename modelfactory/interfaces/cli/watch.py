@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
-import yaml
 
 from modelfactory.core.errors import SpecError
 from modelfactory.interfaces.cli.common import (
@@ -29,18 +28,6 @@ if TYPE_CHECKING:
     from modelfactory.catalog.records import WatchRecord
 
 app = typer.Typer(help="The watch list: repos whose new commits start the factory.", no_args_is_help=True)
-
-
-def _spec_file(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError as exc:
-        raise SpecError(f"spec file {str(path)!r} does not exist: pass an existing YAML/JSON file") from exc
-    except yaml.YAMLError as exc:
-        raise SpecError(f"spec file {str(path)!r} is not valid YAML/JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise SpecError(f"spec file {str(path)!r} must hold a mapping at the top, got {type(data).__name__}")
-    return data
 
 
 def _prune(value: Any) -> Any:
@@ -75,12 +62,12 @@ def add(
 ) -> None:
     """Watch REPO: each new commit of its branch is built with these spec fields and gate."""
     from modelfactory.catalog import open_catalog
-    from modelfactory.core.specs import merge_overrides
+    from modelfactory.core.specs import merge_overrides, read_spec_file
     from modelfactory.triggers import normalize_repo, validate_watch
 
     with reported_errors():
         repo = normalize_repo(repo=repo)
-        fields = _spec_file(spec) if spec else {}
+        fields = read_spec_file(spec) if spec else {}
         fields = merge_overrides(fields, _prune({
             "name": name,
             "base": {"revision": base_revision},
