@@ -12,7 +12,7 @@ published model, and any other string naming a local path keeps only its last co
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from typing import Any
 from prefect import task
 
 from modelfactory import stage_store
+from modelfactory.benchmark.runnability import RunnabilityResult
 from modelfactory.catalog.metrics import manifest_metrics
 from modelfactory.core.errors import PublishError
 from modelfactory.core.hashing import step_key
@@ -142,24 +143,15 @@ def _public_source(entry: dict[str, Any], key: str) -> dict[str, Any]:
 
 def runnability_entries(results: Sequence[Any], *, model: str | None = None,
                         revision: str | None = None) -> list[dict[str, Any]]:
-    """The runnability checks as manifest entries ``{device, ok, load_s, generate_s, error, advice, snippet}``.
-
-    *results*: records (pydantic) or dicts, as the check reports them (``error_type`` /
-    ``error_message`` / ``explanation`` fold into ``error`` / ``advice``). With *model*, the snippet
-    — the code the check ran on the local folder — loads *model* (at *revision*) instead.
-    """
+    """The runnability checks as manifest entries (:meth:`RunnabilityResult.entry`); with *model*, the
+    snippet -- the code the check ran on the local folder -- loads *model* (at *revision*) instead.
+    *results*: records, or their JSON (as a GPU stage's outcome carries them)."""
     entries = []
     for result in results:
-        data: Mapping[str, Any] = result.model_dump(mode="json") if hasattr(result, "model_dump") else result
-        error = data.get("error")
-        if error is None and data.get("error_type"):
-            error = f"{data['error_type']}: {data.get('error_message') or ''}".strip()
-        snippet = data.get("snippet")
-        if snippet and model is not None:
-            snippet = retarget_snippet(snippet, model=model, revision=revision)
-        entries.append({"device": data.get("device"), "ok": bool(data.get("ok")), "load_s": data.get("load_s"),
-                        "generate_s": data.get("generate_s"), "error": error,
-                        "advice": data.get("advice") or data.get("explanation"), "snippet": snippet})
+        entry = RunnabilityResult.model_validate(result).entry()
+        if entry["snippet"] and model is not None:
+            entry["snippet"] = retarget_snippet(entry["snippet"], model=model, revision=revision)
+        entries.append(entry)
     return entries
 
 

@@ -74,14 +74,12 @@ class RunRecorder:
             name="quantize_s", side="gptq", value=result.quantize_s, unit="s")])
 
     def runnability(self, report: RunnabilityReport | None) -> None:
-        """The plain-transformers check (nothing when disabled): ``failed`` when the artifact did not run;
-        per device what happened as detail (not the folder it ran on: that is a path of the host that ran it)."""
+        """The plain-transformers check (nothing when disabled) as step ``runnability``: ``failed`` when the
+        artifact did not run; per device what happened (:meth:`RunnabilityResult.entry`) as detail, the
+        snippet as it ran on the local folder (the catalog keeps full paths; nothing published does)."""
         if report is None:
             return
-        detail = {"passed": report.passed, "results": [
-            r.model_dump(mode="json", include={"device", "ok", "stage", "kernel", "load_s", "generate_s", "wall_s",
-                                               "tokens", "error_type", "error_message", "explanation", "versions"})
-            for r in report.results]}
+        detail = {"passed": report.passed, "results": [r.entry() for r in report.results]}
         self.catalog.record_step(run_id=self.run_id, name="runnability", status="ok" if report.passed else "failed",
                                  duration_s=sum(r.wall_s for r in report.results), output_uri=None, detail=detail)
 

@@ -13,7 +13,11 @@ from pathlib import Path
 import pytest
 
 from modelfactory.benchmark import plain_load
-from modelfactory.benchmark.runnability import RunnabilityResult, load_snippet
+from modelfactory.benchmark.runnability import (
+    RunnabilityReport,
+    RunnabilityResult,
+    load_snippet,
+)
 from modelfactory.catalog import open_catalog
 from modelfactory.catalog.metrics import manifest_metrics
 from modelfactory.catalog.recovery import import_artifact
@@ -385,12 +389,12 @@ def test_the_run_artifact_shows_the_runnability_checks(tmp_path: Path) -> None:
 
     recorder = RunRecorder.start(run_id="run-runnability-1", name="r", spec={}, run_key="k", flow_run_id=None,
                                  catalog_url=f"sqlite:///{tmp_path / 'catalog.db'}")
-    recorder.runnability([
+    recorder.runnability(RunnabilityReport(model_dir="/w/q", results=(
         RunnabilityResult(device="cpu", ok=True, snippet=checked_snippet("/w/q"), stage="done", wall_s=2.0, load_s=1.5,
                           generate_s=0.25, tokens=4),
         RunnabilityResult(device="cuda", ok=False, snippet=checked_snippet("/w/q", "cuda"), stage="load", wall_s=9.0,
                           error_type="ValueError", error_message="in_features: 576 must be divisible by [64]",
-                          explanation="use group_size 64")], duration_s=11.0)
+                          explanation="use group_size 64"))))
     detail = recorder.catalog.get_run("run-runnability-1")
     (step,) = [s for s in detail.steps if s.name == "runnability"]
     assert step.status == "failed" and step.detail["results"][0]["snippet"] == checked_snippet("/w/q")  # full path kept

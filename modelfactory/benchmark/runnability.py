@@ -21,7 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -68,6 +68,13 @@ class RunnabilityResult(Record):
     traceback_tail: str | None = None
     #: What went wrong and what to do, for people (None when ok).
     explanation: str | None = None
+
+    def entry(self) -> dict[str, Any]:
+        """What the manifest, the model card and the catalog show of this check:
+        ``{device, ok, load_s, generate_s, error, advice, snippet}`` (the snippet as it ran)."""
+        error = f"{self.error_type}: {self.error_message or ''}".strip() if self.error_type else None
+        return {"device": self.device, "ok": self.ok, "load_s": self.load_s, "generate_s": self.generate_s,
+                "error": error, "advice": self.explanation, "snippet": self.snippet}
 
 
 class RunnabilityReport(Record):
