@@ -87,7 +87,7 @@ def build_manifest(folder: Path, *, step: str, key: str, marker: dict[str, Any],
 def read_marker(client, url: S3Url) -> bytes | None:
     """The completion marker of the output at *url*, or ``None`` while it is not complete."""
     with s3_errors("reading the completion marker of", url=str(url), fatal=StageStoreError):
-        return read_object(client, url.bucket, url.key(MARKER))
+        return read_object(client, bucket=url.bucket, key=url.key(MARKER))
 
 
 def upload_output(*, root: S3Url, step: str, key: str, folder: Path, marker: dict[str, Any]) -> bytes:
@@ -184,7 +184,7 @@ def put_record(root: S3Url, rel: str, data: bytes) -> str:
 def get_record(root: S3Url, rel: str) -> bytes | None:
     client = make_client()
     with s3_errors("reading the record", url=f"s3://{root.bucket}/{root.key(rel)}", fatal=StageStoreError):
-        return read_object(client, root.bucket, root.key(rel))
+        return read_object(client, bucket=root.bucket, key=root.key(rel))
 
 
 def parse_marker(url: S3Url, data: bytes) -> dict[str, Any]:
