@@ -337,7 +337,7 @@ def test_deploy_registers_every_deployment_and_the_nightly_schedule(deployed):
     assert schema["required"] == ["spec"]
     quant = schema["definitions"]["QuantSpec"]["properties"]
     assert quant["bits"]["enum"] == [2, 3, 4, 8] and quant["bits"]["default"] == 4
-    assert quant["group_size"]["default"] == 128 and "scale group" in quant["group_size"]["description"]
+    assert quant["group_size"]["default"] == "auto" and "scale group" in quant["group_size"]["description"]
     assert "max_ppl_increase_pct" in schema["definitions"]["GateSpec"]["properties"]
     on_finetune = deployment(deployed, "on-finetune/on-finetune")["parameter_openapi_schema"]
     assert on_finetune["properties"]["sha"]["pattern"] == "^[0-9a-f]{40}$"
