@@ -12,7 +12,7 @@ published model, and any other string naming a local path keeps only its last co
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -143,16 +143,29 @@ def _public_source(entry: dict[str, Any], key: str) -> dict[str, Any]:
 
 def runnability_entries(results: Sequence[Any], *, model: str | None = None,
                         revision: str | None = None) -> list[dict[str, Any]]:
-    """The runnability checks as manifest entries (:meth:`RunnabilityResult.entry`); with *model*, the
-    snippet -- the code the check ran on the local folder -- loads *model* (at *revision*) instead.
-    *results*: records, or their JSON (as a GPU stage's outcome carries them)."""
+    """The runnability checks as manifest entries ``{device, ok, load_s, generate_s, error, advice, snippet}``
+    (:meth:`RunnabilityResult.entry`); with *model*, the snippet -- the code the check ran on the local
+    folder -- loads *model* (at *revision*) instead. *results*: records, or dicts already in that form."""
     entries = []
     for result in results:
-        entry = RunnabilityResult.model_validate(result).entry()
+        entry = result.entry() if isinstance(result, RunnabilityResult) else _entry_of(result)
         if entry["snippet"] and model is not None:
             entry["snippet"] = retarget_snippet(entry["snippet"], model=model, revision=revision)
         entries.append(entry)
     return entries
+
+
+def _entry_of(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A dict result: a full check record (as JSON) or an entry; ``error_type``/``error_message``/
+    ``explanation`` fold into ``error``/``advice`` as :meth:`RunnabilityResult.entry` does."""
+    if {"stage", "wall_s"} <= data.keys():
+        return RunnabilityResult.model_validate(data).entry()
+    error = data.get("error")
+    if error is None and data.get("error_type"):
+        error = f"{data['error_type']}: {data.get('error_message') or ''}".strip()
+    return {"device": data.get("device"), "ok": bool(data.get("ok")), "load_s": data.get("load_s"),
+            "generate_s": data.get("generate_s"), "error": error,
+            "advice": data.get("advice") or data.get("explanation"), "snippet": data.get("snippet")}
 
 
 def publish_to(*, destination: str, source: Path, parts: tuple[str, str, str], manifest: dict, private: bool,
