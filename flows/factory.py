@@ -71,7 +71,7 @@ def _steps(spec: FactorySpec, run_id: str, recorder: RunRecorder) -> RunOutcome:
         quant = quantize_task(merged.model, spec.quantize, spec.benchmark.device)
         recorder.quantize(quant)
         runnable = runnability_task(quant, spec.benchmark.runnability)
-        recorder.runnability(runnable)
+        recorder.runnability(runnable, artifact=quant.model.path)
 
         bench = benchmark_task(merged.model, quant.model, spec.benchmark)
         recorder.benchmark(bench)
@@ -107,7 +107,7 @@ def _gpu_stage_on_pool(recorder: RunRecorder, *, deployment: str, model: ModelAr
     recorder.gpu_stage(stage.detail(), duration_s=stage.run_s or 0.0, ok=ok)
     if outcome is not None and outcome.quantize is not None:
         recorder.quantize(outcome.quantize)  # recorded even when the benchmark then failed
-        recorder.runnability(outcome.runnability)
+        recorder.runnability(outcome.runnability, artifact=outcome.quantize.model.path)
     if not ok:
         raise stage.error()
     assert outcome is not None and outcome.quantize is not None and outcome.benchmark is not None

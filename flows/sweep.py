@@ -227,7 +227,7 @@ def member_task(*, spec: FactorySpec, member: SweepMember, position: int, sweep_
                     quant = quantize_task(merged.model, spec.quantize, spec.benchmark.device)
                     recorder.quantize(quant)
                     runnable = runnability_task(quant, spec.benchmark.runnability)
-                    recorder.runnability(runnable)
+                    recorder.runnability(runnable, artifact=quant.model.path)
                     bench = benchmark_candidate_task(baseline, quant.model, spec.benchmark)
                     recorder.benchmark(bench)
             started = time.perf_counter()

@@ -73,15 +73,22 @@ class RunRecorder:
         self.catalog.record_metrics(run_id=self.run_id, metrics=[MetricRecord(
             name="quantize_s", side="gptq", value=result.quantize_s, unit="s")])
 
-    def runnability(self, report: RunnabilityReport | None) -> None:
+    def runnability(self, report: RunnabilityReport | None, *, artifact: str | None = None) -> None:
         """The plain-transformers check (nothing when disabled) as step ``runnability``: ``failed`` when the
-        artifact did not run; per device what happened (:meth:`RunnabilityResult.entry`) as detail, the
-        snippet as it ran on the local folder (the catalog keeps full paths; nothing published does)."""
+        artifact did not run; per device what happened (:meth:`RunnabilityResult.entry`) as detail, with the
+        snippet as it ran. *artifact*: the quantized model's URI, which the snippet then loads instead of
+        the folder it ran on -- on a GPU worker that folder is a path of another host."""
         if report is None:
             return
-        detail = {"passed": report.passed, "results": [r.entry() for r in report.results]}
+        results = [r.entry() for r in report.results]
+        if artifact is not None:
+            from modelfactory.publishing.public import retarget_snippet
+
+            for entry in results:
+                entry["snippet"] = retarget_snippet(entry["snippet"], model=artifact) if entry["snippet"] else None
         self.catalog.record_step(run_id=self.run_id, name="runnability", status="ok" if report.passed else "failed",
-                                 duration_s=sum(r.wall_s for r in report.results), output_uri=None, detail=detail)
+                                 duration_s=sum(r.wall_s for r in report.results), output_uri=None,
+                                 detail={"passed": report.passed, "results": results})
 
     def benchmark(self, result: BenchmarkResult) -> None:
         self.step("benchmark", duration_s=result.duration_s, reused=result.reused, output_uri=result.path,
