@@ -27,7 +27,7 @@ from modelfactory.publishing.local import local_root
 from modelfactory.testing.env import own_work_dir
 from modelfactory.testing.models import make_lora, tiny_spec
 
-STEPS = ["download", "merge", "quantize", "benchmark", "gate"]
+STEPS = ["download", "merge", "quantize", "runnability", "benchmark", "gate"]
 #: Three configurations of the tiny model (hidden 64, MLP 128: every size divides them).
 CONFIGS = [{"group_size": 32}, {"group_size": 64}, {"bits": 8, "group_size": 32}]
 LABELS = ["gptq-4bit-32g", "gptq-4bit-64g", "gptq-8bit-32g"]
