@@ -130,15 +130,14 @@ def test_missing_local_data_is_a_clear_error(data_dir, tmp_path):
         check_tasks_available(["piqa_local"])
 
 
-def test_hub_task_without_its_data_is_a_clear_error(monkeypatch):
-    """Offline (as every test runs), lm-eval's own piqa cannot fetch baber/piqa: an error naming the
-    task and the way out, raised by the availability check."""
+def test_hub_task_without_its_data_is_a_clear_error(monkeypatch, tmp_path):
+    """Offline (as every test runs) and with an empty datasets cache, lm-eval's own piqa cannot fetch
+    baber/piqa: an error naming the task and the way out, raised by the availability check."""
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    try:
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    with pytest.raises(BenchmarkError) as info:
         check_tasks_available(["piqa"])
-    except BenchmarkError as exc:
-        assert "lm-eval task 'piqa' cannot be loaded" in str(exc) and "piqa_local" in str(exc)
-    else:
-        pytest.skip("baber/piqa is in this machine's datasets cache, so the Hub task is available offline")
+    assert "lm-eval task 'piqa' cannot be loaded" in str(info.value) and "piqa_local" in str(info.value)
