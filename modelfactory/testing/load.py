@@ -490,7 +490,13 @@ def check_probe(rig: PoolRig, timeline: Timeline, checks: Checks, *, log: Log) -
     if len(completed) < rig.slots:
         checks.add("probe_after_burst_gets_every_slot_at_once", False, "fewer completed gpu-stage runs than slots")
         return None
-    return run_probe(rig, completed[:rig.slots], checks, log=log)
+    # A flow run is COMPLETED before its process has exited, and a worker (--limit 1) frees its slot
+    # only then: on 2 loaded cores that took >10 s in CI, and the probe saw one worker take both
+    # runs. Let the last processes exit first; a leaked slot does not clear by waiting, so the probe
+    # still catches it.
+    _, settled_s = settle(rig, settle_s=60)
+    report = run_probe(rig, completed[:rig.slots], checks, log=log)
+    return {**report, "settled_before_probe_s": round(settled_s, 1)}
 
 
 def leftovers(rig: PoolRig) -> dict[str, Any]:
@@ -539,13 +545,19 @@ def is_clean(state: dict[str, Any]) -> bool:
             and not any(state["tag_concurrency_limits"].values()) and not state["flow_run_processes_left"])
 
 
+def settle(rig: PoolRig, *, settle_s: float) -> tuple[dict[str, Any], float]:
+    """Wait up to *settle_s* for nothing to hold a slot; the last state seen and the seconds waited."""
+    start = time.monotonic()
+    state = leftovers(rig)
+    while not is_clean(state) and time.monotonic() < start + settle_s:
+        time.sleep(1)
+        state = leftovers(rig)
+    return state, time.monotonic() - start
+
+
 def check_nothing_left(rig: PoolRig, checks: Checks, *, settle_s: float = 30) -> dict[str, Any]:
     """Nothing left holding a slot (after up to *settle_s* for the last flow-run processes to exit)."""
-    end_state = leftovers(rig)
-    settle = time.monotonic() + settle_s
-    while not is_clean(end_state) and time.monotonic() < settle:
-        time.sleep(1)
-        end_state = leftovers(rig)
+    end_state, _ = settle(rig, settle_s=settle_s)
     checks.add("no_flow_run_left_non_final", not end_state["not_final_flow_runs"], end_state["not_final_flow_runs"])
     checks.add("pool_active_slots_zero", end_state["pool_active_slots"] == 0, end_state["pool_active_slots"])
     checks.add("work_queue_active_slots_zero", not any(end_state["queue_active_slots"].values()),
