@@ -23,8 +23,13 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/modelfactory demo
 
+# Two pytest-xdist workers: a serial run keeps ~1.2 of 2 cores busy (much of it waits on servers and
+# subprocesses). Whole modules go to one worker (module fixtures: servers, pools, catalogs), the
+# slowest first (tests/conftest.py), in that order (--no-loadscope-reorder).
+TEST_WORKERS ?= 2
 test: setup
-	mkdir -p .mf && $(BIN)/python -m pytest -ra --durations=15 --basetemp=$(abspath .mf/pytest)
+	mkdir -p .mf && $(BIN)/python -m pytest -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile \
+	  --no-loadscope-reorder --basetemp=$(abspath .mf/pytest)
 
 test-fast: setup
 	$(BIN)/python -m pytest -ra -m "not slow"

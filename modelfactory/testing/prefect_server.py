@@ -104,8 +104,17 @@ class Background:
         return pids
 
     def stop(self, grace: float = 20) -> None:
+        """SIGTERM its process group, then SIGKILL whatever outlived *grace* s; how it went ends the log."""
         if self.proc is None:
             return
+        began = time.monotonic()
+        killed = self._stop(grace)
+        with open(self.log, "a") as out:
+            out.write(f"\n===== stopped {self.name} in {time.monotonic() - began:.1f} s"
+                      f"{f' (SIGKILL for {killed})' if killed else ''}\n")
+
+    def _stop(self, grace: float) -> list[str]:
+        assert self.proc is not None
         descendants: list[psutil.Process] = []
         try:
             descendants = psutil.Process(self.proc.pid).children(recursive=True)
@@ -122,16 +131,22 @@ class Background:
                 pass
         for proc in [psutil.Process(self.proc.pid)] if self.proc.poll() is None else []:
             descendants.append(proc)
+        killed = []
         for proc in descendants:  # whatever outlived the grace period (flow-run processes have own sessions)
             try:
+                if proc.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                name = " ".join(proc.cmdline()[:4])[:80]
                 proc.kill()
-            except psutil.NoSuchProcess:
+                killed.append(name)
+            except psutil.Error:
                 pass
         psutil.wait_procs(descendants, timeout=15)
         try:
             self.proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             pass
+        return killed
 
     def tail(self, lines: int = 60) -> str:
         return tail(self.log, lines)
