@@ -107,7 +107,8 @@ def run_config(args, base, group: str) -> dict:
     from tasks.quantize import quantize_model
 
     qspec = QuantSpec.model_validate({"bits": 4, "group_size": group if group == "auto" else int(group),
-                                      "damp_percent": 0.1 if args.model == "smollm2" else 0.05,
+                                      "damp_percent": args.damp if args.damp is not None
+                                      else (0.1 if args.model == "smollm2" else 0.05),
                                       "calibration": {"num_samples": args.cal_samples, "seq_len": args.cal_len}})
     started = time.perf_counter()
     quant = quantize_model(model=base, spec=qspec)
@@ -169,6 +170,8 @@ def main() -> None:
     parser.add_argument("--cal-len", type=int, default=512)
     parser.add_argument("--ppl-tokens", type=int, default=16384)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--damp", type=float, default=None, help="GPTQ dampening (default 0.1 for smollm2, "
+                        "else 0.05; the demo's spec uses 0.05)")
     parser.add_argument("--runnable-timeout", type=float, default=600)
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
@@ -181,7 +184,8 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - one config failing must not lose the others' numbers
             print(f"[verdict] group {group} failed: {type(exc).__name__}: {exc}", flush=True)
             continue
-        (out / f"{args.model}-{result['config']}-verdict.json").write_text(json.dumps(result, indent=2))
+        where = "gpu" if result["gpu"] and not result["gpu"].startswith("cpu") else "cpu"
+        (out / f"{args.model}-{result['config']}-verdict-{where}.json").write_text(json.dumps(result, indent=2))
         print(json.dumps({k: result[k] for k in ("gpu", "model", "config", "ratios", "agreement",
                                                   "task_recovery_pct", "timings_s")}, default=str), flush=True)
 
