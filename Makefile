@@ -23,13 +23,14 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/modelfactory demo
 
-# Two pytest-xdist workers: a serial run keeps ~1.2 of 2 cores busy (much of it waits on servers and
+# Two pytest-xdist workers: a serial run keeps 0.9 of 2 cores busy (much of it waits on servers and
 # subprocesses). Whole modules go to one worker (module fixtures: servers, pools, catalogs), the
-# slowest first (tests/conftest.py), in that order (--no-loadscope-reorder).
+# slowest first (tests/conftest.py), in that order (--no-loadscope-reorder). One OpenMP thread per
+# process: two workers' torch processes with two spinning threads each thrash 2 cores.
 TEST_WORKERS ?= 2
 test: setup
-	mkdir -p .mf && $(BIN)/python -m pytest -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile \
-	  --no-loadscope-reorder --basetemp=$(abspath .mf/pytest)
+	mkdir -p .mf && OMP_NUM_THREADS=1 $(BIN)/python -m pytest -ra --durations=15 -n $(TEST_WORKERS) \
+	  --dist loadfile --no-loadscope-reorder --basetemp=$(abspath .mf/pytest)
 
 test-fast: setup
 	$(BIN)/python -m pytest -ra -m "not slow"
