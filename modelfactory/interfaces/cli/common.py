@@ -21,8 +21,21 @@ from rich.console import Console
 
 from modelfactory.core.errors import ModelFactoryError
 
-console = Console()
-err_console = Console(stderr=True)
+class _Terminal:
+    """Prints through a ``rich`` console made for each call. rich fixes a console's size for good when
+    COLUMNS and LINES are both set as it is made, so one made at import keeps the size of whatever
+    environment imported this module (a long-lived process: a pytest-xdist worker got 80 columns
+    whatever COLUMNS said later, and the tables lost their cells to "…")."""
+
+    def __init__(self, *, stderr: bool = False) -> None:
+        self._stderr = stderr
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        Console(stderr=self._stderr).print(*objects, **kwargs)
+
+
+console = _Terminal()
+err_console = _Terminal(stderr=True)
 
 
 def fail(exc: ModelFactoryError) -> NoReturn:
