@@ -12,7 +12,7 @@ published model, and any other string naming a local path keeps only its last co
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 from prefect import task
 
 from modelfactory import stage_store
-from modelfactory.benchmark.runnability import RunnabilityResult
+from modelfactory.benchmark.runnability import RunnabilityResult, check_entry
 from modelfactory.catalog.metrics import manifest_metrics
 from modelfactory.core.errors import PublishError
 from modelfactory.core.hashing import step_key
@@ -148,24 +148,11 @@ def runnability_entries(results: Sequence[Any], *, model: str | None = None,
     folder -- loads *model* (at *revision*) instead. *results*: records, or dicts already in that form."""
     entries = []
     for result in results:
-        entry = result.entry() if isinstance(result, RunnabilityResult) else _entry_of(result)
+        entry = result.entry() if isinstance(result, RunnabilityResult) else check_entry(result)
         if entry["snippet"] and model is not None:
             entry["snippet"] = retarget_snippet(entry["snippet"], model=model, revision=revision)
         entries.append(entry)
     return entries
-
-
-def _entry_of(data: Mapping[str, Any]) -> dict[str, Any]:
-    """A dict result: a full check record (as JSON) or an entry; ``error_type``/``error_message``/
-    ``explanation`` fold into ``error``/``advice`` as :meth:`RunnabilityResult.entry` does."""
-    if {"stage", "wall_s"} <= data.keys():
-        return RunnabilityResult.model_validate(data).entry()
-    error = data.get("error")
-    if error is None and data.get("error_type"):
-        error = f"{data['error_type']}: {data.get('error_message') or ''}".strip()
-    return {"device": data.get("device"), "ok": bool(data.get("ok")), "load_s": data.get("load_s"),
-            "generate_s": data.get("generate_s"), "error": error,
-            "advice": data.get("advice") or data.get("explanation"), "snippet": data.get("snippet")}
 
 
 def publish_to(*, destination: str, source: Path, parts: tuple[str, str, str], manifest: dict, private: bool,

@@ -24,6 +24,7 @@ from modelfactory.core.records import (
     QuantResult,
 )
 from modelfactory.core.versions import host_info, library_versions
+from modelfactory.publishing.public import retarget_snippet
 
 
 class RunRecorder:
@@ -82,8 +83,6 @@ class RunRecorder:
             return
         results = [r.entry() for r in report.results]
         if artifact is not None:
-            from modelfactory.publishing.public import retarget_snippet
-
             for entry in results:
                 entry["snippet"] = retarget_snippet(entry["snippet"], model=artifact) if entry["snippet"] else None
         self.catalog.record_step(run_id=self.run_id, name="runnability", status="ok" if report.passed else "failed",

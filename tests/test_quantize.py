@@ -18,6 +18,7 @@ from modelfactory.publishing.local import local_root
 from modelfactory.testing.catalog import latest_run
 from modelfactory.testing.env import own_work_dir
 from modelfactory.testing.models import tiny_spec
+from modelfactory.testing.prefect_server import step_processes
 
 
 def test_quantized_checkpoint_loads_in_plain_transformers(tiny_run):
@@ -100,8 +101,6 @@ def _quantize_in_thread(model, spec, box):
 def _kill_worker_after_layer_checkpoints(work: Path, commits: int = 2, timeout: float = 300) -> None:
     """Wait until GPTQModel publishes *commits* new checkpoint generations (its ``CURRENT`` file
     changes: one per finished layer), then SIGKILL the worker process."""
-    import psutil
-
     deadline = time.monotonic() + timeout
     seen: list[str] = []
     while time.monotonic() < deadline and len(seen) <= commits:
@@ -112,7 +111,7 @@ def _kill_worker_after_layer_checkpoints(work: Path, commits: int = 2, timeout: 
         time.sleep(0.01)
     if len(seen) <= commits:
         pytest.fail(f"the quantization committed only {len(seen) - 1} layer checkpoint(s) under {work}")
-    workers = [p for p in psutil.Process().children(recursive=True) if "modelfactory.core.isolated_child" in " ".join(p.cmdline())]
+    workers = step_processes()
     assert workers, "no worker process to kill"
     for worker in workers:
         worker.kill()

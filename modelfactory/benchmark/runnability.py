@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -72,9 +72,20 @@ class RunnabilityResult(Record):
     def entry(self) -> dict[str, Any]:
         """What the manifest, the model card and the catalog show of this check:
         ``{device, ok, load_s, generate_s, error, advice, snippet}`` (the snippet as it ran)."""
-        error = f"{self.error_type}: {self.error_message or ''}".strip() if self.error_type else None
-        return {"device": self.device, "ok": self.ok, "load_s": self.load_s, "generate_s": self.generate_s,
-                "error": error, "advice": self.explanation, "snippet": self.snippet}
+        return check_entry(self.model_dump())
+
+
+def check_entry(data: Mapping[str, Any]) -> dict[str, Any]:
+    """One check as the manifest, the model card and the catalog show it:
+    ``{device, ok, load_s, generate_s, error, advice, snippet}``. *data*: a :class:`RunnabilityResult`
+    dumped to a dict, or an entry already in that form (``error_type``/``error_message`` fold into
+    ``error``, ``explanation`` into ``advice``)."""
+    error = data.get("error")
+    if error is None and data.get("error_type"):
+        error = f"{data['error_type']}: {data.get('error_message') or ''}".strip()
+    return {"device": data.get("device"), "ok": bool(data.get("ok")), "load_s": data.get("load_s"),
+            "generate_s": data.get("generate_s"), "error": error,
+            "advice": data.get("advice") or data.get("explanation"), "snippet": data.get("snippet")}
 
 
 class RunnabilityReport(Record):

@@ -3,10 +3,12 @@ out-of-memory error (no model objects)."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from modelfactory.core.caches import compile_cache_env
 from modelfactory.core.errors import OutOfMemoryError
@@ -24,6 +26,19 @@ def resolve_device(requested: str = "auto") -> str:
 
         raise SpecError("device 'cuda' was requested but no CUDA GPU is visible: use device 'auto' or 'cpu'")
     return requested
+
+
+def gpu_present() -> bool:
+    """Whether a step process might see a CUDA GPU, answered without importing torch or touching the
+    driver: an NVIDIA device node exists and ``CUDA_VISIBLE_DEVICES`` does not hide them all."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return False
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def runs_on_cpu(requested: str = "auto") -> bool:
+    """Whether a step asked for device *requested* will run on the CPU (see :func:`gpu_present`)."""
+    return requested == "cpu" or (requested == "auto" and not gpu_present())
 
 
 def resolve_dtype(requested: str, device: str) -> str:
@@ -66,8 +81,6 @@ def out_of_memory_error(step: str, *, model_path: str, device: str, exc: BaseExc
 
     Not transient: the same inputs on the same device would run out of memory again.
     """
-    from pathlib import Path
-
     weights = sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors"))
     memory = "device memory unknown"
     if device.startswith("cuda"):

@@ -7,7 +7,8 @@ leak a model's memory into the flow process, and may set process-wide state (GPT
 JSON, the return value (a pydantic record or plain data) comes back as JSON, and a
 :class:`~modelfactory.core.errors.ModelFactoryError` raised in the child is raised again here as
 the same class. Everything the child prints goes to *log_path*; its ``[mf] `` progress lines
-also go to the Prefect logger.
+also go to the Prefect logger. CPU steps may fork the child from a warm interpreter instead
+(:mod:`modelfactory.core.forkserver`): the same process, without paying the imports again.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from modelfactory.core.errors import ERRORS_BY_NAME, ModelFactoryError, WorkerError
+from modelfactory.core.forkserver import fork_step
 from modelfactory.core.log import PROGRESS_PREFIX, WORKER_ENV, get_logger
+from modelfactory.core.settings import get_settings
 
 
 def run_isolated(
@@ -36,11 +39,14 @@ def run_isolated(
     cwd: Path | None = None,
     unexpected: type[ModelFactoryError] = WorkerError,
     library_progress: tuple[re.Pattern[str], str] | None = None,
+    warm: bool = False,
 ) -> Any:
     """Call ``target`` (``"package.module:function"``) with *kwargs* in a child process.
 
     *library_progress* ``(pattern, template)``: output lines of the child's libraries matching
-    *pattern* are logged as ``template.format(*groups)``, at most every 10 s.
+    *pattern* are logged as ``template.format(*groups)``, at most every 10 s. *warm*: fork the child
+    from a server that has imported torch and transformers already (:mod:`modelfactory.core.forkserver`;
+    CPU steps only), where one can run.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     logger = get_logger()
@@ -48,17 +54,20 @@ def run_isolated(
     with tempfile.TemporaryDirectory(prefix="mf-worker-") as tmp:
         in_path, out_path = Path(tmp) / "in.json", Path(tmp) / "out.json"
         in_path.write_text(json.dumps(kwargs))
-        cmd = [sys.executable, "-m", "modelfactory.core.isolated_child", target, str(in_path), str(out_path)]
         tail: deque[str] = deque(maxlen=15)
-        with open(log_path, "a", encoding="utf-8") as log, subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=child_env,
-            cwd=str(cwd) if cwd else None,
-            text=True,
-            errors="replace",
-        ) as proc:
+        proc = fork_step(target=target, in_path=in_path, out_path=out_path, env=child_env, cwd=cwd) if (
+            warm and get_settings().fork_server) else None
+        if proc is None:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "modelfactory.core.isolated_child", target, str(in_path), str(out_path)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=child_env,
+                cwd=str(cwd) if cwd else None,
+                text=True,
+                errors="replace",
+            )
+        with open(log_path, "a", encoding="utf-8") as log, proc:
             assert proc.stdout is not None
             last_library_log = 0.0
             try:

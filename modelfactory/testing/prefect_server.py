@@ -62,6 +62,20 @@ def tail(path: Path, lines: int = 60) -> str:
     return f"--- last {len(text)} lines of {path} ---\n" + "\n".join(text)
 
 
+def step_processes(root_pid: int | None = None) -> list[psutil.Process]:
+    """The isolated step processes under *root_pid* (default: this process): started fresh
+    (``python -m modelfactory.core.isolated_child``) or forked by a fork server (its children)."""
+    found = []
+    for proc in psutil.Process(root_pid).children(recursive=True):
+        try:
+            if "modelfactory.core.isolated_child" in proc.cmdline() or "modelfactory.core.forkserver_main" in (
+                    proc.parent().cmdline()):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
 def kill_tree(root_pid: int, sig: int = signal.SIGKILL) -> list[int]:
     """Send *sig* to *root_pid* and every descendant (collected first: orphans are reparented)."""
     try:

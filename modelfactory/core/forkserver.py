@@ -1,0 +1,218 @@
+"""CPU step processes forked from a warm interpreter instead of started cold.
+
+Why: every isolated step (:mod:`modelfactory.core.isolation`) is a new Python process that first imports
+torch and transformers: about 5 s of CPU on a 2-core machine, more than the whole benchmark of a small
+model. A fork server (:mod:`modelfactory.core.forkserver_main`) imports them once; each step process is
+forked from it. The step still runs in its own process, with the same environment, working directory
+and arguments as a fresh one, and ends with it: nothing of one step is left for the next.
+
+Why by hand: :mod:`multiprocessing`'s ``forkserver`` start method preloads modules too, but it is one
+server per process, started with the environment of that moment, and its children cannot get a pipe as
+their stdout. Steps carry their own environment (libraries read some of it at import time) and stream
+their output line by line. So there is one server per distinct environment here, and the step's pipe is
+passed to the server with the request (``SCM_RIGHTS``).
+
+CPU only (:func:`modelfactory.core.devices.gpu_present`): a process that has imported torch may be forked
+only while nothing has initialised CUDA, and on a GPU the import is noise next to the work. Turned off by
+``MODELFACTORY_FORK_SERVER=false``. Where a server cannot start, steps start fresh processes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import IO
+
+from modelfactory.core.log import get_logger
+
+#: Idle servers kept (one per distinct step environment); one with a step process running is never closed.
+MAX_IDLE_SERVERS = 2
+READY_TIMEOUT_S = 300.0
+MAX_MESSAGE = 1 << 16
+
+
+class ForkServerUnavailable(RuntimeError):
+    """The server could not start or is gone; the caller starts a fresh process instead."""
+
+
+class ForkedProcess:
+    """A step process forked by a :class:`ForkServer`: what :func:`~modelfactory.core.isolation.run_isolated`
+    uses of :class:`subprocess.Popen` (``stdout`` as text lines, ``pid``, ``wait``, ``kill``)."""
+
+    def __init__(self, server: ForkServer, pid: int, stdout: IO[str]) -> None:
+        self._server, self.pid, self.stdout = server, pid, stdout
+        self.returncode: int | None = None
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            self.returncode = self._server.wait(self.pid)
+            _release(self._server)
+        return self.returncode
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> ForkedProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stdout.close()
+        self.wait()
+
+
+class ForkServer:
+    """One warm interpreter for one environment (:mod:`modelfactory.core.forkserver_main`)."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.busy = 0
+        self._lock = threading.Lock()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._sock = ours
+        self._stderr = tempfile.TemporaryFile()
+        with theirs:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "modelfactory.core.forkserver_main", str(theirs.fileno())],
+                env=env, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=self._stderr,
+            )
+        try:
+            self._sock.settimeout(READY_TIMEOUT_S)
+            reply = self._recv()
+            self._sock.settimeout(None)
+        except (OSError, ForkServerUnavailable) as exc:
+            self.close()
+            raise ForkServerUnavailable(f"the fork server did not start ({exc}); {self._stderr_tail()}") from exc
+        if not reply.get("ready"):
+            self.close()
+            raise ForkServerUnavailable(f"the fork server cannot fork safely: {reply.get('why')}")
+
+    def _recv(self) -> dict:
+        data = self._sock.recv(MAX_MESSAGE)
+        if not data:
+            raise ForkServerUnavailable("the fork server exited")
+        return json.loads(data)
+
+    def _stderr_tail(self) -> str:
+        try:
+            self._stderr.seek(0)
+            lines = self._stderr.read().decode(errors="replace").strip().splitlines()
+        except (OSError, ValueError):
+            return "no output"
+        return "last output: " + " | ".join(lines[-3:]) if lines else "no output"
+
+    def spawn(self, *, target: str, in_path: Path, out_path: Path, cwd: Path | None) -> ForkedProcess:
+        """Fork a process running ``isolated_child.main([target, in_path, out_path])`` in *cwd*."""
+        read_fd, write_fd = os.pipe()
+        request = {"op": "fork", "target": target, "in": str(in_path), "out": str(out_path),
+                   "cwd": str(cwd) if cwd else None}
+        try:
+            with self._lock:
+                socket.send_fds(self._sock, [json.dumps(request).encode()], [write_fd])
+                pid = self._recv()["pid"]
+        except (OSError, ForkServerUnavailable) as exc:
+            os.close(read_fd)
+            raise ForkServerUnavailable(f"the fork server is gone ({exc})") from exc
+        finally:
+            os.close(write_fd)
+        return ForkedProcess(self, pid, open(read_fd, encoding="utf-8", errors="replace"))
+
+    def wait(self, pid: int) -> int:
+        """The exit code of a step process (negative: the signal that killed it); call once its output ended."""
+        try:
+            with self._lock:
+                self._sock.send(json.dumps({"op": "wait", "pid": pid}).encode())
+                code = self._recv()["code"]
+        except (OSError, ForkServerUnavailable):
+            code = None  # the server died, and its step processes with it
+        return -signal.SIGKILL if code is None else code
+
+    @property
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def close(self) -> None:
+        """Close the socket: the server kills what still runs and exits."""
+        self._sock.close()
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._stderr.close()
+
+
+_servers: OrderedDict[str, ForkServer] = OrderedDict()
+_failed: set[str] = set()
+_servers_lock = threading.Lock()
+
+
+def _env_key(env: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(sorted(env.items())).encode()).hexdigest()
+
+
+def _server_for(env: dict[str, str]) -> ForkServer | None:
+    key = _env_key(env)
+    with _servers_lock:
+        server = _servers.get(key)
+        if server is not None and not server.alive:
+            del _servers[key]
+            server = None
+        if server is None:
+            if key in _failed:
+                return None
+            try:
+                server = ForkServer(env)
+            except ForkServerUnavailable as exc:
+                _failed.add(key)
+                get_logger().warning(f"step processes start fresh: {exc}")
+                return None
+            _servers[key] = server
+            idle = [k for k, s in _servers.items() if k != key and s.busy == 0]
+            for old in idle[: max(0, len(_servers) - MAX_IDLE_SERVERS)]:
+                _servers.pop(old).close()
+        _servers.move_to_end(key)
+        server.busy += 1
+        return server
+
+
+def fork_step(*, target: str, in_path: Path, out_path: Path, env: dict[str, str],
+              cwd: Path | None) -> ForkedProcess | None:
+    """A step process forked from the warm server for *env*, or None where that is not possible (the
+    caller then starts a fresh interpreter)."""
+    server = _server_for(env)
+    if server is None:
+        return None
+    try:
+        return server.spawn(target=target, in_path=in_path, out_path=out_path, cwd=cwd)
+    except ForkServerUnavailable as exc:
+        _release(server)
+        get_logger().warning(f"starting a fresh step process: {exc}")
+        return None
+
+
+def _release(server: ForkServer) -> None:
+    """One step process of *server* has ended (the server may be closed once none runs)."""
+    with _servers_lock:
+        server.busy -= 1
+
+
+@atexit.register
+def close_all() -> None:
+    """Stop every server of this process."""
+    with _servers_lock:
+        while _servers:
+            _servers.popitem()[1].close()

@@ -1,0 +1,134 @@
+"""The fork server's own process: ``python -m modelfactory.core.forkserver_main FD``.
+
+It imports the heavy libraries once (:data:`PRELOAD`), says whether it is safe to fork (no thread
+other than the allocator's), then serves requests on the socket *FD* (a ``SOCK_SEQPACKET`` pair with
+:mod:`modelfactory.core.forkserver`), one JSON message each:
+
+- ``{"op": "fork", "target", "in", "out", "cwd"}`` plus one file descriptor (the step's output pipe):
+  fork a step process that runs :func:`modelfactory.core.isolated_child.main`; reply ``{"pid"}``;
+- ``{"op": "wait", "pid"}``: reap that process; reply ``{"code"}`` (negative: killed by that signal).
+
+When the client's end closes (its process died or it is done), every step process still running
+is killed and the server exits.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import socket
+import sys
+import traceback
+
+#: What every CPU step imports first: ~5 s of CPU on the project's 2-core machine, paid once here.
+#: Not GPTQModel: importing it starts thread pools, and threads do not survive a fork.
+PRELOAD = ("torch", "transformers", "transformers.modeling_utils", "transformers.models.auto.modeling_auto",
+           "transformers.models.auto.tokenization_auto", "transformers.generation.utils", "safetensors.torch")
+#: Threads that may exist at fork time: jemalloc (loaded by a dependency) restarts its own after a fork.
+FORK_SAFE_THREADS = frozenset({"jemalloc_bg_thd"})
+MAX_MESSAGE = 1 << 16
+
+
+def _other_threads() -> list[str]:
+    """Names of this process's threads other than the main one."""
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        if tid != str(os.getpid()):
+            try:
+                names.append(open(f"/proc/self/task/{tid}/comm").read().strip())
+            except OSError:
+                pass
+    return names
+
+
+def _send(sock: socket.socket, message: dict) -> None:
+    sock.send(json.dumps(message).encode())
+
+
+def _run_child(request: dict, out_fd: int) -> None:
+    """In the forked process: the step's output goes to *out_fd*; run it like a fresh
+    ``python -m modelfactory.core.isolated_child`` would, then exit (never returns)."""
+    code = 1
+    try:
+        os.dup2(out_fd, 1)
+        os.dup2(out_fd, 2)
+        os.close(out_fd)
+        if request.get("cwd"):
+            os.chdir(request["cwd"])
+            sys.path[0] = os.getcwd()  # as ``python -m`` started there would have it
+        args = [request["target"], request["in"], request["out"]]
+        sys.argv = ["-m", *args]
+        if "numpy" in sys.modules:  # a fresh interpreter seeds numpy's global generator from the OS
+            sys.modules["numpy"].random.seed()
+        from modelfactory.core import isolated_child
+
+        code = isolated_child.main(args)
+    except BaseException:  # noqa: BLE001 - anything here ends this process, reported like a crash
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def serve(sock: socket.socket) -> None:
+    children: set[int] = set()
+    try:
+        while True:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 1)
+            except ConnectionError:
+                return
+            if not data:
+                return  # the client is gone
+            request = json.loads(data)
+            if request["op"] == "fork":
+                sys.stdout.flush()
+                sys.stderr.flush()
+                pid = os.fork()
+                if pid == 0:
+                    sock.close()
+                    _run_child(request, fds[0])
+                os.close(fds[0])
+                children.add(pid)
+                _send(sock, {"pid": pid})
+            elif request["op"] == "wait":
+                pid = request["pid"]
+                try:
+                    _, status = os.waitpid(pid, 0)
+                    code = os.waitstatus_to_exitcode(status)
+                except ChildProcessError:
+                    code = None
+                children.discard(pid)
+                _send(sock, {"code": code})
+    finally:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def main(argv: list[str]) -> int:
+    sock = socket.socket(fileno=int(argv[0]))
+    try:
+        for name in PRELOAD:
+            importlib.import_module(name)
+    except Exception as exc:  # noqa: BLE001 - reported to the client, which then spawns fresh processes
+        _send(sock, {"ready": False, "why": f"preloading failed: {type(exc).__name__}: {exc}"})
+        return 1
+    unsafe = [name for name in _other_threads() if name not in FORK_SAFE_THREADS]
+    if unsafe:
+        _send(sock, {"ready": False, "why": f"threads running after the preload: {unsafe}"})
+        return 1
+    _send(sock, {"ready": True, "pid": os.getpid()})
+    serve(sock)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,116 @@
+"""CPU step processes forked from a warm interpreter (modelfactory.core.forkserver): the same process a
+fresh start would give, errors and crashes reported the same way, nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from modelfactory.core.errors import SpecError, WorkerError
+from modelfactory.core.forkserver import close_all
+from modelfactory.core.isolation import run_isolated
+from modelfactory.testing.env import settings_env
+from modelfactory.testing.prefect_server import step_processes, wait_for
+
+HERE = Path(__file__).parent
+
+
+# --------------------------------------------------------------------------- step functions (run in the child)
+def probe(*, tag: str) -> dict:
+    import numpy
+
+    return {"tag": tag, "pid": os.getpid(), "ppid": os.getppid(), "cwd": os.getcwd(), "path0": sys.path[0],
+            "argv": sys.argv[1:], "env": os.environ.get("MF_TEST_FORK"), "worker": os.environ.get("MODELFACTORY_WORKER"),
+            "torch_preloaded": "transformers" in sys.modules, "numpy_draw": float(numpy.random.random())}
+
+
+def refuse() -> None:
+    raise SpecError("a spec error raised in the step process")
+
+
+def crash() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def sleep_forever() -> None:
+    print("[mf] sleeping", flush=True)
+    time.sleep(600)
+
+
+def _run(target: str, tmp_path: Path, *, warm: bool = True, env: dict | None = None, **kwargs):
+    return run_isolated(f"test_forkserver:{target}", kwargs=kwargs, log_path=tmp_path / "step.log", cwd=HERE,
+                        env=env, warm=warm)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_servers():
+    close_all()
+    yield
+    close_all()
+
+
+def test_a_warm_step_sees_what_a_fresh_one_sees(tmp_path):
+    env = {"MF_TEST_FORK": "yes"}
+    fresh = _run("probe", tmp_path, warm=False, env=env, tag="fresh")
+    warm = _run("probe", tmp_path, env=env, tag="warm")
+    assert fresh["ppid"] == os.getpid() != warm["ppid"]  # forked by the server, not by us
+    assert not fresh["torch_preloaded"] and warm["torch_preloaded"]
+    for key in ("cwd", "path0", "env", "worker"):
+        assert warm[key] == fresh[key], key
+    assert warm["argv"][0] == fresh["argv"][0] == "test_forkserver:probe"
+    assert warm["cwd"] == str(HERE)
+
+
+def test_warm_steps_share_one_server_per_environment_and_draw_fresh_random_numbers(tmp_path):
+    first = _run("probe", tmp_path, env={"MF_TEST_FORK": "a"}, tag="1")
+    second = _run("probe", tmp_path, env={"MF_TEST_FORK": "a"}, tag="2")
+    other = _run("probe", tmp_path, env={"MF_TEST_FORK": "b"}, tag="3")
+    assert first["ppid"] == second["ppid"] != other["ppid"]
+    assert first["pid"] != second["pid"]
+    assert first["numpy_draw"] != second["numpy_draw"]  # reseeded per process, as a fresh start is
+    assert other["env"] == "b"
+
+
+def test_errors_and_crashes_come_back_as_from_a_fresh_process(tmp_path):
+    with pytest.raises(SpecError, match="a spec error raised in the step process"):
+        _run("refuse", tmp_path)
+    with pytest.raises(WorkerError, match="exited with code -9 without a result"):
+        _run("crash", tmp_path)
+    assert "SpecError" in (tmp_path / "step.log").read_text()  # the traceback went to the step's log
+    assert _run("probe", tmp_path, tag="after")["tag"] == "after"  # the server outlived its crashed child
+
+
+def test_turned_off_every_step_starts_fresh(tmp_path):
+    with settings_env(MODELFACTORY_FORK_SERVER="false"):
+        seen = _run("probe", tmp_path, tag="off")
+    assert seen["ppid"] == os.getpid() and not seen["torch_preloaded"]
+
+
+def test_when_the_caller_dies_the_server_and_its_steps_die_with_it(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from modelfactory.core.isolation import run_isolated
+        run_isolated("test_forkserver:sleep_forever", kwargs={{}}, log_path=Path({str(tmp_path / 'c.log')!r}),
+                     cwd=Path({str(HERE)!r}), warm=True)
+    """)
+    caller = subprocess.Popen([sys.executable, "-c", script], cwd=HERE, start_new_session=True)
+    try:
+        steps = wait_for("the warm step to start", lambda: step_processes(caller.pid), timeout=120)
+        below = psutil.Process(caller.pid).children(recursive=True)
+        assert len(below) == 2 and steps[0] in below, [p.cmdline() for p in below]  # the server and its step
+        caller.kill()
+        caller.wait()
+        _gone, alive = psutil.wait_procs(below, timeout=20)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        if caller.poll() is None:
+            os.killpg(caller.pid, signal.SIGKILL)
