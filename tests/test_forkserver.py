@@ -28,7 +28,8 @@ def probe(*, tag: str) -> dict:
     import numpy
 
     return {"tag": tag, "pid": os.getpid(), "ppid": os.getppid(), "cwd": os.getcwd(), "path0": sys.path[0],
-            "argv": sys.argv[1:], "env": os.environ.get("MF_TEST_FORK"), "worker": os.environ.get("MODELFACTORY_WORKER"),
+            "argv": sys.argv[1:], "env": os.environ.get("MF_TEST_FORK"),
+            "test": os.environ.get("PYTEST_CURRENT_TEST"), "worker": os.environ.get("MODELFACTORY_WORKER"),
             "torch_preloaded": "transformers" in sys.modules, "numpy_draw": float(numpy.random.random())}
 
 
@@ -50,17 +51,20 @@ def _run(target: str, tmp_path: Path, *, warm: bool = True, env: dict | None = N
                         env=env, warm=warm)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_servers():
+@pytest.fixture(scope="module", autouse=True)
+def _servers_of_this_module():
+    """The tests share this process's servers (one per environment: each start imports torch); none is left."""
     close_all()
     yield
     close_all()
 
 
+ENV = {"MF_TEST_FORK": "a"}
+
+
 def test_a_warm_step_sees_what_a_fresh_one_sees(tmp_path):
-    env = {"MF_TEST_FORK": "yes"}
-    fresh = _run("probe", tmp_path, warm=False, env=env, tag="fresh")
-    warm = _run("probe", tmp_path, env=env, tag="warm")
+    fresh = _run("probe", tmp_path, warm=False, env=ENV, tag="fresh")
+    warm = _run("probe", tmp_path, env=ENV, tag="warm")
     assert fresh["ppid"] == os.getpid() != warm["ppid"]  # forked by the server, not by us
     assert not fresh["torch_preloaded"] and warm["torch_preloaded"]
     for key in ("cwd", "path0", "env", "worker"):
@@ -70,10 +74,11 @@ def test_a_warm_step_sees_what_a_fresh_one_sees(tmp_path):
 
 
 def test_warm_steps_share_one_server_per_environment_and_draw_fresh_random_numbers(tmp_path):
-    first = _run("probe", tmp_path, env={"MF_TEST_FORK": "a"}, tag="1")
-    second = _run("probe", tmp_path, env={"MF_TEST_FORK": "a"}, tag="2")
+    first = _run("probe", tmp_path, env=ENV, tag="1")
+    second = _run("probe", tmp_path, env={**ENV, "PYTEST_CURRENT_TEST": "another test"}, tag="2")
     other = _run("probe", tmp_path, env={"MF_TEST_FORK": "b"}, tag="3")
-    assert first["ppid"] == second["ppid"] != other["ppid"]
+    assert first["ppid"] == second["ppid"] != other["ppid"]  # pytest's test name picks no server ...
+    assert second["test"] == "another test" and first["test"] == os.environ["PYTEST_CURRENT_TEST"]  # ... each has its own
     assert first["pid"] != second["pid"]
     assert first["numpy_draw"] != second["numpy_draw"]  # reseeded per process, as a fresh start is
     assert other["env"] == "b"
@@ -81,11 +86,11 @@ def test_warm_steps_share_one_server_per_environment_and_draw_fresh_random_numbe
 
 def test_errors_and_crashes_come_back_as_from_a_fresh_process(tmp_path):
     with pytest.raises(SpecError, match="a spec error raised in the step process"):
-        _run("refuse", tmp_path)
+        _run("refuse", tmp_path, env=ENV)
     with pytest.raises(WorkerError, match="exited with code -9 without a result"):
-        _run("crash", tmp_path)
+        _run("crash", tmp_path, env=ENV)
     assert "SpecError" in (tmp_path / "step.log").read_text()  # the traceback went to the step's log
-    assert _run("probe", tmp_path, tag="after")["tag"] == "after"  # the server outlived its crashed child
+    assert _run("probe", tmp_path, env=ENV, tag="after")["tag"] == "after"  # the server outlived its crashed child
 
 
 def test_turned_off_every_step_starts_fresh(tmp_path):

@@ -121,7 +121,10 @@ def test_catalog_down_at_the_start_fails_clearly_before_any_work(prefect, tiny_l
 def test_catalog_down_at_the_end_then_the_manifest_re_records_the_run_once(prefect, tiny_llama, tmp_path):
     store = tmp_path / "store"
     spec = tiny_spec(tiny_llama, name="db-down-end", gate=TINY_GATE, publish={"destination": store.as_uri()})
-    with catalog_behind_proxy() as (proxy, _proxied, direct):
+    # The first run cannot release its run-key claim (the database is down by then), so the rerun below
+    # waits for the claim's lease to expire: 60 s by default, 5 s here.
+    with settings_env(MODELFACTORY_CLAIM_LEASE_S="5", MODELFACTORY_CLAIM_POLL_S="0.5"), \
+            catalog_behind_proxy() as (proxy, _proxied, direct):
         proxy.cut_on = b"INSERT INTO publications"  # the model is published; recording it fails
         with pytest.raises(CatalogError):
             run_factory(spec)

@@ -38,7 +38,10 @@ from modelfactory.core.log import get_logger
 #: Idle servers kept (one per distinct step environment); one with a step process running is never closed.
 MAX_IDLE_SERVERS = 2
 READY_TIMEOUT_S = 300.0
-MAX_MESSAGE = 1 << 16
+#: Variables that change from call to call and that no library reads at import time (pytest names the
+#: current test in one): they do not pick the server, and each step process still gets its own value.
+VOLATILE = frozenset({"PYTEST_CURRENT_TEST"})
+MAX_MESSAGE = 1 << 20
 
 
 class ForkServerUnavailable(RuntimeError):
@@ -114,10 +117,11 @@ class ForkServer:
             return "no output"
         return "last output: " + " | ".join(lines[-3:]) if lines else "no output"
 
-    def spawn(self, *, target: str, in_path: Path, out_path: Path, cwd: Path | None) -> ForkedProcess:
-        """Fork a process running ``isolated_child.main([target, in_path, out_path])`` in *cwd*."""
+    def spawn(self, *, target: str, in_path: Path, out_path: Path, env: dict[str, str],
+              cwd: Path | None) -> ForkedProcess:
+        """Fork a process running ``isolated_child.main([target, in_path, out_path])`` with *env* in *cwd*."""
         read_fd, write_fd = os.pipe()
-        request = {"op": "fork", "target": target, "in": str(in_path), "out": str(out_path),
+        request = {"op": "fork", "target": target, "in": str(in_path), "out": str(out_path), "env": env,
                    "cwd": str(cwd) if cwd else None}
         try:
             with self._lock:
@@ -161,7 +165,8 @@ _servers_lock = threading.Lock()
 
 
 def _env_key(env: dict[str, str]) -> str:
-    return hashlib.sha256(json.dumps(sorted(env.items())).encode()).hexdigest()
+    """Steps whose environments differ only in :data:`VOLATILE` share a server (each gets its own exactly)."""
+    return hashlib.sha256(json.dumps(sorted((k, v) for k, v in env.items() if k not in VOLATILE)).encode()).hexdigest()
 
 
 def _server_for(env: dict[str, str]) -> ForkServer | None:
@@ -197,7 +202,7 @@ def fork_step(*, target: str, in_path: Path, out_path: Path, env: dict[str, str]
     if server is None:
         return None
     try:
-        return server.spawn(target=target, in_path=in_path, out_path=out_path, cwd=cwd)
+        return server.spawn(target=target, in_path=in_path, out_path=out_path, env=env, cwd=cwd)
     except ForkServerUnavailable as exc:
         _release(server)
         get_logger().warning(f"starting a fresh step process: {exc}")

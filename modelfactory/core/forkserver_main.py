@@ -4,7 +4,7 @@ It imports the heavy libraries once (:data:`PRELOAD`), says whether it is safe t
 other than the allocator's), then serves requests on the socket *FD* (a ``SOCK_SEQPACKET`` pair with
 :mod:`modelfactory.core.forkserver`), one JSON message each:
 
-- ``{"op": "fork", "target", "in", "out", "cwd"}`` plus one file descriptor (the step's output pipe):
+- ``{"op": "fork", "target", "in", "out", "env", "cwd"}`` plus one file descriptor (the step's output pipe):
   fork a step process that runs :func:`modelfactory.core.isolated_child.main`; reply ``{"pid"}``;
 - ``{"op": "wait", "pid"}``: reap that process; reply ``{"code"}`` (negative: killed by that signal).
 
@@ -28,7 +28,7 @@ PRELOAD = ("torch", "transformers", "transformers.modeling_utils", "transformers
            "transformers.models.auto.tokenization_auto", "transformers.generation.utils", "safetensors.torch")
 #: Threads that may exist at fork time: jemalloc (loaded by a dependency) restarts its own after a fork.
 FORK_SAFE_THREADS = frozenset({"jemalloc_bg_thd"})
-MAX_MESSAGE = 1 << 16
+MAX_MESSAGE = 1 << 20
 
 
 def _other_threads() -> list[str]:
@@ -55,6 +55,9 @@ def _run_child(request: dict, out_fd: int) -> None:
         os.dup2(out_fd, 1)
         os.dup2(out_fd, 2)
         os.close(out_fd)
+        if request.get("env") is not None:  # the server's own, but for variables that pick no server
+            os.environ.clear()
+            os.environ.update(request["env"])
         if request.get("cwd"):
             os.chdir(request["cwd"])
             sys.path[0] = os.getcwd()  # as ``python -m`` started there would have it
