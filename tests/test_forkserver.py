@@ -33,6 +33,12 @@ def probe(*, tag: str) -> dict:
             "torch_preloaded": "transformers" in sys.modules, "numpy_draw": float(numpy.random.random())}
 
 
+def mark_at_exit(*, path: str) -> None:
+    import atexit
+
+    atexit.register(Path(path).write_text, "exit handlers ran")
+
+
 def refuse() -> None:
     raise SpecError("a spec error raised in the step process")
 
@@ -82,6 +88,11 @@ def test_warm_steps_share_one_server_per_environment_and_draw_fresh_random_numbe
     assert first["pid"] != second["pid"]
     assert first["numpy_draw"] != second["numpy_draw"]  # reseeded per process, as a fresh start is
     assert other["env"] == "b"
+
+
+def test_a_warm_step_runs_its_exit_handlers_as_a_fresh_one_does(tmp_path):
+    _run("mark_at_exit", tmp_path, env=ENV, path=str(tmp_path / "mark"))
+    assert (tmp_path / "mark").read_text() == "exit handlers ran"
 
 
 def test_errors_and_crashes_come_back_as_from_a_fresh_process(tmp_path):

@@ -14,6 +14,7 @@ is killed and the server exits.
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import json
 import os
@@ -72,6 +73,7 @@ def _run_child(request: dict, out_fd: int) -> None:
         traceback.print_exc()
     finally:
         try:
+            atexit._run_exitfuncs()  # what a normal exit runs (temporary folders, library shutdown hooks)
             sys.stdout.flush()
             sys.stderr.flush()
         finally:
@@ -130,7 +132,7 @@ def main(argv: list[str]) -> int:
         return 1
     _send(sock, {"ready": True, "pid": os.getpid()})
     serve(sock)
-    return 0
+    os._exit(0)  # nothing to flush or clean up: skip tearing down torch and transformers (~1 s of CPU)
 
 
 if __name__ == "__main__":
