@@ -27,12 +27,13 @@ from modelfactory.testing.s3_server import MotoS3, s3_environment
 __all__ = ["REPO"]
 
 
-#: Modules that take minutes on 2 cores (``--durations`` of a serial run), longest first. ``make test``
-#: hands whole modules to two xdist workers in collection order: starting these first lets both
-#: workers finish together instead of one running the end-to-end test alone at the end.
-SLOWEST_FIRST = ("test_smollm2_e2e.py", "test_gpu_pool.py", "test_triggers.py", "test_sweep_flow.py",
-                 "test_load.py", "test_sweep_pool.py", "test_stage_handoff.py", "test_verdict.py",
-                 "test_benchmark.py")
+#: Modules that take minutes on 2 cores, longest first (per-module sums of a ``make test`` run's
+#: ``--junitxml``, 2026-11-29). ``make test`` hands whole modules to two xdist workers in collection
+#: order: starting these first lets both workers finish together instead of one running the
+#: end-to-end test alone at the end.
+SLOWEST_FIRST = ("test_smollm2_e2e.py", "test_gpu_pool.py", "test_load.py", "test_sweep_pool.py",
+                 "test_triggers.py", "test_sweep_flow.py", "test_stage_handoff.py", "test_verdict.py",
+                 "test_quantize.py", "test_s3.py", "test_runnability.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
