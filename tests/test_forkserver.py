@@ -33,6 +33,12 @@ def probe(*, tag: str) -> dict:
             "torch_preloaded": "transformers" in sys.modules, "numpy_draw": float(numpy.random.random())}
 
 
+def threads() -> dict:
+    import torch
+
+    return {"torch": torch.get_num_threads(), "ppid": os.getppid()}
+
+
 def mark_at_exit(*, path: str) -> None:
     import atexit
 
@@ -88,6 +94,16 @@ def test_warm_steps_share_one_server_per_environment_and_draw_fresh_random_numbe
     assert first["pid"] != second["pid"]
     assert first["numpy_draw"] != second["numpy_draw"]  # reseeded per process, as a fresh start is
     assert other["env"] == "b"
+
+
+def test_without_a_thread_count_a_warm_step_gets_the_default_one_as_a_fresh_one_does(tmp_path, monkeypatch):
+    """`make test` sets OMP_NUM_THREADS=1; without it torch would start an OpenMP team while importing, which a
+    forked child must not inherit: the server imports with one thread, each step takes the default back."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    fresh = _run("threads", tmp_path, warm=False, env=ENV)
+    warm = _run("threads", tmp_path, env=ENV)
+    assert warm["ppid"] != os.getpid()  # forked: the server did not refuse
+    assert warm["torch"] == fresh["torch"] == len(os.sched_getaffinity(0))
 
 
 def test_a_warm_step_runs_its_exit_handlers_as_a_fresh_one_does(tmp_path):

@@ -42,6 +42,9 @@ READY_TIMEOUT_S = 300.0
 #: current test in one): they do not pick the server, and each step process still gets its own value.
 VOLATILE = frozenset({"PYTEST_CURRENT_TEST"})
 MAX_MESSAGE = 1 << 20
+THREADS_ENV = "OMP_NUM_THREADS"
+#: Set in a server's environment when it was started with one thread for its imports only.
+RESTORE_THREADS_ENV = "MODELFACTORY_FORKSERVER_RESTORE_THREADS"
 
 
 class ForkServerUnavailable(RuntimeError):
@@ -86,10 +89,14 @@ class ForkServer:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._sock = ours
         self._stderr = tempfile.TemporaryFile()
+        # With more than one OpenMP thread, importing torch starts a thread team, and a forked child of a
+        # process that has one can hang in its first parallel region. So the server imports with one
+        # thread, and each step process then takes the count a fresh one would have (forkserver_main).
+        server_env = env if THREADS_ENV in env else {**env, THREADS_ENV: "1", RESTORE_THREADS_ENV: "1"}
         with theirs:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "modelfactory.core.forkserver_main", str(theirs.fileno())],
-                env=env, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                env=server_env, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=self._stderr,
             )
         try:

@@ -15,6 +15,7 @@ is killed and the server exits.
 from __future__ import annotations
 
 import atexit
+import gc
 import importlib
 import json
 import os
@@ -30,6 +31,10 @@ PRELOAD = ("torch", "transformers", "transformers.modeling_utils", "transformers
 #: Threads that may exist at fork time: jemalloc (loaded by a dependency) restarts its own after a fork.
 FORK_SAFE_THREADS = frozenset({"jemalloc_bg_thd"})
 MAX_MESSAGE = 1 << 20
+#: Set (by :mod:`modelfactory.core.forkserver`) when this server imported with one OpenMP thread although
+#: the steps' environment names no count: each step process then takes the default count, all usable CPUs,
+#: as a fresh torch would (numpy's own BLAS keeps one thread; the steps compute in torch).
+RESTORE_THREADS_ENV = "MODELFACTORY_FORKSERVER_RESTORE_THREADS"
 
 
 def _other_threads() -> list[str]:
@@ -56,9 +61,12 @@ def _run_child(request: dict, out_fd: int) -> None:
         os.dup2(out_fd, 1)
         os.dup2(out_fd, 2)
         os.close(out_fd)
+        restore_threads = os.environ.get(RESTORE_THREADS_ENV) == "1"
         if request.get("env") is not None:  # the server's own, but for variables that pick no server
             os.environ.clear()
             os.environ.update(request["env"])
+        if restore_threads:  # imported with one thread: take the count a fresh process would
+            sys.modules["torch"].set_num_threads(len(os.sched_getaffinity(0)))
         if request.get("cwd"):
             os.chdir(request["cwd"])
             sys.path[0] = os.getcwd()  # as ``python -m`` started there would have it
@@ -130,6 +138,9 @@ def main(argv: list[str]) -> int:
     if unsafe:
         _send(sock, {"ready": False, "why": f"threads running after the preload: {unsafe}"})
         return 1
+    # What the imports made lives as long as the process: keep the step processes' collections (GPTQModel
+    # runs one per layer) off those ~0.5 M objects and their pages shared (the gc module's advice for fork).
+    gc.freeze()
     _send(sock, {"ready": True, "pid": os.getpid()})
     serve(sock)
     os._exit(0)  # nothing to flush or clean up: skip tearing down torch and transformers (~1 s of CPU)
