@@ -10,7 +10,7 @@ measurement (a sweep measures the fp16 side once):
   (``benchmark.json``: both sides, as before).
 
 :func:`benchmark_models` is the two in a row (the plain factory flow). Each side is measured in its
-own fresh worker process (:func:`measure_side`; see :mod:`modelfactory.benchmark` for the method),
+own worker process (:func:`measure_side`; see :mod:`modelfactory.benchmark` for the method),
 one after the other, so memory numbers are not polluted by the other side.
 """
 
@@ -44,6 +44,7 @@ from modelfactory.core.devices import (
     out_of_memory_error,
     resolve_device,
     resolve_dtype,
+    runs_on_cpu,
 )
 from modelfactory.core.errors import BenchmarkError
 from modelfactory.core.hashing import step_key
@@ -163,7 +164,7 @@ def _task_metrics(result: TaskEvalResult) -> dict[str, TaskMetrics]:
 
 def _measure_side(*, model_path: str, side: Side, spec: dict, treatment: bench.GraphTreatment | None = None,
                   out_dir: str | None = None, reference_dir: str | None = None) -> SideMetrics:
-    """Worker body: load one model and measure it (runs in a fresh process).
+    """Worker body: load one model and measure it (runs in its own process).
 
     *treatment*: how the CUDA-graph decode step is prepared (a key of
     :data:`modelfactory.benchmark.GRAPH_TREATMENTS`; default: the spec's ``decode.graph_treatment``).
@@ -447,9 +448,8 @@ def _measure(model: ModelArtifact, *, side: Side, spec: BenchmarkSpec, log_path:
         kwargs={"model_path": str(stage_store.resolve(model.path)), "side": side,
                 "spec": spec.model_dump(mode="json"), "out_dir": str(out_dir),
                 "reference_dir": str(reference_dir) if reference_dir else None},
-        # Always a fresh process, never forked (core/forkserver): a forked child's RSS lacks the library pages
-        # its server had mapped, so on CPU its load grows RSS by ~20 MB more (SmolLM2: memory ratio 0.19 vs 0.13).
-        log_path=log_path, env=gpu_env(), unexpected=BenchmarkError,
+        # On CPU forked from a warm interpreter (core/forkserver): it starts with the memory a fresh one has.
+        log_path=log_path, env=gpu_env(), unexpected=BenchmarkError, warm=runs_on_cpu(spec.device),
     ), side=side)
 
 

@@ -2,7 +2,7 @@
 
 On CUDA: the caching allocator's allocated bytes after load and its peak while decoding / overall.
 On CPU: the process RSS delta over the pre-load RSS, and the peak RSS (VmHWM, reset via
-``/proc/self/clear_refs`` before each phase). Each side runs in a fresh process, so nothing of the
+``/proc/self/clear_refs`` before each phase). Each side runs in its own process, so nothing of the
 other side is counted. Disk: bytes of the ``*.safetensors`` files.
 """
 

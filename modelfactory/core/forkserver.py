@@ -13,9 +13,9 @@ their output line by line. So there is one server per distinct environment here,
 passed to the server with the request (``SCM_RIGHTS``).
 
 CPU only (:func:`modelfactory.core.devices.gpu_present`): a process that has imported torch may be forked
-only while nothing has initialised CUDA, and on a GPU the import is noise next to the work. Not for
-the benchmark sides: a forked process's RSS lacks the library pages its server had mapped, so a CPU
-memory measurement in it reads higher than in a fresh process. Turned off by
+only while nothing has initialised CUDA, and on a GPU the import is noise next to the work. A forked
+step maps the library pages its server had mapped first, so it starts with the RSS a fresh process has
+and the benchmark's CPU memory numbers read the same either way. Turned off by
 ``MODELFACTORY_FORK_SERVER=false``. Where a server cannot start, steps start fresh processes.
 """
 

@@ -10,11 +10,18 @@ other than the allocator's), then serves requests on the socket *FD* (a ``SOCK_S
 
 When the client's end closes (its process died or it is done), every step process still running
 is killed and the server exits.
+
+A step process starts with the memory a fresh one would have after the same imports: ``fork()`` copies
+the anonymous pages, but not the library pages the server had mapped from files (torch's code, ~200 MB),
+so each step maps those again first (:func:`_resident_file_pages`, :func:`_map_again`). Without that, a
+step's RSS would grow by whatever library code it touches, and a CPU memory measurement in it
+(``modelfactory.benchmark.memory``) would read higher than in a fresh process.
 """
 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import gc
 import importlib
 import json
@@ -35,6 +42,47 @@ MAX_MESSAGE = 1 << 20
 #: the steps' environment names no count: each step process then takes the default count, all usable CPUs,
 #: as a fresh torch would (numpy's own BLAS keeps one thread; the steps compute in torch).
 RESTORE_THREADS_ENV = "MODELFACTORY_FORKSERVER_RESTORE_THREADS"
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MADV_POPULATE_READ = 22  # Linux >= 5.14: map these pages (from the page cache), as read faults would
+
+
+def _resident_file_pages() -> list[tuple[int, int]]:
+    """The address ranges of this process's file-backed mappings whose pages are mapped now.
+
+    Read from ``/proc/self/pagemap`` (bit 63: present), which a process may read for itself. Written by
+    hand because no library offers it; these are the pages a forked child lacks (the kernel copies a
+    file mapping's page table only where the parent has written to it).
+    """
+    runs: list[tuple[int, int]] = []
+    with open("/proc/self/maps") as maps, open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            path = fields[5].strip() if len(fields) == 6 else ""
+            if not path.startswith("/") or path.startswith("/dev/") or not fields[1].startswith("r"):
+                continue  # anonymous, [heap]/[stack]/[vdso], a device, or not readable
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            pagemap.seek(start // PAGE * 8)
+            entries = memoryview(pagemap.read((end - start) // PAGE * 8)).cast("Q")
+            run_start = None
+            for i, entry in enumerate(entries):
+                if entry >> 63 and run_start is None:
+                    run_start = start + i * PAGE
+                elif not entry >> 63 and run_start is not None:
+                    runs.append((run_start, start + i * PAGE))
+                    run_start = None
+            if run_start is not None:
+                runs.append((run_start, end))
+    return runs
+
+
+def _map_again(runs: list[tuple[int, int]]) -> None:
+    """In a forked process: map the server's resident file pages (:func:`_resident_file_pages`)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    for start, end in runs:
+        if libc.madvise(start, end - start, MADV_POPULATE_READ) != 0:
+            for address in range(start, end, PAGE):  # an older kernel: one read per page does the same
+                ctypes.c_char.from_address(address).value
 
 
 def _other_threads() -> list[str]:
@@ -53,11 +101,12 @@ def _send(sock: socket.socket, message: dict) -> None:
     sock.send(json.dumps(message).encode())
 
 
-def _run_child(request: dict, out_fd: int) -> None:
+def _run_child(request: dict, out_fd: int, resident: list[tuple[int, int]]) -> None:
     """In the forked process: the step's output goes to *out_fd*; run it like a fresh
     ``python -m modelfactory.core.isolated_child`` would, then exit (never returns)."""
     code = 1
     try:
+        _map_again(resident)
         os.dup2(out_fd, 1)
         os.dup2(out_fd, 2)
         os.close(out_fd)
@@ -88,7 +137,7 @@ def _run_child(request: dict, out_fd: int) -> None:
             os._exit(code)
 
 
-def serve(sock: socket.socket) -> None:
+def serve(sock: socket.socket, *, resident: list[tuple[int, int]]) -> None:
     children: set[int] = set()
     try:
         while True:
@@ -105,7 +154,7 @@ def serve(sock: socket.socket) -> None:
                 pid = os.fork()
                 if pid == 0:
                     sock.close()
-                    _run_child(request, fds[0])
+                    _run_child(request, fds[0], resident)
                 os.close(fds[0])
                 children.add(pid)
                 _send(sock, {"pid": pid})
@@ -141,8 +190,9 @@ def main(argv: list[str]) -> int:
     # What the imports made lives as long as the process: keep the step processes' collections (GPTQModel
     # runs one per layer) off those ~0.5 M objects and their pages shared (the gc module's advice for fork).
     gc.freeze()
+    resident = _resident_file_pages()
     _send(sock, {"ready": True, "pid": os.getpid()})
-    serve(sock)
+    serve(sock, resident=resident)
     os._exit(0)  # nothing to flush or clean up: skip tearing down torch and transformers (~1 s of CPU)
 
 
