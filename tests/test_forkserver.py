@@ -30,6 +30,7 @@ def probe(*, tag: str) -> dict:
     return {"tag": tag, "pid": os.getpid(), "ppid": os.getppid(), "cwd": os.getcwd(), "path0": sys.path[0],
             "argv": sys.argv[1:], "env": os.environ.get("MF_TEST_FORK"),
             "test": os.environ.get("PYTEST_CURRENT_TEST"), "worker": os.environ.get("MODELFACTORY_WORKER"),
+            "work_dir": os.environ.get("MODELFACTORY_WORK_DIR"),
             "torch_preloaded": "transformers" in sys.modules, "numpy_draw": float(numpy.random.random())}
 
 
@@ -105,13 +106,25 @@ def test_a_warm_step_sees_what_a_fresh_one_sees(tmp_path):
 
 def test_warm_steps_share_one_server_per_environment_and_draw_fresh_random_numbers(tmp_path):
     first = _run("probe", tmp_path, env=ENV, tag="1")
-    second = _run("probe", tmp_path, env={**ENV, "PYTEST_CURRENT_TEST": "another test"}, tag="2")
+    second = _run("probe", tmp_path, env={**ENV, "PYTEST_CURRENT_TEST": "another test",
+                                          "MODELFACTORY_WORK_DIR": str(tmp_path / "work")}, tag="2")
     other = _run("probe", tmp_path, env={"MF_TEST_FORK": "b"}, tag="3")
-    assert first["ppid"] == second["ppid"] != other["ppid"]  # pytest's test name picks no server ...
+    assert first["ppid"] == second["ppid"] != other["ppid"]  # pytest's test name, our settings pick no server ...
     assert second["test"] == "another test" and first["test"] == os.environ["PYTEST_CURRENT_TEST"]  # ... each has its own
+    assert second["work_dir"] == str(tmp_path / "work") and first["work_dir"] == os.environ.get("MODELFACTORY_WORK_DIR")
     assert first["pid"] != second["pid"]
     assert first["numpy_draw"] != second["numpy_draw"]  # reseeded per process, as a fresh start is
     assert other["env"] == "b"
+
+
+def test_the_server_imports_nothing_that_reads_our_settings_or_prefects():
+    """Why MODELFACTORY_* and PREFECT_* variables pick no server (forkserver.VOLATILE_PREFIXES): after its preload
+    the server holds no module of the factory's but its own packages, and none of Prefect's."""
+    code = ("import importlib, sys\nfrom modelfactory.core.forkserver_main import PRELOAD\n"
+            "for name in PRELOAD: importlib.import_module(name)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('modelfactory', 'prefect')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert eval(loaded) == ["modelfactory", "modelfactory.core", "modelfactory.core.forkserver_main"]
 
 
 def test_without_a_thread_count_a_warm_step_gets_the_default_one_as_a_fresh_one_does(tmp_path, monkeypatch):

@@ -9,8 +9,9 @@ and arguments as a fresh one, and ends with it: nothing of one step is left for 
 Why by hand: :mod:`multiprocessing`'s ``forkserver`` start method preloads modules too, but it is one
 server per process, started with the environment of that moment, and its children cannot get a pipe as
 their stdout. Steps carry their own environment (libraries read some of it at import time) and stream
-their output line by line. So there is one server per distinct environment here, and the step's pipe is
-passed to the server with the request (``SCM_RIGHTS``).
+their output line by line. So there is one server per distinct environment here (variables that no
+preloaded library reads, :data:`VOLATILE_PREFIXES`, aside), and the step's pipe is passed to the server
+with the request (``SCM_RIGHTS``).
 
 CPU only (:func:`modelfactory.core.devices.gpu_present`): a process that has imported torch may be forked
 only while nothing has initialised CUDA, and on a GPU the import is noise next to the work. A forked
@@ -35,18 +36,18 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import IO
 
+from modelfactory.core.forkserver_main import MAX_MESSAGE, RESTORE_THREADS_ENV
 from modelfactory.core.log import get_logger
 
 #: Idle servers kept (one per distinct step environment); one with a step process running is never closed.
 MAX_IDLE_SERVERS = 2
 READY_TIMEOUT_S = 300.0
-#: Variables that change from call to call and that no library reads at import time (pytest names the
-#: current test in one): they do not pick the server, and each step process still gets its own value.
+#: Variables that no preloaded library reads at import time: they do not pick the server, and each step
+#: process still gets its own value. pytest names the current test in one; the factory's own settings and
+#: Prefect's are read by code that only the step imports (the server imports nothing of either).
 VOLATILE = frozenset({"PYTEST_CURRENT_TEST"})
-MAX_MESSAGE = 1 << 20
+VOLATILE_PREFIXES = ("MODELFACTORY_", "PREFECT_")
 THREADS_ENV = "OMP_NUM_THREADS"
-#: Set in a server's environment when it was started with one thread for its imports only.
-RESTORE_THREADS_ENV = "MODELFACTORY_FORKSERVER_RESTORE_THREADS"
 
 
 class ForkServerUnavailable(RuntimeError):
@@ -174,8 +175,10 @@ _servers_lock = threading.Lock()
 
 
 def _env_key(env: dict[str, str]) -> str:
-    """Steps whose environments differ only in :data:`VOLATILE` share a server (each gets its own exactly)."""
-    return hashlib.sha256(json.dumps(sorted((k, v) for k, v in env.items() if k not in VOLATILE)).encode()).hexdigest()
+    """Steps whose environments differ only in :data:`VOLATILE` and :data:`VOLATILE_PREFIXES` share a server
+    (each gets its own environment exactly)."""
+    kept = sorted((k, v) for k, v in env.items() if k not in VOLATILE and not k.startswith(VOLATILE_PREFIXES))
+    return hashlib.sha256(json.dumps(kept).encode()).hexdigest()
 
 
 def _server_for(env: dict[str, str]) -> ForkServer | None:

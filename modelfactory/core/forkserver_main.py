@@ -190,7 +190,11 @@ def main(argv: list[str]) -> int:
     # What the imports made lives as long as the process: keep the step processes' collections (GPTQModel
     # runs one per layer) off those ~0.5 M objects and their pages shared (the gc module's advice for fork).
     gc.freeze()
-    resident = _resident_file_pages()
+    try:
+        resident = _resident_file_pages()
+    except OSError as exc:  # no /proc/self/pagemap (some sandboxes): steps would read more memory than fresh
+        _send(sock, {"ready": False, "why": f"cannot read which library pages are mapped: {exc}"})
+        return 1
     _send(sock, {"ready": True, "pid": os.getpid()})
     serve(sock, resident=resident)
     os._exit(0)  # nothing to flush or clean up: skip tearing down torch and transformers (~1 s of CPU)
