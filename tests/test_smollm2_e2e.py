@@ -22,6 +22,17 @@ from tasks.download import download_model
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _demo_threads():
+    """This module's step processes take the demo's thread count (all cores; `make test` pins one OpenMP
+    thread per process). The other xdist worker spends much of this time waiting on Prefect servers; when
+    it computes too, idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=passive``)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("OMP_NUM_THREADS", raising=False)
+        patch.setenv("OMP_WAIT_POLICY", "passive")
+        yield
+
+
 @pytest.fixture(scope="module")
 def smollm2_spec(prefect):
     gguf = smollm2_gguf()
