@@ -3,6 +3,7 @@ fresh start would give, errors and crashes reported the same way, nothing left b
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -120,11 +121,11 @@ def test_warm_steps_share_one_server_per_environment_and_draw_fresh_random_numbe
 def test_the_server_imports_nothing_that_reads_our_settings_or_prefects():
     """Why MODELFACTORY_* and PREFECT_* variables pick no server (forkserver.VOLATILE_PREFIXES): after its preload
     the server holds no module of the factory's but its own packages, and none of Prefect's."""
-    code = ("import importlib, sys\nfrom modelfactory.core.forkserver_main import PRELOAD\n"
+    code = ("import importlib, json, sys\nfrom modelfactory.core.forkserver_main import PRELOAD\n"
             "for name in PRELOAD: importlib.import_module(name)\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('modelfactory', 'prefect')))")
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('modelfactory', 'prefect'))))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert eval(loaded) == ["modelfactory", "modelfactory.core", "modelfactory.core.forkserver_main"]
+    assert json.loads(loaded) == ["modelfactory", "modelfactory.core", "modelfactory.core.forkserver_main"]
 
 
 def test_without_a_thread_count_a_warm_step_gets_the_default_one_as_a_fresh_one_does(tmp_path, monkeypatch):
