@@ -1,7 +1,9 @@
-"""Runs where users run it: plain-transformers load + generate in a fresh process, and the group size choice.
+"""Runs where users run it: plain-transformers load + generate in a process without factory code, and the
+group size choice.
 
-The process tests run the real ``plain_load.py`` (``python -I``) on real GPTQ artifacts of the tiny
-random Llama, quantized with the factory's own step on CPU.
+The process tests run the real ``plain_load.py`` (``python -I``; on CPU forked from an isolated warm server,
+as the factory does) on real GPTQ artifacts of the tiny random Llama, quantized with the factory's own step
+on CPU.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from modelfactory.benchmark.runnability import (
     result_from_child,
 )
 from modelfactory.core.errors import SpecError
-from modelfactory.testing.env import own_work_dir
+from modelfactory.testing.env import own_work_dir, settings_env
 from modelfactory.testing.models import make_tiny_llama
+from modelfactory.testing.prefect_server import step_processes
 
 #: config.json of SmolLM2-135M(-Instruct) and of Llama-2-7B, the parts that set the layer widths.
 SMOLLM2 = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
@@ -207,7 +210,7 @@ def test_good_artifact_runs_on_cpu_without_factory_code(tiny_gptq, tmp_path):
     assert report.passed, report.summary()
     (result,) = report.results
     assert result.ok and result.device == "cpu" and result.stage == "done"
-    assert result.factory_modules == ()
+    assert result.factory_modules == () and result.process == "forked"
     assert result.kernel == "TorchAtenLinear", "GPTQModel's default CPU kernel, as a user gets it"
     assert result.tokens == plain_load.DEFAULT_NEW_TOKENS and result.text
     assert result.load_s > 0 and result.generate_s > 0 and result.wall_s >= result.load_s
@@ -215,6 +218,22 @@ def test_good_artifact_runs_on_cpu_without_factory_code(tiny_gptq, tmp_path):
     assert result.snippet == load_snippet(model=str(tiny_gptq.resolve()), device="cpu")
     log = (tmp_path / "log").read_text()
     assert result.snippet in log and '{"plain_load": 1, "ok": true' in log
+
+
+def test_a_forked_check_finds_what_a_fresh_python_I_process_finds(tiny_gptq, tiny_gptq_misfit):
+    """The warm server changes how the process starts, not what the snippet meets: same kernel, tokens and
+    text, no factory module, and the same failure for an artifact that cannot run."""
+    def check(model_dir: Path, fork: str):
+        with settings_env(MODELFACTORY_FORK_SERVER=fork):
+            (result,) = check_runs_plainly(model_dir=model_dir, devices=["cpu"], timeout_s=600).results
+        return result
+
+    for model_dir in (tiny_gptq, tiny_gptq_misfit):
+        forked, fresh = check(model_dir, "true"), check(model_dir, "false")
+        assert (forked.process, fresh.process) == ("forked", "fresh")
+        same = ("ok", "stage", "kernel", "tokens", "text", "factory_modules", "versions", "error_type", "error_message")
+        assert forked.model_dump(include=set(same)) == fresh.model_dump(include=set(same))
+    assert fresh.import_s > 1 > forked.import_s  # the server paid the imports
 
 
 def test_group_size_that_does_not_divide_a_width_fails_with_the_reason_and_the_fix(tiny_gptq_misfit):
@@ -243,6 +262,7 @@ def test_timeout_kills_the_process_and_says_so(tiny_gptq):
     (result,) = check_runs_plainly(model_dir=tiny_gptq, devices=["cpu"], timeout_s=0.05).results
     assert not result.ok and result.error_type == "Timeout"
     assert "raise the timeout" in result.explanation
+    assert step_processes() == [], "the killed check left a process behind"
 
 
 def test_group_size_auto_is_resolved_recorded_and_shares_the_explicit_output(tiny_gptq, tiny_llama, tiny_work):

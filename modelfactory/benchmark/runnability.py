@@ -1,10 +1,13 @@
 """Does the artifact run where users run it? Load it with plain transformers and generate.
 
 :func:`check_runs_plainly` runs :mod:`modelfactory.benchmark.plain_load` *by file path* in a
-fresh ``python -I`` process (no factory code, no ``PYTHONPATH``, default settings: exactly the
+``python -I`` process (no factory code, no ``PYTHONPATH``, default settings: exactly the
 "Load it" snippet a user copies from the model card) once per device: on CPU always, on CUDA
-when a GPU is visible. The CPU run hides the GPUs (``CUDA_VISIBLE_DEVICES=""``) as a CPU-only
-machine would. Each run is bounded by a timeout and yields one :class:`RunnabilityResult`;
+when a GPU is visible. On CPU that process is forked from a ``python -I`` server that has imported
+torch and transformers and nothing else (:func:`modelfactory.core.forkserver.fork_script`; ~5 s of
+CPU less per check; ``MODELFACTORY_FORK_SERVER=false`` starts it fresh): the snippet then loads and
+generates as in a fresh process, and the result still lists any factory module found imported.
+The CPU run hides the GPUs (``CUDA_VISIBLE_DEVICES=""``) as a CPU-only machine would. Each run is bounded by a timeout and yields one :class:`RunnabilityResult`;
 a failure carries the library's own error and an explanation of what to do
 (:func:`explain_failure`), e.g. a group size that does not divide a layer's width.
 """
@@ -33,8 +36,10 @@ from modelfactory.benchmark.layer_widths import (
 )
 from modelfactory.core.devices import gpu_env
 from modelfactory.core.errors import SpecError
+from modelfactory.core.forkserver import ForkedProcess, fork_script
 from modelfactory.core.log import progress
 from modelfactory.core.records import Record
+from modelfactory.core.settings import get_settings
 
 PLAIN_LOAD_SCRIPT = Path(plain_load.__file__).resolve()
 Device = Literal["cpu", "cuda"]
@@ -51,7 +56,10 @@ class RunnabilityResult(Record):
     snippet: str
     #: Where it stopped: import | load | generate | done (or process: the process died / timed out).
     stage: str
-    wall_s: float  # the whole process: interpreter start, imports, load, generate
+    wall_s: float  # the whole process: interpreter start (fresh only), imports, load, generate
+    #: How the process started: a fresh ``python -I``, or forked from one that had imported torch and
+    #: transformers (then ``import_s`` is ~0: the server paid the imports).
+    process: Literal["fresh", "forked"] = "fresh"
     import_s: float | None = None
     load_s: float | None = None
     generate_s: float | None = None
@@ -266,7 +274,8 @@ def resolve_devices(devices: Sequence[str] | Literal["auto"]) -> tuple[Device, .
 
 def run_plain_load(*, model_dir: Path, device: Device, timeout_s: float, new_tokens: int, prompt: str,
                    log_path: Path | None = None) -> RunnabilityResult:
-    """One fresh ``python -I plain_load.py`` process on *device*; never raises for a failed load."""
+    """One ``python -I plain_load.py`` process on *device* (on CPU forked from a warm isolated server where
+    one runs, else fresh); never raises for a failed load."""
     # The factory's kernel caches (a first CUDA load compiles for minutes), but not its worker count: a user sets none.
     caches = {k: v for k, v in gpu_env().items() if k != "GPTQMODEL_CPU_WORKERS"}
     env = {**os.environ, **caches, "PYTHONUNBUFFERED": "1"}
@@ -277,8 +286,13 @@ def run_plain_load(*, model_dir: Path, device: Device, timeout_s: float, new_tok
     snippet = plain_load.snippet(model=str(model_dir), device=device, prompt=prompt, new_tokens=new_tokens)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mf-plain-load-") as cwd:  # libraries write ./logs and the like
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                errors="replace", start_new_session=True)
+        # CUDA is hidden on CPU, so nothing initialises it in the server: forking is safe on any host.
+        proc = fork_script(script=PLAIN_LOAD_SCRIPT, args=cmd[3:], env=env, cwd=Path(cwd)) if (
+            device == "cpu" and get_settings().fork_server) else None
+        process = "fresh" if proc is None else "forked"
+        if proc is None:
+            proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    errors="replace", start_new_session=True)
         timed_out = False
         try:
             stdout, stderr = proc.communicate(timeout=timeout_s)
@@ -294,7 +308,8 @@ def run_plain_load(*, model_dir: Path, device: Device, timeout_s: float, new_tok
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "a", encoding="utf-8") as log:
-            log.write(f"# the snippet that ran:\n{snippet}$ {' '.join(cmd)}\n{stdout}{stderr}\n"
+            log.write(f"# the snippet that ran:\n{snippet}$ {' '.join(cmd)}{'  # forked' if process == 'forked' else ''}\n"
+                      f"{stdout}{stderr}\n"
                       f"[exit {proc.returncode}, {wall_s:.1f} s]\n")
     if timed_out:
         data = {"ok": False, "stage": "process", "error_type": "Timeout",
@@ -304,19 +319,21 @@ def run_plain_load(*, model_dir: Path, device: Device, timeout_s: float, new_tok
                                   "error_message": f"plain_load exited with code {proc.returncode} without a result",
                                   "traceback_tail": "\n".join((stdout + stderr).strip().splitlines()[-15:])}
     return result_from_child(data, device=device, snippet=snippet, wall_s=wall_s, widths=_widths(model_dir),
-                             timeout_s=timeout_s)
+                             timeout_s=timeout_s, process=process)
 
 
-def _kill_session(proc: subprocess.Popen) -> None:
-    """Kill the child and whatever it started (it runs in a session of its own)."""
+def _kill_session(proc: subprocess.Popen | ForkedProcess) -> None:
+    """Kill the child and whatever it started (it runs in a session of its own; a forked one may be killed
+    before it made its session, hence the child itself too)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    proc.kill()
 
 
 def result_from_child(data: dict, *, device: Device, snippet: str, wall_s: float, widths: LayerWidths | None = None,
-                      timeout_s: float = 0.0) -> RunnabilityResult:
+                      timeout_s: float = 0.0, process: Literal["fresh", "forked"] = "fresh") -> RunnabilityResult:
     """The :class:`RunnabilityResult` for plain_load's JSON *data*, with the explanation of a failure.
 
     A run that imported factory code is void (it did not test what a user runs) and fails.
@@ -340,7 +357,7 @@ def result_from_child(data: dict, *, device: Device, snippet: str, wall_s: float
         explanation = explain_failure(error_type=fields["error_type"], message=fields["error_message"], device=device,
                                       widths=widths, kernel=fields["kernel"], stage=stage, timeout_s=timeout_s,
                                       traceback_tail=fields.get("traceback_tail"))
-    return RunnabilityResult(device=device, ok=ok, snippet=snippet, stage=stage, wall_s=wall_s,
+    return RunnabilityResult(device=device, ok=ok, snippet=snippet, stage=stage, wall_s=wall_s, process=process,
                              tokens=int(data.get("tokens") or 0), versions=data.get("versions") or {},
                              factory_modules=factory_modules, explanation=explanation, **fields)
 
@@ -350,7 +367,7 @@ def check_runs_plainly(*, model_dir: str | Path, devices: Sequence[str] | Litera
                        prompt: str = plain_load.DEFAULT_PROMPT, log_path: Path | None = None) -> RunnabilityReport:
     """Load *model_dir* with plain ``transformers`` and generate *new_tokens* greedy tokens, on each device.
 
-    Each device runs in its own fresh process bounded by *timeout_s* (a first CUDA load may
+    Each device runs in its own process bounded by *timeout_s* (a first CUDA load may
     compile GPTQModel kernels for minutes). Never raises for an artifact that fails to run: the
     report says why, and the gate decides.
     """

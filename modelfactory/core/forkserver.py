@@ -14,7 +14,12 @@ preloaded library reads, :data:`VOLATILE_PREFIXES`, aside), and the step's pipe 
 with the request (``SCM_RIGHTS``).
 
 CPU only (:func:`modelfactory.core.devices.gpu_present`): a process that has imported torch may be forked
-only while nothing has initialised CUDA, and on a GPU the import is noise next to the work. A forked
+only while nothing has initialised CUDA, and on a GPU the import is noise next to the work.
+
+A second kind of server runs scripts that must see no factory code (:func:`fork_script`: the
+plain-transformers check, :mod:`modelfactory.benchmark.runnability`): it is started as ``python -I`` with
+:mod:`~modelfactory.core.forkserver_main` by file path, so it imports the standard library, torch and
+transformers, and nothing else; each script process is forked from it as ``python -I SCRIPT`` would start. A forked
 step maps the library pages its server had mapped first, so it starts with the RSS a fresh process has
 and the benchmark's CPU memory numbers read the same either way. Turned off by
 ``MODELFACTORY_FORK_SERVER=false``. Where a server cannot start, steps start fresh processes.
@@ -36,6 +41,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import IO
 
+from modelfactory.core import forkserver_main
 from modelfactory.core.forkserver_main import MAX_MESSAGE, RESTORE_THREADS_ENV
 from modelfactory.core.log import get_logger
 
@@ -55,12 +61,13 @@ class ForkServerUnavailable(RuntimeError):
 
 
 class ForkedProcess:
-    """A step process forked by a :class:`ForkServer`: what :func:`~modelfactory.core.isolation.run_isolated`
-    uses of :class:`subprocess.Popen` (``stdout`` as text lines, ``pid``, ``wait``, ``kill``)."""
+    """A process forked by a :class:`ForkServer`: what callers use of :class:`subprocess.Popen` (``stdout``
+    and ``stderr`` as text, ``pid``, ``wait``, ``kill``, ``communicate``)."""
 
-    def __init__(self, server: ForkServer, pid: int, stdout: IO[str]) -> None:
-        self._server, self.pid, self.stdout = server, pid, stdout
+    def __init__(self, server: ForkServer, pid: int, stdout: IO[str], stderr: IO[str] | None = None) -> None:
+        self._server, self.pid, self.stdout, self.stderr = server, pid, stdout, stderr
         self.returncode: int | None = None
+        self._readers: list[tuple[threading.Thread, list[str]]] = []
 
     def wait(self) -> int:
         if self.returncode is None:
@@ -74,18 +81,46 @@ class ForkedProcess:
         except ProcessLookupError:
             pass
 
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Read stdout and stderr to their end and wait, like :meth:`subprocess.Popen.communicate`: raises
+        :class:`subprocess.TimeoutExpired` after *timeout* s (call again after killing it for the rest)."""
+        if not self._readers:
+            for stream in (self.stdout, self.stderr):
+                chunks: list[str] = []
+                reader = threading.Thread(target=_read_all, args=(stream, chunks), daemon=True)
+                reader.start()
+                self._readers.append((reader, chunks))
+        for reader, _ in self._readers:
+            reader.join(timeout)
+            if reader.is_alive():
+                raise subprocess.TimeoutExpired(f"forked process {self.pid}", timeout or 0)
+        for stream in (self.stdout, self.stderr):
+            if stream is not None:
+                stream.close()
+        self.wait()
+        out, err = ("".join(chunks) for _, chunks in self._readers)
+        return out, err
+
     def __enter__(self) -> ForkedProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stdout.close()
+        for stream in (self.stdout, self.stderr):
+            if stream is not None:
+                stream.close()
         self.wait()
 
 
-class ForkServer:
-    """One warm interpreter for one environment (:mod:`modelfactory.core.forkserver_main`)."""
+def _read_all(stream: IO[str] | None, into: list[str]) -> None:
+    if stream is not None:
+        into.extend(stream)
 
-    def __init__(self, env: dict[str, str]) -> None:
+
+class ForkServer:
+    """One warm interpreter for one environment (:mod:`modelfactory.core.forkserver_main`); *isolated*: a
+    ``python -I`` one that imports no factory code (for :func:`fork_script`)."""
+
+    def __init__(self, env: dict[str, str], *, isolated: bool = False) -> None:
         self.env = env
         self.busy = 0
         self._lock = threading.Lock()
@@ -96,9 +131,11 @@ class ForkServer:
         # process that has one can hang in its first parallel region. So the server imports with one
         # thread, and each step process then takes the count a fresh one would have (forkserver_main).
         server_env = env if THREADS_ENV in env else {**env, THREADS_ENV: "1", RESTORE_THREADS_ENV: "1"}
+        main = ["-I", str(Path(forkserver_main.__file__).resolve())] if isolated else [
+            "-m", "modelfactory.core.forkserver_main"]
         with theirs:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "modelfactory.core.forkserver_main", str(theirs.fileno())],
+                [sys.executable, *main, str(theirs.fileno())],
                 env=server_env, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=self._stderr,
             )
@@ -127,22 +164,23 @@ class ForkServer:
             return "no output"
         return "last output: " + " | ".join(lines[-3:]) if lines else "no output"
 
-    def spawn(self, *, target: str, in_path: Path, out_path: Path, env: dict[str, str],
-              cwd: Path | None) -> ForkedProcess:
-        """Fork a process running ``isolated_child.main([target, in_path, out_path])`` with *env* in *cwd*."""
-        read_fd, write_fd = os.pipe()
-        request = {"op": "fork", "target": target, "in": str(in_path), "out": str(out_path), "env": env,
-                   "cwd": str(cwd) if cwd else None}
+    def spawn(self, request: dict, *, stderr: bool = False) -> ForkedProcess:
+        """Fork a process for *request* (:mod:`~modelfactory.core.forkserver_main`'s ``fork`` op); its output
+        comes back on a pipe (two with *stderr*: stdout and stderr apart)."""
+        pipes = [os.pipe() for _ in range(2 if stderr else 1)]
         try:
             with self._lock:
-                socket.send_fds(self._sock, [json.dumps(request).encode()], [write_fd])
+                socket.send_fds(self._sock, [json.dumps({"op": "fork", **request}).encode()], [w for _, w in pipes])
                 pid = self._recv()["pid"]
         except (OSError, ForkServerUnavailable) as exc:
-            os.close(read_fd)
+            for read_fd, _ in pipes:
+                os.close(read_fd)
             raise ForkServerUnavailable(f"the fork server is gone ({exc})") from exc
         finally:
-            os.close(write_fd)
-        return ForkedProcess(self, pid, open(read_fd, encoding="utf-8", errors="replace"))
+            for _, write_fd in pipes:
+                os.close(write_fd)
+        streams = [open(read_fd, encoding="utf-8", errors="replace") for read_fd, _ in pipes]
+        return ForkedProcess(self, pid, *streams)
 
     def wait(self, pid: int) -> int:
         """The exit code of a step process (negative: the signal that killed it); call once its output ended."""
@@ -174,15 +212,15 @@ _failed: set[str] = set()
 _servers_lock = threading.Lock()
 
 
-def _env_key(env: dict[str, str]) -> str:
+def _env_key(env: dict[str, str], *, isolated: bool = False) -> str:
     """Steps whose environments differ only in :data:`VOLATILE` and :data:`VOLATILE_PREFIXES` share a server
     (each gets its own environment exactly)."""
     kept = sorted((k, v) for k, v in env.items() if k not in VOLATILE and not k.startswith(VOLATILE_PREFIXES))
-    return hashlib.sha256(json.dumps(kept).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([isolated, kept]).encode()).hexdigest()
 
 
-def _server_for(env: dict[str, str]) -> ForkServer | None:
-    key = _env_key(env)
+def _server_for(env: dict[str, str], *, isolated: bool = False) -> ForkServer | None:
+    key = _env_key(env, isolated=isolated)
     with _servers_lock:
         server = _servers.get(key)
         if server is not None and not server.alive:
@@ -192,7 +230,7 @@ def _server_for(env: dict[str, str]) -> ForkServer | None:
             if key in _failed:
                 return None
             try:
-                server = ForkServer(env)
+                server = ForkServer(env, isolated=isolated)
             except ForkServerUnavailable as exc:
                 _failed.add(key)
                 get_logger().warning(f"step processes start fresh: {exc}")
@@ -210,14 +248,27 @@ def fork_step(*, target: str, in_path: Path, out_path: Path, env: dict[str, str]
               cwd: Path | None) -> ForkedProcess | None:
     """A step process forked from the warm server for *env*, or None where that is not possible (the
     caller then starts a fresh interpreter)."""
-    server = _server_for(env)
+    return _fork({"target": target, "in": str(in_path), "out": str(out_path), "env": env,
+                  "cwd": str(cwd) if cwd else None}, env=env, isolated=False)
+
+
+def fork_script(*, script: Path, args: list[str], env: dict[str, str], cwd: Path | None) -> ForkedProcess | None:
+    """A process running *script* with *args* as ``python -I SCRIPT ARGS...`` would (no factory code
+    imported, its own session), forked from an isolated warm server for *env*; None where that is not
+    possible (the caller then starts ``python -I`` itself). Its stdout and stderr come back apart."""
+    return _fork({"script": str(script), "args": list(args), "env": env, "cwd": str(cwd) if cwd else None},
+                 env=env, isolated=True)
+
+
+def _fork(request: dict, *, env: dict[str, str], isolated: bool) -> ForkedProcess | None:
+    server = _server_for(env, isolated=isolated)
     if server is None:
         return None
     try:
-        return server.spawn(target=target, in_path=in_path, out_path=out_path, env=env, cwd=cwd)
+        return server.spawn(request, stderr=isolated)
     except ForkServerUnavailable as exc:
         _release(server)
-        get_logger().warning(f"starting a fresh step process: {exc}")
+        get_logger().warning(f"starting a fresh process: {exc}")
         return None
 
 

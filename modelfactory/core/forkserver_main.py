@@ -1,4 +1,6 @@
-"""The fork server's own process: ``python -m modelfactory.core.forkserver_main FD``.
+"""The fork server's own process: ``python -m modelfactory.core.forkserver_main FD``, or for scripts that
+must run without factory code, ``python -I /path/to/forkserver_main.py FD`` (then nothing of the factory is
+imported: this module's top level is the standard library only, and ``-I`` keeps the factory off ``sys.path``).
 
 It imports the heavy libraries once (:data:`PRELOAD`), says whether it is safe to fork (no thread
 other than the allocator's), then serves requests on the socket *FD* (a ``SOCK_SEQPACKET`` pair with
@@ -6,6 +8,9 @@ other than the allocator's), then serves requests on the socket *FD* (a ``SOCK_S
 
 - ``{"op": "fork", "target", "in", "out", "env", "cwd"}`` plus one file descriptor (the step's output pipe):
   fork a step process that runs :func:`modelfactory.core.isolated_child.main`; reply ``{"pid"}``;
+- ``{"op": "fork", "script", "args", "env", "cwd"}`` plus two file descriptors (stdout and stderr pipes):
+  fork a process that runs the file *script* as ``__main__`` with *args*, as ``python SCRIPT ARGS...``
+  would, in a session of its own (the caller kills it by process group); reply ``{"pid"}``;
 - ``{"op": "wait", "pid"}``: reap that process; reply ``{"code"}`` (negative: killed by that signal).
 
 When the client's end closes (its process died or it is done), every step process still running
@@ -26,6 +31,7 @@ import gc
 import importlib
 import json
 import os
+import runpy
 import signal
 import socket
 import sys
@@ -101,15 +107,17 @@ def _send(sock: socket.socket, message: dict) -> None:
     sock.send(json.dumps(message).encode())
 
 
-def _run_child(request: dict, out_fd: int, resident: list[tuple[int, int]]) -> None:
-    """In the forked process: the step's output goes to *out_fd*; run it like a fresh
-    ``python -m modelfactory.core.isolated_child`` would, then exit (never returns)."""
+def _run_child(request: dict, fds: list[int], resident: list[tuple[int, int]]) -> None:
+    """In the forked process: the output goes to *fds* (stdout, and stderr if a second one is given);
+    run the step like a fresh ``python -m modelfactory.core.isolated_child`` would, or the script like
+    ``python SCRIPT ARGS...``, then exit (never returns)."""
     code = 1
     try:
         _map_again(resident)
-        os.dup2(out_fd, 1)
-        os.dup2(out_fd, 2)
-        os.close(out_fd)
+        os.dup2(fds[0], 1)
+        os.dup2(fds[-1], 2)
+        for fd in set(fds):
+            os.close(fd)
         restore_threads = os.environ.get(RESTORE_THREADS_ENV) == "1"
         if request.get("env") is not None:  # the server's own, but for variables that pick no server
             os.environ.clear()
@@ -118,14 +126,9 @@ def _run_child(request: dict, out_fd: int, resident: list[tuple[int, int]]) -> N
             sys.modules["torch"].set_num_threads(len(os.sched_getaffinity(0)))
         if request.get("cwd"):
             os.chdir(request["cwd"])
-            sys.path[0] = os.getcwd()  # as ``python -m`` started there would have it
-        args = [request["target"], request["in"], request["out"]]
-        sys.argv = ["-m", *args]
         if "numpy" in sys.modules:  # a fresh interpreter seeds numpy's global generator from the OS
             sys.modules["numpy"].random.seed()
-        from modelfactory.core import isolated_child
-
-        code = isolated_child.main(args)
+        code = _run_script(request) if "script" in request else _run_step(request)
     except BaseException:  # noqa: BLE001 - anything here ends this process, reported like a crash
         traceback.print_exc()
     finally:
@@ -137,12 +140,35 @@ def _run_child(request: dict, out_fd: int, resident: list[tuple[int, int]]) -> N
             os._exit(code)
 
 
+def _run_step(request: dict) -> int:
+    if request.get("cwd"):
+        sys.path[0] = os.getcwd()  # as ``python -m`` started there would have it
+    args = [request["target"], request["in"], request["out"]]
+    sys.argv = ["-m", *args]
+    from modelfactory.core import isolated_child
+
+    return isolated_child.main(args)
+
+
+def _run_script(request: dict) -> int:
+    os.setsid()  # as a process started with ``start_new_session``: killed with whatever it starts
+    sys.argv = [request["script"], *request["args"]]
+    try:
+        runpy.run_path(request["script"], run_name="__main__")
+    except SystemExit as exc:  # what the interpreter makes of ``sys.exit(code)``
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 1
+    return 0
+
+
 def serve(sock: socket.socket, *, resident: list[tuple[int, int]]) -> None:
     children: set[int] = set()
     try:
         while True:
             try:
-                data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 1)
+                data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 2)
             except ConnectionError:
                 return
             if not data:
@@ -154,8 +180,9 @@ def serve(sock: socket.socket, *, resident: list[tuple[int, int]]) -> None:
                 pid = os.fork()
                 if pid == 0:
                     sock.close()
-                    _run_child(request, fds[0], resident)
-                os.close(fds[0])
+                    _run_child(request, fds, resident)
+                for fd in fds:
+                    os.close(fd)
                 children.add(pid)
                 _send(sock, {"pid": pid})
             elif request["op"] == "wait":
