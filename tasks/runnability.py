@@ -1,7 +1,7 @@
 """Step 3b — runnability: does the quantized artifact run where users run it?
 
 Right after quantize, the artifact is loaded with plain ``transformers.AutoModelForCausalLM.from_pretrained``
-and default settings in a fresh process that imports no factory code, and generates a few tokens — on
+and default settings in a ``python -I`` process that imports no factory code, and generates a few tokens — on
 CPU always, on CUDA when this host has a GPU (:func:`modelfactory.benchmark.runnability.check_runs_plainly`).
 The report never raises for an artifact that fails: the gate decides (``gate.require_runnable``).
 

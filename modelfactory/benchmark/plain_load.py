@@ -1,6 +1,7 @@
 """Load a model folder the way a user does, generate a few tokens, print one JSON line.
 
-Run by file path in a fresh, isolated interpreter (the factory does exactly this)::
+Run by file path in an isolated interpreter (the factory does exactly this; on CPU it forks that
+interpreter from one that has imported torch and transformers, :mod:`modelfactory.core.forkserver`)::
 
     python -I modelfactory/benchmark/plain_load.py MODEL_DIR --device cpu --new-tokens 4
 

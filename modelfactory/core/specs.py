@@ -297,7 +297,7 @@ class TaskEvalSpec(Spec):
 
 class RunnabilitySpec(Spec):
     """After quantization: load the artifact with plain transformers (default settings) and generate, in a
-    fresh process that imports no factory code (``modelfactory.benchmark.runnability``)."""
+    ``python -I`` process that imports no factory code (``modelfactory.benchmark.runnability``)."""
 
     enabled: bool = Field(default=True, description="Check that the artifact runs in plain transformers.")
     devices: Literal["auto"] | tuple[Literal["cpu", "cuda"], ...] = Field(
