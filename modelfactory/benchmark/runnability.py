@@ -7,9 +7,10 @@ when a GPU is visible. On CPU that process is forked from a ``python -I`` server
 torch and transformers and nothing else (:func:`modelfactory.core.forkserver.fork_script`; ~5 s of
 CPU less per check; ``MODELFACTORY_FORK_SERVER=false`` starts it fresh): the snippet then loads and
 generates as in a fresh process, and the result still lists any factory module found imported.
-The CPU run hides the GPUs (``CUDA_VISIBLE_DEVICES=""``) as a CPU-only machine would. Each run is bounded by a timeout and yields one :class:`RunnabilityResult`;
-a failure carries the library's own error and an explanation of what to do
-(:func:`explain_failure`), e.g. a group size that does not divide a layer's width.
+The CPU run hides the GPUs (``CUDA_VISIBLE_DEVICES=""``) as a CPU-only machine would. Each run is
+bounded by a timeout and yields one :class:`RunnabilityResult`; a failure carries the library's own
+error and an explanation of what to do (:func:`explain_failure`), e.g. a group size that does not
+divide a layer's width.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from modelfactory.core.settings import get_settings
 
 PLAIN_LOAD_SCRIPT = Path(plain_load.__file__).resolve()
 Device = Literal["cpu", "cuda"]
+#: How a check's process started: a fresh ``python -I``, or forked from an isolated warm server.
+ProcessStart = Literal["fresh", "forked"]
 #: Group sizes offered as fixes (larger first), as far as they divide the widths.
 FIX_GROUP_SIZES = (128, 64, 32, 16)
 
@@ -57,9 +60,8 @@ class RunnabilityResult(Record):
     #: Where it stopped: import | load | generate | done (or process: the process died / timed out).
     stage: str
     wall_s: float  # the whole process: interpreter start (fresh only), imports, load, generate
-    #: How the process started: a fresh ``python -I``, or forked from one that had imported torch and
-    #: transformers (then ``import_s`` is ~0: the server paid the imports).
-    process: Literal["fresh", "forked"] = "fresh"
+    #: Forked from a server that had imported torch and transformers: ``import_s`` is then ~0.
+    process: ProcessStart = "fresh"
     import_s: float | None = None
     load_s: float | None = None
     generate_s: float | None = None
@@ -289,7 +291,7 @@ def run_plain_load(*, model_dir: Path, device: Device, timeout_s: float, new_tok
         # CUDA is hidden on CPU, so nothing initialises it in the server: forking is safe on any host.
         proc = fork_script(script=PLAIN_LOAD_SCRIPT, args=cmd[3:], env=env, cwd=Path(cwd)) if (
             device == "cpu" and get_settings().fork_server) else None
-        process = "fresh" if proc is None else "forked"
+        process: ProcessStart = "fresh" if proc is None else "forked"
         if proc is None:
             proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                     errors="replace", start_new_session=True)
@@ -333,7 +335,7 @@ def _kill_session(proc: subprocess.Popen | ForkedProcess) -> None:
 
 
 def result_from_child(data: dict, *, device: Device, snippet: str, wall_s: float, widths: LayerWidths | None = None,
-                      timeout_s: float = 0.0, process: Literal["fresh", "forked"] = "fresh") -> RunnabilityResult:
+                      timeout_s: float = 0.0, process: ProcessStart = "fresh") -> RunnabilityResult:
     """The :class:`RunnabilityResult` for plain_load's JSON *data*, with the explanation of a failure.
 
     A run that imported factory code is void (it did not test what a user runs) and fails.

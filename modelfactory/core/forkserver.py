@@ -14,15 +14,15 @@ preloaded library reads, :data:`VOLATILE_PREFIXES`, aside), and the step's pipe 
 with the request (``SCM_RIGHTS``).
 
 CPU only (:func:`modelfactory.core.devices.gpu_present`): a process that has imported torch may be forked
-only while nothing has initialised CUDA, and on a GPU the import is noise next to the work.
+only while nothing has initialised CUDA, and on a GPU the import is noise next to the work. A forked
+step maps the library pages its server had mapped first, so it starts with the RSS a fresh process has
+and the benchmark's CPU memory numbers read the same either way. Turned off by
+``MODELFACTORY_FORK_SERVER=false``. Where a server cannot start, steps start fresh processes.
 
 A second kind of server runs scripts that must see no factory code (:func:`fork_script`: the
 plain-transformers check, :mod:`modelfactory.benchmark.runnability`): it is started as ``python -I`` with
 :mod:`~modelfactory.core.forkserver_main` by file path, so it imports the standard library, torch and
-transformers, and nothing else; each script process is forked from it as ``python -I SCRIPT`` would start. A forked
-step maps the library pages its server had mapped first, so it starts with the RSS a fresh process has
-and the benchmark's CPU memory numbers read the same either way. Turned off by
-``MODELFACTORY_FORK_SERVER=false``. Where a server cannot start, steps start fresh processes.
+transformers, and nothing else; each script process is forked from it as ``python -I SCRIPT`` would start.
 """
 
 from __future__ import annotations
@@ -249,7 +249,7 @@ def fork_step(*, target: str, in_path: Path, out_path: Path, env: dict[str, str]
     """A step process forked from the warm server for *env*, or None where that is not possible (the
     caller then starts a fresh interpreter)."""
     return _fork({"target": target, "in": str(in_path), "out": str(out_path), "env": env,
-                  "cwd": str(cwd) if cwd else None}, env=env, isolated=False)
+                  "cwd": str(cwd) if cwd else None}, env=env, isolated=False, stderr=False)
 
 
 def fork_script(*, script: Path, args: list[str], env: dict[str, str], cwd: Path | None) -> ForkedProcess | None:
@@ -257,15 +257,15 @@ def fork_script(*, script: Path, args: list[str], env: dict[str, str], cwd: Path
     imported, its own session), forked from an isolated warm server for *env*; None where that is not
     possible (the caller then starts ``python -I`` itself). Its stdout and stderr come back apart."""
     return _fork({"script": str(script), "args": list(args), "env": env, "cwd": str(cwd) if cwd else None},
-                 env=env, isolated=True)
+                 env=env, isolated=True, stderr=True)
 
 
-def _fork(request: dict, *, env: dict[str, str], isolated: bool) -> ForkedProcess | None:
+def _fork(request: dict, *, env: dict[str, str], isolated: bool, stderr: bool) -> ForkedProcess | None:
     server = _server_for(env, isolated=isolated)
     if server is None:
         return None
     try:
-        return server.spawn(request, stderr=isolated)
+        return server.spawn(request, stderr=stderr)
     except ForkServerUnavailable as exc:
         _release(server)
         get_logger().warning(f"starting a fresh process: {exc}")
