@@ -572,7 +572,10 @@ def benchmark_candidate_task(baseline: BaselineResult, candidate: ModelArtifact,
     return benchmark_candidate(baseline=baseline, candidate=candidate, spec=spec)
 
 
-@task(name="check-tasks")
+#: ``log_prints=False``: loading a task's data makes ``datasets`` pickle functions with dill, whose
+#: global-variable scan disassembles them with ``dis.dis`` into a redirected ``sys.stdout``. The flows'
+#: ``log_prints`` would take those prints for the step's own and log a page of bytecode per run.
+@task(name="check-tasks", log_prints=False)
 def check_tasks_task(spec: TaskEvalSpec) -> None:
     """Before any heavy work: every lm-eval task of *spec* is known and its data is on this machine
     (:func:`~modelfactory.benchmark.task_eval.check_tasks_available`); nothing to check without tasks."""

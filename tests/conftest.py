@@ -52,6 +52,7 @@ def factory_home(tmp_path_factory) -> Path:
         "MODELFACTORY_CACHE_DIR": os.environ.get("MODELFACTORY_CACHE_DIR", str(REPO / ".mf" / "cache")),
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no internet: the telemetry service only logs errors
     })
     os.environ.pop("MODELFACTORY_CATALOG_URL", None)
     from modelfactory.core.settings import get_settings
