@@ -383,11 +383,14 @@ def measure_treatments(*, model_path: str, side: Side, spec: dict, treatments: l
     return result
 
 
-def _host_fingerprint() -> dict:
+def _host_fingerprint(spec: BenchmarkSpec) -> dict:
+    """What of this host the fp16 measurement depends on, the dtype it computes in included (on a CPU
+    that depends on its bf16 instructions: :func:`~modelfactory.core.devices.resolve_dtype`)."""
     import torch
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"machine": platform.machine(), "gpu": gpu, "torch": torch.__version__}
+    dtype = resolve_dtype(spec.dtype, resolve_device(spec.device))
+    return {"machine": platform.machine(), "gpu": gpu, "torch": torch.__version__, "dtype": dtype}
 
 
 def _side_record(data: object, *, side: Side) -> SideMetrics:
@@ -456,7 +459,7 @@ def _measure(model: ModelArtifact, *, side: Side, spec: BenchmarkSpec, log_path:
 def baseline_key(*, model_sha: str, spec: BenchmarkSpec) -> str:
     """The fp16 side's step key: the merged model, the settings its measurement depends on
     (:meth:`~modelfactory.core.specs.BenchmarkSpec.baseline_inputs`) and this host."""
-    return step_key(BASELINE_STEP, model=model_sha, spec=spec.baseline_inputs(), host=_host_fingerprint())
+    return step_key(BASELINE_STEP, model=model_sha, spec=spec.baseline_inputs(), host=_host_fingerprint(spec))
 
 
 def _reusable(step: str, key: str, spec: BenchmarkSpec) -> stage_store.StepOutput | None:

@@ -117,6 +117,56 @@ def _scrub_local_paths(out_dir: str) -> None:
         path.write_text(json.dumps(config, indent=2))
 
 
+#: The dtype a CPU quantization stores its unquantized tensors (embeddings, norms, lm_head) in, whatever
+#: it computed in: a CPU without native bf16 computes in float32 (:func:`~modelfactory.core.devices.cpu_dtype`),
+#: and GPTQModel saves the tensors in the dtype it computed in, which would make the artifact larger
+#: (SmolLM2-135M: 171 vs 115 MB) and differ by host. GPU quantizations compute and store float16.
+CPU_STORE_DTYPE = "bfloat16"
+
+
+def store_float32_as(folder: Path, *, dtype: str) -> int:
+    """Rewrite every float32 tensor in *folder*'s safetensors files as *dtype*, keeping each file's
+    metadata, and say *dtype* in ``config.json``; returns how many tensors were rewritten.
+
+    Written by hand: GPTQModel has no save dtype, and a cast in memory cannot reach the layers its disk
+    offload (``quantize_checkpoints``) keeps on the meta device.
+    """
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    rewritten = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, "pt") as stored:
+            names = list(stored.keys())
+            wide = {name for name in names if stored.get_slice(name).get_dtype() == "F32"}
+            if not wide:
+                continue
+            metadata = stored.metadata()
+            tensors = {name: stored.get_tensor(name) for name in names}
+        tensors.update({name: tensors[name].to(getattr(torch, dtype)) for name in wide})
+        save_file(tensors, path, metadata=metadata)
+        rewritten += len(wide)
+    index = folder / "model.safetensors.index.json"
+    if rewritten and index.is_file():
+        data = json.loads(index.read_text())
+        data.setdefault("metadata", {})["total_size"] = sum(_data_bytes(p) for p in folder.glob("*.safetensors"))
+        index.write_text(json.dumps(data, indent=2))
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = dtype
+    config.pop("torch_dtype", None)  # the older name of the same field
+    config_path.write_text(json.dumps(config, indent=2))
+    return rewritten
+
+
+def _data_bytes(path: Path) -> int:
+    """The tensor bytes of a safetensors file: its size less the length-prefixed JSON header."""
+    with path.open("rb") as file:
+        header_len = int.from_bytes(file.read(8), "little")
+    return path.stat().st_size - 8 - header_len
+
+
 def run_gptq(*, model_path: str, out_dir: str, spec: dict, device: str, checkpoint_dir: str | None = None) -> dict:
     """Worker body (runs in the isolated process): quantize *model_path* into *out_dir*.
 
@@ -131,7 +181,8 @@ def run_gptq(*, model_path: str, out_dir: str, spec: dict, device: str, checkpoi
     qspec = resolve_group_size(QuantSpec.model_validate(spec), model_path)
     device = resolve_device(device)
     apply_memory_cap(device)
-    dtype = getattr(torch, resolve_dtype("auto", device))
+    dtype_name = resolve_dtype("auto", device)  # float16 on CUDA; on a CPU bfloat16 where native, else float32
+    dtype = getattr(torch, dtype_name)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     calibration, origin = build_calibration(tokenizer, qspec.calibration)
     progress(f"quantize: {len(calibration)} calibration windows x {qspec.calibration.seq_len} tokens from {origin}")
@@ -162,13 +213,18 @@ def run_gptq(*, model_path: str, out_dir: str, spec: dict, device: str, checkpoi
         quantize_s = time.perf_counter() - start
         model.save(out_dir)
         _scrub_local_paths(out_dir)
+        if dtype_name == "float32":
+            count = store_float32_as(Path(out_dir), dtype=CPU_STORE_DTYPE)
+            progress(f"quantize: computed in float32 (this CPU has no native bfloat16); {count} unquantized "
+                     f"tensors stored as {CPU_STORE_DTYPE}")
     except torch.OutOfMemoryError as exc:
         raise out_of_memory_error("quantize", model_path=model_path, device=device, exc=exc,
                             advice="lower quantize.batch_size, calibration.seq_len or calibration.num_samples, "
                                    "or run on a GPU with more memory") from exc
     tokenizer.save_pretrained(out_dir)
     progress(f"quantize: done in {quantize_s:.1f} s")
-    return {"quantize_s": quantize_s, "device": device, "engine": f"gptqmodel {gptqmodel.__version__}"}
+    return {"quantize_s": quantize_s, "device": device, "dtype": dtype_name,
+            "engine": f"gptqmodel {gptqmodel.__version__}"}
 
 
 def _load_for_gptq(model_path: str, config, *, dtype, device: str):

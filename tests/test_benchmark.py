@@ -165,6 +165,19 @@ def test_baseline_key_depends_only_on_what_changes_the_fp16_side():
     assert step.baseline_key(model_sha="other", spec=BenchmarkSpec()) != key
 
 
+def test_baseline_key_names_the_dtype_this_host_computes_in(workers, tmp_path, set_env):
+    """On a CPU ``dtype: auto`` is bfloat16 or float32 by the CPU's instructions: an fp16 side measured in
+    one is not the baseline of a host that computes in the other."""
+    spec = BenchmarkSpec(device="cpu")
+    set_env(MODELFACTORY_CPU_DTYPE="bfloat16")
+    native = step.baseline_key(model_sha="m", spec=spec)
+    baseline = step.benchmark_baseline(model=_model(tmp_path, "fp16-sha", "merged"), spec=spec)
+    set_env(MODELFACTORY_CPU_DTYPE="float32")
+    assert step.baseline_key(model_sha="m", spec=spec) != native
+    with pytest.raises(BenchmarkError, match="on another kind of host"):
+        step.benchmark_candidate(baseline=baseline, candidate=_model(tmp_path, "gptq-sha", "gptq"), spec=spec)
+
+
 def test_candidate_refuses_a_baseline_measured_with_other_settings(workers, tmp_path):
     baseline = step.benchmark_baseline(model=_model(tmp_path, "fp16-sha", "merged"), spec=BenchmarkSpec())
     other = BenchmarkSpec.model_validate({"decode": {"batch_sizes": (1, 4)}})

@@ -380,6 +380,31 @@ def test_k8s_template_placeholders_are_variables_and_all_resolve_to_the_worker_i
         "registry.example.com/modelfactory-worker:9")
 
 
+# --------------------------------------------------------------------------- devices
+@pytest.mark.parametrize(("features", "expected"), [
+    ({"avx2": True, "avx512_f": True}, "float32"),          # AVX2 / AVX-512 without BF16: torch emulates bf16
+    ({"avx2": True, "avx512_bf16": True}, "bfloat16"),      # e.g. AMD Zen 4, Intel Cooper Lake
+    ({"amx_bf16": True, "amx_tile": True}, "bfloat16"),     # Intel Sapphire Rapids
+    ({"architecture": "arm64", "bf16": True}, "bfloat16"),  # e.g. AWS Graviton3
+    ({"architecture": "arm64", "neon": True}, "float32"),
+])
+def test_auto_dtype_on_a_cpu_is_bfloat16_only_where_it_is_native(features, expected):
+    from modelfactory.core.devices import cpu_dtype
+
+    assert cpu_dtype(features) == expected
+    for setting in ("bfloat16", "float32"):
+        assert cpu_dtype(features, setting=setting) == setting
+
+
+def test_auto_dtype_follows_the_setting_and_cuda_stays_float16(set_env):
+    from modelfactory.core.devices import resolve_dtype
+
+    for setting in ("bfloat16", "float32"):
+        set_env(MODELFACTORY_CPU_DTYPE=setting)
+        assert resolve_dtype("auto", "cpu") == setting and resolve_dtype("auto", "cuda") == "float16"
+        assert resolve_dtype("float16", "cpu") == "float16"
+
+
 # --------------------------------------------------------------------------- compile caches
 @pytest.fixture
 def cache_dir(tmp_path, set_env):

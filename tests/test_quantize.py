@@ -70,6 +70,35 @@ def test_architecture_gptqmodel_cannot_quantize_is_a_clear_error(tiny_llama, tmp
     assert len(str(info.value)) < 1500, "no module dump in the message"
 
 
+@pytest.mark.parametrize("cpu_dtype", ["float32", "bfloat16"])
+def test_a_cpu_quantization_stores_the_same_16_bit_artifact_whatever_it_computed_in(tiny_llama, tmp_path, set_env,
+                                                                                     cpu_dtype):
+    """A CPU without native bf16 computes in float32 (``MODELFACTORY_CPU_DTYPE`` forces either here); the
+    artifact stores its unquantized tensors in bfloat16 either way, as it always did on CPU."""
+    from safetensors import safe_open
+
+    from modelfactory.core.records import ModelArtifact
+    from modelfactory.core.specs import QuantSpec
+    from modelfactory.core.workdir import read_marker, step_dir
+    from tasks.quantize import quantize_model
+
+    set_env(MODELFACTORY_CPU_DTYPE=cpu_dtype)
+    spec = QuantSpec.model_validate({"bits": 4, "group_size": 32, "calibration": {"num_samples": 4, "seq_len": 64}})
+    merged = ModelArtifact(path=str(tiny_llama), sha="tiny-merged", source_uri=str(tiny_llama), kind="merged")
+    with own_work_dir(tmp_path / "work"):
+        result = quantize_model(model=merged, spec=spec, device="cpu")
+        folder = step_dir("quantize", result.model.sha)
+        assert read_marker(folder)["dtype"] == cpu_dtype  # what it computed in
+    dtypes: dict[str, str] = {}
+    for path in folder.glob("*.safetensors"):
+        with safe_open(path, "pt") as stored:
+            dtypes |= {name: stored.get_slice(name).get_dtype() for name in stored.keys()}  # noqa: SIM118
+    assert "F32" not in dtypes.values()
+    assert {dtypes[n] for n in dtypes if n.endswith(".scales")} == {"F16"}  # GPTQ's own format, untouched
+    assert dtypes["model.embed_tokens.weight"] == dtypes["model.norm.weight"] == "BF16"
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+
+
 def test_out_of_memory_error_names_step_model_size_and_advice(tiny_llama):
     import torch
 

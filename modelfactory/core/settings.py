@@ -11,6 +11,8 @@ Everything the factory writes lives under ``home`` unless a setting points elsew
   host; keep it on a persistent volume. The HF model cache is HF's own (``HF_HOME``).
 - ``data_dir``        optional folder holding local copies of datasets, e.g. ``../shared/data``:
   a dataset name such as ``wikitext-2-raw-v1/test`` is looked up there first.
+- ``cpu_dtype``       the compute dtype of ``auto`` on a CPU: ``auto`` (bfloat16 where the CPU
+  computes it natively, else float32), ``bfloat16`` or ``float32``.
 
 Execution (see ``docs/gpu-pool.md``):
 
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -64,6 +67,9 @@ class Settings(BaseSettings):
     data_dir: Path | None = None
     #: CPU threads GPTQModel may use (it refuses to start on 2 cores without this).
     cpu_workers: int = 2
+    #: What ``dtype: auto`` computes in on a CPU (quantize, benchmark): ``auto`` is bfloat16 where the
+    #: CPU has native bf16 instructions, else float32 (``modelfactory.core.devices.cpu_dtype``).
+    cpu_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     #: Prefect deployment ("flow/deployment") that runs the GPU steps; unset = in-process.
     gpu_deployment: str | None = None
     #: Max seconds to wait for the GPU stage (queueing included); unset = no bound.

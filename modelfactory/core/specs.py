@@ -310,7 +310,8 @@ class RunnabilitySpec(Spec):
 class BenchmarkSpec(Spec):
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: cuda when present.")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
-        default="auto", description="Compute dtype. auto: float16 on cuda, bfloat16 on cpu."
+        default="auto", description="Compute dtype. auto: float16 on cuda; on cpu bfloat16 where the CPU has native "
+        "bf16 instructions (AVX512-BF16, AMX, Arm BF16), else float32 (setting MODELFACTORY_CPU_DTYPE)."
     )
     kernel: str = Field(default="auto", description="GPTQModel backend (auto, gptq_marlin, gptq_torch, ...).")
     perplexity: PerplexitySpec = Field(default_factory=PerplexitySpec)
