@@ -1,6 +1,9 @@
 """The real model end to end: SmolLM2-135M-Instruct (GGUF) + a real LoRA fine-tune, on CPU.
 
-Slow (minutes): it runs the demo's own spec, so the README's demo is what CI checks.
+Slow (minutes): it runs the demo's own spec (every step, the PIQA task, the plain-transformers check and
+the gate's thresholds) on a smaller token budget, :data:`CI_BUDGET`. With the demo's own budget this
+module took 933 s on a 2-core AVX2 machine, about half of the suite's CPU; the README's "Measured" section
+gives what ``make demo`` itself measures.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import pytest
 
 from modelfactory.catalog import open_catalog
 from modelfactory.core.manifest import verify_folder
-from modelfactory.core.specs import ModelSource
+from modelfactory.core.specs import ModelSource, merge_overrides
 from modelfactory.interfaces.demo import demo_spec
 from modelfactory.interfaces.runner import run_factory
 from modelfactory.publishing.local import local_root
@@ -20,6 +23,14 @@ from modelfactory.testing.models import smollm2_gguf
 from tasks.download import download_model
 
 pytestmark = pytest.mark.slow
+
+#: What this module changes in the demo's spec: half of its calibration windows (32 x 512 tokens) and a
+#: quarter of its perplexity text (4,096 tokens, 8 windows; KL and top-1 are scored on the same windows).
+#: The 100 PIQA items stay: with fewer, recovery would be noise. Measured in float32 on a 2-core AVX2
+#: machine: 16 windows quantized in 146 s instead of 416 s, but PIQA recovery fell to 88 % (61 of 100
+#: items vs 69), 3 points above the gate's 85 %: too close for a check that must not flake.
+CI_BUDGET = {"quantize": {"calibration": {"num_samples": 32}},
+             "benchmark": {"perplexity": {"max_tokens": 4096}}}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,7 +51,7 @@ def smollm2_spec(prefect):
     assert base.kind == "gguf" and len(base.sha) == 64
     adapter, reused = train_lora(base_path=base.path, base_sha=base.sha, spec=LoraTrainSpec(steps=8))
     assert not reused and (adapter / "adapter_model.safetensors").is_file()
-    return demo_spec(gguf, adapter)
+    return merge_overrides(demo_spec(gguf, adapter), CI_BUDGET)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +65,8 @@ def test_smollm2_metrics_are_sane(first_run):
     outcome, _ = first_run
     detail = open_catalog().get_run(outcome.run_id)
     fp16_ppl, gptq_ppl = detail.value("perplexity", "fp16"), detail.value("perplexity", "gptq")
-    # SmolLM2-135M on raw WikiText-2 test (16k tokens, 512-token windows): ~24 in bf16
+    # SmolLM2-135M on raw WikiText-2 test, 512-token windows: ~24 on the demo's 16k tokens in bf16 (README
+    # "Measured"), ~28 on the first 4k in float32 with this module's shorter fine-tune
     assert 12 < fp16_ppl < 40, fp16_ppl
     assert fp16_ppl < gptq_ppl < 2 * fp16_ppl, (fp16_ppl, gptq_ppl)
     assert detail.value("ppl_increase_pct", "delta") == pytest.approx((gptq_ppl / fp16_ppl - 1) * 100)
