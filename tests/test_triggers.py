@@ -38,6 +38,7 @@ from modelfactory.testing.prefect_server import (
     REPO,
     Background,
     PrefectServer,
+    api,
     child_env,
     free_port,
     prefect_api,
@@ -230,18 +231,6 @@ def adapter_watched(hub, adapters, tiny_llama, tmp_path_factory) -> str:
 
 
 # --------------------------------------------------------------------------- helpers
-def api(server: PrefectServer, method: str, path: str, **body: Any) -> Any:
-    """One Prefect API call; 503 (the server's SQLite busy on 2 cores) is retried, as Prefect's client does."""
-    for attempt in range(5):
-        response = httpx.request(method, f"{server.api_url}{path}",
-                                 json=body or ({} if method == "POST" else None), timeout=15)
-        if response.status_code != 503:
-            break
-        time.sleep(1 + attempt)
-    assert response.is_success, f"{method} {path}: {response.status_code} {response.text[:2000]}"
-    return response.json() if response.content else None
-
-
 def deployment(server: PrefectServer, name: str) -> dict[str, Any]:
     return api(server, "GET", f"/deployments/name/{name}")
 

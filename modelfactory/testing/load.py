@@ -41,7 +41,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 
 from modelfactory.catalog import Catalog, RunDetail, open_catalog
@@ -56,6 +55,7 @@ from modelfactory.testing.pool import dispatching_to_gpu_pool
 from modelfactory.testing.prefect_server import (
     GpuHostWorkers,
     PrefectServer,
+    api,
     prefect_api,
     started,
 )
@@ -118,9 +118,7 @@ class PoolRig:
         return self.server.api_url
 
     def api(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        response = httpx.request(method, f"{self.api_url}{path}", json=body, timeout=30)
-        response.raise_for_status()
-        return response.json()
+        return api(self.server, method, path, **(body or {}))
 
     def flow_runs(self, **body: Any) -> list[dict[str, Any]]:
         return self.api("POST", "/flow_runs/filter", {"limit": 200, **body})
