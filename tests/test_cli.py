@@ -270,3 +270,21 @@ def test_watch_add_with_an_unknown_kind_names_the_kinds(own_catalog):
     result = runner.invoke(app, ["watch", "add", "mf-test/kind-lora", "--base", "mf-test/base", "--kind", "lora"])
     assert result.exit_code == 1 and "'lora'" in result.output and "'adapter' or 'base'" in result.output
     assert own_catalog.list_watches() == []
+
+
+def test_the_cli_gives_an_ephemeral_prefect_server_time_to_make_its_database():
+    """A fresh machine's first ``make demo`` creates and migrates Prefect's database: past Prefect's 20 s
+    default on a slow 2-core machine. The CLI sets a longer one before Prefect reads its settings (in a
+    fresh interpreter, as the ``modelfactory`` command runs); a value the user set is kept."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import modelfactory.interfaces.cli.main as cli; cli.app = lambda: None; cli.main(); "
+             "from prefect.settings import get_current_settings as s; "
+             "print(s().server.ephemeral.startup_timeout_seconds)")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
+    for given, expected in ((None, "120"), ("300", "300")):
+        run_env = env if given is None else {**env, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": given}
+        out = subprocess.run([sys.executable, "-c", probe], env=run_env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip().splitlines()[-1] == expected, out.stderr[-2000:]

@@ -232,11 +232,19 @@ def serve(
     uvicorn.run(create_app(), host=host, port=port, log_level="info")
 
 
+#: Seconds the CLI lets an ephemeral Prefect server take to start (Prefect's default: 20).
+EPHEMERAL_STARTUP_TIMEOUT_S = 120
+
+
 def main() -> None:
     import os
 
     # Ephemeral Prefect's telemetry heartbeat races its own SQLite file ("database is locked" noise).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Its first start on a machine creates and migrates ~/.prefect/prefect.db: on a 2-core AVX2 machine that
+    # ran past Prefect's default 20 s, and a fresh machine's first `make demo` failed ("Timed out while
+    # attempting to connect to ephemeral Prefect API server"); the second start took 8 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_TIMEOUT_S))
     app()
 
 
