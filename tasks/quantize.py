@@ -215,8 +215,8 @@ def run_gptq(*, model_path: str, out_dir: str, spec: dict, device: str, checkpoi
         _scrub_local_paths(out_dir)
         if dtype_name == "float32":
             count = store_float32_as(Path(out_dir), dtype=CPU_STORE_DTYPE)
-            progress(f"quantize: computed in float32 (this CPU has no native bfloat16); {count} unquantized "
-                     f"tensors stored as {CPU_STORE_DTYPE}")
+            progress(f"quantize: computed in float32 (no native bfloat16 here, or MODELFACTORY_CPU_DTYPE); "
+                     f"{count} unquantized tensors stored as {CPU_STORE_DTYPE}")
     except torch.OutOfMemoryError as exc:
         raise out_of_memory_error("quantize", model_path=model_path, device=device, exc=exc,
                             advice="lower quantize.batch_size, calibration.seq_len or calibration.num_samples, "
