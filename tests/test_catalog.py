@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -111,6 +112,24 @@ def test_sqlite_uses_wal(tmp_path: Path) -> None:
     with open_catalog(f"sqlite:///{tmp_path / 'c.db'}") as cat, cat.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+
+def test_sqlite_wal_switch_waits_for_a_writer_on_a_fresh_file(tmp_path: Path) -> None:
+    """SQLite fails the WAL switch of a fresh file at once while another connection writes; we wait.
+
+    (Found as two processes opening one new catalog: one failed with "database is locked".)
+    """
+    path = tmp_path / "fresh.db"
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("BEGIN IMMEDIATE")  # the file is still in rollback-journal mode
+    release = threading.Timer(0.3, lambda: writer.execute("COMMIT"))
+    release.start()
+    try:
+        with open_catalog(f"sqlite:///{path}") as cat, cat.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    finally:
+        release.join()
+        writer.close()
 
 
 def test_default_url_comes_from_settings(tmp_path: Path, set_env) -> None:

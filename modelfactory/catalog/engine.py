@@ -7,6 +7,8 @@ foreign keys on; a writing transaction takes the write lock at its start (``BEGI
 from __future__ import annotations
 
 import re
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +96,7 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         dbapi_connection.isolation_level = None  # let _on_begin control transactions
         cursor = dbapi_connection.cursor()
         try:
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(cursor)
             cursor.execute("PRAGMA foreign_keys=ON")
         finally:
             cursor.close()
@@ -105,3 +107,25 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         # writes fails at once with SQLITE_BUSY instead of waiting for the timeout.
         write = connection.get_execution_options().get(WRITE_OPTION, False)
         connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def _enable_wal(cursor: Any, *, timeout_s: float = SQLITE_BUSY_TIMEOUT_S) -> None:
+    """Switch the database to WAL, waiting up to *timeout_s* for another connection's lock.
+
+    Written by hand because SQLite's busy timeout does not cover it: on a database still in
+    rollback-journal mode (a brand-new file) the switch reads, then upgrades to a write lock inside
+    one statement, and SQLite answers ``database is locked`` at once, without waiting, when another
+    connection holds the write lock (found as two processes opening one fresh catalog). Once the
+    file is in WAL (the mode persists in the file) the pragma takes no write lock.
+    """
+    deadline = time.monotonic() + timeout_s
+    delay_s = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + delay_s > deadline:
+                raise
+        time.sleep(delay_s)
+        delay_s = min(delay_s * 2, 0.2)
