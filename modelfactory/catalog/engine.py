@@ -1,7 +1,7 @@
 """The catalog's database URL and SQLAlchemy engine: parsing, masking, SQLite settings.
 
 Only SQLite and PostgreSQL are supported. SQLite runs in WAL mode with a 30 s busy timeout and
-foreign keys on; a writing transaction takes the write lock at its start (``BEGIN IMMEDIATE``).
+foreign keys on (a fresh file's switch to WAL waits for a writer as long); a writing transaction takes the write lock at its start (``BEGIN IMMEDIATE``).
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
-def _enable_wal(cursor: Any, *, timeout_s: float = SQLITE_BUSY_TIMEOUT_S) -> None:
+def _enable_wal(cursor: sqlite3.Cursor, *, timeout_s: float = SQLITE_BUSY_TIMEOUT_S) -> None:
     """Switch the database to WAL, waiting up to *timeout_s* for another connection's lock.
 
     Written by hand because SQLite's busy timeout does not cover it: on a database still in
