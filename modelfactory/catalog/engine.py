@@ -1,7 +1,8 @@
 """The catalog's database URL and SQLAlchemy engine: parsing, masking, SQLite settings.
 
 Only SQLite and PostgreSQL are supported. SQLite runs in WAL mode with a 30 s busy timeout and
-foreign keys on (a fresh file's switch to WAL waits for a writer as long); a writing transaction takes the write lock at its start (``BEGIN IMMEDIATE``).
+foreign keys on (a fresh file's switch to WAL waits for a writer as long); a writing transaction
+takes the write lock at its start (``BEGIN IMMEDIATE``).
 """
 
 from __future__ import annotations
