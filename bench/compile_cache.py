@@ -5,8 +5,8 @@ On the GPU machine (repo root, after ``source bench/gpu_env.sh``)::
     python bench/compile_cache.py --shape llama-1.1b --out bench/results
     python bench/compile_cache.py --model-dir DIR --spec stage.yaml --out DIR
 
-A pass is the GPU stage as a factory run does it (``flows/gpu_stage.py``): ``tasks.quantize.quantize_model``
-then ``tasks.benchmark.benchmark_models``, each side in its own isolated step process with the
+A pass is the GPU stage as a factory run does it (``flows/gpu_stage.py``): ``modelfactory.tasks.quantize.quantize_model``
+then ``modelfactory.tasks.benchmark.benchmark_models``, each side in its own isolated step process with the
 environment of ``modelfactory.core.devices.gpu_env()``. Each pass runs in a fresh Python process with
 ``MODELFACTORY_CACHE_DIR=<root>/cache`` (every compile cache of ``modelfactory.core.caches`` under it)
 and an empty work dir of its own, so no step output is reused, only compiled code:
@@ -65,8 +65,8 @@ def run_pass(model_dir: str, spec: dict) -> dict:
     from modelfactory.core.records import ModelArtifact
     from modelfactory.core.settings import get_settings
     from modelfactory.core.specs import BenchmarkSpec, QuantSpec
-    from tasks.benchmark import benchmark_models
-    from tasks.quantize import quantize_model
+    from modelfactory.tasks.benchmark import benchmark_models
+    from modelfactory.tasks.quantize import quantize_model
 
     qspec = QuantSpec.model_validate(spec.get("quantize", {}))
     bspec = BenchmarkSpec.model_validate(spec.get("benchmark", {}))

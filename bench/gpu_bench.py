@@ -1,5 +1,5 @@
-"""GPU benchmarks with the factory's own steps: ``tasks.quantize.quantize_model`` and
-``tasks.benchmark.measure_side`` (each side in its own worker process, as in a factory run).
+"""GPU benchmarks with the factory's own steps: ``modelfactory.tasks.quantize.quantize_model`` and
+``modelfactory.tasks.benchmark.measure_side`` (each side in its own worker process, as in a factory run).
 
 Stages (run on the GPU machine; see docs/benchmarks.md for the exact commands):
 
@@ -63,7 +63,7 @@ def _side(model_path: str, side: str, spec: dict, log: Path) -> dict:
     from modelfactory.core.devices import gpu_env
     from modelfactory.core.isolation import run_isolated
 
-    return run_isolated("tasks.benchmark:measure_side", kwargs={"model_path": model_path, "side": side, "spec": spec},
+    return run_isolated("modelfactory.tasks.benchmark:measure_side", kwargs={"model_path": model_path, "side": side, "spec": spec},
                         log_path=log, env=gpu_env())
 
 
@@ -115,8 +115,8 @@ def stage_bandwidth(args) -> None:
 
 def stage_smollm2(args) -> None:
     from modelfactory.core.specs import BenchmarkSpec, ModelSource, QuantSpec
-    from tasks.download import download_model
-    from tasks.quantize import quantize_model
+    from modelfactory.tasks.download import download_model
+    from modelfactory.tasks.quantize import quantize_model
 
     base = download_model(source=ModelSource(uri=args.gguf))
     qspec = QuantSpec(bits=4, group_size=128, calibration={"num_samples": 128, "seq_len": 512})
@@ -166,7 +166,7 @@ def _llama7b_quant_spec():
 
 def stage_llama7b_quantize(args) -> None:
     from modelfactory.core.records import ModelArtifact
-    from tasks.quantize import quantize_model
+    from modelfactory.tasks.quantize import quantize_model
 
     base = ModelArtifact(path=str(_llama7b_dir()), sha="llama7b-random-seed0", source_uri="random", kind="local")
     qspec = _llama7b_quant_spec()
@@ -219,7 +219,7 @@ def _profile_side(model_path: str, side: str, kernel: str, steps: int, treatment
 
     from modelfactory import benchmark as bench
     from modelfactory.core.specs import BenchmarkSpec
-    from tasks.benchmark import _graph_decoder, _load
+    from modelfactory.tasks.benchmark import _graph_decoder, _load
 
     spec = BenchmarkSpec(kernel=kernel)
     model, _ = _load(model_path, side=side, spec=spec, device="cuda", dtype=torch.float16)
@@ -293,7 +293,7 @@ def _gptq_path() -> Path:
 
 def stage_llama7b_treatments(args) -> None:
     """Every decode-step treatment of ``modelfactory.benchmark.GRAPH_TREATMENTS`` on one side per worker
-    process (``tasks.benchmark.measure_treatments``), each checked against the eager model."""
+    process (``modelfactory.tasks.benchmark.measure_treatments``), each checked against the eager model."""
     from modelfactory import benchmark as bench
     from modelfactory.core import workdir
     from modelfactory.core.devices import gpu_env
@@ -306,7 +306,7 @@ def stage_llama7b_treatments(args) -> None:
     for side in args.sides.split(","):
         path = str(_llama7b_dir()) if side == "fp16" else str(gptq_path)
         log = _home() / "logs" / f"llama7b-treatments-{side}.log"
-        result = run_isolated("tasks.benchmark:measure_treatments",
+        result = run_isolated("modelfactory.tasks.benchmark:measure_treatments",
                               kwargs={"model_path": path, "side": side, "spec": spec,
                                       "treatments": args.treatments.split(",")}, log_path=log, env=gpu_env())
         result.update(gpu=_gpu(), command=" ".join(sys.argv), copy_bandwidth_gb_s=bandwidth,

@@ -3,7 +3,7 @@
 For each batch size: the graph decoder's free-running greedy tokens against HF ``generate`` (eager,
 the same batch of the prompt repeated), its :class:`~modelfactory.benchmark.graph.DecodeCheck`
 against the batch-1 eager reference, then the benchmark's own per-batch loop
-(``tasks.benchmark._graph_decode_checked``) for each treatment: tok/s per batch size.
+(``modelfactory.tasks.benchmark._graph_decode_checked``) for each treatment: tok/s per batch size.
 
 Needs torch, transformers and pydantic(-settings) only (random weights, token ids as the prompt;
 no tokenizer, no gptqmodel, no prefect: a stand-in ``prefect.task`` is installed when Prefect is
@@ -54,7 +54,7 @@ def main() -> None:
 
     from modelfactory import benchmark as bench
     from modelfactory.core.specs import DecodeSpec
-    from tasks.benchmark import CHECK_STEPS, _graph_decode_checked
+    from modelfactory.tasks.benchmark import CHECK_STEPS, _graph_decode_checked
 
     out = Path(args.out) / "graph_batch_check.json"
     report: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -1,7 +1,7 @@
 """The verdict's checks on a real model, GPU or CPU: fp16 vs GPTQ side by side, one JSON per config.
 
-For each group size: the factory's own quantize step (``tasks.quantize.quantize_model``) and benchmark
-step (``tasks.benchmark.benchmark_models``: perplexity, memory, decode at every batch size, each side in
+For each group size: the factory's own quantize step (``modelfactory.tasks.quantize.quantize_model``) and benchmark
+step (``modelfactory.tasks.benchmark.benchmark_models``: perplexity, memory, decode at every batch size, each side in
 its own process), then, in one process per side with the benchmark's own loader (same kernel choice):
 KL divergence / top-1 agreement against the fp16 side's stored top-k (``modelfactory.benchmark.agreement``,
 the perplexity windows), lm-eval task accuracy (``modelfactory.benchmark.task_eval``), and the plain
@@ -38,7 +38,7 @@ def base_model(args) -> "object":
     """The fp16 model as a ModelArtifact (GGUF dequantized by the download step, or a random 7B shape)."""
     from modelfactory.core.records import ModelArtifact
     from modelfactory.core.specs import ModelSource
-    from tasks.download import download_model
+    from modelfactory.tasks.download import download_model
 
     if args.model == "smollm2":
         return download_model(source=ModelSource(uri=args.gguf))
@@ -69,7 +69,7 @@ def side_checks(*, model_path: str, side: str, spec_json: dict, reference_dir: s
     from modelfactory.core.devices import resolve_device, resolve_dtype
     from modelfactory.core.specs import BenchmarkSpec
     from modelfactory.sources.text import load_text
-    from tasks.benchmark import _load
+    from modelfactory.tasks.benchmark import _load
 
     spec = BenchmarkSpec.model_validate(spec_json)
     device = resolve_device(spec.device)
@@ -103,8 +103,8 @@ def run_config(args, base, group: str) -> dict:
     from modelfactory.core.isolation import run_isolated
     from modelfactory.core.specs import BenchmarkSpec, QuantSpec
     from modelfactory.core.devices import gpu_env
-    from tasks.benchmark import benchmark_models
-    from tasks.quantize import quantize_model
+    from modelfactory.tasks.benchmark import benchmark_models
+    from modelfactory.tasks.quantize import quantize_model
 
     qspec = QuantSpec.model_validate({"bits": 4, "group_size": group if group == "auto" else int(group),
                                       "damp_percent": args.damp if args.damp is not None

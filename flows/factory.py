@@ -26,14 +26,14 @@ from modelfactory.core.records import (
 from modelfactory.core.settings import get_settings
 from modelfactory.core.specs import BenchmarkSpec, FactorySpec, QuantSpec
 from modelfactory.gpu_pool import dispatch_gpu_stage
-from tasks.benchmark import benchmark_task, check_tasks_task
-from tasks.download import download_task, resolve_adapter_task
-from tasks.gate import gate_task
-from tasks.merge import merge_task
-from tasks.publish import publish_task
-from tasks.quantize import quantize_task
-from tasks.record import RunRecorder
-from tasks.runnability import runnability_task
+from modelfactory.tasks.benchmark import benchmark_task, check_tasks_task
+from modelfactory.tasks.download import download_task, resolve_adapter_task
+from modelfactory.tasks.gate import gate_task
+from modelfactory.tasks.merge import merge_task
+from modelfactory.tasks.publish import publish_task
+from modelfactory.tasks.quantize import quantize_task
+from modelfactory.tasks.record import RunRecorder
+from modelfactory.tasks.runnability import runnability_task
 
 
 @flow(name="model-factory", log_prints=True, validate_parameters=True)

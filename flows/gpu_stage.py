@@ -22,13 +22,13 @@ from modelfactory.core.records import BaselineResult, ModelArtifact
 from modelfactory.core.specs import BenchmarkSpec, QuantSpec
 from modelfactory.gpu_pool import GpuStageOutcome, current_placement, write_outcome
 from modelfactory.gpu_pool.outcome import now_iso
-from tasks.benchmark import (
+from modelfactory.tasks.benchmark import (
     benchmark_baseline_task,
     benchmark_candidate_task,
     benchmark_task,
 )
-from tasks.quantize import quantize_task
-from tasks.runnability import runnability_task
+from modelfactory.tasks.quantize import quantize_task
+from modelfactory.tasks.runnability import runnability_task
 
 
 @flow(name="gpu-stage", log_prints=True, validate_parameters=True)

@@ -11,7 +11,7 @@ from prefect import flow
 
 from modelfactory.catalog import open_catalog
 from modelfactory.triggers import WatchCheck, check_watch, finish_nightly
-from tasks.watch import resolve_head_task
+from modelfactory.tasks.watch import resolve_head_task
 
 
 @flow(name="watch-nightly", log_prints=True, validate_parameters=True)

@@ -13,7 +13,7 @@ from typing import Annotated
 from prefect import flow, runtime
 from pydantic import Field
 
-from flows.factory import factory
+from modelfactory.flows.factory import factory
 from modelfactory.core.records import RunOutcome
 from modelfactory.triggers import COMMIT_SHA, TriggerEvent, spec_for_watched_commit
 

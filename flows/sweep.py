@@ -31,7 +31,7 @@ from prefect import flow, runtime, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.factory import _gpu_stage_on_pool
+from modelfactory.flows.factory import _gpu_stage_on_pool
 from modelfactory import stage_store
 from modelfactory.benchmark.runnability import RunnabilityReport
 from modelfactory.catalog import Catalog, claims, open_catalog
@@ -63,14 +63,14 @@ from modelfactory.sweeps.outcome import (
     member_scores,
     to_publish,
 )
-from tasks.benchmark import benchmark_baseline_task, benchmark_candidate_task
-from tasks.download import download_task, resolve_adapter_task
-from tasks.gate import gate_task
-from tasks.merge import merge_task
-from tasks.publish import publish_task
-from tasks.quantize import quantize_task, resolve_group_size
-from tasks.record import RunRecorder
-from tasks.runnability import runnability_task
+from modelfactory.tasks.benchmark import benchmark_baseline_task, benchmark_candidate_task
+from modelfactory.tasks.download import download_task, resolve_adapter_task
+from modelfactory.tasks.gate import gate_task
+from modelfactory.tasks.merge import merge_task
+from modelfactory.tasks.publish import publish_task
+from modelfactory.tasks.quantize import quantize_task, resolve_group_size
+from modelfactory.tasks.record import RunRecorder
+from modelfactory.tasks.runnability import runnability_task
 
 
 @dataclass(frozen=True)

@@ -447,7 +447,7 @@ def _measure(model: ModelArtifact, *, side: Side, spec: BenchmarkSpec, log_path:
     when it was built on another one (:func:`modelfactory.stage_store.resolve`)."""
     progress(f"benchmark: measuring {side} side ({model.path})")
     return _side_record(run_isolated(
-        "tasks.benchmark:measure_side",
+        "modelfactory.tasks.benchmark:measure_side",
         kwargs={"model_path": str(stage_store.resolve(model.path)), "side": side,
                 "spec": spec.model_dump(mode="json"), "out_dir": str(out_dir),
                 "reference_dir": str(reference_dir) if reference_dir else None},

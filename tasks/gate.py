@@ -2,7 +2,7 @@
 
 Every configured threshold is checked and every failure is reported at once, each with the
 fp16 and GPTQ values (``not measured`` when a threshold's metric is missing), so one rejected run
-tells the whole story. The runnability report (``tasks.runnability``) fails the gate when the
+tells the whole story. The runnability report (``modelfactory.tasks.runnability``) fails the gate when the
 artifact does not load and generate in plain transformers, with the library's error and the advice.
 """
 

@@ -26,4 +26,19 @@ def test_the_contract_names_every_package_of_the_tree():
     packages = {f"modelfactory.{p.name}" for p in (REPO / "modelfactory").iterdir()
                 if (p / "__init__.py").is_file()}
     assert packages - named == set()
-    assert {"tasks", "flows"} <= named
+    assert {"modelfactory.tasks", "modelfactory.flows"} <= named
+
+
+def test_the_wheel_installs_one_top_level_package(tmp_path):
+    """tasks/ and flows/ stay at the repository root but install as modelfactory.tasks/.flows: a wheel
+    must not put generic top-level ``tasks`` or ``flows`` packages into site-packages."""
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(REPO)], check=True, capture_output=True)
+    wheel, = tmp_path.glob("modelfactory-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")} == {"modelfactory"}
+    assert {"modelfactory/tasks/gate.py", "modelfactory/flows/factory.py"} <= set(names)

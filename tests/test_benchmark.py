@@ -1,6 +1,6 @@
 """Step 4, benchmark, around its worker processes: what is committed for reuse, and what is reused.
 
-The workers (one per side, :func:`tasks.benchmark.measure_side`) are replaced by canned side
+The workers (one per side, :func:`modelfactory.tasks.benchmark.measure_side`) are replaced by canned side
 metrics, except at the end: the tiny model, quantized twice, measured for real (batch sizes on
 CPU, the fp16 side measured once for both configurations).
 """
@@ -14,7 +14,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-import tasks.benchmark as step
+import modelfactory.tasks.benchmark as step
 from modelfactory.benchmark.agreement import write_reference
 from modelfactory.benchmark.perplexity import token_digest
 from modelfactory.core.errors import BenchmarkError, SpecError
@@ -52,7 +52,7 @@ class Workers:
         self.kwargs: list[dict] = []
 
     def __call__(self, target: str, *, kwargs: dict, **_) -> dict:
-        assert target == "tasks.benchmark:measure_side"
+        assert target == "modelfactory.tasks.benchmark:measure_side"
         self.calls.append(kwargs["side"])
         self.kwargs.append(kwargs)
         self._agreement_outputs(kwargs)
@@ -240,7 +240,7 @@ TINY_BENCH = {"device": "cpu", "perplexity": {"context_len": 128, "stride": 128,
 def test_tiny_model_two_configurations_one_fp16_side_batch_sizes(tiny_llama, tmp_path, monkeypatch):
     """The tiny Llama quantized at two group sizes and benchmarked on CPU: decode measured at each
     batch size on both sides, and the fp16 worker ran once for both configurations."""
-    from tasks.quantize import quantize_model
+    from modelfactory.tasks.quantize import quantize_model
 
     workers = CountingWorkers()
     monkeypatch.setattr(step, "run_isolated", workers)

@@ -11,7 +11,7 @@ from prefect import flow, runtime
 
 from modelfactory.catalog import MetricRecord
 from modelfactory.core.records import GateCheck
-from tasks.record import RunRecorder, artifact_key
+from modelfactory.tasks.record import RunRecorder, artifact_key
 
 
 def read_artifact(key: str):

@@ -17,7 +17,7 @@ from modelfactory.interfaces.runner import run_factory
 from modelfactory.testing.catalog import latest_run
 from modelfactory.testing.env import own_work_dir
 from modelfactory.testing.models import tiny_spec
-from tasks.download import check_model_dir, download_model
+from modelfactory.tasks.download import check_model_dir, download_model
 
 
 def fake_model_dir(folder: Path, *, config: dict | None = None, safetensors: bool = True) -> Path:

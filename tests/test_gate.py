@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from modelfactory.core.errors import SpecError
 from modelfactory.core.records import BenchmarkResult, SideMetrics
 from modelfactory.core.specs import GateSpec, parse_spec
-from tasks.gate import evaluate_gate
+from modelfactory.tasks.gate import evaluate_gate
 
 
 def side(name: str, *, perplexity: float | None, decode: float, disk: int, mem: int,
@@ -228,7 +228,7 @@ def test_per_batch_thresholds_validated():
 # --------------------------------------------------------------------------- agreement, tasks, runnability (issue 12)
 from modelfactory.benchmark.runnability import RunnabilityReport, RunnabilityResult
 from modelfactory.core.records import AgreementMetrics, TaskMetrics
-from tasks.gate import check_runnability
+from modelfactory.tasks.gate import check_runnability
 
 AGREEMENT = AgreementMetrics(positions=1000, top_k=256, vocab_size=49152, kld_mean=0.05, kld_median=0.02,
                              kld_p99=0.6, kld_max=2.0, top1_agreement_pct=90.0, rest_mass_mean=0.01,

@@ -105,7 +105,7 @@ def commits_to(server: LocalHub, repo_id: str, branch: str) -> list:
 
 # --------------------------------------------------------------------------- download step
 def test_hub_base_is_pinned_to_the_resolved_commit(local_hub, hub_models, tiny_llama, tmp_path):
-    from tasks.download import download_model
+    from modelfactory.tasks.download import download_model
 
     first = hub_models[BASE_REPO]
     artifact = download_model(source=ModelSource(uri=BASE_REPO))
@@ -130,7 +130,7 @@ def test_hub_base_is_pinned_to_the_resolved_commit(local_hub, hub_models, tiny_l
 
 
 def test_adapter_from_the_hub(local_hub, hub_models):
-    from tasks.download import resolve_adapter
+    from modelfactory.tasks.download import resolve_adapter
 
     adapter = resolve_adapter(spec=AdapterSpec(uri=f"hf://{LORA_REPO}", weight=0.5))
     assert adapter.sha == hub_models[LORA_REPO] and adapter.source_uri == f"hf://{LORA_REPO}"
@@ -140,7 +140,7 @@ def test_adapter_from_the_hub(local_hub, hub_models):
 
 
 def test_nonexistent_revision_or_repo_is_a_clear_source_error(local_hub, hub_models):
-    from tasks.download import download_model, resolve_adapter
+    from modelfactory.tasks.download import download_model, resolve_adapter
 
     with pytest.raises(SourceNotFoundError) as info:
         download_model(source=ModelSource(uri=BASE_REPO, revision="no-such-branch"))
@@ -165,7 +165,7 @@ def dead_endpoint() -> str:
 def test_unreachable_hub_while_downloading_is_transient(local_hub, hub_models, monkeypatch):
     from huggingface_hub import constants
 
-    from tasks.download import download_model, resolve_adapter
+    from modelfactory.tasks.download import download_model, resolve_adapter
 
     monkeypatch.setattr(constants, "ENDPOINT", dead_endpoint())
     with pytest.raises(HubUnavailableError, match=f"could not reach the Hub for Hub repo '{BASE_REPO}'") as info:
@@ -179,7 +179,7 @@ def test_a_full_hf_cache_is_a_disk_full_error_and_not_retried(local_hub, hub_mod
     """Only outages are transient: a full disk under the Hugging Face cache would fail every retry."""
     from huggingface_hub import constants
 
-    from tasks.download import download_model
+    from modelfactory.tasks.download import download_model
 
     with small_disk(tmp_path / "hf-cache", size="256k") as cache:  # the tiny model is ~2 MB
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
@@ -195,7 +195,7 @@ def test_a_cache_folder_the_factory_may_not_write_is_a_source_error_naming_it(lo
                                                                               monkeypatch):
     from huggingface_hub import constants
 
-    from tasks.download import download_model
+    from modelfactory.tasks.download import download_model
 
     with small_disk(tmp_path / "disk") as disk:
         cache = disk / "hub"

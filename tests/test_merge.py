@@ -13,8 +13,8 @@ from modelfactory.core.records import AdapterArtifact, ModelArtifact
 from modelfactory.core.specs import AdapterSpec, MergeSpec
 from modelfactory.testing.env import own_work_dir
 from modelfactory.testing.models import make_lora, make_tiny_llama
-from tasks.download import resolve_adapter
-from tasks.merge import check_adapter_fits, merge_adapters
+from modelfactory.tasks.download import resolve_adapter
+from modelfactory.tasks.merge import check_adapter_fits, merge_adapters
 
 Q_PROJ = "model.layers.1.self_attn.q_proj"
 

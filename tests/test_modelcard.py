@@ -53,7 +53,7 @@ from modelfactory.publishing.public import (
 from modelfactory.testing.env import own_work_dir
 from modelfactory.testing.hub_server import OWNER
 from modelfactory.testing.models import make_lora, smollm2_gguf, tiny_spec
-from tasks.publish import publish_artifact, runnability_entries
+from modelfactory.tasks.publish import publish_artifact, runnability_entries
 
 REPO_ID, REVISION = f"{OWNER}/smol-gptq", "gptq-4bit-64g"
 TINY_GATE = {"max_ppl_increase_pct": 5.0, "max_size_ratio": 0.999}
@@ -385,7 +385,7 @@ def test_a_factory_run_from_local_folders_publishes_no_local_path(prefect, local
 def test_the_run_artifact_shows_the_runnability_checks(tmp_path: Path) -> None:
     """RunRecorder.runnability records the checks as step ``runnability``; the Prefect artifact shows them."""
     from modelfactory.catalog.render import run_markdown
-    from tasks.record import RunRecorder
+    from modelfactory.tasks.record import RunRecorder
 
     recorder = RunRecorder.start(run_id="run-runnability-1", name="r", spec={}, run_key="k", flow_run_id=None,
                                  catalog_url=f"sqlite:///{tmp_path / 'catalog.db'}")

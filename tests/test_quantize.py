@@ -54,7 +54,7 @@ def test_architecture_gptqmodel_cannot_quantize_is_a_clear_error(tiny_llama, tmp
     from modelfactory.core.errors import QuantizationError
     from modelfactory.core.records import ModelArtifact
     from modelfactory.core.specs import QuantSpec
-    from tasks.quantize import quantize_model
+    from modelfactory.tasks.quantize import quantize_model
 
     model_dir = tmp_path / "mamba"
     MambaForCausalLM(MambaConfig(vocab_size=49152, hidden_size=64, num_hidden_layers=2, state_size=8)).save_pretrained(
@@ -80,7 +80,7 @@ def test_a_cpu_quantization_stores_the_same_16_bit_artifact_whatever_it_computed
     from modelfactory.core.records import ModelArtifact
     from modelfactory.core.specs import QuantSpec
     from modelfactory.core.workdir import read_marker, step_dir
-    from tasks.quantize import quantize_model
+    from modelfactory.tasks.quantize import quantize_model
 
     set_env(MODELFACTORY_CPU_DTYPE=cpu_dtype)
     spec = QuantSpec.model_validate({"bits": 4, "group_size": 32, "calibration": {"num_samples": 4, "seq_len": 64}})
@@ -119,7 +119,7 @@ def test_out_of_memory_error_names_step_model_size_and_advice(tiny_llama):
 
 
 def _quantize_in_thread(model, spec, box):
-    from tasks.quantize import quantize_model
+    from modelfactory.tasks.quantize import quantize_model
 
     try:
         box["result"] = quantize_model(model=model, spec=spec, device="cpu")

@@ -175,7 +175,7 @@ def test_plain_load_script_imports_no_factory_code():
 def _quantize(model_dir: Path, work: Path, group_size: int | str):
     from modelfactory.core.records import ModelArtifact
     from modelfactory.core.specs import QuantSpec
-    from tasks.quantize import quantize_model
+    from modelfactory.tasks.quantize import quantize_model
 
     spec = QuantSpec.model_validate({"bits": 4, "group_size": group_size,
                                      "calibration": {"num_samples": 8, "seq_len": 64}})
@@ -266,7 +266,7 @@ def test_timeout_kills_the_process_and_says_so(tiny_gptq):
 
 def test_group_size_auto_is_resolved_recorded_and_shares_the_explicit_output(tiny_gptq, tiny_llama, tiny_work):
     from modelfactory.core.specs import QuantSpec
-    from tasks.quantize import resolve_group_size
+    from modelfactory.tasks.quantize import resolve_group_size
 
     assert resolve_group_size(QuantSpec(), str(tiny_llama)).group_size == 64
     assert resolve_group_size(QuantSpec(group_size=32), str(tiny_llama)).group_size == 32

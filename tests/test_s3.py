@@ -29,7 +29,7 @@ from modelfactory.s3 import S3Url, fetch_source, verify_s3
 from modelfactory.testing.env import REPO, free_port, settings_env
 from modelfactory.testing.models import TINY_GATE, tiny_spec
 from modelfactory.testing.s3_server import MotoS3, s3_environment
-from tasks.download import download_model, resolve_adapter
+from modelfactory.tasks.download import download_model, resolve_adapter
 
 get_logger()  # bind the stderr log handler before CliRunner swaps the streams
 PARTS = ("tiny", "gptq-4bit-32g", "k" * 24)

@@ -20,7 +20,7 @@ from modelfactory.interfaces.runner import run_factory
 from modelfactory.publishing.local import local_root
 from modelfactory.sources.finetune import LoraTrainSpec, train_lora
 from modelfactory.testing.models import smollm2_gguf
-from tasks.download import download_model
+from modelfactory.tasks.download import download_model
 
 pytestmark = pytest.mark.slow
 

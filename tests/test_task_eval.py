@@ -173,7 +173,7 @@ def test_the_task_check_logs_no_library_prints_as_its_own(prefect):
     """Loading piqa's data makes ``datasets`` disassemble functions (dill) into a redirected stdout; in a
     flow with ``log_prints`` those prints came out as a page of bytecode in the run's log."""
     from modelfactory.core.specs import TaskEvalSpec
-    from tasks.benchmark import check_tasks_task
+    from modelfactory.tasks.benchmark import check_tasks_task
 
     def bytecode(lines: list[str]) -> list[str]:
         return [line for line in lines if "RETURN_VALUE" in line or "LOAD_GLOBAL" in line]

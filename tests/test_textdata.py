@@ -11,7 +11,7 @@ from modelfactory.core.errors import CalibrationError, SourceNotFoundError
 from modelfactory.core.settings import get_settings
 from modelfactory.core.specs import TextSource
 from modelfactory.sources.text import load_text, local_candidates, require_tokens
-from tasks.quantize import calibration_windows
+from modelfactory.tasks.quantize import calibration_windows
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import tasks.benchmark as step
+import modelfactory.tasks.benchmark as step
 from modelfactory.benchmark.agreement import DEFAULT_TOP_K
 from modelfactory.catalog import open_catalog
 from modelfactory.catalog.metrics import benchmark_metrics
@@ -25,8 +25,8 @@ from modelfactory.core.specs import (
 from modelfactory.interfaces.runner import run_factory
 from modelfactory.testing.env import own_work_dir
 from modelfactory.testing.models import make_tiny_llama, tiny_spec
-from tasks.publish import runnability_entries
-from tasks.runnability import check_runnable
+from modelfactory.tasks.publish import runnability_entries
+from modelfactory.tasks.runnability import check_runnable
 
 TASKS = {"names": ["piqa_local"], "limit": 10, "batch_size": 8}
 TINY_BENCH = {"device": "cpu", "perplexity": {"context_len": 128, "stride": 128, "max_tokens": 256},
@@ -38,7 +38,7 @@ def test_spec_default_top_k_is_the_measured_one():
 
 
 def test_tiny_model_through_every_new_check(tiny_llama, tmp_path):
-    from tasks.quantize import quantize_model
+    from modelfactory.tasks.quantize import quantize_model
 
     merged = ModelArtifact(path=str(tiny_llama), sha="tiny-verdict", source_uri=str(tiny_llama), kind="merged")
     spec = BenchmarkSpec.model_validate(TINY_BENCH)

