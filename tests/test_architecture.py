@@ -42,3 +42,16 @@ def test_the_wheel_installs_one_top_level_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")} == {"modelfactory"}
     assert {"modelfactory/tasks/gate.py", "modelfactory/flows/factory.py"} <= set(names)
+
+
+def test_modelfactory_testing_does_not_import_pytest():
+    """bench/ and scripts use modelfactory.testing where pytest (a test extra) may be absent: importing
+    every one of its modules in a fresh interpreter loads no pytest."""
+    import subprocess
+    import sys
+
+    code = ("import importlib, pkgutil, sys, modelfactory.testing as t\n"
+            "for m in pkgutil.iter_modules(t.__path__): importlib.import_module(f'modelfactory.testing.{m.name}')\n"
+            "print(sorted(name for name in sys.modules if name.split('.')[0] in {'pytest', '_pytest'}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -15,8 +15,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
 #: Where browser tests leave their screenshots (kept as test artifacts).
 SCREENSHOT_DIR = Path(os.environ.get("MODELFACTORY_TEST_ARTIFACTS", "test-artifacts"))
 
@@ -24,7 +22,9 @@ SCREENSHOT_DIR = Path(os.environ.get("MODELFACTORY_TEST_ARTIFACTS", "test-artifa
 def chromium_path() -> str:
     path = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if not path:
-        pytest.fail("no chromium found: `apt-get install -y chromium` (.ci/run does it), or set CHROMIUM=/path")
+        raise FileNotFoundError(
+            "no chromium found: `apt-get install -y chromium` (.ci/run does it), or set CHROMIUM=/path"
+        )
     return path
 
 

@@ -1,5 +1,5 @@
-"""A local Hugging Face Hub-compatible HTTP server, and the pytest fixtures that point the real
-``huggingface_hub`` client at it.
+"""A local Hugging Face Hub-compatible HTTP server, and the context (:func:`hub_client_env`) that
+points the real ``huggingface_hub`` client at it.
 
 Only the endpoints huggingface_hub 1.33 really calls for downloading and publishing models
 (read from its source: ``hf_api.py``, ``file_download.py``, ``_snapshot_download.py``,
@@ -32,7 +32,7 @@ GET      /api/whoami-v2                                   ``whoami``
 =======  ===============================================  =============================================
 
 Xet is not offered (no ``X-Xet-*`` headers), so the client must run with Xet disabled: it reads
-``HF_HUB_DISABLE_XET`` into ``huggingface_hub.constants`` at import, and the fixture patches
+``HF_HUB_DISABLE_XET`` into ``huggingface_hub.constants`` at import, and :func:`hub_client_env` patches
 that constant (and ``ENDPOINT``, ``HUGGINGFACE_CO_URL_TEMPLATE``, ``HF_HUB_OFFLINE``,
 ``HF_HUB_CACHE``, ``HF_TOKEN_PATH``), which the client reads at call time.
 
@@ -57,14 +57,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 from urllib.parse import quote, unquote, urlencode
 
-import pytest
 import yaml
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from modelfactory.testing.env import settings_env
 
 WRITE_TOKEN = "hf_modelfactoryTestWriteToken0000000001"
 READ_TOKEN = "hf_modelfactoryTestReadToken00000000002"
@@ -632,31 +634,18 @@ def hub_client_env(endpoint: str, cache: Path, *, token: str | None = WRITE_TOKE
     from huggingface_hub import constants
 
     env = {"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1", "HF_HUB_CACHE": str(cache),
-           "HF_HUB_DISABLE_TELEMETRY": "1"}
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        if token:
-            mp.setenv("HF_TOKEN", token)
-        else:
-            mp.delenv("HF_TOKEN", raising=False)
-        mp.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-        mp.delenv("MODELFACTORY_HF_TOKEN_SECRET", raising=False)
-        mp.setattr(constants, "ENDPOINT", endpoint)
-        mp.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-        mp.setattr(constants, "HF_HUB_OFFLINE", False)
-        mp.setattr(constants, "HF_HUB_DISABLE_XET", True)
-        mp.setattr(constants, "HF_HUB_CACHE", str(cache))
-        mp.setattr(constants, "HF_TOKEN_PATH", str(cache / "no-saved-token"))
-        mp.setattr(constants, "HF_STORED_TOKENS_PATH", str(cache / "no-saved-tokens"))
-        mp.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-        from modelfactory.core.settings import get_settings
-
-        get_settings.cache_clear()
-        try:
-            yield
-        finally:
-            get_settings.cache_clear()
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_TOKEN": token or None, "HUGGING_FACE_HUB_TOKEN": None,
+           "MODELFACTORY_HF_TOKEN_SECRET": None}
+    hub_constants = {
+        "ENDPOINT": endpoint,
+        "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+        "HF_HUB_OFFLINE": False, "HF_HUB_DISABLE_XET": True, "HF_HUB_CACHE": str(cache),
+        "HF_TOKEN_PATH": str(cache / "no-saved-token"), "HF_STORED_TOKENS_PATH": str(cache / "no-saved-tokens"),
+        "HF_HUB_DISABLE_TELEMETRY": True,
+    }
+    # settings_env clears the factory's settings cache on the way in and out.
+    with settings_env(**env), mock.patch.multiple(constants, **hub_constants):
+        yield
 
 
 def upload_model(server: LocalHub, folder: Path, repo_id: str, *, private: bool = False) -> str:
