@@ -1,7 +1,7 @@
 """Load burst: N factory runs fired at once against a GPU pool of S slots (issue 6, "Load").
 
-The rig, the burst, its measurements and checks live in :mod:`modelfactory.testing.load` (shared with
-``tests/test_load.py``, which runs a smaller burst); this is the command line around them::
+The rig, the burst, its measurements and checks live in ``bench/load_rig.py``; this is the command line
+around them (``tests/test_load.py`` runs it with a small burst)::
 
     .venv/bin/python bench/load_burst.py                 # N=20, S=2 -> bench/results/load-burst-20.json
     .venv/bin/python bench/load_burst.py --runs 6 --out /tmp/x.json
@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not another install
 
 from modelfactory.testing.env import REPO  # noqa: E402
-from modelfactory.testing.load import standalone_burst, summary  # noqa: E402
+from load_rig import standalone_burst, summary  # noqa: E402  (bench/, this script's folder)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,8 +25,7 @@ from modelfactory.gpu_pool import DEFAULT_GPU_DEPLOYMENT, read_outcome
 from modelfactory.interfaces.runner import run_factory
 from modelfactory.testing.env import own_work_dir
 from modelfactory.testing.env import settings_env as env_settings
-from modelfactory.testing.load import in_thread, when
-from modelfactory.testing.pool import diagnostics, dispatching_to_gpu_pool, pool_spec
+from modelfactory.testing.pool import diagnostics, dispatching_to_gpu_pool, in_thread, pool_spec, when
 from modelfactory.testing.prefect_server import (
     REPO,
     START_WORKERS,

@@ -1,4 +1,4 @@
-"""Faults injected for real: identical runs at once, a step output on a full disk, a lock holder that dies.
+"""Faults injected for real: identical runs at once, a step output on a full disk.
 
 The full disk is a real 1 MiB tmpfs mounted for the test (the CI machine runs tests as root);
 the concurrent runs are two real factory flow runs on the tiny model. Faults of one step live with
@@ -9,8 +9,6 @@ weights in test_download.py.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -36,42 +34,7 @@ def test_step_output_on_a_full_disk_is_removed(tmp_path: Path) -> None:
         assert list((disk / "merge").iterdir()) == []
 
 
-# --------------------------------------------------------------------------- run lock
-
-
-def test_run_lock_waits_for_the_holder(tmp_path: Path) -> None:
-    order: list[str] = []
-    waiting = threading.Event()
-
-    def second() -> None:
-        with workdir.run_lock("key", root=tmp_path, poll_s=0.05, on_wait=lambda _msg: waiting.set()):
-            order.append("second")
-
-    with workdir.run_lock("key", root=tmp_path):
-        thread = threading.Thread(target=second)
-        thread.start()
-        assert waiting.wait(10), "second holder did not wait"
-        order.append("first")
-    thread.join(10)
-    assert order == ["first", "second"]
-
-
-def test_run_lock_of_a_killed_holder_is_released(tmp_path: Path) -> None:
-    code = (
-        "import sys, time; from pathlib import Path; from modelfactory.core import workdir\n"
-        f"with workdir.run_lock('key', root=Path({str(tmp_path)!r})):\n"
-        "    print('held', flush=True); time.sleep(600)\n"
-    )
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        holder.kill()
-        holder.wait(10)
-        waits: list[str] = []
-        with workdir.run_lock("key", root=tmp_path, poll_s=0.05, on_wait=waits.append):
-            assert waits == [], "the dead holder's lock was not released"
-    finally:
-        holder.kill()
+# --------------------------------------------------------------------------- identical runs at once
 
 
 def test_two_identical_runs_at_once_one_works_the_other_reuses(prefect, tiny_llama, tmp_path):

@@ -7,13 +7,11 @@ A step builds into a temporary sibling folder and renames it into place only aft
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import shutil
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -85,34 +83,3 @@ def disk_full_error(where: Path, what: str, exc: OSError, *, kind: type[DiskFull
         f"were removed: free space there, or point MODELFACTORY_WORK_DIR / MODELFACTORY_STORE_URL at a "
         f"bigger disk, then run again"
     )
-
-
-@contextmanager
-def run_lock(key: str, *, root: Path | None = None, poll_s: float = 1.0,
-             on_wait: Callable[[str], None] | None = None) -> Iterator[Path]:
-    """Hold the lock of run key *key* (a ``flock`` on ``<work_dir>/locks/<key>.lock``).
-
-    Two identical runs started together: the second waits here until the first is done, then
-    finds every step output complete and reuses it. The kernel drops the lock when its holder
-    dies, so a crashed run never blocks the next one. Works across processes on one host and on
-    shared file systems with ``flock`` support. The factory flow uses the catalog's run-key claim
-    instead (``modelfactory/catalog/claims.py``), which also holds across hosts without a shared disk.
-    """
-    folder = (root or get_settings().resolved_work_dir) / "locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{key}.lock"
-    with open(path, "a+") as handle:
-        waited = False
-        while True:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not waited and on_wait is not None:
-                    on_wait(f"an identical run (key {key[:12]}) is in progress: waiting for it to finish")
-                waited = True
-                time.sleep(poll_s)
-        try:
-            yield path
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

@@ -9,10 +9,10 @@ Shared by ``tests/`` and ``bench/`` (which never import each other), like ``pref
 - :mod:`~modelfactory.testing.server`         ``modelfactory serve``'s app on a given catalog (in-process or uvicorn)
 - :mod:`~modelfactory.testing.disks`          a real tiny tmpfs, to fill a disk
 - :mod:`~modelfactory.testing.prefect_server` a real ``prefect server`` and GPU-host workers (background processes)
+- :mod:`~modelfactory.testing.pool`           runs sent to a real GPU pool: settings, specs, threads, diagnostics
 - :mod:`~modelfactory.testing.s3_server`      a real S3 API (moto server mode)
 - :mod:`~modelfactory.testing.hub_server`     a local Hugging Face Hub-compatible server
 - :mod:`~modelfactory.testing.browser`        headless Chromium through Playwright
-- :mod:`~modelfactory.testing.load`           a Prefect server + GPU pool rig and a burst of factory runs
 
 Nothing here runs in production code paths; the import-linter contract keeps it on top.
 """

@@ -18,13 +18,12 @@ slot left on the pool, its queues, global or tag concurrency limits; no flow-run
 the workers; and a probe of S gpu-stage runs afterwards starts at once on S distinct slots (a leaked
 worker-side slot would keep one queued).
 
-Used by ``tests/test_load.py`` (a small burst, marker ``pool``) and ``bench/load_burst.py`` (N=20,
-numbers to ``bench/results``).
+The rig behind ``bench/load_burst.py`` (N=20, numbers to ``bench/results``); ``tests/test_load.py`` runs
+that script with a small burst (tests and bench never import each other).
 """
 
 from __future__ import annotations
 
-import contextvars
 import os
 import platform
 import shutil
@@ -51,7 +50,7 @@ from modelfactory.testing.models import (
     save_smollm2_tokenizer,
     tiny_spec,
 )
-from modelfactory.testing.pool import dispatching_to_gpu_pool
+from modelfactory.testing.pool import dispatching_to_gpu_pool, in_thread, when
 from modelfactory.testing.prefect_server import (
     GpuHostWorkers,
     PrefectServer,
@@ -180,25 +179,6 @@ class Sampler(threading.Thread):
 
 
 # --------------------------------------------------------------------------- measuring
-
-
-def in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[threading.Thread, dict[str, Any]]:
-    """Run *fn* in a thread that sees this thread's Prefect settings (a copied context)."""
-    ctx, box = contextvars.copy_context(), {}
-
-    def target() -> None:
-        try:
-            box["value"] = ctx.run(fn, *args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - reported by the caller
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, box
-
-
-def when(stamp: str | None) -> datetime | None:
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00")) if stamp else None
 
 
 def seconds(start: datetime | None, end: datetime | None) -> float | None:
@@ -657,7 +637,6 @@ def summary(report: dict[str, Any]) -> str:
         "  checks: " + ", ".join(f"{k}={'ok' if v['ok'] else 'FAILED'}" for k, v in report["checks"].items()),
     ]
     return "\n".join(lines)
-
 
 
 def standalone_burst(*, runs: int, slots: int, timeout_s: float, probe: bool = True,
