@@ -1,4 +1,5 @@
-"""The layers of docs/architecture.md hold: import-linter's contract in pyproject.toml, run for real.
+"""The layers of docs/architecture.md hold, and no package has an import cycle: import-linter's
+contracts in pyproject.toml, run for real.
 
 testing → interfaces → flows → tasks → (triggers | gpu_pool | sweeps) → catalog →
 (publishing | sources | benchmark | stage_store) → (s3 | hf) → core: a module never imports a layer
@@ -14,14 +15,22 @@ from importlinter.cli import lint_imports
 from modelfactory.testing.env import REPO
 
 
-def test_the_layer_contract_is_kept(monkeypatch):
+def test_the_import_contracts_are_kept(monkeypatch):
     monkeypatch.chdir(REPO)  # import-linter reads pyproject.toml from the working directory
-    assert lint_imports(no_cache=True, no_logo=True) == 0, "a module imports a layer above it (see the output)"
+    assert lint_imports(no_cache=True, no_logo=True) == 0, (
+        "a module imports a layer above it, or modules of one package import each other in a cycle (see the output)")
+
+
+def test_no_package_has_an_import_cycle_between_its_modules():
+    """An acyclic_siblings contract over the whole tree (db -> runs -> queries -> db was one)."""
+    contracts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    assert any(c["type"] == "acyclic_siblings" and c["ancestors"] == ["modelfactory"] for c in contracts)
 
 
 def test_the_contract_names_every_package_of_the_tree():
     """A new subpackage must be placed in a layer, or the contract would not check it."""
-    contract, = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    contracts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    contract, = (c for c in contracts if c["type"] == "layers")
     named = {name.strip() for layer in contract["layers"] for name in layer.split("|")}
     packages = {f"modelfactory.{p.name}" for p in (REPO / "modelfactory").iterdir()
                 if (p / "__init__.py").is_file()}

@@ -9,7 +9,7 @@ Open it with :func:`open_catalog`. :class:`Catalog` is put together from one par
 - :mod:`~modelfactory.catalog.watches`      the watch list and webhook deliveries
 
 The queries people use (ls filters, compare, best, lineage, leaderboard) are functions over a
-catalog in :mod:`~modelfactory.catalog.queries`.
+catalog's connections in :mod:`~modelfactory.catalog.queries` (which never imports this module).
 """
 
 from __future__ import annotations

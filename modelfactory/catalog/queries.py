@@ -1,6 +1,7 @@
 """The catalog queries people use: filtered run lists, comparisons, the best build, lineage.
 
-Pure functions over a :class:`~modelfactory.catalog.Catalog`: they read, never write, and
+Pure functions over a catalog's connections (:class:`~modelfactory.catalog.connections.CatalogConnections`,
+the base of :class:`~modelfactory.catalog.Catalog`, which they never import): they read, never write, and
 return the plain records of :mod:`modelfactory.catalog.records`; the CLI, the JSON API and
 the leaderboard page only render them. Bad input raises :class:`CatalogQueryError`, a missing
 run / artifact / base model :class:`CatalogNotFoundError`.
@@ -16,14 +17,15 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from sqlalchemy import ColumnElement, Select, func, or_, select, union_all
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.sql import operators
 
+from modelfactory.catalog.connections import CatalogConnections
 from modelfactory.catalog.ids import resolve_run_id
-from modelfactory.catalog.mappers import ROW_COLUMNS, aware, run_row
+from modelfactory.catalog.mappers import DETAIL_LOADS, ROW_COLUMNS, aware, run_detail, run_row
 from modelfactory.catalog.models import (
     AdapterVersion,
     Artifact,
@@ -42,13 +44,11 @@ from modelfactory.catalog.records import (
     LineageMatch,
     LineageNode,
     Objective,
+    RunDetail,
     RunRow,
     RunStatus,
 )
 from modelfactory.core.errors import CatalogNotFoundError, CatalogQueryError
-
-if TYPE_CHECKING:  # only for annotations: Catalog.list_runs is query_runs
-    from modelfactory.catalog.db import Catalog
 
 #: ``sort`` keys of :func:`query_runs`.
 SortKey = Literal["newest", "oldest", "ppl", "speed", "size", "memory", "kld", "top1", "recovery", "name"]
@@ -174,7 +174,7 @@ def verdict_bounds(*, max_kld: str | float | None = None, min_top1: str | float 
 
 
 def query_runs(
-    catalog: Catalog, *, filters: RunFilter | None = None, sort: SortKey = "newest", limit: int = 50,
+    catalog: CatalogConnections, *, filters: RunFilter | None = None, sort: SortKey = "newest", limit: int = 50,
     max_limit: int | None = MAX_LIMIT,
 ) -> list[RunRow]:
     """Runs matching *filters*, ordered by *sort* (:data:`SORTS`; missing values last), at most *limit*
@@ -298,11 +298,20 @@ def version_ids(session: Session, model: type, ref: str) -> list[int]:
 # --------------------------------------------------------------------------- show / compare
 
 
-def compare_runs(catalog: Catalog, *, run_ids: Sequence[str]) -> Comparison:
+def read_run(catalog: CatalogConnections, *, run_id: str) -> RunDetail:
+    """Everything about run *run_id* (a unique prefix of at least 6 characters will do)."""
+    with catalog.reading(f"read run {run_id!r}") as session:
+        full_id = resolve_run_id(session, run_id=run_id, catalog_url=catalog.url)
+        run = session.get(Run, full_id, options=DETAIL_LOADS)
+        assert run is not None
+        return run_detail(run)
+
+
+def compare_runs(catalog: CatalogConnections, *, run_ids: Sequence[str]) -> Comparison:
     """Runs side by side: every metric (name, side) any of them has, with changes against the first."""
     if not 2 <= len(run_ids) <= MAX_COMPARE:
         raise CatalogQueryError(f"cannot compare {len(run_ids)} runs: give 2 to {MAX_COMPARE} run ids")
-    runs = [catalog.get_run(run_id) for run_id in run_ids]
+    runs = [read_run(catalog, run_id=run_id) for run_id in run_ids]
     ids = [run.id for run in runs]
     if len(set(ids)) != len(ids):
         twice = sorted({i for i in ids if ids.count(i) > 1})
@@ -327,7 +336,7 @@ def compare_runs(catalog: Catalog, *, run_ids: Sequence[str]) -> Comparison:
 
 
 def best_build(
-    catalog: Catalog, *, base: str, max_ppl_increase_pct: float | None = None, by: Objective = "speed",
+    catalog: CatalogConnections, *, base: str, max_ppl_increase_pct: float | None = None, by: Objective = "speed",
     filters: RunFilter | None = None,
 ) -> BestBuild:
     """The Pareto-best passing build of *base*.
@@ -444,7 +453,7 @@ def _filter_fields(filters: RunFilter | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------- lineage
 
 
-def lineage(catalog: Catalog, *, ref: str) -> Lineage:
+def lineage(catalog: CatalogConnections, *, ref: str) -> Lineage:
     """base SHA → adapters → spec → run → artifacts → publications, for a run id (or prefix),
     an artifact / publication URI, or a manifest sha256."""
     ref = ref.strip()
@@ -483,7 +492,7 @@ def lineage(catalog: Catalog, *, ref: str) -> Lineage:
     return Lineage(ref=ref, matched_by=matched_by, run_id=runs[0], runs=tuple(runs), nodes=tuple(nodes))
 
 
-def _lineage_runs(session: Session, catalog: Catalog, *, ref: str) -> tuple[LineageMatch, list[str]]:
+def _lineage_runs(session: Session, catalog: CatalogConnections, *, ref: str) -> tuple[LineageMatch, list[str]]:
     """How *ref* matched and the runs that produced it, earliest first."""
     by_start = (Run.started_at.asc(), Run.id.asc())
     if _MANIFEST_SHA.fullmatch(ref.lower()):
@@ -516,7 +525,8 @@ def _iso(value: datetime | None) -> str | None:
 # --------------------------------------------------------------------------- leaderboard
 
 
-def leaderboard(catalog: Catalog, *, base: str | None = None, bases: int = 10, rows: int = 100) -> list[Board]:
+def leaderboard(catalog: CatalogConnections, *, base: str | None = None, bases: int = 10,
+                rows: int = 100) -> list[Board]:
     """One board per base model (the *bases* with the most recent runs, or just *base*): its
     finished builds with gate ratios, passing first, then by decode speed-up (fastest first)."""
     finished = Run.status.in_(("passed", "rejected"))
@@ -559,5 +569,6 @@ __all__ = [
     "parse_percent",
     "parse_when",
     "query_runs",
+    "read_run",
     "verdict_bounds",
 ]

@@ -19,7 +19,6 @@ from sqlalchemy.orm import Session
 
 from modelfactory.catalog.connections import CatalogConnections
 from modelfactory.catalog.ids import require_run, require_run_id, resolve_run_id
-from modelfactory.catalog.mappers import DETAIL_LOADS, run_detail
 from modelfactory.catalog.models import (
     DELTA_COLUMNS,
     AdapterVersion,
@@ -33,7 +32,7 @@ from modelfactory.catalog.models import (
     Step,
     utcnow,
 )
-from modelfactory.catalog.queries import RunFilter, query_runs
+from modelfactory.catalog.queries import RunFilter, query_runs, read_run
 from modelfactory.catalog.records import (
     FINAL_RUN_STATUSES,
     METRIC_SIDES,
@@ -226,11 +225,7 @@ class CatalogRuns(CatalogConnections):
 
     def get_run(self, run_id: str) -> RunDetail:
         """Everything about run *run_id* (a unique prefix of at least 6 characters will do)."""
-        with self.reading(f"read run {run_id!r}") as session:
-            full_id = resolve_run_id(session, run_id=run_id, catalog_url=self.url)
-            run = session.get(Run, full_id, options=DETAIL_LOADS)
-            assert run is not None
-            return run_detail(run)
+        return read_run(self, run_id=run_id)
 
     def resolve_id(self, session: Session, run_id: str) -> str:
         """The full id of run *run_id* (itself or a unique 6+ character prefix), else raise."""
