@@ -282,7 +282,10 @@ def quantize_model(*, model: ModelArtifact, spec: QuantSpec, device: str = "auto
             marker.update(info, source_sha=model.sha, spec=spec.model_dump(mode="json"))
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
         done = stage_store.publish("quantize", key)
-    artifact = ModelArtifact(path=done.uri, sha=key, source_uri=model.source_uri, kind="gptq", reused=reused,
+        if done.adopted:  # another host stored its build of this key first: that one is the output
+            info, reused = done.marker, True
+    # Identified by its content, so what the benchmark measures and what is published are provably the same files.
+    artifact = ModelArtifact(path=done.uri, sha=done.content, source_uri=model.source_uri, kind="gptq", reused=reused,
                              duration_s=time.perf_counter() - start)
     return QuantResult(model=artifact, quantize_s=info["quantize_s"], engine=info["engine"], device=info["device"],
                        group_size=spec.group_size)

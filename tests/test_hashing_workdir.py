@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 
 import pytest
 
 from modelfactory.core import workdir
 from modelfactory.core.hashing import canonical_json, step_key, tree_sha256
+from modelfactory.core.manifest import content_digest
 from modelfactory.core.specs import QuantSpec
 
 
@@ -90,7 +93,10 @@ def test_building_success_renames_into_place_with_marker(tmp_path):
     assert _entries(tmp_path / "step") == ["k1"]  # no tmp folder left behind
     assert (final / "out.txt").read_text() == "result"
     assert workdir.completed("step", "k1", root=tmp_path) == final
-    assert workdir.read_marker(final) == {"step": "step", "key": "k1", "answer": 42}
+    marker = workdir.read_marker(final)
+    assert marker == {"step": "step", "key": "k1", "answer": 42, "total_bytes": 6,
+                      "files": [{"path": "out.txt", "size": 6, "sha256": hashlib.sha256(b"result").hexdigest()}]}
+    assert workdir.marker_content(marker) == content_digest(marker["files"])
     assert json.loads((final / workdir.MARKER).read_text())["answer"] == 42
 
 
@@ -142,3 +148,25 @@ def test_building_keeps_a_folder_completed_concurrently(tmp_path):
 
 def test_step_dir_defaults_to_settings_work_dir(factory_home):
     assert workdir.step_dir("merge", "abc") == factory_home / "work" / "merge" / "abc"
+
+
+def test_building_adopts_an_output_committed_between_its_check_and_its_rename(tmp_path, monkeypatch):
+    """Two builders of one key (two hosts on a shared work dir, or two sweep members with one quantize
+    key): the other commits right between this one's check and its rename. This one keeps theirs,
+    it does not fail (issue 24.1)."""
+    real_replace = os.replace
+    raced: list[str] = []
+
+    def racing_replace(src, dst):
+        if str(dst).endswith("k6") and not raced:
+            raced.append(str(src))
+            with workdir.building("step", "k6", root=tmp_path) as (other, _):  # the other builder wins
+                (other / "theirs.txt").write_text("first")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(workdir.os, "replace", racing_replace)
+    with workdir.building("step", "k6", root=tmp_path) as (tmp, _):
+        (tmp / "mine.txt").write_text("second")
+    final = tmp_path / "step" / "k6"
+    assert _entries(final) == sorted(["theirs.txt", workdir.MARKER])
+    assert _entries(tmp_path / "step") == ["k6"]  # no temporary folder left

@@ -79,7 +79,7 @@ def test_a_cpu_quantization_stores_the_same_16_bit_artifact_whatever_it_computed
 
     from modelfactory.core.records import ModelArtifact
     from modelfactory.core.specs import QuantSpec
-    from modelfactory.core.workdir import read_marker, step_dir
+    from modelfactory.core.workdir import read_marker
     from modelfactory.tasks.quantize import quantize_model
 
     set_env(MODELFACTORY_CPU_DTYPE=cpu_dtype)
@@ -87,7 +87,7 @@ def test_a_cpu_quantization_stores_the_same_16_bit_artifact_whatever_it_computed
     merged = ModelArtifact(path=str(tiny_llama), sha="tiny-merged", source_uri=str(tiny_llama), kind="merged")
     with own_work_dir(tmp_path / "work"):
         result = quantize_model(model=merged, spec=spec, device="cpu")
-        folder = step_dir("quantize", result.model.sha)
+        folder = Path(result.model.path)
         assert read_marker(folder)["dtype"] == cpu_dtype  # what it computed in
     dtypes: dict[str, str] = {}
     for path in folder.glob("*.safetensors"):

@@ -20,6 +20,7 @@ from modelfactory import stage_store
 from modelfactory.core import workdir
 from modelfactory.core.errors import SpecError, StageStoreError
 from modelfactory.core.hashing import file_sha256
+from modelfactory.core.manifest import content_digest
 from modelfactory.core.settings import get_settings
 from modelfactory.stage_store import cache, remote
 
@@ -100,7 +101,10 @@ def test_marker_is_written_last_after_every_file(store, s3_env, tmp_path, monkey
     assert {f["path"]: f["sha256"] for f in manifest["files"]} == {
         rel: file_sha256(workdir.step_dir("quantize", "k1", root=tmp_path / "a" / "work") / rel) for rel in FILES}
     assert manifest["total_bytes"] == sum(len(v) for v in FILES.values())
-    assert manifest["marker"] == {"step": "quantize", "key": "k1", "quantize_s": 1.5}
+    # The store's marker is the output's own _COMPLETE.json (one meaning) plus where its files are.
+    local = workdir.read_marker(workdir.step_dir("quantize", "k1", root=tmp_path / "a" / "work"))
+    assert {k: v for k, v in manifest.items() if k not in ("schema", "data", "host", "created_at")} == local
+    assert local["quantize_s"] == 1.5 and out.content == content_digest(local["files"])
 
 
 def test_failed_upload_leaves_no_marker_and_no_files(store, s3_env, tmp_path, monkeypatch):
@@ -206,12 +210,30 @@ def test_two_hosts_completing_one_key_keep_the_first_output(store, s3_env, tmp_p
     with host(tmp_path / "a", store):
         uri = stage_store.publish("quantize", "k6").uri
     with host(tmp_path / "b", store):
-        assert stage_store.publish("quantize", "k6").uri == uri  # b's upload lost the marker race
+        theirs = stage_store.publish("quantize", "k6")  # b's upload lost the marker race
+        assert theirs.uri == uri and theirs.adopted and theirs.marker["quantize_s"] == 1.0
+        # One step key, one output everywhere: b reads a's bytes from now on, never its own (issue 24.1).
+        assert files_of(stage_store.resolve(uri)) == {"w.bin": b"from host a"}
+        assert workdir.completed("quantize", "k6") is None
     files = object_keys(s3_env, bucket, "stage/quantize/k6/")
     assert len(files) == 2, files  # the marker and a's one file: b's attempt was removed
     with host(tmp_path / "c", store):
         assert files_of(stage_store.resolve(uri)) == {"w.bin": b"from host a"}
         assert stage_store.find("quantize", "k6").marker["quantize_s"] == 1.0
+
+
+def test_a_local_output_that_differs_from_the_store_is_replaced_by_the_stored_one(store, s3_env, tmp_path):
+    """Host b finds its own finished output, but the store holds another host's for that key (b's upload
+    was lost, or b built it while a uploaded): b adopts the stored one, checked by hash (issue 24.1)."""
+    with host(tmp_path / "a", store):
+        build("quantize", "k8", {"w.bin": b"from host a"}, quantize_s=1.0)
+        uri = stage_store.publish("quantize", "k8").uri
+    with host(tmp_path / "b", store):
+        build("quantize", "k8", {"w.bin": b"from host b!"}, quantize_s=9.0)
+        found = stage_store.find("quantize", "k8")
+        assert found is not None and found.uri == uri and found.marker["quantize_s"] == 1.0
+        assert files_of(found.folder()) == {"w.bin": b"from host a"}
+        assert found.content == stage_store.find("quantize", "k8").content
 
 
 def test_a_folder_outside_the_work_dir_is_shared_by_uri(store, s3_env, tmp_path):
@@ -225,7 +247,7 @@ def test_a_folder_outside_the_work_dir_is_shared_by_uri(store, s3_env, tmp_path)
         assert stage_store.resolve(uri) == model.resolve()  # this host: the folder itself, no copy
     with host(tmp_path / "b", store):
         fetched = stage_store.resolve(uri)
-        assert files_of(fetched) == FILES and workdir.read_marker(fetched) == {"source": str(model)}
+        assert files_of(fetched) == FILES and workdir.read_marker(fetched)["source"] == str(model)
 
 
 def test_records_travel_through_the_store(store, s3_env, tmp_path):

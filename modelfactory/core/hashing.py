@@ -10,7 +10,8 @@ from typing import Any
 from pydantic import BaseModel
 
 #: Bump when a step's output format changes, so old outputs are not reused.
-KEY_SCHEMA = 1
+#: 2: ``_COMPLETE.json`` lists the output's files (size, sha256); quantized models are identified by content.
+KEY_SCHEMA = 2
 _CHUNK = 1 << 20
 
 

@@ -1,12 +1,23 @@
-"""Artifact manifests: what files an artifact has (size, sha256) plus its spec and metrics.
+"""Manifests: what files a folder has (size, sha256), written last so their presence means "complete".
 
-A reader that sees ``manifest.json`` sees a complete artifact: publishers write it last.
+- ``manifest.json``: a published artifact's manifest (its files plus spec and metrics; publishers
+  write it last).
+- A step output's completion marker ``_COMPLETE.json`` (:mod:`modelfactory.core.workdir`) lists its
+  files the same way (:func:`file_entries`).
+
+:func:`content_digest` is the identity of a folder's *content*: the sha256 of its files' paths,
+sizes and sha256s. Two folders with the same bytes have the same digest whatever else their
+manifests say (creation time, metrics), so it keys published artifacts and proves that what was
+published is what was benchmarked.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +43,23 @@ def artifact_files(folder: Path) -> list[Path]:
     return files
 
 
+def file_entries(folder: Path, files: Iterable[Path]) -> list[dict[str, Any]]:
+    """``{"path", "size", "sha256"}`` of each of *files* (under *folder*), hashed in parallel."""
+    files = list(files)
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(file_sha256, files))
+    return [{"path": f.relative_to(folder).as_posix(), "size": f.stat().st_size, "sha256": d}
+            for f, d in zip(files, digests, strict=True)]
+
+
+def content_digest(files: Sequence[Mapping[str, Any]]) -> str:
+    """The sha256 of a folder's content from its manifest entries: paths, sizes and file hashes only."""
+    lines = sorted(f"{f['path']}\0{int(f['size'])}\0{f['sha256']}\n" for f in files)
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
 def build_manifest(folder: Path, **extra: Any) -> dict[str, Any]:
-    files = [
-        {"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "sha256": file_sha256(p)}
-        for p in artifact_files(folder)
-    ]
+    files = file_entries(folder, artifact_files(folder))
     return {"schema": SCHEMA, "files": files, "total_bytes": sum(f["size"] for f in files), **extra}
 
 

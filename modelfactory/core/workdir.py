@@ -2,6 +2,15 @@
 
 A step builds into a temporary sibling folder and renames it into place only after its
 ``_COMPLETE.json`` marker is written, so a crash never leaves a folder that looks complete.
+
+``_COMPLETE.json`` has one meaning wherever a step output lies (this work dir, the stage store,
+a host's stage cache: :mod:`modelfactory.stage_store`): the output is complete, and it says what
+the step recorded about it (its own fields, e.g. ``quantize_s``) and every file of it (``files``:
+path, size, sha256; ``total_bytes``). Its content digest
+(:func:`~modelfactory.core.manifest.content_digest` of ``files``) is the output's identity.
+
+One key, one output: when two builders of one key race (two hosts on a shared work dir, two sweep
+members with one quantize key), the first complete output stays and the other builder adopts it.
 """
 
 from __future__ import annotations
@@ -17,9 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from modelfactory.core.errors import DiskFullError
+from modelfactory.core.manifest import content_digest, file_entries
 from modelfactory.core.settings import get_settings
 
 MARKER = "_COMPLETE.json"
+#: Keys of ``_COMPLETE.json`` that describe the files; a step's own fields must not use them.
+FILE_KEYS = ("files", "total_bytes")
 
 
 def step_dir(step: str, key: str, *, root: Path | None = None) -> Path:
@@ -42,9 +54,49 @@ def read_marker(path: Path) -> dict[str, Any]:
     return json.loads((path / MARKER).read_text())
 
 
+def marker_content(marker: dict[str, Any]) -> str | None:
+    """The content digest of the output a ``_COMPLETE.json`` describes (``None``: it lists no files)."""
+    files = marker.get("files")
+    return content_digest(files) if isinstance(files, list) else None
+
+
+def remove(step: str, key: str, *, root: Path | None = None) -> None:
+    """Remove the output of *step* for *key* (renamed away first, so it vanishes at once)."""
+    _remove(step_dir(step, key, root=root))
+
+
+def _remove(folder: Path) -> None:
+    trash = folder.parent / f".{folder.name}.trash-{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(folder, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Rename the complete *tmp* into place as *final*; a complete *final* already there (another
+    builder of the key got there first, possibly right between our check and our rename) is kept."""
+    for _attempt in range(5):
+        if (final / MARKER).is_file():
+            shutil.rmtree(tmp)
+            return
+        if final.exists():
+            _remove(final)  # leftovers of a crashed run
+        try:
+            os.replace(tmp, final)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+    raise OSError(errno.EEXIST, f"{final} keeps reappearing incomplete while this build commits; "
+                                "another process is writing it: run again")
+
+
 @contextmanager
 def building(step: str, key: str, *, root: Path | None = None) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """Yield ``(tmp_dir, marker)``; fill *tmp_dir* and *marker*, and on success they become final.
+    """Yield ``(tmp_dir, marker)``; fill *tmp_dir* and *marker*, and on success they become final
+    (the marker with every file's size and sha256 added).
 
     On an exception the temporary folder is removed and nothing is published.
     """
@@ -55,13 +107,10 @@ def building(step: str, key: str, *, root: Path | None = None) -> Iterator[tuple
     marker: dict[str, Any] = {"step": step, "key": key}
     try:
         yield tmp, marker
+        files = file_entries(tmp, sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != MARKER))
+        marker.update(files=files, total_bytes=sum(f["size"] for f in files))
         (tmp / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True))
-        if final.exists():
-            if (final / MARKER).is_file():  # a concurrent identical run finished first: keep theirs
-                shutil.rmtree(tmp)
-                return
-            shutil.rmtree(final)  # leftovers of a crashed run
-        os.replace(tmp, final)
+        _commit(tmp, final)  # a concurrent identical build that finished first is kept
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):

@@ -2,7 +2,7 @@
 
 Layout under ``MODELFACTORY_STAGE_CACHE_DIR`` (default ``<home>/cache/stage``)::
 
-    objects/<digest>/          a fetched output: its files and the step's own _COMPLETE.json
+    objects/<digest>/          a fetched output: its files and its _COMPLETE.json (the store's marker)
     objects/.<digest>.lock     held while this host fetches <digest> (a second fetch waits, then reuses)
     objects/.<digest>.tmp-*/   a fetch in progress (removed when it fails)
     links/<step>/<key>         symlink to a folder of this host shared under that key (a local model
@@ -103,7 +103,7 @@ def fetch(client, *, url: S3Url, data: bytes) -> Path:
                     f"{url}: {bad[:5]} do not match their size/sha256 in the completion marker after download "
                     f"({len(bad)} of {len(manifest['files'])} files): the stored output is corrupt. Delete the "
                     f"prefix {url} so the step is built again, then rerun")
-            (tmp / workdir.MARKER).write_text(json.dumps(manifest["marker"], indent=2, sort_keys=True))
+            (tmp / workdir.MARKER).write_bytes(data)  # the output's _COMPLETE.json, as in the store
             os.rename(tmp, final)  # atomic; the lock makes it the only writer of *final*
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):

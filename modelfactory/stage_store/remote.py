@@ -6,32 +6,29 @@ Layout under ``MODELFACTORY_STAGE_STORE_URL`` (``s3://bucket/prefix``)::
     <step>/<key>/<attempt>/<files>    the files, as one upload attempt put them
     gpu-stage/runs/<flow_run_id>.json small records (the GPU stage's outcome)
 
-The marker is a manifest (:mod:`modelfactory.core.manifest` format: ``files`` with path, size
-and sha256, ``total_bytes``) plus the step's own completion marker (``marker``: what the step
-recorded about itself, e.g. the quantization time) and ``data``: the attempt prefix its files
-are under. Files go to an attempt prefix of their own, so two hosts uploading the same key at
-once (different bytes: GPU kernels are not bit-reproducible) never mix their files: the first
-marker written wins, the loser deletes its attempt. A reader trusts nothing without a marker,
-and checks every file's sha256 against it (:mod:`modelfactory.stage_store.cache`).
+The marker is the output's own ``_COMPLETE.json`` (:mod:`modelfactory.core.workdir`: what the
+step recorded, and ``files`` with path, size and sha256, ``total_bytes``) plus ``data``: the attempt
+prefix its files are under, and who uploaded it when. Files go to an attempt prefix of their own,
+so two hosts uploading the same key at once (different bytes: GPU kernels are not bit-reproducible)
+never mix their files: the first marker written wins, the loser deletes its attempt and adopts the
+winner's output (:func:`modelfactory.stage_store.publish`). A reader trusts nothing without a
+marker, and checks every file's sha256 against it (:mod:`modelfactory.stage_store.cache`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import socket
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from modelfactory.core.errors import SpecError, StageStoreError
-from modelfactory.core.hashing import file_sha256
 from modelfactory.core.log import progress
-from modelfactory.core.manifest import SCHEMA, manifest_bytes
+from modelfactory.core.manifest import SCHEMA, file_entries, manifest_bytes
 from modelfactory.core.settings import get_settings
-from modelfactory.core.workdir import MARKER
+from modelfactory.core.workdir import FILE_KEYS, MARKER
 from modelfactory.s3.client import (
     S3Url,
     make_client,
@@ -73,14 +70,12 @@ def output_files(folder: Path) -> list[Path]:
 
 
 def build_manifest(folder: Path, *, step: str, key: str, marker: dict[str, Any], data: str) -> dict[str, Any]:
-    """The store's completion marker for *folder*: every file's size and sha256 (hashed in parallel)."""
-    files = output_files(folder)
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(file_sha256, files))
-    entries = [{"path": f.relative_to(folder).as_posix(), "size": f.stat().st_size, "sha256": d}
-               for f, d in zip(files, digests)]
-    return {"schema": SCHEMA, "files": entries, "total_bytes": sum(e["size"] for e in entries), "step": step,
-            "key": key, "marker": marker, "data": data, "host": socket.gethostname(),
+    """The store's completion marker for *folder*: its ``_COMPLETE.json`` *marker* (every file's size
+    and sha256, hashed here when the marker does not list them: a shared folder), where the files are."""
+    if not all(name in marker for name in FILE_KEYS):
+        files = file_entries(folder, output_files(folder))
+        marker = {**marker, "files": files, "total_bytes": sum(f["size"] for f in files)}
+    return {**marker, "schema": SCHEMA, "step": step, "key": key, "data": data, "host": socket.gethostname(),
             "created_at": datetime.now(UTC).isoformat()}
 
 
@@ -191,7 +186,7 @@ def parse_marker(url: S3Url, data: bytes) -> dict[str, Any]:
     """The completion marker *data* of the output at *url*, checked for the fields readers use."""
     try:
         manifest = json.loads(data)
-        missing = {"files", "data", "marker"} - set(manifest)
+        missing = {*FILE_KEYS, "data"} - set(manifest)
     except (ValueError, TypeError) as exc:
         missing, manifest = {f"valid JSON ({exc})"}, None
     if missing:

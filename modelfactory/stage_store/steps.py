@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from modelfactory.core import workdir
 from modelfactory.core.errors import StageStoreError
+from modelfactory.core.log import progress
 from modelfactory.core.settings import get_settings
 from modelfactory.s3.client import S3Url, make_client
 from modelfactory.stage_store import cache, remote
@@ -27,8 +28,15 @@ class StepOutput:
     key: str
     #: ``s3://<store>/<step>/<key>/`` with a stage store, else the folder in the local work dir.
     uri: str
-    #: The step's completion marker (e.g. the quantization time, the merge's logit difference).
+    #: The output's ``_COMPLETE.json``: the step's own fields (e.g. the quantization time, the merge's
+    #: logit difference) and its files (path, size, sha256).
     marker: dict[str, Any]
+    #: The output's content digest (:func:`~modelfactory.core.manifest.content_digest` of its files):
+    #: one step key has one output, and this is it, on every host.
+    content: str
+    #: True when this host built the key too but another host's output was stored first, so this
+    #: host's copy was discarded and the stored one is the output (:func:`publish`).
+    adopted: bool = False
 
     def folder(self) -> Path:
         """The output's files on this host (fetched into the cache when they were built elsewhere)."""
@@ -38,6 +46,14 @@ class StepOutput:
 def configured() -> bool:
     """Whether step outputs move through a stage store (``MODELFACTORY_STAGE_STORE_URL``)."""
     return remote.store_root() is not None
+
+
+def _output(step: str, key: str, uri: str, marker: dict[str, Any], *, adopted: bool = False) -> StepOutput:
+    content = workdir.marker_content(marker)
+    if content is None:
+        raise StageStoreError(f"the {step} output {uri} has a completion marker ({workdir.MARKER}) that lists no "
+                              "files (written by an older modelfactory): delete it so the step is built again")
+    return StepOutput(step=step, key=key, uri=uri, marker=marker, content=content, adopted=adopted)
 
 
 def find(step: str, key: str) -> StepOutput | None:
@@ -55,18 +71,34 @@ def find(step: str, key: str) -> StepOutput | None:
     data = remote.read_marker(make_client(), url)
     if data is None:
         return None
-    return StepOutput(step=step, key=key, uri=str(url), marker=remote.parse_marker(url, data)["marker"])
+    return _output(step, key, str(url), remote.parse_marker(url, data))
 
 
 def publish(step: str, key: str) -> StepOutput:
-    """The complete local output ``<work_dir>/<step>/<key>``, uploaded to the stage store if one is set."""
+    """The complete local output ``<work_dir>/<step>/<key>``, uploaded to the stage store if one is set.
+
+    One step key, one output everywhere: when the store already holds another output for the key
+    (another host built it too and uploaded first: GPU kernels are not bit-reproducible), this
+    host's copy is removed and the stored one is returned (``adopted``); every later read of the
+    URI on this host fetches the stored files, checked by sha256 (:func:`resolve`).
+    """
     folder = workdir.step_dir(step, key)
     marker = workdir.read_marker(folder)
     root = remote.store_root()
     if root is None:
-        return StepOutput(step=step, key=key, uri=str(folder), marker=marker)
-    remote.upload_output(root=root, step=step, key=key, folder=folder, marker=marker)
-    return StepOutput(step=step, key=key, uri=str(remote.output_url(root, step, key)), marker=marker)
+        return _output(step, key, str(folder), marker)
+    url = remote.output_url(root, step, key)
+    stored = remote.parse_marker(url, remote.upload_output(root=root, step=step, key=key, folder=folder,
+                                                           marker=marker))
+    ours = workdir.marker_content(marker)
+    theirs = _output(step, key, str(url), stored)
+    if ours is not None and ours == theirs.content:
+        return theirs
+    progress(f"{step}: the stage store holds another build of key {key[:12]} (from {stored.get('host', '?')}, "
+             f"content {theirs.content[:12]}; this host's: {(ours or '?')[:12]}): using the stored one, "
+             "removing this host's copy")
+    workdir.remove(step, key)
+    return replace(theirs, adopted=True)
 
 
 def share(folder: Path, *, step: str, key: str, marker: dict[str, Any]) -> str:
@@ -82,22 +114,29 @@ def share(folder: Path, *, step: str, key: str, marker: dict[str, Any]) -> str:
 
 def resolve(uri: str) -> Path:
     """The local folder of a step output *uri*: a path as is; an ``s3://`` output from this host's
-    work dir or shared folders when it was built here, else from the cache (fetched and checked)."""
+    work dir (when its copy is the stored one: same content) or shared folders, else from the cache
+    (fetched and checked)."""
     if not uri.startswith("s3://"):
         return Path(uri)
     url = S3Url.parse(uri)
+    client = make_client()
+    data = remote.read_marker(client, url)
     root = remote.store_root()
     if root is not None and (step_key := remote.step_of(root, url)) is not None:
-        if (done := workdir.completed(*step_key)) is not None:
+        done = workdir.completed(*step_key)
+        if done is not None and (data is None or _same_content(done, data, url)):
             return done
         if (folder := cache.linked(*step_key)) is not None:
             return folder
-    client = make_client()
-    data = remote.read_marker(client, url)
     if data is None:
         raise StageStoreError(f"{uri} has no completion marker ({workdir.MARKER}): the step that builds it did not "
                               "finish its upload, or the prefix was deleted; run the factory again to rebuild it")
     return cache.fetch(client, url=url, data=data)
+
+
+def _same_content(folder: Path, data: bytes, url: S3Url) -> bool:
+    return workdir.marker_content(workdir.read_marker(folder)) == workdir.marker_content(
+        remote.parse_marker(url, data))
 
 
 # --------------------------------------------------------------------------- small records
