@@ -1,5 +1,5 @@
 """GPU benchmarks with the factory's own steps: ``modelfactory.tasks.quantize.quantize_model`` and
-``modelfactory.tasks.benchmark.measure_side`` (each side in its own worker process, as in a factory run).
+``modelfactory.benchmark.sides.measure_side`` (each side in its own worker process, as in a factory run).
 
 Stages (run on the GPU machine; see docs/benchmarks.md for the exact commands):
 
@@ -60,11 +60,15 @@ def copy_bandwidth_gbs(size_gib: float = 4.0, iters: int = 20) -> float:
 
 
 def _side(model_path: str, side: str, spec: dict, log: Path) -> dict:
+    from modelfactory.benchmark.sides import measure_side
     from modelfactory.core.devices import gpu_env
     from modelfactory.core.isolation import run_isolated
+    from modelfactory.core.specs import BenchmarkSpec
+    from modelfactory.sources.text import load_text
 
-    return run_isolated("modelfactory.tasks.benchmark:measure_side", kwargs={"model_path": model_path, "side": side, "spec": spec},
-                        log_path=log, env=gpu_env())
+    text, origin = load_text(BenchmarkSpec.model_validate(spec).perplexity.text)
+    return run_isolated(measure_side, kwargs={"model_path": model_path, "side": side, "spec": spec, "text": text,
+                                              "text_origin": origin}, log_path=log, env=gpu_env())
 
 
 def _summary(fp16: dict, gptq: dict, **extra) -> dict:
@@ -219,12 +223,16 @@ def _profile_side(model_path: str, side: str, kernel: str, steps: int, treatment
 
     from modelfactory import benchmark as bench
     from modelfactory.core.specs import BenchmarkSpec
-    from modelfactory.tasks.benchmark import _graph_decoder, _load
+    from modelfactory.benchmark.fusion import fuse_projections
+    from modelfactory.benchmark.sides import load_side
 
     spec = BenchmarkSpec(kernel=kernel)
-    model, _ = _load(model_path, side=side, spec=spec, device="cuda", dtype=torch.float16)
+    model, _ = load_side(model_path, side=side, spec=spec, device="cuda", dtype=torch.float16)
     ids = AutoTokenizer.from_pretrained(model_path)(spec.decode.prompt, return_tensors="pt")["input_ids"].cuda()
-    decoder = _graph_decoder(model, prompt_ids=ids, new_tokens=steps + 8, treatment=bench.GRAPH_TREATMENTS[treatment])
+    opts = bench.GRAPH_TREATMENTS[treatment]
+    if opts.fuse:
+        fuse_projections(model, marlin_atomics=opts.marlin_atomics)
+    decoder = bench.GraphDecoder(model, input_ids=ids, max_new_tokens=steps + 8, compile=opts.compile)
     decoder.generate(steps)
     with torch.inference_mode():
         decoder.prefill()
@@ -293,12 +301,14 @@ def _gptq_path() -> Path:
 
 def stage_llama7b_treatments(args) -> None:
     """Every decode-step treatment of ``modelfactory.benchmark.GRAPH_TREATMENTS`` on one side per worker
-    process (``modelfactory.tasks.benchmark.measure_treatments``), each checked against the eager model."""
+    process (``bench/treatments.py``), each checked against the eager model."""
     from modelfactory import benchmark as bench
     from modelfactory.core import workdir
     from modelfactory.core.devices import gpu_env
     from modelfactory.core.isolation import run_isolated
     from modelfactory.core.specs import BenchmarkSpec
+
+    from bench.treatments import measure_treatments
 
     gptq_path = _gptq_path()
     spec = BenchmarkSpec(kernel=args.kernel, decode={"new_tokens": 256, "warmup": 1, "repeats": 3}).model_dump(mode="json")
@@ -306,7 +316,7 @@ def stage_llama7b_treatments(args) -> None:
     for side in args.sides.split(","):
         path = str(_llama7b_dir()) if side == "fp16" else str(gptq_path)
         log = _home() / "logs" / f"llama7b-treatments-{side}.log"
-        result = run_isolated("modelfactory.tasks.benchmark:measure_treatments",
+        result = run_isolated(measure_treatments,
                               kwargs={"model_path": path, "side": side, "spec": spec,
                                       "treatments": args.treatments.split(",")}, log_path=log, env=gpu_env())
         result.update(gpu=_gpu(), command=" ".join(sys.argv), copy_bandwidth_gb_s=bandwidth,

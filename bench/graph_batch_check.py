@@ -3,7 +3,7 @@
 For each batch size: the graph decoder's free-running greedy tokens against HF ``generate`` (eager,
 the same batch of the prompt repeated), its :class:`~modelfactory.benchmark.graph.DecodeCheck`
 against the batch-1 eager reference, then the benchmark's own per-batch loop
-(``modelfactory.tasks.benchmark._graph_decode_checked``) for each treatment: tok/s per batch size.
+(``modelfactory.benchmark.sides.graph_decode_checked``) for each treatment: tok/s per batch size.
 
 Needs torch, transformers and pydantic(-settings) only (random weights, token ids as the prompt;
 no tokenizer, no gptqmodel, no prefect: a stand-in ``prefect.task`` is installed when Prefect is
@@ -54,7 +54,7 @@ def main() -> None:
 
     from modelfactory import benchmark as bench
     from modelfactory.core.specs import DecodeSpec
-    from modelfactory.tasks.benchmark import CHECK_STEPS, _graph_decode_checked
+    from modelfactory.benchmark.sides import CHECK_STEPS, graph_decode_checked
 
     out = Path(args.out) / "graph_batch_check.json"
     report: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -98,7 +98,7 @@ def main() -> None:
         probe = bench.MemoryProbe(device="cuda")
         start = time.perf_counter()
         try:
-            model, decoded, used, checks = _graph_decode_checked(
+            model, decoded, used, checks = graph_decode_checked(
                 model, prompt_ids=prompt, dspec=dspec, treatment=treatment, probe=probe,
                 reload=lambda: small_llama(0))
             row = {"used": used, "tok_s": {b: d.tok_s for b, d in decoded.items()},

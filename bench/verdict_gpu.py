@@ -69,12 +69,12 @@ def side_checks(*, model_path: str, side: str, spec_json: dict, reference_dir: s
     from modelfactory.core.devices import resolve_device, resolve_dtype
     from modelfactory.core.specs import BenchmarkSpec
     from modelfactory.sources.text import load_text
-    from modelfactory.tasks.benchmark import _load
+    from modelfactory.benchmark.sides import load_side
 
     spec = BenchmarkSpec.model_validate(spec_json)
     device = resolve_device(spec.device)
     dtype = getattr(torch, resolve_dtype(spec.dtype, device))
-    model, kernel = _load(model_path, side=side, spec=spec, device=device, dtype=dtype)
+    model, kernel = load_side(model_path, side=side, spec=spec, device=device, dtype=dtype)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -127,7 +127,10 @@ def run_config(args, base, group: str) -> dict:
             checks[side] = CACHE["fp16"]
             continue
         t0 = time.perf_counter()
-        checks[side] = run_isolated("bench.verdict_gpu:side_checks", kwargs={
+        # by its importable name (this file runs as __main__): the step process imports bench.verdict_gpu
+        from bench.verdict_gpu import side_checks as worker
+
+        checks[side] = run_isolated(worker, kwargs={
             "model_path": path, "side": side, "spec_json": bspec.model_dump(mode="json"), "reference_dir": str(ref),
             "tasks": tasks, "limit": args.limit}, log_path=log, env=gpu_env())
         checks[side]["wall_s"] = time.perf_counter() - t0

@@ -29,7 +29,6 @@ from modelfactory.core.devices import (
     out_of_memory_error,
     resolve_device,
     resolve_dtype,
-    runs_on_cpu,
 )
 from modelfactory.core.errors import CalibrationError, QuantizationError
 from modelfactory.core.hashing import step_key
@@ -275,7 +274,7 @@ def quantize_model(*, model: ModelArtifact, spec: QuantSpec, device: str = "auto
                     kwargs={"model_path": model_path, "out_dir": str(tmp), "spec": spec.model_dump(mode="json"),
                             "device": device, "checkpoint_dir": str(checkpoint_dir) if use_checkpoint else None},
                     log_path=log_path, env=gpu_env(), cwd=scratch, unexpected=QuantizationError,
-                    library_progress=GPTQMODEL_LAYER, warm=runs_on_cpu(device),
+                    library_progress=GPTQMODEL_LAYER,
                 )
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)

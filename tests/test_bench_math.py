@@ -70,7 +70,9 @@ def test_decode_rate_excludes_prefill():
     # 1 token in 0.1 s (prefill + first), 11 tokens in 1.1 s: 10 decode tokens in 1.0 s
     assert decode_rate(t_first=0.1, t_all=1.1, new_tokens=11) == pytest.approx(10.0)
     assert decode_rate(t_first=0.5, t_all=2.5, new_tokens=65) == pytest.approx(32.0)
-    assert math.isfinite(decode_rate(t_first=1.0, t_all=1.0, new_tokens=8))  # no division by zero
+    # An interval that is not positive (a coarse clock, a tiny model) is not measured: no 1e-9 clamp, no 3e9 tok/s.
+    assert decode_rate(t_first=1.0, t_all=1.0, new_tokens=8) is None
+    assert decode_rate(t_first=1.0, t_all=0.9, new_tokens=8) is None
 
 
 def test_decode_rate_counts_every_sequence_of_a_batch():

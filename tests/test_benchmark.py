@@ -1,6 +1,6 @@
 """Step 4, benchmark, around its worker processes: what is committed for reuse, and what is reused.
 
-The workers (one per side, :func:`modelfactory.tasks.benchmark.measure_side`) are replaced by canned side
+The workers (one per side, :func:`modelfactory.benchmark.sides.measure_side`) are replaced by canned side
 metrics, except at the end: the tiny model, quantized twice, measured for real (batch sizes on
 CPU, the fp16 side measured once for both configurations).
 """
@@ -17,6 +17,7 @@ from pydantic import ValidationError
 import modelfactory.tasks.benchmark as step
 from modelfactory.benchmark.agreement import write_reference
 from modelfactory.benchmark.perplexity import token_digest
+from modelfactory.benchmark.sides import measure_side
 from modelfactory.core.errors import BenchmarkError, SpecError
 from modelfactory.core.isolation import run_isolated
 from modelfactory.core.records import AgreementMetrics, ModelArtifact, SideMetrics
@@ -32,8 +33,8 @@ CANNED_AGREEMENT = AgreementMetrics(positions=len(TARGETS), top_k=4, vocab_size=
                                   kld_p99=0.09, kld_max=0.1, top1_agreement_pct=80.0, rest_mass_mean=0.02)
 
 
-def _side(side: str, digest: str, load_s: float = 0.1) -> dict:
-    return SideMetrics(
+def _side(side: str, digest: str, load_s: float = 0.1, decode_mode: str = "eager") -> dict:
+    return SideMetrics(decode_mode=decode_mode,
         side=side, device="cpu", dtype="bfloat16", kernel="dense" if side == "fp16" else "TorchLinear",
         disk_bytes=1000 if side == "fp16" else 400, load_s=load_s, memory_kind="rss", mem_after_load_bytes=10,
         mem_peak_decode_bytes=12, mem_peak_bytes=13, decode_tok_s=50.0, ttft_ms=5.0, perplexity=12.0,
@@ -50,14 +51,27 @@ class Workers:
         self.load_s = 0.1
         self.calls: list[str] = []
         self.kwargs: list[dict] = []
+        #: Decode as on CUDA (a graph treatment per side) rather than eagerly as on CPU.
+        self.cuda_graph = False
+        #: Sides whose requested treatment fails its check (they fall back to the plain graph where allowed).
+        self.failing_treatment: set[str] = set()
 
-    def __call__(self, target: str, *, kwargs: dict, **_) -> dict:
-        assert target == "modelfactory.tasks.benchmark:measure_side"
+    def __call__(self, target, *, kwargs: dict, **_) -> dict:
+        assert target is measure_side
         self.calls.append(kwargs["side"])
         self.kwargs.append(kwargs)
         self._agreement_outputs(kwargs)
         return _side(kwargs["side"], self.digests[kwargs["side"]],
-                     load_s=self.load_s if kwargs["side"] == "fp16" else 0.1)
+                     load_s=self.load_s if kwargs["side"] == "fp16" else 0.1, decode_mode=self._mode(kwargs))
+
+    def _mode(self, kwargs: dict) -> str:
+        if not self.cuda_graph:
+            return "eager"
+        treatment = kwargs["treatment"] or "fused_compiled_graph"
+        if kwargs["side"] in self.failing_treatment and treatment != "graph":
+            assert kwargs["allow_fallback"], "a forced treatment that fails its check fails the side"
+            treatment = "graph"
+        return f"cuda_graph:{treatment}"
 
 
     @staticmethod
@@ -228,7 +242,7 @@ class CountingWorkers:
     def __init__(self) -> None:
         self.calls: list[str] = []
 
-    def __call__(self, target: str, *, kwargs: dict, **rest) -> dict:
+    def __call__(self, target, *, kwargs: dict, **rest) -> dict:
         self.calls.append(kwargs["side"])
         return run_isolated(target, kwargs=kwargs, **rest)
 
@@ -298,3 +312,39 @@ def test_agreement_and_tasks_key_both_sides():
         assert step.baseline_key(model_sha="m", spec=BenchmarkSpec.model_validate(changed)) != key, changed
     assert step.baseline_key(model_sha="m", spec=BenchmarkSpec(runnability={"new_tokens": 8})) == key
     assert BenchmarkSpec(runnability={"new_tokens": 8}).candidate_inputs() == BenchmarkSpec().candidate_inputs()
+
+
+# --------------------------------------------------------------------------- one decode treatment for both sides
+def test_the_gptq_side_decodes_with_the_fp16_sides_treatment(workers, tmp_path):
+    workers.cuda_graph = True
+    result = _run(tmp_path)
+    fp16_call, gptq_call = workers.kwargs
+    assert fp16_call["treatment"] is None and fp16_call["allow_fallback"]  # the spec's, with its fallback
+    assert gptq_call["treatment"] == "fused_compiled_graph"  # the one the fp16 side used
+    assert result.fp16.decode_mode == result.gptq.decode_mode == "cuda_graph:fused_compiled_graph"
+    assert result.decode_speedup(1) == 1.0
+
+
+def test_when_the_gptq_side_falls_back_the_fp16_side_is_measured_again_with_the_fallback(workers, tmp_path):
+    """Each side used to fall back on its own: a speed-up then compared a compiled graph with a plain one."""
+    workers.cuda_graph = True
+    workers.failing_treatment = {"gptq"}
+    result = _run(tmp_path)
+    assert workers.calls == ["fp16", "gptq", "fp16"]
+    forced = workers.kwargs[2]
+    assert forced["treatment"] == "graph" and not forced["allow_fallback"]
+    assert result.fp16.decode_mode == result.gptq.decode_mode == "cuda_graph:graph"
+    assert result.decode_speedup(8) is not None
+    assert len(_committed(tmp_path, "benchmark-fp16")) == 2  # the spec's baseline and the forced one, each keyed
+    again = _run(tmp_path)  # reused, with the fp16 side it was combined with
+    assert again.reused and workers.calls == ["fp16", "gptq", "fp16"] and again.fp16 == result.fp16
+
+
+def test_a_speed_up_between_two_decode_treatments_is_not_measured():
+    fp16 = SideMetrics.model_validate(_side("fp16", SAME, decode_mode="cuda_graph:fused_compiled_graph"))
+    gptq = SideMetrics.model_validate(_side("gptq", SAME, decode_mode="cuda_graph:graph"))
+    from modelfactory.core.records import BenchmarkResult
+
+    result = BenchmarkResult(fp16=fp16, gptq=gptq, path="x")
+    assert result.decode_speedup(1) is None and result.ratios()["decode_speedup"] is None
+    assert result.ratios()["decode_speedup_b8"] is None

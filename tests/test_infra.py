@@ -455,7 +455,7 @@ def test_isolated_step_processes_compile_into_the_cache_dir(cache_dir, tmp_path)
     from modelfactory.core.isolation import run_isolated
 
     env = gpu_env()
-    seen = run_isolated("test_infra:library_cache_dirs", kwargs={}, log_path=tmp_path / "child.log", env=env,
+    seen = run_isolated(library_cache_dirs, kwargs={}, log_path=tmp_path / "child.log", env=env,
                         cwd=Path(__file__).parent)
     assert seen["env"] == {name: env[name] for name in seen["env"]}
     for what, path in seen.items():

@@ -5,16 +5,25 @@ evaluation token windows as perplexity, compare the quantized model's next-token
 with the fp16 model's P at every scored position:
 
 - ``KL(P || Q) = sum_v P(v) (log P(v) - log Q(v))`` per position, summarized as mean, median, p99, max;
-- top-1 agreement: % of positions where the quantized model's most likely token is (one of) the
-  fp16 model's most likely token(s).
+- top-1 agreement: % of positions where the quantized model's most likely token is the fp16 model's
+  (each side's ``argmax``: the lowest token id among tied maxima, so ties in bf16 logits count the
+  same in every method).
 
-The two sides run in separate fresh processes, so the fp16 side leaves what the quantized side
-needs on disk (:class:`ReferenceWriter`) and the quantized side scores against it
+Two methods (``AgreementMetrics.kld_method``): **exact**, the full-vocabulary KL with both models in
+one process (:func:`exact_agreement`: the GPTQ side loads the fp16 model next to itself where both
+fit, and both score every window), and **topk_lower_bound**, the fp16 side's stored top-k reference
+(below), a lower bound of the full KL that is reported but never gated. The GPTQ side always computes
+the bound and, where both models fit, the exact values too.
+
+For the bound, the two sides run in separate fresh processes, so the fp16 side leaves what the
+quantized side needs on disk (:class:`ReferenceWriter`) and the quantized side scores against it
 (:class:`AgreementScorer`). Full log-probs do not fit (SmolLM2: 49,152 × 16k positions × 4 bytes
 = 3.2 GB), so per scored position the fp16 side stores:
 
 - ``ids``: its top-k token ids (sorted by probability, descending), int32 ``[n, k]``;
 - ``logp``: their log-probabilities, float32 ``[n, k]``;
+- ``argmax``: its most likely token id (``argmax`` of the logits: the lowest id among tied maxima),
+  int32 ``[n]``, for top-1 agreement;
 - ``rest_logp``: the log of the residual mass ``R = 1 - sum(top-k P)``, float32 ``[n]``; computed as a
   log-sum-exp over the other tokens, never as ``1 - sum`` (which cancels when the top-k hold almost
   all the mass);
@@ -35,8 +44,8 @@ i.e. the fp16 model's residual mass times how much the quantized model reshapes 
 when the tail is reshaped proportionally, and shrinks as k grows (R -> 0). Measured on SmolLM2-135M,
 GPTQ 4-bit g128 (docs/benchmarks.md): the stored mean is 26 % below the full KL at k=32, 10 % at
 k=256, 2 % at k=2048 (p99: 8 %, 3 %, 0.5 %). :attr:`AgreementMetrics.rest_mass_mean` reports the
-mean R of a run so the slack can be judged. Top-1 agreement is exact (the fp16 argmax is always in
-the stored top-k).
+mean R of a run so the slack can be judged. Top-1 agreement is the same in both methods (the fp16
+argmax is stored).
 """
 
 from __future__ import annotations
@@ -48,9 +57,9 @@ from pathlib import Path
 
 from modelfactory.benchmark.perplexity import perplexity_windows, token_digest
 from modelfactory.core.errors import BenchmarkError
-from modelfactory.core.records import AgreementMetrics, Record
+from modelfactory.core.records import AgreementMetrics, KldMethod, Record
 
-FORMAT = "modelfactory.topk-logprobs/1"
+FORMAT = "modelfactory.topk-logprobs/2"  # /2: the fp16 argmax is stored (top-1 without topk's tie order)
 #: 256: on SmolLM2-135M (GPTQ 4-bit g128) the stored KL is then 10 % below the full KL on the mean and
 #: 3 % on p99 (k=32: 26 % / 8 %), for 2 KB per position (34 MB for 16k tokens); docs/benchmarks.md.
 DEFAULT_TOP_K = 256
@@ -96,10 +105,11 @@ def rest_logprob(logp, ids):
 
 
 def topk_logprobs(logits, *, k: int):
-    """The fp16 side's stored data for each row of ``logits [n, vocab]``: ``(ids, logp, rest_logp)``.
+    """The fp16 side's stored data for each row of ``logits [n, vocab]``: ``(ids, logp, rest_logp, argmax)``.
 
-    ``ids`` int32 ``[n, k]`` sorted by probability (descending), ``logp`` float32 ``[n, k]``,
-    ``rest_logp`` float32 ``[n]`` (log of ``1 - sum(top-k P)``).
+    ``ids`` int32 ``[n, k]`` sorted by probability (descending; the order of tied values is not
+    defined), ``logp`` float32 ``[n, k]``, ``rest_logp`` float32 ``[n]`` (log of ``1 - sum(top-k P)``),
+    ``argmax`` int32 ``[n]`` (:func:`top1_ids`).
     """
     import torch
 
@@ -107,7 +117,13 @@ def topk_logprobs(logits, *, k: int):
         raise BenchmarkError(f"top_k must be between 1 and the vocabulary size {logits.shape[-1]}, got {k}")
     logp = log_probs(logits)
     top = logp.topk(k, dim=-1, sorted=True)
-    return top.indices.to(torch.int32), top.values, rest_logprob(logp, top.indices)
+    return top.indices.to(torch.int32), top.values, rest_logprob(logp, top.indices), top1_ids(logits).to(torch.int32)
+
+
+def top1_ids(logits):
+    """Each row's most likely token: ``argmax``, the lowest id among tied maxima (ties are common in bf16
+    logits; ``topk``'s order among them is not defined, so it must not decide top-1 agreement)."""
+    return logits.argmax(-1)
 
 
 def bucket_kl(ref_logp, ref_rest_logp, q_logp_at_ids, q_rest_logp):
@@ -136,20 +152,24 @@ def full_kl(ref_logits, quant_logits):
     return (p_logp.exp() * (p_logp - q_logp)).sum(-1).clamp_min(0.0)
 
 
-def top1_agreement(ref_ids, ref_logp, quant_logits):
-    """Bool ``[n]``: the quantized argmax is one of the fp16 argmaxes (ties in P count, all of them are stored
-    when they fit in the top-k; the first stored id is always an fp16 argmax)."""
-    q_arg = quant_logits.argmax(-1, keepdim=True)
-    is_ref_max = ref_logp == ref_logp[:, :1]
-    return ((ref_ids.long() == q_arg) & is_ref_max).any(-1)
+def top1_agreement(ref_argmax, quant_logits):
+    """Bool ``[n]``: the quantized model's most likely token is the fp16 model's (both by :func:`top1_ids`)."""
+    return top1_ids(quant_logits) == ref_argmax.long()
 
 
-def agreement_terms(ref_ids, ref_logp, ref_rest_logp, quant_logits):
-    """Per-position ``(kl float64 [n], top1 bool [n])`` of the quantized logits against the stored fp16 data."""
+def agreement_terms(ref_ids, ref_logp, ref_rest_logp, ref_argmax, quant_logits):
+    """Per-position ``(kl float64 [n], top1 bool [n])`` of the quantized logits against the stored fp16 data
+    (the KL a lower bound: :func:`bucket_kl`)."""
     q_logp = log_probs(quant_logits)
     ids = ref_ids.long()
     kl = bucket_kl(ref_logp, ref_rest_logp, q_logp.gather(-1, ids), rest_logprob(q_logp, ids))
-    return kl, top1_agreement(ref_ids, ref_logp, quant_logits)
+    return kl, top1_agreement(ref_argmax, quant_logits)
+
+
+def exact_terms(ref_logits, quant_logits):
+    """Per-position ``(kl float64 [n], top1 bool [n])`` over the full vocabulary: :func:`full_kl` and
+    :func:`top1_agreement` of the two models' logits."""
+    return full_kl(ref_logits, quant_logits), top1_agreement(top1_ids(ref_logits), quant_logits)
 
 
 def _quantile(sorted_values, q: float) -> float:
@@ -159,17 +179,49 @@ def _quantile(sorted_values, q: float) -> float:
     return float(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo))
 
 
-def summarize(kl, top1, rest_logp, *, top_k: int, vocab_size: int) -> AgreementMetrics:
-    """Mean / median / p99 / max KL, top-1 agreement % and mean residual mass over all positions."""
+def summarize(kl, top1, rest_logp, *, top_k: int, vocab_size: int, method: KldMethod | None = None,
+              lower_bound: AgreementMetrics | None = None) -> AgreementMetrics:
+    """Mean / median / p99 / max KL, top-1 agreement % and mean residual mass over all positions.
+
+    *method* says what *kl* is (default: the top-k buckets, exact when they cover the vocabulary); an exact
+    summary carries the top-k *lower_bound* of the same run, reported next to it.
+    """
+    method = method or ("exact" if top_k >= vocab_size else "topk_lower_bound")
     if len(kl) == 0:
         raise BenchmarkError("no scored positions to compare: the evaluation text produced no windows")
     ordered = kl.double().sort().values
     return AgreementMetrics(
-        positions=len(kl), top_k=top_k, vocab_size=vocab_size,
+        positions=len(kl), top_k=top_k, vocab_size=vocab_size, kld_method=method,
         kld_mean=float(ordered.mean()), kld_median=_quantile(ordered, 0.5), kld_p99=_quantile(ordered, 0.99),
         kld_max=float(ordered[-1]), top1_agreement_pct=100.0 * float(top1.double().mean()),
         rest_mass_mean=float(rest_logp.double().exp().mean()),
+        lower_bound_kld_mean=lower_bound.kld_mean if lower_bound else None,
+        lower_bound_kld_p99=lower_bound.kld_p99 if lower_bound else None,
     )
+
+
+def exact_agreement(quant_model, ref_model, *, ids: list[int], context_len: int, stride: int, device: str,
+                    lower_bound: AgreementMetrics) -> AgreementMetrics:
+    """Exact KL(fp16 || GPTQ) and top-1 agreement: both models score every perplexity window in this process
+    (the same windows and positions as :func:`modelfactory.benchmark.perplexity.measure_perplexity` and the
+    top-k reference *lower_bound* was measured on, which is checked)."""
+    import torch
+
+    kls, top1s = [], []
+    pairs = zip(scored_logits(quant_model, ids, context_len=context_len, stride=stride, device=device),
+                scored_logits(ref_model, ids, context_len=context_len, stride=stride, device=device), strict=True)
+    for (q_logits, targets), (p_logits, _) in pairs:
+        kl, top1 = exact_terms(p_logits.float(), q_logits.float())
+        kls.append(kl.cpu())
+        top1s.append(top1.cpu())
+    kl = torch.cat(kls)
+    if len(kl) != lower_bound.positions:
+        raise BenchmarkError(f"the exact agreement scored {len(kl)} positions, the top-k reference "
+                             f"{lower_bound.positions}: both must use the same text and windows")
+    # The residual mass is the top-k reference's (what the bound's slack scales with); no such bucket here.
+    return summarize(kl, torch.cat(top1s), torch.tensor([math.log(max(lower_bound.rest_mass_mean, 1e-300))]),
+                     top_k=lower_bound.top_k, vocab_size=lower_bound.vocab_size, method="exact",
+                     lower_bound=lower_bound)
 
 
 # --------------------------------------------------------------------------- the windows
@@ -203,7 +255,7 @@ class ReferenceWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.top_k, self.chunk_positions = top_k, chunk_positions
         self.vocab_size: int | None = None
-        self._pending: list[tuple] = []  # (ids, logp, rest_logp, targets) slices not yet in a chunk file
+        self._pending: list[tuple] = []  # (ids, logp, rest_logp, argmax, targets) slices not yet in a chunk file
         self._pending_n = 0
         self._chunks: list[ChunkInfo] = []
         self._targets: list[int] = []
@@ -219,9 +271,9 @@ class ReferenceWriter:
             self.vocab_size = logits.shape[-1]
         elif logits.shape[-1] != self.vocab_size:
             raise BenchmarkError(f"vocabulary size changed between windows: {self.vocab_size} -> {logits.shape[-1]}")
-        ids, logp, rest = topk_logprobs(logits, k=self.top_k)
+        ids, logp, rest, argmax = topk_logprobs(logits, k=self.top_k)
         targets = targets.to(torch.int32).cpu()
-        self._pending.append((ids.cpu(), logp.cpu(), rest.cpu(), targets))
+        self._pending.append((ids.cpu(), logp.cpu(), rest.cpu(), argmax.cpu(), targets))
         self._pending_n += len(targets)
         self._targets.extend(targets.tolist())
         while self._pending_n >= self.chunk_positions:
@@ -232,8 +284,8 @@ class ReferenceWriter:
         from safetensors.torch import save_file
 
         columns = [torch.cat(parts) for parts in zip(*self._pending, strict=True)]
-        head = {name: col[:n].contiguous() for name, col in zip(("ids", "logp", "rest_logp", "targets"), columns,
-                                                                 strict=True)}
+        head = {name: col[:n].contiguous() for name, col in zip(("ids", "logp", "rest_logp", "argmax", "targets"),
+                                                                 columns, strict=True)}
         self._pending = [tuple(col[n:] for col in columns)] if len(columns[0]) > n else []
         self._pending_n -= n
         name = f"chunk-{len(self._chunks):05d}.safetensors"
@@ -322,7 +374,8 @@ class AgreementScorer:
             raise BenchmarkError(f"the quantized side scores different tokens than the fp16 reference from position "
                                  f"{at} on: both sides must tokenize the same text with the same tokenizer and windows")
         device = logits.device
-        kl, top1 = agreement_terms(ref["ids"].to(device), ref["logp"].to(device), ref["rest_logp"].to(device), logits)
+        kl, top1 = agreement_terms(ref["ids"].to(device), ref["logp"].to(device), ref["rest_logp"].to(device),
+                                   ref["argmax"].to(device), logits)
         self._kl.append(kl.cpu())
         self._top1.append(top1.cpu())
         self._rest.append(ref["rest_logp"])

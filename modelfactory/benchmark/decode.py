@@ -3,7 +3,8 @@
 Greedy, B copies of the prompt (batch B; ``benchmark.decode.batch_sizes``), after ``warmup``
 untimed runs; the rate is ``B * (N - 1) / (t_N - t_1)`` with medians over ``repeats``: the
 steady decode rate of all B sequences together, without the prefill (:func:`decode_rate`);
-``ttft_ms`` is the median t_1 (prefill + first token) at batch 1.
+``ttft_ms`` is the median t_1 (prefill + first token) at batch 1. An interval that is not positive
+(a clock too coarse for a tiny model) is *not measured* (``None``), never a number.
 """
 
 from __future__ import annotations
@@ -12,13 +13,17 @@ import statistics
 import time
 
 
-def decode_rate(*, t_first: float, t_all: float, new_tokens: int, batch: int = 1) -> float:
-    """Tokens per second of the decode phase over all *batch* sequences, prefill excluded."""
-    return batch * (new_tokens - 1) / max(t_all - t_first, 1e-9)
+def decode_rate(*, t_first: float, t_all: float, new_tokens: int, batch: int = 1) -> float | None:
+    """Tokens per second of the decode phase over all *batch* sequences, prefill excluded; ``None`` (not
+    measured) when the decode interval is not positive."""
+    interval = t_all - t_first
+    if not interval > 0:
+        return None
+    return batch * (new_tokens - 1) / interval
 
 
 def median_decode(*, firsts: list[float], alls: list[float], new_tokens: int, batch: int = 1,
-                  ) -> tuple[float, float]:
+                  ) -> tuple[float, float | None]:
     """``(ttft_s, decode_tok_s)`` from the timed runs: medians of t_1 and t_N, then :func:`decode_rate`."""
     t_first, t_all = statistics.median(firsts), statistics.median(alls)
     return t_first, decode_rate(t_first=t_first, t_all=t_all, new_tokens=new_tokens, batch=batch)

@@ -58,3 +58,27 @@ class MemoryProbe:
             self._torch.cuda.synchronize()
             return self._torch.cuda.max_memory_allocated() - self.baseline
         return _status_kb("VmHWM") * 1024 - self.baseline
+
+
+#: Head-room kept free when a second model is loaded next to the measured one (activations, logits of a
+#: window, allocator slack), as a share of that model's weight bytes.
+HEADROOM = 0.25
+
+
+def fits_next_to(model_dir: Path, *, device: str, dtype) -> tuple[bool, str]:
+    """Whether the model in *model_dir*, loaded in *dtype*, fits in the free memory of *device* next to what
+    is loaded already: ``(fits, why)`` (the bytes needed and free, for the record)."""
+    import psutil
+    import torch
+
+    stored = disk_bytes(Path(model_dir))
+    try:  # the stored weights are 16-bit for the fp16 side; float32 on a CPU without native bf16 doubles them
+        needed = int(stored / 2 * torch.empty((), dtype=dtype).element_size() * (1 + HEADROOM))
+    except TypeError:
+        needed = int(stored * (1 + HEADROOM))
+    if device == "cuda":
+        free = torch.cuda.mem_get_info()[0]
+    else:
+        free = psutil.virtual_memory().available
+    gib = 1024 ** 3
+    return needed <= free, f"{needed / gib:.1f} GiB needed, {free / gib:.1f} GiB free on {device}"

@@ -3,7 +3,6 @@ out-of-memory error (no model objects)."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -27,19 +26,6 @@ def resolve_device(requested: str = "auto") -> str:
 
         raise SpecError("device 'cuda' was requested but no CUDA GPU is visible: use device 'auto' or 'cpu'")
     return requested
-
-
-def gpu_present() -> bool:
-    """Whether a step process might see a CUDA GPU, answered without importing torch or touching the
-    driver: an NVIDIA device node exists and ``CUDA_VISIBLE_DEVICES`` does not hide them all."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
-        return False
-    return any(Path("/dev").glob("nvidia[0-9]*"))
-
-
-def runs_on_cpu(requested: str = "auto") -> bool:
-    """Whether a step asked for device *requested* will run on the CPU (see :func:`gpu_present`)."""
-    return requested == "cpu" or (requested == "auto" and not gpu_present())
 
 
 #: CPU features (keys of ``torch.cpu.get_capabilities()``) that compute bfloat16 natively: x86's

@@ -7,8 +7,7 @@ leak a model's memory into the flow process, and may set process-wide state (GPT
 JSON, the return value (a pydantic record or plain data) comes back as JSON, and a
 :class:`~modelfactory.core.errors.ModelFactoryError` raised in the child is raised again here as
 the same class. Everything the child prints goes to *log_path*; its ``[mf] `` progress lines
-also go to the Prefect logger. CPU steps may fork the child from a warm interpreter instead
-(:mod:`modelfactory.core.forkserver`): the same process, without paying the imports again.
+also go to the Prefect logger.
 """
 
 from __future__ import annotations
@@ -21,17 +20,16 @@ import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from modelfactory.core.errors import ERRORS_BY_NAME, ModelFactoryError, WorkerError
-from modelfactory.core.forkserver import fork_step
 from modelfactory.core.log import PROGRESS_PREFIX, WORKER_ENV, get_logger
-from modelfactory.core.settings import get_settings
 
 
 def run_isolated(
-    target: str,
+    target: Callable[..., Any],
     *,
     kwargs: dict[str, Any],
     log_path: Path,
@@ -39,15 +37,14 @@ def run_isolated(
     cwd: Path | None = None,
     unexpected: type[ModelFactoryError] = WorkerError,
     library_progress: tuple[re.Pattern[str], str] | None = None,
-    warm: bool = False,
 ) -> Any:
-    """Call ``target`` (``"package.module:function"``) with *kwargs* in a child process.
+    """Call *target* (a module-level function: the child imports it by its module and name) with
+    *kwargs* in a child process.
 
     *library_progress* ``(pattern, template)``: output lines of the child's libraries matching
-    *pattern* are logged as ``template.format(*groups)``, at most every 10 s. *warm*: fork the child
-    from a server that has imported torch and transformers already (:mod:`modelfactory.core.forkserver`;
-    CPU steps only), where one can run.
+    *pattern* are logged as ``template.format(*groups)``, at most every 10 s.
     """
+    name = target_name(target)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     logger = get_logger()
     child_env = {**os.environ, **(env or {}), WORKER_ENV: "1", "PYTHONUNBUFFERED": "1"}
@@ -55,18 +52,15 @@ def run_isolated(
         in_path, out_path = Path(tmp) / "in.json", Path(tmp) / "out.json"
         in_path.write_text(json.dumps(kwargs))
         tail: deque[str] = deque(maxlen=15)
-        proc = fork_step(target=target, in_path=in_path, out_path=out_path, env=child_env, cwd=cwd) if (
-            warm and get_settings().fork_server) else None
-        if proc is None:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "modelfactory.core.isolated_child", target, str(in_path), str(out_path)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                env=child_env,
-                cwd=str(cwd) if cwd else None,
-                text=True,
-                errors="replace",
-            )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "modelfactory.core.isolated_child", name, str(in_path), str(out_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=child_env,
+            cwd=str(cwd) if cwd else None,
+            text=True,
+            errors="replace",
+        )
         with open(log_path, "a", encoding="utf-8") as log, proc:
             assert proc.stdout is not None
             last_library_log = 0.0
@@ -89,8 +83,17 @@ def run_isolated(
                 proc.kill()
                 raise
             returncode = proc.wait()
-        return _result(out_path, target=target, returncode=returncode, tail=tail, log_path=log_path,
+        return _result(out_path, target=name, returncode=returncode, tail=tail, log_path=log_path,
                        unexpected=unexpected)
+
+
+def target_name(target: Callable[..., Any]) -> str:
+    """``module:function`` of *target*, which the child imports; a function it cannot import (a nested
+    one, a lambda, one defined in ``__main__``) is refused here rather than in the child."""
+    module, qualname = getattr(target, "__module__", None), getattr(target, "__qualname__", "")
+    if not module or module == "__main__" or not qualname or "." in qualname or "<" in qualname:
+        raise TypeError(f"run_isolated needs a module-level function the child can import, got {target!r}")
+    return f"{module}:{qualname}"
 
 
 def _result(out_path: Path, *, target: str, returncode: int, tail: deque[str], log_path: Path,

@@ -102,7 +102,7 @@ class SideMetrics(Record):
     mem_after_load_bytes: int
     mem_peak_decode_bytes: int
     mem_peak_bytes: int
-    decode_tok_s: float  # at batch 1
+    decode_tok_s: float | None  # at batch 1; None: not measured (the decode interval was not positive)
     ttft_ms: float
     decode_mode: RecordedDecodeMode = "eager"
     perplexity: float | None
@@ -119,7 +119,8 @@ class SideMetrics(Record):
     tasks_limit: int | None = None
 
     def decode_rate(self, batch: int) -> float | None:
-        """Decode tok/s at *batch* sequences, ``None`` when that batch size was not measured."""
+        """Decode tok/s at *batch* sequences, ``None`` when that batch size was not measured (or its timing
+        interval was not positive)."""
         if batch in self.decode_tok_s_by_batch:
             return self.decode_tok_s_by_batch[batch]
         return self.decode_tok_s if batch == 1 else None
@@ -136,10 +137,19 @@ class BaselineResult(Record):
 
     model_sha: str  # the merged model measured (its ModelArtifact.sha)
     metrics: SideMetrics
+    #: The merged model itself: the GPTQ side loads it next to itself for the exact KL, and the fp16
+    #: side is measured again from it when the two sides' decode treatments must be made the same.
+    #: None in records written before.
+    model: ModelArtifact | None = None
     key: str  # its step key: every candidate checks it was measured with the settings it uses
     path: str  # the step folder holding fp16.json and the side's per-window outputs
     reused: bool = False
     duration_s: float = 0.0
+
+
+#: How a KL divergence was computed: over the full vocabulary with both models in one process, or over the
+#: fp16 top-k tokens plus one residual bucket (a lower bound of the full KL: reported, never gated).
+KldMethod = Literal["exact", "topk_lower_bound"]
 
 
 class AgreementMetrics(Record):
@@ -149,25 +159,39 @@ class AgreementMetrics(Record):
     positions: int
     top_k: int
     vocab_size: int
-    #: KL(fp16 || GPTQ) in nats per token, over the fp16 top-k tokens + one residual bucket.
+    #: How the KL values below were computed (records written before the exact method: the top-k bound,
+    #: exact only when top_k covered the vocabulary).
+    kld_method: KldMethod
+    #: KL(fp16 || GPTQ) in nats per token.
     kld_mean: float
     kld_median: float
     kld_p99: float
     kld_max: float
+    #: % of positions where the GPTQ argmax is the fp16 argmax (lowest id among tied maxima on both sides).
     top1_agreement_pct: float
     #: Mean fp16 probability mass outside the stored top-k (the slack of the lower bound scales with it).
     rest_mass_mean: float
-    #: True when top_k < vocabulary: the KL values are lower bounds of the full-vocabulary KL (docs/benchmarks.md).
-    kld_is_lower_bound: bool
+    #: An exact record also carries the top-k lower bound of the same run (reported, never gated).
+    lower_bound_kld_mean: float | None = None
+    lower_bound_kld_p99: float | None = None
+    #: The GPTQ kernel whose logits these are (the benchmark's; None in older records).
+    kernel: str | None = None
+    #: Why the KL is only a lower bound (e.g. the fp16 model did not fit next to the GPTQ one).
+    kld_method_note: str | None = None
 
     @model_validator(mode="before")
     @classmethod
-    def _derive_lower_bound(cls, data: object) -> object:
-        """``kld_is_lower_bound`` follows from top_k and the vocabulary: filled in when not given (the
-        benchmark builds the record without it, and agreement.json files written before it was stored lack it)."""
-        if isinstance(data, dict) and "kld_is_lower_bound" not in data and {"top_k", "vocab_size"} <= data.keys():
-            return {**data, "kld_is_lower_bound": data["top_k"] < data["vocab_size"]}
+    def _method_of_older_records(cls, data: object) -> object:
+        """Records written before ``kld_method`` existed held a top-k bound (exact when top_k covered the
+        vocabulary) and a derived ``kld_is_lower_bound`` flag, which the method replaces."""
+        if isinstance(data, dict) and "kld_method" not in data and {"top_k", "vocab_size"} <= data.keys():
+            data = {k: v for k, v in data.items() if k != "kld_is_lower_bound"}
+            data["kld_method"] = "exact" if data["top_k"] >= data["vocab_size"] else "topk_lower_bound"
         return data
+
+    @property
+    def kld_is_lower_bound(self) -> bool:
+        return self.kld_method != "exact"
 
 
 def task_recovery_name(task: str) -> str:
@@ -202,7 +226,10 @@ class BenchmarkResult(Record):
         return quant / base * 100.0 if base and quant is not None else None
 
     def decode_speedup(self, batch: int) -> float | None:
-        """GPTQ / fp16 decode tok/s at *batch*, ``None`` unless both sides measured it."""
+        """GPTQ / fp16 decode tok/s at *batch*, ``None`` unless both sides measured it the same way (one
+        decode mode and treatment: a speed-up between two treatments compares unlike things)."""
+        if self.fp16.decode_mode != self.gptq.decode_mode:
+            return None
         a, b = self.fp16.decode_rate(batch), self.gptq.decode_rate(batch)
         return b / a if a and b is not None else None
 

@@ -80,9 +80,6 @@ class Settings(BaseSettings):
     #: true_sequential), so a killed quantization resumes instead of starting over. Off by default:
     #: GPTQModel needs its disk offload for it, which made 7B quantization on the H100 ~7x slower.
     quantize_checkpoints: bool = False
-    #: Fork CPU step processes from a server that has imported torch and transformers once
-    #: (:mod:`modelfactory.core.forkserver`; ~5 s of CPU saved per step); false = fresh interpreters.
-    fork_server: bool = True
     #: Cap on the share of a GPU's memory one step may allocate (e.g. 0.5 to share a GPU between two
     #: runs); unset = all of it. Over the cap a step fails with a clear out-of-memory error.
     cuda_memory_fraction: float | None = Field(default=None, gt=0, le=1)

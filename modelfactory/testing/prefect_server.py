@@ -63,14 +63,12 @@ def tail(path: Path, lines: int = 60) -> str:
 
 
 def step_processes(root_pid: int | None = None) -> list[psutil.Process]:
-    """The isolated step processes under *root_pid* (default: this process): started fresh
-    (``python -m modelfactory.core.isolated_child``) or forked by a fork server (its children; the
-    isolated kind's too, which runs ``forkserver_main.py`` by path)."""
+    """The isolated step processes under *root_pid* (default: this process):
+    ``python -m modelfactory.core.isolated_child`` processes."""
     found = []
     for proc in psutil.Process(root_pid).children(recursive=True):
         try:
-            if "modelfactory.core.isolated_child" in proc.cmdline() or any(
-                    "forkserver_main" in arg for arg in proc.parent().cmdline()):
+            if "modelfactory.core.isolated_child" in proc.cmdline():
                 found.append(proc)
         except psutil.NoSuchProcess:
             pass
