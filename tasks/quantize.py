@@ -270,7 +270,7 @@ def quantize_model(*, model: ModelArtifact, spec: QuantSpec, device: str = "auto
             scratch.mkdir(exist_ok=True)
             try:
                 info = run_isolated(
-                    "modelfactory.tasks.quantize:run_gptq",
+                    run_gptq,
                     kwargs={"model_path": model_path, "out_dir": str(tmp), "spec": spec.model_dump(mode="json"),
                             "device": device, "checkpoint_dir": str(checkpoint_dir) if use_checkpoint else None},
                     log_path=log_path, env=gpu_env(), cwd=scratch, unexpected=QuantizationError,
