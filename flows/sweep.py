@@ -35,7 +35,7 @@ from modelfactory.flows.factory import _gpu_stage_on_pool
 from modelfactory import stage_store
 from modelfactory.benchmark.runnability import RunnabilityReport
 from modelfactory.catalog import Catalog, claims, open_catalog
-from modelfactory.catalog.render import sweep_matrix_markdown
+from modelfactory.reports import sweep_matrix_markdown
 from modelfactory.core.devices import resolve_device
 from modelfactory.core.errors import error_kind
 from modelfactory.core.hashing import step_key

@@ -111,10 +111,10 @@ class RunRecorder:
 
     def summary_artifact(self) -> None:
         """Leave the run as a Prefect markdown artifact (key ``run-<id8>``; every metric recorded, grouped,
-        the runnability checks, the gate: :func:`~modelfactory.catalog.render.run_markdown`); best effort."""
+        the runnability checks, the gate: :func:`~modelfactory.reports.run_markdown`); best effort."""
         from prefect.artifacts import create_markdown_artifact
 
-        from modelfactory.catalog.render import run_markdown
+        from modelfactory.reports import run_markdown
 
         try:
             detail = self.catalog.get_run(self.run_id)

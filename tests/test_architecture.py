@@ -64,3 +64,14 @@ def test_modelfactory_testing_does_not_import_pytest():
             "print(sorted(name for name in sys.modules if name.split('.')[0] in {'pytest', '_pytest'}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_the_package_data_ships_every_template():
+    """The server's Jinja2 templates (and the other data files) are package data, so a wheel has them."""
+    from fnmatch import fnmatch
+
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["modelfactory"]
+    root = REPO / "modelfactory"
+    templates = [p.relative_to(root).as_posix() for p in (root / "interfaces" / "server" / "templates").rglob("*")
+                 if p.is_file()]
+    assert templates and [t for t in templates if not any(fnmatch(t, pattern) for pattern in patterns)] == []

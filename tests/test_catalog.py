@@ -36,13 +36,13 @@ from modelfactory.catalog import (
     open_catalog,
 )
 from modelfactory.catalog.models import Base, created_on
-from modelfactory.catalog.render import run_detail_table, runs_json, runs_table
 from modelfactory.core.errors import (
     CatalogError,
     CatalogNotFoundError,
     CatalogQueryError,
 )
 from modelfactory.core.records import GateCheck, Publication
+from modelfactory.interfaces.cli.render import run_detail_table, runs_json, runs_table
 from modelfactory.testing.catalog import (
     at_revision,
     new_id,

@@ -34,7 +34,9 @@ from modelfactory.catalog.queries import (
     query_runs,
     verdict_bounds,
 )
-from modelfactory.catalog.render import (
+from modelfactory.core.errors import CatalogNotFoundError, CatalogQueryError
+from modelfactory.core.records import Publication
+from modelfactory.interfaces.cli.render import (
     best_csv,
     best_table,
     comparison_csv,
@@ -45,10 +47,8 @@ from modelfactory.catalog.render import (
     record_json,
     rows_csv,
     rows_table,
-    run_markdown,
 )
-from modelfactory.core.errors import CatalogNotFoundError, CatalogQueryError
-from modelfactory.core.records import Publication
+from modelfactory.reports import run_markdown
 from modelfactory.testing.catalog import (
     BASE_A,
     BASE_B,

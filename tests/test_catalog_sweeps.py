@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import inspect, text
 
 from modelfactory.catalog import Catalog, MetricRecord, SweepDetail, open_catalog
-from modelfactory.catalog.render import sweep_matrix, sweep_matrix_markdown
+from modelfactory.reports import sweep_matrix, sweep_matrix_markdown
 from modelfactory.catalog.schema import alembic_config
 from modelfactory.core.errors import CatalogNotFoundError, CatalogQueryError
 from modelfactory.core.records import GateCheck

@@ -384,7 +384,7 @@ def test_a_factory_run_from_local_folders_publishes_no_local_path(prefect, local
 
 def test_the_run_artifact_shows_the_runnability_checks(tmp_path: Path) -> None:
     """RunRecorder.runnability records the checks as step ``runnability``; the Prefect artifact shows them."""
-    from modelfactory.catalog.render import run_markdown
+    from modelfactory.reports import run_markdown
     from modelfactory.tasks.record import RunRecorder
 
     recorder = RunRecorder.start(run_id="run-runnability-1", name="r", spec={}, run_key="k", flow_run_id=None,

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from modelfactory.catalog import open_catalog
+from modelfactory.catalog import MetricRecord, open_catalog
 from modelfactory.interfaces.server import create_app
 from modelfactory.interfaces.server.plot import nice_ticks
 from modelfactory.testing.browser import open_browser, screenshot_path
-from modelfactory.testing.catalog import BASE_A, seed
+from modelfactory.testing.catalog import BASE_A, seed, start
 from modelfactory.testing.server import catalog_app_env, serve_catalog
 
 
@@ -86,6 +86,28 @@ def test_kld_plot_only_for_builds_that_measured_it() -> None:
         row("a", 0.02), row("b", 0.31, "rejected"), row("old", None))), best_id="a-0000")
     assert svg.count('class="point') == 2 and 'class="best"' in svg and "KL 0.31 (rejected)" in svg
     assert "disk size ratio" in svg and "KL divergence from fp16, mean" in svg
+
+
+def test_every_value_on_the_page_is_escaped(tmp_path: Path) -> None:
+    """Run names, base URIs and adapters come from specs people write: the templates escape them
+    (Jinja2 autoescape) in the table, the headings, the attributes and the plots' tooltips alike."""
+    hostile = '<img src=x onerror="alert(1)">'
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    with open_catalog(url) as cat:
+        run_id = start(cat, name=hostile)
+        cat.set_sources(run_id=run_id, base_uri=f"org/{hostile}", base_sha="f" * 40,
+                        adapters=[{"uri": hostile, "sha": "e" * 40, "weight": 1.0}])
+        cat.record_metrics(run_id=run_id, metrics=[
+            MetricRecord(name, "delta", value, unit) for name, value, unit in (
+                ("ppl_increase_pct", 1.0, "%"), ("decode_speedup", 1.5, "x"), ("size_ratio", 0.3, "x"),
+                ("memory_ratio", 0.3, "x"), ("kld_mean", 0.02, "nats"))])
+        cat.finish_run(run_id=run_id, status="passed")
+    with catalog_app_env(url), TestClient(create_app()) as client:
+        html = client.get("/leaderboard").text
+    escaped = "&lt;img src=x onerror="
+    assert "<img" not in html and 'onerror="' not in html
+    assert html.count(escaped) >= 6  # name and adapter cells, base in data-base / h2, both plots' tooltips
+    assert html.count(f"<title>{run_id[:8]} {escaped}") == 2
 
 
 def test_empty_catalog_page(tmp_path: Path) -> None:

@@ -6,7 +6,8 @@
 Modules: ``db`` (:class:`Catalog`, :func:`open_catalog`) built from ``connections``, ``schema``,
 ``runs``, ``sweeps`` and ``watches``; ``engine`` (URLs, engine), ``ids`` (run-id prefixes), ``models`` (ORM
 tables), ``mappers`` (rows → records), ``records`` (the records and closed sets), ``queries``
-(ls / compare / best / lineage / leaderboard), ``render``, ``metrics``, ``recovery``, ``migrations``.
+(ls / compare / best / lineage / leaderboard), ``metrics``, ``recovery``, ``migrations``; rendering
+lives in :mod:`modelfactory.reports` (Markdown) and :mod:`modelfactory.interfaces` (terminal, CSV, HTML).
 """
 
 from modelfactory.catalog.db import Catalog, open_catalog

@@ -81,7 +81,7 @@ def catalog_ls(
         query_runs,
         verdict_bounds,
     )
-    from modelfactory.catalog.render import record_json, rows_csv, rows_table
+    from modelfactory.interfaces.cli.render import record_json, rows_csv, rows_table
 
     with reported_errors():
         filters = RunFilter(base=base, adapter=adapter, status=status, bits=bits, group_size=group_size,
@@ -98,7 +98,7 @@ def catalog_show(
     format: FormatOption = Format.table,
 ) -> None:
     """Show one run (metrics side by side, steps, gate, artifacts) or one sweep (its matrix)."""
-    from modelfactory.catalog.render import (
+    from modelfactory.interfaces.cli.render import (
         detail_csv,
         record_json,
         run_detail_table,
@@ -128,7 +128,7 @@ def catalog_sweeps(
     format: FormatOption = Format.table,
 ) -> None:
     """List sweeps, newest first (`catalog show SWEEP` prints one's matrix)."""
-    from modelfactory.catalog.render import record_json, sweeps_csv, sweeps_table
+    from modelfactory.interfaces.cli.render import record_json, sweeps_csv, sweeps_table
 
     with reported_errors():
         sweeps = _open().list_sweeps(status=status, base=base, limit=limit)  # type: ignore[arg-type]
@@ -143,7 +143,7 @@ def catalog_compare(
 ) -> None:
     """Runs side by side: config, gate and every metric, with % change against the first run."""
     from modelfactory.catalog.queries import compare_runs
-    from modelfactory.catalog.render import (
+    from modelfactory.interfaces.cli.render import (
         comparison_csv,
         comparison_table,
         record_json,
@@ -176,7 +176,7 @@ def catalog_best(
         parse_percent,
         verdict_bounds,
     )
-    from modelfactory.catalog.render import best_csv, best_table, record_json
+    from modelfactory.interfaces.cli.render import best_csv, best_table, record_json
     from modelfactory.core.errors import CatalogNotFoundError
 
     with reported_errors():
@@ -199,7 +199,7 @@ def catalog_lineage(
 ) -> None:
     """Where an artifact came from: base SHA → adapters → spec → run → artifact → publications."""
     from modelfactory.catalog.queries import lineage
-    from modelfactory.catalog.render import lineage_csv, lineage_table, record_json
+    from modelfactory.interfaces.cli.render import lineage_csv, lineage_table, record_json
 
     with reported_errors():
         chain = lineage(_open(), ref=artifact)

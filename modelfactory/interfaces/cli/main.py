@@ -49,7 +49,7 @@ RunFormat = Annotated[Format, format_option(Format.table, Format.json, Format.cs
 
 def _show_run(run_id: str, fmt: Format = Format.table) -> None:
     from modelfactory.catalog import open_catalog
-    from modelfactory.catalog.render import detail_csv, record_json, run_detail_table
+    from modelfactory.interfaces.cli.render import detail_csv, record_json, run_detail_table
 
     with open_catalog() as catalog:
         detail = catalog.get_run(run_id)
@@ -161,7 +161,7 @@ def sweep(
     import uuid
 
     from modelfactory.catalog import open_catalog
-    from modelfactory.catalog.render import record_json, sweep_table
+    from modelfactory.interfaces.cli.render import record_json, sweep_table
     from modelfactory.core.sweep_spec import load_sweep_spec
     from modelfactory.interfaces.runner import run_sweep
 

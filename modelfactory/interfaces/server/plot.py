@@ -10,7 +10,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from html import escape
+
+from markupsafe import Markup
+
+from modelfactory.interfaces.server.html import TEMPLATES
 
 WIDTH, HEIGHT = 640, 360
 LEFT, RIGHT, TOP, BOTTOM = 64, 16, 16, 48
@@ -54,20 +57,36 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
 KLD_AXES = ("size_ratio", "disk size ratio (gptq / fp16)", "kld_mean", "KL divergence from fp16, mean (nats/token)")
 
 
+@dataclass(frozen=True, slots=True)
+class Tick:
+    at: float  # pixel position along its axis
+    label: str
+
+
+@dataclass(frozen=True, slots=True)
+class Placed:
+    """A point at its pixel position, with the tooltip text of its y value."""
+
+    point: Point
+    cx: float
+    cy: float
+    y_tip: str
+
+
 def scatter_svg(points: Sequence[Point], *, x_label: str, y_label: str = "perplexity increase (%)",
-                title: str = "", y_tip: str = "ppl +{:.3g}%", name: str = "ppl") -> str:
+                title: str = "", y_tip: str = "ppl +{:.3g}%", name: str = "ppl") -> Markup:
     """The plot as an ``<svg>`` element (points carry ``data-run`` and a ``<title>`` tooltip, in which
-    *y_tip* formats the y value; *name* is the svg's ``data-plot``)."""
+    *y_tip* formats the y value; *name* is the svg's ``data-plot``): the scales here, the markup in
+    ``templates/plot.svg``."""
+    frame = {"name": name, "title": title, "x_label": x_label, "y_label": y_label, "width": WIDTH, "height": HEIGHT,
+             "left": LEFT, "top": TOP, "plot_w": WIDTH - LEFT - RIGHT, "plot_h": HEIGHT - TOP - BOTTOM}
     if not points:
-        return (f'<svg class="plot" data-plot="{escape(name)}" role="img" viewBox="0 0 {WIDTH} {HEIGHT}" '
-                f'width="{WIDTH}" height="{HEIGHT}">'
-                f'<text x="{WIDTH / 2}" y="{HEIGHT / 2}" text-anchor="middle">no finished builds with these '
-                f'metrics</text></svg>')
+        return Markup(TEMPLATES.get_template("plot.svg").render(points=[], **frame))
     xs, ys = [p.x for p in points], [p.y for p in points]
     x_ticks = nice_ticks(min(xs), max(xs))
     y_ticks = nice_ticks(min(0.0, min(ys)), max(ys))
     x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
-    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+    plot_w, plot_h = frame["plot_w"], frame["plot_h"]
 
     def sx(v: float) -> float:
         return LEFT + (v - x0) / ((x1 - x0) or 1) * plot_w
@@ -75,32 +94,8 @@ def scatter_svg(points: Sequence[Point], *, x_label: str, y_label: str = "perple
     def sy(v: float) -> float:
         return TOP + plot_h - (v - y0) / ((y1 - y0) or 1) * plot_h
 
-    parts = [(f'<svg class="plot" data-plot="{escape(name)}" role="img" aria-label="{escape(title or y_label)}" '
-              f'viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" xmlns="http://www.w3.org/2000/svg">'),
-             f'<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" fill="#fafafa" stroke="#999"/>']
-    for t in x_ticks:
-        parts.append(f'<line x1="{sx(t):.1f}" y1="{TOP}" x2="{sx(t):.1f}" y2="{TOP + plot_h}" stroke="#e3e3e3"/>'
-                     f'<text class="tick" x="{sx(t):.1f}" y="{TOP + plot_h + 16}" text-anchor="middle">{t:g}</text>')
-    for t in y_ticks:
-        parts.append(f'<line x1="{LEFT}" y1="{sy(t):.1f}" x2="{LEFT + plot_w}" y2="{sy(t):.1f}" stroke="#e3e3e3"/>'
-                     f'<text class="tick" x="{LEFT - 6}" y="{sy(t) + 4:.1f}" text-anchor="end">{t:g}</text>')
-    parts.append(f'<text class="axis" x="{LEFT + plot_w / 2}" y="{HEIGHT - 10}" text-anchor="middle">'
-                 f'{escape(x_label)}</text>')
-    parts.append(f'<text class="axis" transform="translate(16 {TOP + plot_h / 2}) rotate(-90)" '
-                 f'text-anchor="middle">{escape(y_label)}</text>')
-    for p in sorted(points, key=lambda p: p.best):  # the best point is drawn last (on top)
-        cx, cy = sx(p.x), sy(p.y)
-        tip = (f"<title>{escape(p.label)}: x={p.x:.4g}, {escape(y_tip.format(p.y))} "
-               f"({'passed' if p.passed else 'rejected'})</title>")
-        run = escape(p.run_id)
-        if p.passed:
-            parts.append(f'<circle class="point pass" data-run="{run}" cx="{cx:.1f}" cy="{cy:.1f}" r="5" '
-                         f'fill="#2e7d32">{tip}</circle>')
-        else:
-            parts.append(f'<path class="point fail" data-run="{run}" d="M{cx - 4:.1f},{cy - 4:.1f}l8,8m0,-8l-8,8" '
-                         f'stroke="#c62828" stroke-width="2">{tip}</path>')
-        if p.best:
-            parts.append(f'<circle class="best" cx="{cx:.1f}" cy="{cy:.1f}" r="9" fill="none" stroke="#f9a825" '
-                         f'stroke-width="2.5"/>')
-    parts.append("</svg>")
-    return "".join(parts)
+    placed = [Placed(point=p, cx=sx(p.x), cy=sy(p.y), y_tip=y_tip.format(p.y))
+              for p in sorted(points, key=lambda p: p.best)]  # the best point is drawn last (on top)
+    return Markup(TEMPLATES.get_template("plot.svg").render(
+        points=placed, x_ticks=[Tick(sx(t), f"{t:g}") for t in x_ticks],
+        y_ticks=[Tick(sy(t), f"{t:g}") for t in y_ticks], **frame))
