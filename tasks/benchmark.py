@@ -155,7 +155,7 @@ def _reusable(step: str, key: str, spec: BenchmarkSpec) -> stage_store.StepOutpu
     measurement replaces it."""
     done = stage_store.find(step, key)
     if done is not None and not spec.reuse:
-        workdir.discard(step, key)
+        stage_store.discard(step, key)  # on every host: the fresh measurement replaces the stored one
         return None
     return done
 
@@ -177,7 +177,7 @@ def benchmark_baseline(*, model: ModelArtifact, spec: BenchmarkSpec,
             metrics = _stored_baseline(done.folder(), spec=spec)
         except BenchmarkError as exc:
             progress(f"benchmark: not reusing {done.uri}: {exc}; measuring again")
-            workdir.discard(BASELINE_STEP, key)
+            stage_store.discard(BASELINE_STEP, key)
         else:
             progress(f"benchmark: reusing the fp16 side {done.uri}")
             return BaselineResult(model_sha=model.sha, model=model, metrics=metrics, key=key, path=done.uri,
@@ -190,7 +190,7 @@ def benchmark_baseline(*, model: ModelArtifact, spec: BenchmarkSpec,
         marker.update(model=model.sha)
     done = stage_store.publish(BASELINE_STEP, key)
     # What is stored is the baseline (a concurrent identical measurement may have been committed first).
-    return BaselineResult(model_sha=model.sha, model=model, metrics=_stored_baseline(final, spec=spec), key=key,
+    return BaselineResult(model_sha=model.sha, model=model, metrics=_stored_baseline(done.folder(), spec=spec), key=key,
                           path=done.uri, duration_s=time.perf_counter() - start)
 
 
@@ -240,7 +240,7 @@ def benchmark_candidate(*, baseline: BaselineResult, candidate: ModelArtifact, s
             common, gptq, agreement = _stored_candidate(done.folder(), baseline=baseline, spec=spec)
         except BenchmarkError as exc:
             progress(f"benchmark: not reusing {done.uri}: {exc}; measuring again")
-            workdir.discard(CANDIDATE_STEP, key)
+            stage_store.discard(CANDIDATE_STEP, key)
         else:
             progress(f"benchmark: reusing {done.uri}")
             return _result(common, gptq=gptq, agreement=agreement, path=done.uri, reused=True, start=start)
@@ -257,7 +257,7 @@ def benchmark_candidate(*, baseline: BaselineResult, candidate: ModelArtifact, s
         marker.update(fp16=baseline.model_sha, gptq=candidate.sha, baseline=common.key)
     done = stage_store.publish(CANDIDATE_STEP, key)
     # What is stored is the result (a concurrent identical measurement may have been committed first).
-    common, gptq, agreement = _stored_candidate(final, baseline=baseline, spec=spec)
+    common, gptq, agreement = _stored_candidate(done.folder(), baseline=baseline, spec=spec)
     return _result(common, gptq=gptq, agreement=agreement, path=done.uri, reused=False, start=start)
 
 

@@ -286,3 +286,30 @@ def test_a_store_url_that_is_not_s3_is_refused(tmp_path):
 def test_a_missing_output_uri_says_what_to_do(store, s3_env, tmp_path):
     with host(tmp_path / "a", store), pytest.raises(StageStoreError, match="no completion marker .* run the factory"):
         stage_store.resolve(f"{store}/quantize/never-built/")
+
+
+# --------------------------------------------------------------------------- a measurement refreshed everywhere
+
+
+def test_benchmark_reuse_off_refreshes_the_stored_measurement_for_every_host(store, s3_env, tmp_path, tiny_llama):
+    """``benchmark.reuse: false`` measures again and the fresh measurement replaces the stored one: no host
+    reads the old one afterwards (issue 24.2: only the local marker was dropped)."""
+    from modelfactory.core.records import ModelArtifact
+    from modelfactory.core.specs import BenchmarkSpec
+    from modelfactory.tasks.benchmark import BASELINE_STEP, benchmark_baseline
+    from modelfactory.testing.models import tiny_spec
+
+    bench = tiny_spec(tiny_llama)["benchmark"]
+    bench["agreement"] = {"enabled": False}
+    model = ModelArtifact(path=str(tiny_llama), sha="tiny-refresh", source_uri=str(tiny_llama), kind="merged")
+    with host(tmp_path / "a", store):
+        old = benchmark_baseline(model=model, spec=BenchmarkSpec.model_validate(bench))
+    with host(tmp_path / "b", store):
+        fresh = benchmark_baseline(model=model, spec=BenchmarkSpec.model_validate({**bench, "reuse": False}))
+        assert not fresh.reused and fresh.metrics != old.metrics  # measured again (its timings differ)
+    with host(tmp_path / "c", store):
+        found = stage_store.find(BASELINE_STEP, fresh.key)
+        assert found is not None and json.loads((found.folder() / "fp16.json").read_text()) == fresh.metrics.model_dump(
+            mode="json")
+        reused = benchmark_baseline(model=model, spec=BenchmarkSpec.model_validate(bench))
+        assert reused.reused and reused.metrics == fresh.metrics

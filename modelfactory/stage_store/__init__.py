@@ -11,6 +11,7 @@ host. Hosts share nothing but the Prefect server, the catalog and the store.
 Unset (the default), outputs stay in the local work dir and their URIs are local paths.
 
 - :func:`find` / :func:`publish`   a step's complete output (reuse / after building it)
+- :func:`discard`                  a step's output no longer reused, on any host (a measurement to refresh)
 - :func:`share`                    a folder outside the work dir (local model, Hub snapshot) by URI
 - :func:`resolve`                  a URI (or path) to a local folder
 - :func:`write_record` / :func:`read_record`  small records every host reads (GPU-stage outcomes)
@@ -21,6 +22,7 @@ Modules: ``remote`` (the S3 layout, uploads, marker last), ``cache`` (the local 
 from modelfactory.stage_store.steps import (
     StepOutput,
     configured,
+    discard,
     find,
     publish,
     read_record,
@@ -30,5 +32,5 @@ from modelfactory.stage_store.steps import (
     write_record,
 )
 
-__all__ = ["StepOutput", "configured", "find", "publish", "read_record", "record_location", "resolve", "share",
+__all__ = ["StepOutput", "configured", "discard", "find", "publish", "read_record", "record_location", "resolve", "share",
            "write_record"]

@@ -123,6 +123,16 @@ def upload_output(*, root: S3Url, step: str, key: str, folder: Path, marker: dic
         return theirs
 
 
+def delete_output(*, root: S3Url, step: str, key: str) -> None:
+    """Remove the output ``<step>/<key>`` from the store: its marker first (from then on it is not
+    complete for any reader), then the files of every attempt under it."""
+    url = output_url(root, step, key)
+    client = make_client()
+    with s3_errors(f"removing the {step} output", url=str(url), fatal=StageStoreError):
+        client.delete_object(Bucket=url.bucket, Key=url.key(MARKER))
+        _discard(client, url)
+
+
 def _put_if_absent(client, bucket: str, key: str, data: bytes) -> bool:
     from botocore.exceptions import ClientError
 

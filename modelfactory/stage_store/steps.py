@@ -101,6 +101,17 @@ def publish(step: str, key: str) -> StepOutput:
     return replace(theirs, adopted=True)
 
 
+def discard(step: str, key: str) -> None:
+    """Make the output of *step* for *key* no longer reusable on any host (a measurement to refresh,
+    ``benchmark.reuse: false``, or a stored output found invalid): its local marker goes, and so do
+    the store's marker and files. The next build of the key replaces it everywhere; hosts that
+    fetched the old one keep it only under its old content digest, which nothing names any more."""
+    workdir.discard(step, key)
+    root = remote.store_root()
+    if root is not None:
+        remote.delete_output(root=root, step=step, key=key)
+
+
 def share(folder: Path, *, step: str, key: str, marker: dict[str, Any]) -> str:
     """The URI other hosts reach *folder* by: a folder outside the work dir (a local model, a Hub
     snapshot) uploaded as ``<step>/<key>``; with no stage store, the folder itself."""
