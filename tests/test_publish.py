@@ -138,6 +138,34 @@ def test_failed_publish_leaves_no_partial_artifact(model_dir, tmp_path, monkeypa
     verify_folder(folder)
 
 
+def test_two_publishers_of_one_artifact_at_once_both_end_with_the_complete_artifact(model_dir, tmp_path, monkeypatch):
+    """A second publisher starts while the first is still copying (two sweeps sharing a configuration):
+    neither removes the other's files; one publishes, the other finds it complete (issue 24.3: the
+    second `rmtree`d the folder the first was filling)."""
+    root = tmp_path / "store"
+    manifest = build_manifest(model_dir)
+    real_copy = shutil.copy2
+    second: list = []
+
+    def copy_then_race(src, dst, *args, **kwargs):
+        if not second:  # mid-copy of the first publisher, the second one runs to its end
+            second.append("started")
+            second[0] = publish_local(source=model_dir, root=root, parts=PARTS, manifest=manifest)
+        return real_copy(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(store.shutil, "copy2", copy_then_race)
+    first = publish_local(source=model_dir, root=root, parts=PARTS, manifest=manifest)
+    assert first[0] == second[0][0] and first[1] == second[0][1]
+    assert sorted([first[2], second[0][2]]) == [False, True]  # one published, the other found it complete
+    assert verify_folder(root.joinpath(*PARTS)) == json.loads(manifest_bytes(manifest))
+    assert _entries_under(root) == sorted(f"{'/'.join(PARTS)}/{p}" for p in [MANIFEST, "config.json",
+                                                                                "model.safetensors", "sub/extra.txt"])
+
+
+def _entries_under(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
 def test_verify_folder_detects_changes(model_dir, tmp_path):
     folder, _, _ = publish_local(source=model_dir, root=tmp_path / "store", parts=PARTS,
                                  manifest=build_manifest(model_dir))

@@ -1,6 +1,8 @@
 """The local artifact store: a folder (``file://`` URL or plain path) where passing models are published.
 
-``<root>/<name>/<config>/<key>/`` holds the files, ``manifest.json`` written last. The other
+``<root>/<name>/<config>/<key>/`` holds the files, ``manifest.json`` written last; the key is the
+content digest of the files (:func:`~modelfactory.core.manifest.content_digest`), so one key
+always means the same bytes. The other
 destinations are :mod:`modelfactory.publishing.s3` (``s3://``) and :mod:`modelfactory.publishing.hub`
 (``hf://``); ``tasks/publish.py`` picks one by the destination's scheme.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import uuid
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -49,27 +52,51 @@ def safe_join(root: Path, *parts: str) -> Path:
 def publish_local(*, source: Path, root: Path, parts: tuple[str, ...], manifest: dict) -> tuple[Path, str, bool]:
     """Copy *source*'s files to ``root/parts...`` and write the manifest last.
 
+    The files and the manifest go into a temporary sibling folder that is renamed into place, so a
+    reader never sees a half-copied artifact and two publishers of one artifact at once never touch
+    each other's files: the first rename wins, the other finds the artifact complete.
     Returns ``(folder, manifest_sha256, reused)``; an identical artifact already there is a no-op.
     """
     dest = safe_join(root, *parts)
     data = manifest_bytes(manifest)
     if (dest / MANIFEST).is_file():
-        existing = (dest / MANIFEST).read_bytes()
-        return dest, manifest_digest(existing), True
+        return dest, manifest_digest((dest / MANIFEST).read_bytes()), True
+    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        if dest.exists():  # an earlier publish died before its manifest: start over
-            shutil.rmtree(dest)
-        dest.mkdir(parents=True)
+        tmp.mkdir(parents=True)
         for file in artifact_files(source):
-            target = dest / file.relative_to(source)
+            target = tmp / file.relative_to(source)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(file, target)
-        tmp = dest / f".{MANIFEST}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, dest / MANIFEST)
+        (tmp / MANIFEST).write_bytes(data)
+        if not _commit(tmp, dest):
+            return dest, manifest_digest((dest / MANIFEST).read_bytes()), True
     except OSError as exc:
-        shutil.rmtree(dest, ignore_errors=True)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise disk_full_error(root, "publishing", exc, kind=PublishDiskFullError) from exc
         raise PublishError(f"publishing to {dest} failed ({exc}); partial files were removed, fix and retry") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return dest, manifest_digest(data), False
+
+
+def _commit(tmp: Path, dest: Path) -> bool:
+    """Rename the complete *tmp* into place; ``False`` when another publisher's artifact got there first."""
+    for _attempt in range(5):
+        if (dest / MANIFEST).is_file():
+            return False
+        if dest.exists():  # an interrupted publish of an older version (no manifest): move it out of the way
+            trash = dest.parent / f".{dest.name}.trash-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(dest, trash)
+            except FileNotFoundError:
+                pass
+            shutil.rmtree(trash, ignore_errors=True)
+        try:
+            os.rename(tmp, dest)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+    raise OSError(errno.EEXIST, f"{dest} keeps reappearing without a manifest while publishing: another "
+                                "process is writing it")
