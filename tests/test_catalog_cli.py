@@ -4,6 +4,7 @@ SQLite catalog: filters reach the queries, every format renders, errors exit 1 w
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 from pathlib import Path
@@ -69,6 +70,32 @@ def test_show_compare_best_lineage(cli) -> None:
     assert "matched manifest" in chain and SHA_A in chain and "publication" in chain
     assert json.loads(invoke("lineage", run_id, "--format", "json"))["nodes"][0]["sha"] == SHA_A
     assert "is no run id, artifact or publication URI" in invoke("lineage", "file:///nowhere", code=1)
+
+
+def test_every_catalog_command_prints_json_and_csv_when_asked(cli) -> None:
+    """Every catalog command that takes ``--format`` prints parseable JSON and CSV, never a table (on the GPU
+    machine's typer, ``catalog sweeps --format json`` printed one)."""
+    from modelfactory.interfaces.cli.catalog import app as catalog_app
+
+    invoke, seeded, _ = cli
+    run_id = seeded.ids["a-3g128"]
+    args = {"ls": [], "show": [run_id], "sweeps": [], "compare": [seeded.ids["a-4g128"], run_id],
+            "best": ["--base", BASE_A], "lineage": [run_id]}
+    with_format = {c.name for c in catalog_app.registered_commands
+                   if "format" in inspect.signature(c.callback).parameters}
+    assert with_format == set(args), "a catalog command with --format is missing here"
+    for command, rest in args.items():
+        json.loads(invoke(command, *rest, "--format", "json"))
+        header = next(csv.reader(io.StringIO(invoke(command, *rest, "--format", "csv"))))
+        assert header and not any(box in ",".join(header) for box in "┃━│"), (command, header)
+
+
+def test_format_values_read_as_themselves():
+    """Typer before 0.29 converts what ``--format``'s parser returns once more, by ``str(value)``: a member
+    must read as its value there (a ``(str, Enum)`` member read ``Format.json``, and the command got None)."""
+    from modelfactory.interfaces.cli.common import Format
+
+    assert [str(f) for f in Format] == [f.value for f in Format]
 
 
 def test_ls_and_best_with_the_verdict_bounds(cli) -> None:

@@ -47,6 +47,54 @@ def test_run_spec_file_passes_and_prints_metrics(cli_runs):
     assert "passed" in result.output and "artifact: file://" in result.output
 
 
+def test_a_run_keeps_its_library_logs_in_a_file_named_by_its_run_id(cli_runs, factory_home):
+    from modelfactory.testing.catalog import latest_run
+
+    run = latest_run()  # cli-reject, the second run
+    assert (factory_home / "logs" / f"run-{run.id}.log").is_file()
+
+
+LIBRARY_NOISE = {
+    "torchao": "Failed to load /x/torchao/_C_mxfp8.so: Could not load this library",
+    "torchao.kernel.intmm": "Warning: Detected no triton, on systems without Triton certain kernels will not work",
+    "torch.utils._pytree": "<enum 'KernelPreference'> is an Enum subclass ... register_constant() is deprecated",
+    "transformers.modeling_utils": "a transformers warning",
+}
+
+
+def test_library_warnings_go_to_the_log_file_and_the_console_keeps_the_factorys_lines(tmp_path):
+    """What ``make demo`` printed that newcomers read as errors (torchao's .so load failures, "no triton",
+    pytree deprecations, GPTQModel's banner; libraries' loggers, torch's and transformers' own stderr
+    handlers, Python warnings) lands in the log file; progress and Prefect lines stay on the console. In a fresh
+    interpreter, as the ``modelfactory`` command runs (the routing is process-wide)."""
+    import subprocess
+    import sys
+
+    code = "\n".join([
+        "import logging, sys, warnings",
+        "from pathlib import Path",
+        "from modelfactory.core.log import progress",
+        "from modelfactory.interfaces.cli.library_logs import library_logs",
+        "with library_logs('run-x', home=Path(sys.argv[1])):",
+        "    import peft  # torchao's import-time warnings, on machines where it has any",
+        *(f"    logging.getLogger({name!r}).warning({text!r})" for name, text in LIBRARY_NOISE.items()),
+        "    warnings.warn('a library FutureWarning', FutureWarning)",
+        "    progress('factory progress line')",
+        "    logging.getLogger('prefect.engine').warning('prefect line')",
+    ])
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    console = done.stdout + done.stderr
+    log = (tmp_path / "logs" / "run-x.log").read_text()
+    assert "factory progress line" in console and "prefect line" in console
+    for name, text in LIBRARY_NOISE.items():
+        assert text not in console and f"{name} - {text}" in log
+    assert "a library FutureWarning" not in console and "FutureWarning: a library FutureWarning" in log
+    assert "Failed to load" not in console and "triton" not in console and "_pytree" not in console
+    assert "GPT-QModel" not in console and "GIL" not in console  # GPTQModel's import-time banner and warnings
+    assert "factory progress line" not in log and "prefect line" not in log
+    assert f"library warnings and logs of this command: {tmp_path / 'logs' / 'run-x.log'}" in console
+
+
 def test_flags_override_the_spec_and_rejection_exits_2(cli_runs):
     _, result = cli_runs
     assert result.exit_code == 2, result.output

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from enum import Enum
+from enum import StrEnum
 from typing import Any, NoReturn
 
 import typer
@@ -53,8 +53,13 @@ def reported_errors() -> Iterator[None]:
         fail(exc)
 
 
-class Format(str, Enum):
-    """Output of a command: a rich table (or the human-readable text), JSON, or CSV."""
+class Format(StrEnum):
+    """Output of a command: a rich table (or the human-readable text), JSON, or CSV.
+
+    A ``StrEnum``: ``str(Format.json) == "json"``. Typer before 0.29 runs its own enum conversion on
+    what :func:`format_option`'s parser returns, by ``str(value)``: a plain ``(str, Enum)`` member
+    reads ``"Format.json"`` there, matches nothing, and the command got ``None`` (a table).
+    """
 
     table = "table"
     json = "json"

@@ -23,6 +23,7 @@ from modelfactory.interfaces.cli.common import (
     format_option,
     reported_errors,
 )
+from modelfactory.interfaces.cli.library_logs import library_logs
 from modelfactory.interfaces.deploy import PoolType
 
 if TYPE_CHECKING:
@@ -58,23 +59,25 @@ def _show_run(run_id: str, fmt: Format = Format.table) -> None:
 
 
 def _run_and_report(run: Callable[[str], RunOutcome], fmt: Format) -> None:
-    """Run, then print the run's metrics table and decision; exit 1 on failure, 2 on rejection."""
+    """Run, then print the run's metrics table and decision; exit 1 on failure, 2 on rejection. What the
+    libraries log meanwhile goes to ``<home>/logs/run-<run id>.log``, not the console."""
     import uuid
 
     run_id = str(uuid.uuid4())
-    try:
-        outcome = run(run_id)
-    except ModelFactoryError as exc:
-        _show_failed(run_id)
-        fail(exc)
-    with reported_errors():
-        _show_run(outcome.run_id, fmt)
-    if fmt is Format.table:
-        colour = "green" if outcome.status == "passed" else "yellow"
-        console.print(f"[{colour}]{outcome.status}[/{colour}]: {outcome.gate}"
-                      + (f"\nartifact: {outcome.artifact_uri}" if outcome.artifact_uri else ""), soft_wrap=True)
-    if outcome.status != "passed":
-        raise typer.Exit(code=2)
+    with library_logs(f"run-{run_id}"):
+        try:
+            outcome = run(run_id)
+        except ModelFactoryError as exc:
+            _show_failed(run_id)
+            fail(exc)
+        with reported_errors():
+            _show_run(outcome.run_id, fmt)
+        if fmt is Format.table:
+            colour = "green" if outcome.status == "passed" else "yellow"
+            console.print(f"[{colour}]{outcome.status}[/{colour}]: {outcome.gate}"
+                          + (f"\nartifact: {outcome.artifact_uri}" if outcome.artifact_uri else ""), soft_wrap=True)
+        if outcome.status != "passed":
+            raise typer.Exit(code=2)
 
 
 def _show_failed(run_id: str) -> None:
@@ -161,34 +164,34 @@ def sweep(
     import uuid
 
     from modelfactory.catalog import open_catalog
-    from modelfactory.interfaces.cli.render import record_json, sweep_table
     from modelfactory.core.sweep_spec import load_sweep_spec
+    from modelfactory.interfaces.cli.render import record_json, sweep_table
     from modelfactory.interfaces.runner import run_sweep
 
     with reported_errors():
         sweep_spec = load_sweep_spec(spec)
     sweep_id = str(uuid.uuid4())
-    try:
-        outcome = run_sweep(sweep_spec, sweep_id=sweep_id)
-    except ModelFactoryError as exc:
-        with contextlib.suppress(ModelFactoryError):  # the sweep never reached the catalog: the error says why
-            with open_catalog() as catalog:
-                detail = catalog.get_sweep(sweep_id)
-            console.print(sweep_table(detail))
-        fail(exc)
-    with reported_errors(), open_catalog() as catalog:
-        detail = catalog.get_sweep(outcome.sweep_id)
-    emit(format, table=lambda: sweep_table(detail), json=lambda: record_json(detail))
-    if format is Format.table:
-        if outcome.winner is not None:
-            published = [m for m in outcome.members if m.published]
-            console.print(f"[green]winner[/green]: {outcome.winner_label} ({outcome.objective}); "
-                          f"published {', '.join(f'{m.label} -> {m.artifact_uri}' for m in published) or 'nothing'}",
-                          soft_wrap=True)
-        else:
-            console.print("[yellow]no configuration passed the gate[/yellow]: nothing published", soft_wrap=True)
-    if outcome.winner is None:
-        raise typer.Exit(code=1 if all(m.status == "failed" for m in outcome.members) else 2)
+    with library_logs(f"sweep-{sweep_id}"):
+        try:
+            outcome = run_sweep(sweep_spec, sweep_id=sweep_id)
+        except ModelFactoryError as exc:
+            with contextlib.suppress(ModelFactoryError):  # the sweep never reached the catalog: the error says why
+                with open_catalog() as catalog:
+                    detail = catalog.get_sweep(sweep_id)
+                console.print(sweep_table(detail))
+            fail(exc)
+        with reported_errors(), open_catalog() as catalog:
+            detail = catalog.get_sweep(outcome.sweep_id)
+        emit(format, table=lambda: sweep_table(detail), json=lambda: record_json(detail))
+        if format is Format.table:
+            if outcome.winner is not None:
+                published = ", ".join(f"{m.label} -> {m.artifact_uri}" for m in outcome.members if m.published)
+                console.print(f"[green]winner[/green]: {outcome.winner_label} ({outcome.objective}); "
+                              f"published {published or 'nothing'}", soft_wrap=True)
+            else:
+                console.print("[yellow]no configuration passed the gate[/yellow]: nothing published", soft_wrap=True)
+        if outcome.winner is None:
+            raise typer.Exit(code=1 if all(m.status == "failed" for m in outcome.members) else 2)
 
 
 def _adapter(text: str) -> dict:
