@@ -1,5 +1,5 @@
 """Hugging Face Hub sources and publishing, through the real huggingface_hub client over HTTP
-against the local Hub-compatible server in ``tests/hub_server.py``."""
+against the local Hub-compatible server in ``modelfactory/testing/hub_server.py``."""
 
 from __future__ import annotations
 

