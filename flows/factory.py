@@ -24,11 +24,11 @@ from modelfactory.core.records import (
     RunOutcome,
 )
 from modelfactory.core.settings import get_settings
-from modelfactory.core.specs import BenchmarkSpec, FactorySpec, QuantSpec
+from modelfactory.core.specs import BenchmarkSpec, FactorySpec, GateSpec, QuantSpec
 from modelfactory.gpu_pool import dispatch_gpu_stage
 from modelfactory.tasks.benchmark import benchmark_task, check_tasks_task
 from modelfactory.tasks.download import download_task, resolve_adapter_task
-from modelfactory.tasks.gate import gate_task
+from modelfactory.tasks.gate import decide_before_benchmark, gate_task
 from modelfactory.tasks.merge import merge_task
 from modelfactory.tasks.publish import publish_task
 from modelfactory.tasks.quantize import quantize_task
@@ -64,20 +64,27 @@ def _steps(spec: FactorySpec, run_id: str, recorder: RunRecorder) -> RunOutcome:
     merged = merge_task(base, adapters, spec.merge)
     recorder.merge(merged)
 
+    gate = spec.gate_in_effect()
+    progress(f"gate: checks in effect: {gate.describe()}")
     if gpu_deployment := get_settings().gpu_deployment:  # GPU steps on the gpu work pool
         quant, bench, runnable = _gpu_stage_on_pool(recorder, deployment=gpu_deployment, model=merged.model,
-                                                      quantize=spec.quantize, benchmark=spec.benchmark, run_id=run_id)
+                                                      quantize=spec.quantize, benchmark=spec.benchmark, run_id=run_id,
+                                                      gate=gate)
+        early = decide_before_benchmark(spec=gate, runnability=runnable)
     else:  # in this process
         quant = quantize_task(merged.model, spec.quantize, spec.benchmark.device)
         recorder.quantize(quant)
-        runnable = runnability_task(quant, spec.benchmark.runnability)
+        runnable = runnability_task(quant, spec.benchmark)
         recorder.runnability(runnable, artifact=quant.model.path)
 
-        bench = benchmark_task(merged.model, quant.model, spec.benchmark)
-        recorder.benchmark(bench)
+        # A failed runnability check rejects the run here, before the benchmark spends anything.
+        bench = None
+        if (early := decide_before_benchmark(spec=gate, runnability=runnable)) is None:
+            bench = benchmark_task(merged.model, quant.model, spec.benchmark)
+            recorder.benchmark(bench)
 
     started = time.perf_counter()
-    decision = gate_task(bench, spec.gate, runnable)
+    decision = early or gate_task(bench, gate, runnable)
     recorder.gate(decision, time.perf_counter() - started)
 
     publication = None
@@ -88,28 +95,33 @@ def _steps(spec: FactorySpec, run_id: str, recorder: RunRecorder) -> RunOutcome:
     status = "passed" if decision.passed else "rejected"
     recorder.finish(status)
     return RunOutcome(run_id=run_id, status=status, artifact_uri=publication.uri if publication else None,
-                      gate=decision.summary(), ratios=bench.ratios())
+                      gate=decision.summary(), ratios=bench.ratios() if bench else {})
 
 
 def _gpu_stage_on_pool(recorder: RunRecorder, *, deployment: str, model: ModelArtifact, quantize: QuantSpec,
                          benchmark: BenchmarkSpec, run_id: str, baseline: BaselineResult | None = None,
-                         ) -> tuple[QuantResult, BenchmarkResult, RunnabilityReport | None]:
+                         gate: GateSpec | None = None,
+                         ) -> tuple[QuantResult, BenchmarkResult | None, RunnabilityReport | None]:
     """The factory's GPU steps through the pool: dispatch, record what came back, raise on failure.
 
     *baseline*: the fp16 side already measured (a sweep member, ``flows/sweep.py``): the stage
-    measures only the GPTQ side against it."""
+    measures only the GPTQ side against it. *gate*: the gate in effect; the stage stops before the benchmark
+    when a runnability check it requires fails (then no benchmark comes back)."""
     settings = get_settings()
     stage = dispatch_gpu_stage(deployment=deployment, model=model, quantize=quantize, benchmark=benchmark,
                                run_id=run_id, baseline=baseline, timeout_s=settings.gpu_timeout_s,
-                               poll_s=settings.gpu_poll_s)
+                               poll_s=settings.gpu_poll_s, gate=gate)
     outcome = stage.outcome
-    ok = stage.state_type == "COMPLETED" and outcome is not None and outcome.benchmark is not None
+    stopped = (gate is not None and outcome is not None and outcome.benchmark is None
+               and decide_before_benchmark(spec=gate, runnability=outcome.runnability) is not None)
+    ok = stage.state_type == "COMPLETED" and outcome is not None and (outcome.benchmark is not None or stopped)
     recorder.gpu_stage(stage.detail(), duration_s=stage.run_s or 0.0, ok=ok)
     if outcome is not None and outcome.quantize is not None:
         recorder.quantize(outcome.quantize)  # recorded even when the benchmark then failed
         recorder.runnability(outcome.runnability, artifact=outcome.quantize.model.path)
     if not ok:
         raise stage.error()
-    assert outcome is not None and outcome.quantize is not None and outcome.benchmark is not None
-    recorder.benchmark(outcome.benchmark)
+    assert outcome is not None and outcome.quantize is not None
+    if outcome.benchmark is not None:
+        recorder.benchmark(outcome.benchmark)
     return outcome.quantize, outcome.benchmark, outcome.runnability

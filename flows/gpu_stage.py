@@ -19,7 +19,7 @@ from prefect import flow, runtime
 from modelfactory.core.errors import ModelFactoryError
 from modelfactory.core.log import get_logger
 from modelfactory.core.records import BaselineResult, ModelArtifact
-from modelfactory.core.specs import BenchmarkSpec, QuantSpec
+from modelfactory.core.specs import BenchmarkSpec, GateSpec, QuantSpec
 from modelfactory.gpu_pool import GpuStageOutcome, current_placement, write_outcome
 from modelfactory.gpu_pool.outcome import now_iso
 from modelfactory.tasks.benchmark import (
@@ -27,17 +27,19 @@ from modelfactory.tasks.benchmark import (
     benchmark_candidate_task,
     benchmark_task,
 )
+from modelfactory.tasks.gate import decide_before_benchmark
 from modelfactory.tasks.quantize import quantize_task
 from modelfactory.tasks.runnability import runnability_task
 
 
 @flow(name="gpu-stage", log_prints=True, validate_parameters=True)
 def gpu_stage(model: ModelArtifact, quantize: QuantSpec | None, benchmark: BenchmarkSpec,
-              baseline: BaselineResult | None = None) -> GpuStageOutcome:
+              baseline: BaselineResult | None = None, gate: GateSpec | None = None) -> GpuStageOutcome:
     """GPTQ-quantize *model* and benchmark it against itself in fp16, on this worker's GPU.
 
     With *baseline* (its fp16 side, measured once for a sweep) only the GPTQ side is measured;
-    with *quantize* ``None`` only the fp16 side of *model* is (the sweep's baseline).
+    with *quantize* ``None`` only the fp16 side of *model* is (the sweep's baseline). With *gate*, a
+    runnability check it requires that fails ends the stage before the benchmark (no benchmark record).
 
     The outcome (records, where it ran, or the error) is written for the factory either way. With a
     stage store its records carry ``s3://`` URIs: the inputs are fetched here, the outputs uploaded.
@@ -53,9 +55,10 @@ def gpu_stage(model: ModelArtifact, quantize: QuantSpec | None, benchmark: Bench
             fp16 = benchmark_baseline_task(model, benchmark)
         else:
             quant = quantize_task(model, quantize, benchmark.device)
-            runnable = runnability_task(quant, benchmark.runnability)  # here, so CUDA is covered on a GPU worker
-            bench = (benchmark_candidate_task(baseline, quant.model, benchmark) if baseline is not None
-                     else benchmark_task(model, quant.model, benchmark))
+            runnable = runnability_task(quant, benchmark)  # here, so CUDA is covered on a GPU worker
+            if gate is None or decide_before_benchmark(spec=gate, runnability=runnable) is None:
+                bench = (benchmark_candidate_task(baseline, quant.model, benchmark) if baseline is not None
+                         else benchmark_task(model, quant.model, benchmark))
     except BaseException as exc:
         message = exc.message if isinstance(exc, ModelFactoryError) else (str(exc) or repr(exc))
         write_outcome(outcome_id, GpuStageOutcome(

@@ -65,7 +65,7 @@ from modelfactory.sweeps.outcome import (
 )
 from modelfactory.tasks.benchmark import benchmark_baseline_task, benchmark_candidate_task
 from modelfactory.tasks.download import download_task, resolve_adapter_task
-from modelfactory.tasks.gate import gate_task
+from modelfactory.tasks.gate import decide_before_benchmark, gate_task
 from modelfactory.tasks.merge import merge_task
 from modelfactory.tasks.publish import publish_task
 from modelfactory.tasks.quantize import quantize_task, resolve_group_size
@@ -218,20 +218,24 @@ def member_task(*, spec: FactorySpec, member: SweepMember, position: int, sweep_
             recorder.step("download", base, detail={"sha": base.sha, "kind": base.kind})
             recorder.sources(base, adapters)
             recorder.merge(merged)
+            gate = spec.gate_in_effect()
             if deployment:
                 quant, bench, runnable = _gpu_stage_on_pool(
                     recorder, deployment=deployment, model=merged.model, quantize=spec.quantize,
-                    benchmark=spec.benchmark, run_id=run_id, baseline=baseline)
+                    benchmark=spec.benchmark, run_id=run_id, baseline=baseline, gate=gate)
+                early = decide_before_benchmark(spec=gate, runnability=runnable)
             else:
                 with slots:
                     quant = quantize_task(merged.model, spec.quantize, spec.benchmark.device)
                     recorder.quantize(quant)
-                    runnable = runnability_task(quant, spec.benchmark.runnability)
+                    runnable = runnability_task(quant, spec.benchmark)
                     recorder.runnability(runnable, artifact=quant.model.path)
-                    bench = benchmark_candidate_task(baseline, quant.model, spec.benchmark)
-                    recorder.benchmark(bench)
+                    bench = None  # a failed runnability check rejects the member before its benchmark
+                    if (early := decide_before_benchmark(spec=gate, runnability=runnable)) is None:
+                        bench = benchmark_candidate_task(baseline, quant.model, spec.benchmark)
+                        recorder.benchmark(bench)
             started = time.perf_counter()
-            decision = gate_task(bench, spec.gate, runnable)
+            decision = early or gate_task(bench, gate, runnable)
             recorder.gate(decision, time.perf_counter() - started)
     except Exception as exc:  # noqa: BLE001 - recorded on the member's run; the other members go on
         progress(f"sweep {sweep_id}: member {member.label} failed: {exc}")

@@ -124,6 +124,8 @@ def manifest_fields(*, spec: FactorySpec, merge: MergeResult, quant: QuantResult
         "gate": decision.model_dump(mode="json"),
         "engine": quant.engine,
     }
+    if bench.agreement is not None:  # KL / top-1 with their method and the kernel that produced them
+        fields["agreement"] = bench.agreement.model_dump(mode="json")
     if resolved:
         fields["auto_resolved"] = {"quantize": ["group_size"]}
     if runnability:

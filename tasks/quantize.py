@@ -227,25 +227,37 @@ def run_gptq(*, model_path: str, out_dir: str, spec: dict, device: str, checkpoi
 
 
 def _load_for_gptq(model_path: str, config, *, dtype, device: str):
-    """``GPTQModel.load``, with a clear error for architectures GPTQModel cannot quantize."""
+    """``GPTQModel.load`` (the architecture was checked before the step started: :func:`check_supported`)."""
     from gptqmodel import GPTQModel
+
+    return GPTQModel.load(model_path, config, dtype=dtype, device=device)
+
+
+def supported_model_types() -> frozenset[str]:
+    """The ``model_type`` values GPTQModel has a definition for (its ``MODEL_MAP``)."""
     from gptqmodel.models.auto import MODEL_MAP
 
-    model_type = json.loads((Path(model_path) / "config.json").read_text()).get("model_type", "?")
-    if model_type not in MODEL_MAP:
-        progress(f"quantize: model_type {model_type!r} is not in GPTQModel's list; trying its module auto-detection")
-    try:
-        return GPTQModel.load(model_path, config, dtype=dtype, device=device)
-    except ValueError as exc:
-        if "Unsupport model_type" not in str(exc):
-            raise
-        known = ", ".join(sorted(k for k in MODEL_MAP if k in ("llama", "mistral", "qwen2", "qwen3", "gemma2",
-                                                                  "phi3", "gpt_neox", "opt", "falcon")))
+    return frozenset(MODEL_MAP)
+
+
+def check_supported(model_path: str) -> None:
+    """Raise :class:`~modelfactory.core.errors.QuantizationError` at once for an architecture GPTQModel has no
+    definition for: rejected before any calibration or quantization time is spent, with what to do."""
+    model_type = json.loads((Path(model_path) / "config.json").read_text()).get("model_type")
+    known = supported_model_types()
+    if model_type not in known:
+        common = ", ".join(sorted(k for k in known if k in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3",
+                                                             "phi3", "gpt_neox", "opt", "falcon")))
         raise QuantizationError(
-            f"GPTQModel cannot quantize {model_path}: its architecture (model_type {model_type!r}) is not "
-            f"supported and its layer structure could not be detected automatically. Use a model of a "
-            f"supported architecture ({known}, ... {len(MODEL_MAP)} in all), or a newer GPTQModel"
-        ) from exc
+            f"GPTQModel cannot quantize {model_path}: its architecture (config.json model_type {model_type!r}) is not "
+            f"one GPTQModel {_gptqmodel_version()} supports ({common}, ... {len(known)} in all). Use a model of a "
+            f"supported architecture, or a GPTQModel version that supports {model_type!r}")
+
+
+def _gptqmodel_version() -> str:
+    from importlib.metadata import version
+
+    return version("gptqmodel")
 
 
 def quantize_model(*, model: ModelArtifact, spec: QuantSpec, device: str = "auto") -> QuantResult:
@@ -255,6 +267,8 @@ def quantize_model(*, model: ModelArtifact, spec: QuantSpec, device: str = "auto
         spec = resolve_group_size(spec, str(stage_store.resolve(model.path)))
     key = step_key("quantize", model=model.sha, spec=spec)
     done = stage_store.find("quantize", key)
+    if done is None:
+        check_supported(str(stage_store.resolve(model.path)))
     reused = done is not None
     if reused:
         progress(f"quantize: reusing {done.uri}")

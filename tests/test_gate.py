@@ -7,8 +7,13 @@ from pydantic import ValidationError
 
 from modelfactory.core.errors import SpecError
 from modelfactory.core.records import BenchmarkResult, SideMetrics
-from modelfactory.core.specs import GateSpec, parse_spec
-from modelfactory.tasks.gate import evaluate_gate
+from modelfactory.core.specs import DEFAULT_GATE, GateSpec, parse_spec
+from modelfactory.tasks.gate import decide_before_benchmark, evaluate_gate
+
+
+def Thresholds(**thresholds) -> GateSpec:  # noqa: N802 - reads as the spec it builds
+    """A gate of these thresholds alone (``preset: none``): the mechanics, without the default gate."""
+    return GateSpec(preset="none", **thresholds)
 
 
 def side(name: str, *, perplexity: float | None, decode: float, disk: int, mem: int,
@@ -37,14 +42,14 @@ def test_ratios():
 
 
 def test_no_thresholds_passes_with_no_checks():
-    decision = evaluate_gate(result=result(FP16, GPTQ), spec=GateSpec())
+    decision = evaluate_gate(result=result(FP16, GPTQ), spec=Thresholds(require_runnable=False))
     assert decision.passed is True
     assert decision.checks == ()
     assert decision.summary() == "passed (0 checks)"
 
 
 def test_every_failure_reported_at_once_with_both_values():
-    spec = GateSpec(max_ppl_increase_pct=5, min_decode_speedup=1.5, max_size_ratio=0.3, max_memory_ratio=0.5)
+    spec = Thresholds(max_ppl_increase_pct=5, min_decode_speedup=1.5, max_size_ratio=0.3, max_memory_ratio=0.5)
     decision = evaluate_gate(result=result(FP16, GPTQ), spec=spec)
     assert decision.passed is False
     assert len(decision.checks) == 4
@@ -71,7 +76,7 @@ def test_every_failure_reported_at_once_with_both_values():
 
 
 def test_only_failing_checks_fail():
-    spec = GateSpec(max_ppl_increase_pct=150, min_decode_speedup=1.5, max_size_ratio=1.0)
+    spec = Thresholds(max_ppl_increase_pct=150, min_decode_speedup=1.5, max_size_ratio=1.0)
     decision = evaluate_gate(result=result(FP16, GPTQ), spec=spec)
     assert not decision.passed
     assert [c.passed for c in decision.checks] == [True, False, True]
@@ -82,7 +87,7 @@ def test_boundary_equality_passes():
     # Ratios exactly representable in binary floating point.
     fp16 = side("fp16", perplexity=8.0, decode=10.0, disk=100, mem=100)
     gptq = side("gptq", perplexity=10.0, decode=20.0, disk=50, mem=25)
-    spec = GateSpec(max_ppl_increase_pct=25, min_decode_speedup=2.0, max_size_ratio=0.5, max_memory_ratio=0.25)
+    spec = Thresholds(max_ppl_increase_pct=25, min_decode_speedup=2.0, max_size_ratio=0.5, max_memory_ratio=0.25)
     decision = evaluate_gate(result=result(fp16, gptq), spec=spec)
     assert decision.passed, decision.summary()
     assert len(decision.checks) == 4
@@ -97,7 +102,7 @@ def test_boundary_equality_passes_despite_float_rounding(fp16_ppl, gptq_ppl, lim
     assert (gptq_ppl / fp16_ppl - 1) * 100 > limit  # the case this test is about
     fp16 = side("fp16", perplexity=fp16_ppl, decode=10.0, disk=100, mem=100)
     gptq = side("gptq", perplexity=gptq_ppl, decode=10.0, disk=100, mem=100)
-    decision = evaluate_gate(result=result(fp16, gptq), spec=GateSpec(max_ppl_increase_pct=limit))
+    decision = evaluate_gate(result=result(fp16, gptq), spec=Thresholds(max_ppl_increase_pct=limit))
     assert decision.passed, decision.summary()
     assert f"{limit:g} <= {limit:g}" in decision.checks[0].message
 
@@ -105,13 +110,13 @@ def test_boundary_equality_passes_despite_float_rounding(fp16_ppl, gptq_ppl, lim
 def test_just_over_the_boundary_fails():
     fp16 = side("fp16", perplexity=10.0, decode=10.0, disk=100, mem=100)
     gptq = side("gptq", perplexity=11.0001, decode=10.0, disk=100, mem=100)
-    decision = evaluate_gate(result=result(fp16, gptq), spec=GateSpec(max_ppl_increase_pct=10))
+    decision = evaluate_gate(result=result(fp16, gptq), spec=Thresholds(max_ppl_increase_pct=10))
     assert not decision.passed
 
 
 def test_unmeasured_perplexity_fails_the_ppl_check():
     gptq = side("gptq", perplexity=None, decode=50.0, disk=900, mem=1800)
-    decision = evaluate_gate(result=result(FP16, gptq), spec=GateSpec(max_ppl_increase_pct=1000))
+    decision = evaluate_gate(result=result(FP16, gptq), spec=Thresholds(max_ppl_increase_pct=1000))
     assert not decision.passed
     (check,) = decision.checks
     assert check.observed is None and check.candidate is None
@@ -121,7 +126,7 @@ def test_unmeasured_perplexity_fails_the_ppl_check():
 
 def test_unmeasured_baseline_memory_fails_the_memory_check():
     fp16 = side("fp16", perplexity=10.0, decode=100.0, disk=1000, mem=0)
-    decision = evaluate_gate(result=result(fp16, GPTQ), spec=GateSpec(max_memory_ratio=10))
+    decision = evaluate_gate(result=result(fp16, GPTQ), spec=Thresholds(max_memory_ratio=10))
     assert not decision.passed
     assert "not measured" in decision.checks[0].message
 
@@ -142,7 +147,7 @@ def test_gate_spec_rejects_nonsense_thresholds():
 
 def test_nan_perplexity_fails():
     gptq = side("gptq", perplexity=float("nan"), decode=50.0, disk=900, mem=1800)
-    decision = evaluate_gate(result=result(FP16, gptq), spec=GateSpec(max_ppl_increase_pct=1000))
+    decision = evaluate_gate(result=result(FP16, gptq), spec=Thresholds(max_ppl_increase_pct=1000))
     assert not decision.passed
     assert "nan" in decision.checks[0].message
 
@@ -174,7 +179,7 @@ def test_records_without_batch_sizes_still_read():
 
 
 def test_per_batch_thresholds_pass():
-    spec = GateSpec(min_decode_speedup_by_batch={8: 1.0, 32: 1.2})
+    spec = Thresholds(min_decode_speedup_by_batch={8: 1.0, 32: 1.2})
     decision = evaluate_gate(result=result(FP16_B, GPTQ_B), spec=spec)
     assert decision.passed, decision.summary()
     assert [c.metric for c in decision.checks] == ["min_decode_speedup_b8", "min_decode_speedup_b32"]
@@ -182,7 +187,7 @@ def test_per_batch_thresholds_pass():
 
 
 def test_per_batch_thresholds_fail_with_both_values_each():
-    spec = GateSpec(min_decode_speedup=0.4, min_decode_speedup_by_batch={1: 0.6, 8: 1.1, 32: 1.6})
+    spec = Thresholds(min_decode_speedup=0.4, min_decode_speedup_by_batch={1: 0.6, 8: 1.1, 32: 1.6})
     decision = evaluate_gate(result=result(FP16_B, GPTQ_B), spec=spec)
     assert not decision.passed
     by_metric = {c.metric: c for c in decision.checks}
@@ -200,7 +205,7 @@ def test_per_batch_thresholds_fail_with_both_values_each():
 
 
 def test_per_batch_threshold_of_an_unmeasured_batch_size_fails_not_measured():
-    spec = GateSpec(min_decode_speedup_by_batch={8: 1.0, 64: 0.5})
+    spec = Thresholds(min_decode_speedup_by_batch={8: 1.0, 64: 0.5})
     decision = evaluate_gate(result=result(FP16_B, GPTQ_B), spec=spec)
     assert not decision.passed
     (check,) = decision.failures()
@@ -208,10 +213,10 @@ def test_per_batch_threshold_of_an_unmeasured_batch_size_fails_not_measured():
     assert check.message == "decode speed-up x at batch 64: not measured (fp16 n/a, gptq n/a)"
     # measured on one side only: still not measured, with the side that has it shown
     gptq = side("gptq", perplexity=20.0, decode=50.0, disk=900, mem=1800, by_batch={1: 50.0, 8: 400.0, 64: 9.0})
-    (check,) = evaluate_gate(result=result(FP16_B, gptq), spec=GateSpec(min_decode_speedup_by_batch={64: 0.5})).checks
+    (check,) = evaluate_gate(result=result(FP16_B, gptq), spec=Thresholds(min_decode_speedup_by_batch={64: 0.5})).checks
     assert not check.passed and "not measured (fp16 n/a, gptq 9)" in check.message
     # an old record (no batch sizes) against a batch-8 threshold
-    (check,) = evaluate_gate(result=result(FP16, GPTQ), spec=GateSpec(min_decode_speedup_by_batch={8: 0.5})).checks
+    (check,) = evaluate_gate(result=result(FP16, GPTQ), spec=Thresholds(min_decode_speedup_by_batch={8: 0.5})).checks
     assert not check.passed and "not measured" in check.message
 
 
@@ -230,9 +235,9 @@ from modelfactory.benchmark.runnability import RunnabilityReport, RunnabilityRes
 from modelfactory.core.records import AgreementMetrics, TaskMetrics
 from modelfactory.tasks.gate import check_runnability
 
-AGREEMENT = AgreementMetrics(positions=1000, top_k=256, vocab_size=49152, kld_mean=0.05, kld_median=0.02,
-                             kld_p99=0.6, kld_max=2.0, top1_agreement_pct=90.0, rest_mass_mean=0.01,
-                             kld_is_lower_bound=True)
+AGREEMENT = AgreementMetrics(positions=1000, top_k=256, vocab_size=49152, kld_method="exact", kld_mean=0.05,
+                             kld_median=0.02, kld_p99=0.6, kld_max=2.0, top1_agreement_pct=90.0, rest_mass_mean=0.01,
+                             lower_bound_kld_mean=0.045, lower_bound_kld_p99=0.55, kernel="TorchQuantLinear")
 
 
 def with_tasks(base: SideMetrics, **tasks: TaskMetrics) -> SideMetrics:
@@ -259,24 +264,25 @@ def test_ratios_with_agreement_and_tasks():
 
 
 def test_agreement_thresholds_pass_and_fail_with_both_values():
-    ok = evaluate_gate(result=full(), spec=GateSpec(max_kld_mean=0.05, max_kld_p99=1.0, min_top1_agreement_pct=90))
+    ok = evaluate_gate(result=full(), spec=Thresholds(max_kld_mean=0.05, max_kld_p99=1.0, min_top1_agreement_pct=90))
     assert ok.passed and [c.metric for c in ok.checks] == ["max_kld_mean", "max_kld_p99", "min_top1_agreement_pct"]
-    bad = evaluate_gate(result=full(), spec=GateSpec(max_kld_mean=0.01, max_kld_p99=0.5, min_top1_agreement_pct=95))
+    bad = evaluate_gate(result=full(), spec=Thresholds(max_kld_mean=0.01, max_kld_p99=0.5, min_top1_agreement_pct=95))
     assert not bad.passed and len(bad.failures()) == 3
     by = {c.metric: c for c in bad.checks}
-    assert by["max_kld_mean"].message == "mean KL(fp16||gptq) nats (lower bound, top-256): 0.05 > 0.01 (fp16 0, gptq 0.05)"
+    assert by["max_kld_mean"].message == ("mean KL(fp16||gptq) nats (exact, kernel TorchQuantLinear): 0.05 > 0.01 "
+                                          "(fp16 0, gptq 0.05)")
     assert "0.6 > 0.5" in by["max_kld_p99"].message
     assert by["min_top1_agreement_pct"].message == "top-1 agreement %: 90 < 95 (fp16 100, gptq 90)"
 
 
 def test_agreement_threshold_without_agreement_fails_not_measured():
-    decision = evaluate_gate(result=result(FP16, GPTQ), spec=GateSpec(max_kld_mean=1.0))
+    decision = evaluate_gate(result=result(FP16, GPTQ), spec=Thresholds(max_kld_mean=1.0))
     (check,) = decision.checks
     assert not decision.passed and "not measured" in check.message and check.observed is None
 
 
 def test_task_recovery_one_number_checks_every_task():
-    decision = evaluate_gate(result=full(), spec=GateSpec(min_task_recovery_pct=92))
+    decision = evaluate_gate(result=full(), spec=Thresholds(min_task_recovery_pct=92))
     by = {c.metric: c for c in decision.checks}
     assert set(by) == {"min_task_recovery_pct_arc", "min_task_recovery_pct_piqa"}
     assert by["min_task_recovery_pct_piqa"].passed
@@ -286,11 +292,11 @@ def test_task_recovery_one_number_checks_every_task():
 
 
 def test_task_recovery_per_task_and_unmeasured_task():
-    decision = evaluate_gate(result=full(), spec=GateSpec(min_task_recovery_pct={"piqa": 96.0, "winogrande": 90.0}))
+    decision = evaluate_gate(result=full(), spec=Thresholds(min_task_recovery_pct={"piqa": 96.0, "winogrande": 90.0}))
     by = {c.metric: c for c in decision.checks}
     assert not by["min_task_recovery_pct_piqa"].passed
     assert "not measured" in by["min_task_recovery_pct_winogrande"].message
-    none = evaluate_gate(result=result(FP16, GPTQ), spec=GateSpec(min_task_recovery_pct=90))
+    none = evaluate_gate(result=result(FP16, GPTQ), spec=Thresholds(min_task_recovery_pct=90))
     assert not none.passed and "not measured" in none.checks[0].message
 
 
@@ -309,27 +315,132 @@ def test_task_recovery_spec_validation():
                     "gate": {"max_kld_p99": 1.0}})
 
 
-def _report(ok: bool) -> RunnabilityReport:
-    failure = {} if ok else {"error_type": "RuntimeError", "error_message": "expect K to be divisible by qGroupSize",
-                             "explanation": "group size 64 does not divide layer width 96 ... use group_size 32"}
-    return RunnabilityReport(model_dir="/m", results=(
-        RunnabilityResult(device="cpu", ok=ok, snippet="...", stage="done" if ok else "generate", wall_s=1.0,
-                          **failure),))
+def _attempt(device: str = "cpu", *, ok: bool = True, backend: str | None = None, **fields) -> RunnabilityResult:
+    return RunnabilityResult(device=device, backend=backend, ok=ok, snippet="...", stage=fields.pop("stage", "done"),
+                             wall_s=1.0, kernel=fields.pop("kernel", "TorchAtenLinear"), positions=48,
+                             top1_agreement_pct=fields.pop("agreement", 100.0 if ok else None), **fields)
+
+
+def _report(*attempts: RunnabilityResult) -> RunnabilityReport:
+    return RunnabilityReport(model_dir="/m", results=attempts)
+
+
+MISFIT = dict(ok=False, stage="generate", failure_kind="kernel", error_type="RuntimeError",
+              error_message="expect K to be divisible by qGroupSize",
+              explanation="group size 64 does not divide layer width 96 ... use group_size 32")
+OFFLINE = dict(ok=False, stage="load", failure_kind="environment", error_type="RuntimeError",
+               error_message="Machete: GPTQMODEL_OFFLINE=1 and no verified CUTLASS",
+               explanation="GPTQModel's Machete kernel ... needs the CUTLASS v4.7.1 sources")
+GARBAGE = dict(ok=False, failure_kind="artifact", agreement=12.5,
+               explanation="computes something else than the model the factory measured: 12.5 % < 90 %")
 
 
 def test_runnability_fails_the_gate_with_the_library_error_and_the_advice():
-    decision = evaluate_gate(result=result(FP16, GPTQ), spec=GateSpec(), runnability=_report(False))
+    broken = _report(_attempt(**MISFIT), _attempt(backend="gptq_torch", **{**MISFIT, "failure_kind": "artifact"}))
+    decision = evaluate_gate(result=result(FP16, GPTQ), spec=Thresholds(), runnability=broken)
     (check,) = decision.checks
     assert not decision.passed and check.metric == "require_runnable"
-    assert "cpu: failed" in check.message and "use group_size 32" in check.message
-    assert check == check_runnability(_report(False))
-    assert evaluate_gate(result=result(FP16, GPTQ), spec=GateSpec(), runnability=_report(True)).passed
+    assert "cpu: broken" in check.message and "use group_size 32" in check.message
+    assert check == check_runnability(broken)
+    assert evaluate_gate(result=result(FP16, GPTQ), spec=Thresholds(), runnability=_report(_attempt())).passed
+
+
+def test_a_healthy_artifact_is_not_rejected_because_the_host_is_offline():
+    """The default path needs the network (Machete's CUTLASS) and the host has none: the artifact ran on that
+    device through another standard kernel, so it passes, and the report says what failed and why."""
+    offline = _report(_attempt(), _attempt("cuda", **OFFLINE), _attempt("cuda", backend="gptq_marlin",
+                                                                       kernel="MarlinQuantLinear", agreement=98.0))
+    decision = evaluate_gate(result=result(FP16, GPTQ), spec=Thresholds(), runnability=offline)
+    assert decision.passed, decision.summary()
+    cuda = {v.device: v for v in offline.devices}["cuda"]
+    assert (cuda.status, cuda.path, cuda.default_ok) == ("verified", "gptq_marlin", False)
+    assert "CUTLASS" in cuda.reason and offline.verified_paths() == {"cpu": "default", "cuda": "gptq_marlin"}
+    # the stricter setting: the default path must work
+    strict = evaluate_gate(result=result(FP16, GPTQ), spec=Thresholds(require_default_path=True), runnability=offline)
+    assert not strict.passed and [c.metric for c in strict.failures()] == ["require_default_path"]
+    assert "cuda" in strict.failures()[0].message and "CUTLASS" in strict.failures()[0].message
+
+
+def test_a_default_kernel_that_cannot_serve_the_shape_is_not_the_artifacts_fault():
+    report = _report(_attempt("cuda", **{**MISFIT, "error_message": "MacheteLinear: out_features: 192 must be "
+                                                                    "divisible by [128]"}),
+                     _attempt("cuda", backend="gptq_triton", kernel="TritonV2QuantLinear", agreement=97.9))
+    assert report.passed and not report.default_path_works
+
+
+def test_wrong_output_on_any_path_rejects_and_nothing_verified_is_not_a_pass():
+    garbage = _report(_attempt(), _attempt("cuda", **GARBAGE))
+    assert not garbage.passed and {v.device: v.status for v in garbage.devices} == {"cpu": "verified",
+                                                                                     "cuda": "broken"}
+    decision = evaluate_gate(result=result(FP16, GPTQ), spec=Thresholds(), runnability=garbage)
+    assert not decision.passed and "12.5 %" in decision.checks[0].message
+    host_only = _report(_attempt(**OFFLINE), _attempt(backend="gptq_torch", **OFFLINE))
+    assert not host_only.passed and host_only.environment_only  # the step raises for this (not a rejection)
+    assert [v.status for v in host_only.devices] == ["not_verified"]
+
+
+def test_a_failed_runnability_check_decides_before_the_benchmark():
+    broken = _report(_attempt(**MISFIT), _attempt(backend="gptq_torch", **GARBAGE))
+    early = decide_before_benchmark(spec=GateSpec(), runnability=broken)
+    assert early is not None and not early.passed and early.checks[0].metric == "require_runnable"
+    assert decide_before_benchmark(spec=GateSpec(), runnability=_report(_attempt())) is None
+    assert decide_before_benchmark(spec=GateSpec(require_runnable=False), runnability=broken) is None
+    assert decide_before_benchmark(spec=GateSpec(), runnability=None) is None
 
 
 def test_runnability_not_checked_when_disabled_or_not_required():
-    assert evaluate_gate(result=result(FP16, GPTQ), spec=GateSpec(), runnability=None).checks == ()
-    assert evaluate_gate(result=result(FP16, GPTQ), spec=GateSpec(require_runnable=False),
-                         runnability=_report(False)).passed
+    assert evaluate_gate(result=result(FP16, GPTQ), spec=Thresholds(), runnability=None).checks == ()
+    assert evaluate_gate(result=result(FP16, GPTQ), spec=Thresholds(require_runnable=False),
+                         runnability=_report(_attempt(**GARBAGE))).passed
+
+
+# --------------------------------------------------------------------------- the default gate
+def test_a_spec_without_a_gate_gets_the_default_gate():
+    """With no gate in a spec, the documented default gate is in effect (it used to check only "it loads")."""
+    spec = parse_spec({"base": {"uri": "org/model"}})
+    gate = spec.gate_in_effect()
+    assert spec.gate.preset == "default" and gate.preset == "none"
+    assert {k: getattr(gate, k) for k in DEFAULT_GATE} == DEFAULT_GATE and gate.require_runnable
+    assert gate.describe().startswith("max_ppl_increase_pct=")
+    assert all(name in gate.describe() for name in (*DEFAULT_GATE, "require_runnable"))
+    # nothing a host changes: no speed, memory or size threshold by default
+    assert gate.min_decode_speedup is None and gate.max_memory_ratio is None and gate.max_size_ratio is None
+    # a threshold set in the spec wins over the default's; the others stay
+    tighter = parse_spec({"base": {"uri": "org/model"}, "gate": {"max_kld_mean": 0.1}}).gate_in_effect()
+    assert tighter.max_kld_mean == 0.1 and tighter.max_ppl_increase_pct == DEFAULT_GATE["max_ppl_increase_pct"]
+    # the named switch turns the default off
+    off = parse_spec({"base": {"uri": "org/model"}, "gate": {"preset": "none"}}).gate_in_effect()
+    assert all(getattr(off, k) is None for k in DEFAULT_GATE) and off.describe() == "require_runnable"
+    # no agreement measured: the default's KL and top-1 thresholds are not filled in
+    no_kl = parse_spec({"base": {"uri": "org/model"}, "benchmark": {"agreement": {"enabled": False}}}).gate_in_effect()
+    assert no_kl.max_kld_mean is None and no_kl.min_top1_agreement_pct is None and no_kl.max_ppl_increase_pct
+
+
+def test_the_default_gate_checks_kl_and_top1_as_well_as_perplexity():
+    """KL and top-1 are measured by default, and now checked by default: a collapse shows there first."""
+    collapsed = AGREEMENT.model_copy(update={"kld_mean": 2.5, "top1_agreement_pct": 30.0})
+    fp16 = side("fp16", perplexity=10.0, decode=100.0, disk=1000, mem=2000)
+    gptq = side("gptq", perplexity=11.0, decode=50.0, disk=300, mem=600)  # +10 %: perplexity alone would pass
+    decision = evaluate_gate(result=BenchmarkResult(fp16=fp16, gptq=gptq, path="/b", agreement=collapsed),
+                             spec=GateSpec())
+    assert not decision.passed
+    assert {c.metric for c in decision.failures()} == {"max_kld_mean", "min_top1_agreement_pct"}
+    healthy = evaluate_gate(result=BenchmarkResult(fp16=fp16, gptq=gptq, path="/b", agreement=AGREEMENT),
+                            spec=GateSpec())
+    assert healthy.passed and {c.metric for c in healthy.checks} == set(DEFAULT_GATE)
+
+
+def test_a_kl_lower_bound_is_reported_but_never_gated():
+    """The top-k KL is a lower bound: compared against a maximum it leans towards passing."""
+    bound = AGREEMENT.model_copy(update={"kld_method": "topk_lower_bound", "lower_bound_kld_mean": None,
+                                         "kld_method_note": "20.0 GiB needed, 12.0 GiB free on cuda"})
+    decision = evaluate_gate(result=BenchmarkResult(fp16=FP16, gptq=GPTQ, path="/b", agreement=bound),
+                             spec=Thresholds(max_kld_mean=1.0, min_top1_agreement_pct=50))
+    by = {c.metric: c for c in decision.checks}
+    assert not by["max_kld_mean"].passed and by["max_kld_mean"].observed is None
+    assert "not measured" in by["max_kld_mean"].message and "lower bound was measured, 0.05" in by["max_kld_mean"].message
+    assert "12.0 GiB free" in by["max_kld_mean"].message
+    assert by["min_top1_agreement_pct"].passed  # top-1 is the same in both methods
 
 
 def test_records_without_agreement_and_tasks_still_read():

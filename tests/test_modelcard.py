@@ -22,7 +22,7 @@ from modelfactory.catalog import open_catalog
 from modelfactory.catalog.metrics import manifest_metrics
 from modelfactory.catalog.recovery import import_artifact
 from modelfactory.core.hashing import file_sha256, step_key, tree_sha256
-from modelfactory.core.manifest import MANIFEST, build_manifest, verify_folder
+from modelfactory.core.manifest import MANIFEST, build_manifest, content_digest, verify_folder
 from modelfactory.core.records import (
     AdapterArtifact,
     BenchmarkResult,
@@ -195,8 +195,32 @@ def test_load_it_is_the_code_the_runnability_check_ran(tmp_path: Path) -> None:
                 load_snippet(model=REPO_ID, revision=REVISION, device="cuda")]
     assert [b.split("```")[0] for b in blocks] == expected
     assert expected[0].replace(f'"{REPO_ID}", revision="{REVISION}"', json.dumps(str(folder))) == checks[0]["snippet"]
-    assert "On CPU — checked: loads and generates (loaded in 1.2 s, generated in 0.5 s)." in card
-    assert "On a CUDA GPU — checked" in card and str(folder) not in card and "device_map=\"auto\"" not in card
+    assert "On CPU — verified with the default loading path: loads and generates (loaded in 1.2 s, generated in 0.5 s)." in card
+    assert "On a CUDA GPU — verified" in card and str(folder) not in card and "device_map=\"auto\"" not in card
+
+
+def test_the_card_says_which_path_was_verified_where_and_how_close_the_users_kernel_is(tmp_path: Path) -> None:
+    """Offline Hopper: the default path (Machete) could not fetch its sources; Marlin was verified instead. The card
+    says so, shows the verified code, and how closely the kernel a user gets computes the measured one."""
+    checks = runnability_entries([
+        {"device": "cpu", "ok": True, "kernel": "TorchAtenLinear", "top1_agreement_pct": 97.9,
+         "snippet": checked_snippet("/x/m")},
+        {"device": "cuda", "ok": False, "snippet": checked_snippet("/x/m", "cuda"), "error_type": "RuntimeError",
+         "error_message": "Machete: GPTQMODEL_OFFLINE=1 and no verified CUTLASS", "explanation": "needs CUTLASS"},
+        {"device": "cuda", "ok": True, "backend": "gptq_marlin", "kernel": "MarlinQuantLinear", "top1_agreement_pct": 100.0,
+         "snippet": load_snippet(model="/x/m", device="cuda", backend="gptq_marlin", bits=4)}],
+        model=REPO_ID, revision=REVISION)
+    assert [e["path"] for e in checks] == ["default", "default", "gptq_marlin"]
+    manifest = smollm2_manifest(tmp_path / "a", runnability=checks)
+    manifest["agreement"] = {"kld_method": "exact"}
+    card = render_card(manifest=manifest, repo_id=REPO_ID, revision=REVISION)
+    assert ("On a CUDA GPU — the default loading path **did not work** when checked: `RuntimeError: Machete: "
+            "GPTQMODEL_OFFLINE=1 and no verified CUTLASS`. needs CUTLASS") in card
+    assert "On a CUDA GPU — verified with GPTQModel's `gptq_marlin` kernel (`MarlinQuantLinear`)" in card
+    assert 'quantization_config=GPTQConfig(bits=4, backend="gptq_marlin")' in card
+    assert "the KL divergence is exact" in card
+    assert ("On CPU, the default loading path gets `TorchAtenLinear`: its most likely next token is the measured "
+            "kernel's at 97.9 % of the checked positions.") in card
 
 
 def test_a_failed_device_and_the_sweep_matrix_are_shown(tmp_path: Path) -> None:
@@ -210,8 +234,8 @@ def test_a_failed_device_and_the_sweep_matrix_are_shown(tmp_path: Path) -> None:
     matrix = "### sweep of SmolLM2\n\n| branch | KL mean |\n|---|---:|\n| `gptq-4bit-64g` ★ | 0.14 |\n"
     card = render_card(manifest=smollm2_manifest(tmp_path / "a", runnability=checks), repo_id=REPO_ID,
                        revision=REVISION, matrix_markdown=matrix)
-    assert ("On a CUDA GPU — **did not run** when checked: `ValueError: MarlinLinear: in_features: 576 must be "
-            "divisible by [64]`. name a kernel that fits") in card
+    assert ("On a CUDA GPU — the default loading path **did not work** when checked: `ValueError: MarlinLinear: "
+            "in_features: 576 must be divisible by [64]`. name a kernel that fits") in card
     assert "## Sweep" in card and "| `gptq-4bit-64g` ★ | 0.14 |" in card
     assert card.index("## Gate") < card.index("## Sweep") < card.index("## Sources")
 
@@ -301,7 +325,8 @@ def _local_sources(tmp_path: Path, work: Path):
                             adapters=(AdapterArtifact(path=str(adapter), sha=adapter_sha, source_uri=str(adapter),
                                                       weight=1.0),),
                             max_abs_logit_diff=1e-5, tolerance=1e-3)
-        quant = QuantResult(model=ModelArtifact(path=str(artifact), sha="3c4d5e" * 4, source_uri=str(gguf),
+        quant = QuantResult(model=ModelArtifact(path=str(artifact), sha=content_digest(build_manifest(artifact)["files"]),
+                                                source_uri=str(gguf),
                                                 kind="gptq"), quantize_s=3.0, engine="gptqmodel 7.6.0", device="cpu")
         decision = GateDecision(passed=True, checks=(GateCheck(
             metric="max_ppl_increase_pct", threshold=50.0, baseline=28.76, candidate=39.5, observed=37.3, passed=True,

@@ -1,9 +1,9 @@
-"""Runs where users run it: plain-transformers load + generate in a process without factory code, and the
-group size choice.
+"""Runs where users run it: plain-transformers load + generate + compare in a process without factory code,
+whose fault a failure is, and the group size choice.
 
-The process tests run the real ``plain_load.py`` (``python -I``; on CPU forked from an isolated warm server,
-as the factory does) on real GPTQ artifacts of the tiny random Llama, quantized with the factory's own step
-on CPU.
+The process tests run the real ``plain_load.py`` (a fresh ``python -I``, as the factory does) on real GPTQ
+artifacts of the tiny random Llama, quantized with the factory's own step on CPU, against the factory's own
+reference (:func:`measure_reference`); the broken artifacts are :mod:`modelfactory.testing.broken`'s.
 """
 
 from __future__ import annotations
@@ -22,14 +22,19 @@ from modelfactory.benchmark.layer_widths import (
 )
 from modelfactory.benchmark.runnability import (
     PLAIN_LOAD_SCRIPT,
+    RunnabilityReference,
     check_runs_plainly,
+    classify_failure,
     explain_failure,
     load_snippet,
+    measure_reference,
     resolve_devices,
     result_from_child,
 )
 from modelfactory.core.errors import SpecError
-from modelfactory.testing.env import own_work_dir, settings_env
+from modelfactory.core.specs import BenchmarkSpec
+from modelfactory.testing.broken import break_artifact
+from modelfactory.testing.env import own_work_dir
 from modelfactory.testing.models import make_tiny_llama
 from modelfactory.testing.prefect_server import step_processes
 
@@ -121,7 +126,7 @@ def test_machete_out_features_error_names_the_layers_and_that_group_size_does_no
     assert "self_attn.k_proj (192)" in text and "self_attn.o_proj (576)" in text
     assert "mlp.gate_proj" not in text, "1536 is a multiple of 128"
     assert "the group size does not change these widths" in text
-    assert 'backend="gptq_triton"' in text
+    assert "another standard kernel" in text and "GPTQConfig(bits=..., backend=...)" in text
     assert "group size MacheteLinear does not take (it takes -1, 64, 128; e.g. 32)" in text
     assert message in text
 
@@ -205,46 +210,73 @@ def tiny_gptq_misfit(smollm2_tokenizer_dir, tmp_path_factory) -> Path:
     return Path(_quantize(base, tmp_path_factory.mktemp("rwork96"), 64).model.path)
 
 
-def test_good_artifact_runs_on_cpu_without_factory_code(tiny_gptq, tmp_path):
-    report = check_runs_plainly(model_dir=tiny_gptq, devices=["cpu"], timeout_s=600, log_path=tmp_path / "log")
-    assert report.passed, report.summary()
+def _reference(model_dir: Path) -> RunnabilityReference:
+    """The factory's own reference for *model_dir* (the benchmark's CPU loading path), in this process."""
+    return RunnabilityReference.model_validate(measure_reference(
+        model_path=str(model_dir), spec=BenchmarkSpec(device="cpu").model_dump(mode="json"),
+        prompt=plain_load.DEFAULT_PROMPT, check_tokens=32))
+
+
+def test_good_artifact_runs_on_cpu_without_factory_code_and_computes_what_was_measured(tiny_gptq, tmp_path):
+    reference = _reference(tiny_gptq)
+    assert reference.ok and reference.logits_finite and len(reference.top1) == 32
+    assert len(reference.token_ids) == reference.prompt_len + 32
+    report = check_runs_plainly(model_dir=tiny_gptq, devices=["cpu"], timeout_s=600, reference=reference,
+                                log_path=tmp_path / "log")
+    assert report.passed and report.default_path_works, report.summary()
     (result,) = report.results
-    assert result.ok and result.device == "cpu" and result.stage == "done"
-    assert result.factory_modules == () and result.process == "forked"
+    assert result.ok and result.device == "cpu" and result.stage == "done" and result.backend is None
+    assert result.factory_modules == ()
     assert result.kernel == "TorchAtenLinear", "GPTQModel's default CPU kernel, as a user gets it"
     assert result.tokens == plain_load.DEFAULT_NEW_TOKENS and result.text
+    assert (result.positions, result.top1_agreement_pct, result.logits_finite) == (32, 100.0, True)
     assert result.load_s > 0 and result.generate_s > 0 and result.wall_s >= result.load_s
     assert result.versions["transformers"] and result.versions["gptqmodel"]
     assert result.snippet == load_snippet(model=str(tiny_gptq.resolve()), device="cpu")
     log = (tmp_path / "log").read_text()
-    assert result.snippet in log and '{"plain_load": 1, "ok": true' in log
+    assert result.snippet in log and '{"plain_load": 2, "ok": true' in log
+    assert report.verified_paths() == {"cpu": "default"}
 
 
-def test_a_forked_check_finds_what_a_fresh_python_I_process_finds(tiny_gptq, tiny_gptq_misfit):
-    """The warm server changes how the process starts, not what the snippet meets: same kernel, tokens and
-    text, no factory module, and the same failure for an artifact that cannot run."""
-    def check(model_dir: Path, fork: str):
-        with settings_env(MODELFACTORY_FORK_SERVER=fork):
-            (result,) = check_runs_plainly(model_dir=model_dir, devices=["cpu"], timeout_s=600).results
-        return result
-
-    for model_dir in (tiny_gptq, tiny_gptq_misfit):
-        forked, fresh = check(model_dir, "true"), check(model_dir, "false")
-        assert (forked.process, fresh.process) == ("forked", "fresh")
-        same = ("ok", "stage", "kernel", "tokens", "text", "factory_modules", "versions", "error_type", "error_message")
-        assert forked.model_dump(include=set(same)) == fresh.model_dump(include=set(same))
+def test_garbage_output_is_rejected(tiny_gptq, tmp_path):
+    """Loads and generates, but computes something else than the measured model (here: the measured model is
+    the healthy artifact, the files checked have every scale x10): "it produced a token" is not enough. (The
+    tiny model's random weights barely move its argmax under milder damage: its tied embeddings dominate.)"""
+    collapsed = break_artifact(tiny_gptq, tmp_path / "scales", how="scales", factor=10.0)
+    report = check_runs_plainly(model_dir=collapsed, devices=["cpu"], timeout_s=600, reference=_reference(tiny_gptq))
+    (result,) = report.results  # it ran: no other loading path is tried, the output itself is wrong
+    assert result.stage == "done" and not result.ok and result.failure_kind == "artifact"
+    assert result.tokens > 0 and result.top1_agreement_pct < 90, result.top1_agreement_pct
+    assert "computes something else than the model the factory measured" in result.explanation
+    assert not report.passed and report.devices[0].status == "broken"
 
 
-def test_group_size_that_does_not_divide_a_width_fails_with_the_reason_and_the_fix(tiny_gptq_misfit):
-    report = check_runs_plainly(model_dir=tiny_gptq_misfit, devices=["cpu"], timeout_s=600)
-    assert not report.passed
-    (result,) = report.results
-    assert result.stage == "generate" and result.error_type == "RuntimeError"
-    assert "expect K to be divisible by qGroupSize, got K:96, qGroupSize:64" in result.error_message
-    assert "group size 64 does not divide layer width 96" in result.explanation
-    assert "use group_size 32" in result.explanation
-    assert "_weight_int4pack_mm" in result.traceback_tail
-    assert result.explanation in report.summary()
+def test_nan_output_is_rejected_before_anything_else(tiny_gptq, tmp_path):
+    poisoned = break_artifact(tiny_gptq, tmp_path / "nan", how="nan", layer=1)
+    reference = _reference(poisoned)
+    assert not reference.ok and reference.failure_kind == "artifact" and reference.logits_finite is False
+    assert "not finite" in reference.explanation
+    # a plain load of it, compared with the healthy model's reference: the NaN logits are caught there too
+    (result,) = check_runs_plainly(model_dir=poisoned, devices=["cpu"], timeout_s=600,
+                                   reference=_reference(tiny_gptq)).results
+    assert not result.ok and result.logits_finite is False and "not finite" in result.explanation
+
+
+def test_a_default_kernel_that_cannot_serve_the_shape_falls_back_to_a_standard_one(tiny_gptq_misfit):
+    """GPTQModel's default CPU kernel rejects a width the group size does not divide: that is the default kernel's
+    limit, not a broken artifact; the portable kernel runs it, and the report says which path works and why."""
+    report = check_runs_plainly(model_dir=tiny_gptq_misfit, devices=["cpu"], timeout_s=600,
+                                reference=_reference(tiny_gptq_misfit))
+    default, fallback = report.results
+    assert default.stage == "generate" and default.error_type == "RuntimeError" and default.failure_kind == "kernel"
+    assert "expect K to be divisible by qGroupSize, got K:96, qGroupSize:64" in default.error_message
+    assert "group size 64 does not divide layer width 96" in default.explanation
+    assert "use group_size 32" in default.explanation
+    assert "_weight_int4pack_mm" in default.traceback_tail
+    assert fallback.ok and fallback.backend == "gptq_torch" and fallback.top1_agreement_pct >= 90
+    assert 'quantization_config=GPTQConfig(bits=4, backend="gptq_torch")' in fallback.snippet
+    assert report.passed and not report.default_path_works
+    assert report.verified_paths() == {"cpu": "gptq_torch"} and default.explanation in report.summary()
 
 
 def test_corrupted_config_fails_at_load_with_the_library_message(tiny_gptq, tmp_path):
@@ -252,15 +284,16 @@ def test_corrupted_config_fails_at_load_with_the_library_message(tiny_gptq, tmp_
     shutil.copytree(tiny_gptq, broken)
     (broken / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
     (result,) = check_runs_plainly(model_dir=broken, devices=["cpu"], timeout_s=600).results
-    assert not result.ok and result.stage == "load"
+    assert not result.ok and result.stage == "load" and result.failure_kind == "artifact"
     assert result.error_message and result.error_message in result.explanation
     assert "not a known pattern" in result.explanation
 
 
-def test_timeout_kills_the_process_and_says_so(tiny_gptq):
-    (result,) = check_runs_plainly(model_dir=tiny_gptq, devices=["cpu"], timeout_s=0.05).results
-    assert not result.ok and result.error_type == "Timeout"
-    assert "raise the timeout" in result.explanation
+def test_timeout_kills_the_process_and_is_the_hosts_doing(tiny_gptq):
+    report = check_runs_plainly(model_dir=tiny_gptq, devices=["cpu"], timeout_s=0.05)
+    assert [r.error_type for r in report.results] == ["Timeout", "Timeout"]  # the default path, then the fallback
+    assert all(r.failure_kind == "environment" and "raise the timeout" in r.explanation for r in report.results)
+    assert report.environment_only and not report.passed and report.devices[0].status == "not_verified"
     assert step_processes() == [], "the killed check left a process behind"
 
 
@@ -281,7 +314,24 @@ def test_machete_fetching_cutlass_offline_is_explained_from_the_traceback():
     tail = ('  File ".../gptqmodel/utils/machete.py", line 379, in _ensure_cutlass_source\n'
             '    _download_cutlass_archive(_CUTLASS_RELEASE_URL, archive_path)\n'
             'urllib.error.URLError: <urlopen error [Errno -3] Temporary failure in name resolution>')
-    text = explain_failure(error_type="URLError", message="<urlopen error [Errno -3] Temporary failure in name "
-                           "resolution>", device="cuda", traceback_tail=tail)
-    assert "Machete" in text and "CUTLASS" in text and "backend='marlin'" in text
+    kind, text = classify_failure(error_type="URLError", message="<urlopen error [Errno -3] Temporary failure in "
+                                  "name resolution>", device="cuda", traceback_tail=tail)
+    assert kind == "environment"  # the host is offline: not the artifact's fault
+    assert "Machete" in text and "CUTLASS" in text and "GPTQMODEL_CUTLASS_DIR" in text
+    assert "modelfactory kernels prepare" in text
     assert "name resolution" in text  # the library's own error stays in the explanation
+
+
+@pytest.mark.parametrize("error_type,message,kind", [
+    ("RuntimeError", "Machete: GPTQMODEL_OFFLINE=1 and no verified CUTLASS v4.7.1 source cache is available", "environment"),
+    ("RuntimeError", "Error building extension 'marlin_fp16': nvcc: not found", "environment"),
+    ("OSError", "CUDA_HOME environment variable is not set. Please set it to your CUDA install root.", "environment"),
+    ("ProcessDied", "plain_load exited with code -9 without a result", "environment"),
+    ("Timeout", "no result within 600 s; killed", "environment"),
+    ("torch.OutOfMemoryError", "CUDA out of memory. Tried to allocate 2.00 GiB", "environment"),
+    ("NotImplementedError", "MacheteLinear: out_features: 192 must be divisible by [128]", "kernel"),
+    ("RuntimeError", INT4PACK_ERROR, "kernel"),
+    ("IndexError", "index 32064 is out of bounds for dimension 0 with size 32064", "artifact"),
+])
+def test_whose_fault_a_failure_is(error_type, message, kind):
+    assert classify_failure(error_type=error_type, message=message, device="cuda")[0] == kind

@@ -32,6 +32,8 @@ def test_defaults_are_valid():
     perplexity = spec.benchmark.perplexity
     assert perplexity.stride <= perplexity.context_len
     assert spec.gate.model_dump() == {
+        "preset": "default",  # unset thresholds take the default gate's (test_gate.py: the default gate)
+        "require_default_path": False,
         "max_ppl_increase_pct": None, "min_decode_speedup": None, "min_decode_speedup_by_batch": None,
         "max_size_ratio": None, "max_memory_ratio": None, "max_kld_mean": None, "max_kld_p99": None,
         "min_top1_agreement_pct": None, "min_task_recovery_pct": None,

@@ -1,16 +1,36 @@
-"""Does the artifact run where users run it? Load it with plain transformers and generate.
+"""Does the artifact run where users run it, and compute what the factory measured?
 
-:func:`check_runs_plainly` runs :mod:`modelfactory.benchmark.plain_load` *by file path* in a
-``python -I`` process (no factory code, no ``PYTHONPATH``, default settings: exactly the
-"Load it" snippet a user copies from the model card) once per device: on CPU always, on CUDA
-when a GPU is visible. On CPU that process is forked from a ``python -I`` server that has imported
-torch and transformers and nothing else (:func:`modelfactory.core.forkserver.fork_script`; ~5 s of
-CPU less per check; ``MODELFACTORY_FORK_SERVER=false`` starts it fresh): the snippet then loads and
-generates as in a fresh process, and the result still lists any factory module found imported.
-The CPU run hides the GPUs (``CUDA_VISIBLE_DEVICES=""``) as a CPU-only machine would. Each run is
-bounded by a timeout and yields one :class:`RunnabilityResult`; a failure carries the library's own
-error and an explanation of what to do (:func:`explain_failure`), e.g. a group size that does not
-divide a layer's width.
+The check has two halves:
+
+1. **The factory's own reference** (:func:`measure_reference`, an isolated step process): the artifact
+   loaded exactly as the benchmark loads it (its device, dtype and kernel,
+   :func:`modelfactory.benchmark.sides.load_side`) generates ``check_tokens`` greedy tokens after the
+   snippet's prompt, then scores that sequence teacher-forced: its most likely token at each position
+   (``top1``), and whether every logit is finite. A reference that cannot run, or whose logits are not
+   finite, rejects the artifact before the benchmark spends anything.
+2. **Plain transformers, per device** (:func:`check_runs_plainly`): :mod:`modelfactory.benchmark.plain_load`
+   runs *by file path* in a fresh ``python -I`` process (no factory code, no ``PYTHONPATH``, default
+   settings: exactly the "Load it" snippet a user copies from the model card), on CPU always and on
+   CUDA when a GPU is visible (the CPU run hides the GPUs, as a CPU-only machine would). It loads,
+   generates, and scores the reference's tokens teacher-forced: it *works* when its argmax agrees with
+   the reference's on at least ``min_top1_agreement_pct`` of the positions (kernels and dtypes
+   legitimately differ in the last bits, and a near-tie may flip) and every logit is finite.
+
+When the library's default loading path fails with an error on a device, the same check runs once more
+with another standard GPTQModel kernel (:func:`fallback_backend`: Marlin or Triton on CUDA, the portable
+torch kernel on CPU), so the card can say how to load the model there. Each failure is classified
+(:func:`classify_failure`): **environment** (the host: no network for a kernel's sources, a missing
+toolchain, out of memory, a timeout), **kernel** (the default kernel cannot serve this model's shapes) or
+**artifact** (anything else, and any path whose output is wrong). Per device (:func:`device_verdict`):
+
+- *verified*: a standard path works (the default, or the fallback kernel: the card says which);
+- *broken*: a path ran and computed something else than the measured model (garbage, NaN), or every path
+  failed and one of them for a reason that is not the host's or the default kernel's;
+- *not verified*: every path failed for reasons of the host or the default kernel alone.
+
+The report passes (:attr:`RunnabilityReport.passed`) when the reference ran, no device is broken and at
+least one is verified; the gate's stricter ``require_default_path`` also needs every device's default
+path. Each run is bounded by a timeout; a failure carries the library's own error and what to do.
 """
 
 from __future__ import annotations
@@ -30,6 +50,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from modelfactory.benchmark import plain_load
+from modelfactory.benchmark.kernels import choose_kernel
 from modelfactory.benchmark.layer_widths import (
     LayerWidths,
     fitting_group_sizes,
@@ -37,96 +58,198 @@ from modelfactory.benchmark.layer_widths import (
 )
 from modelfactory.core.devices import gpu_env
 from modelfactory.core.errors import SpecError
-from modelfactory.core.forkserver import ForkedProcess, fork_script
 from modelfactory.core.log import progress
 from modelfactory.core.records import Record
-from modelfactory.core.settings import get_settings
 
 PLAIN_LOAD_SCRIPT = Path(plain_load.__file__).resolve()
 Device = Literal["cpu", "cuda"]
-#: How a check's process started: a fresh ``python -I``, or forked from an isolated warm server.
-ProcessStart = Literal["fresh", "forked"]
+#: Whose fault a failed attempt is (:data:`KNOWN_FAILURES`).
+FailureKind = Literal["environment", "kernel", "artifact"]
+#: What the check concluded for one device (:func:`device_verdict`).
+DeviceStatus = Literal["verified", "not_verified", "broken"]
 #: Group sizes offered as fixes (larger first), as far as they divide the widths.
 FIX_GROUP_SIZES = (128, 64, 32, 16)
+#: The default tolerance of the teacher-forced comparison (``benchmark.runnability.min_top1_agreement_pct``).
+DEFAULT_MIN_TOP1_AGREEMENT_PCT = 90.0
+
+
+class RunnabilityReference(Record):
+    """The factory's own run of the artifact (the benchmark's device, dtype and kernel), which every plain
+    load is compared with: the prompt's tokens and the greedy continuation (``token_ids``) and the reference's
+    most likely token at each continuation position (``top1``)."""
+
+    ok: bool
+    device: str
+    dtype: str
+    kernel: str | None = None
+    prompt_len: int = 0
+    token_ids: tuple[int, ...] = ()
+    top1: tuple[int, ...] = ()
+    logits_finite: bool | None = None
+    text: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    failure_kind: FailureKind | None = None
+    explanation: str | None = None
+
+    def comparison(self) -> dict[str, Any]:
+        """What plain_load's ``--reference`` file holds."""
+        return {"token_ids": list(self.token_ids), "prompt_len": self.prompt_len, "top1": list(self.top1)}
 
 
 class RunnabilityResult(Record):
-    """One plain-transformers load + generate of an artifact on one device."""
+    """One plain-transformers load + generate + comparison of an artifact on one device, by one loading path."""
 
     device: Device
+    #: The loading path: ``None`` = the library's default kernel; else the GPTQModel backend passed.
+    backend: str | None = None
+    #: It loaded, generated, its logits are finite and it agrees with the reference within the tolerance.
     ok: bool
     #: The code that ran (the model card's "Load it" snippet, with the local folder as the model).
     snippet: str
-    #: Where it stopped: import | load | generate | done (or process: the process died / timed out).
+    #: Where it stopped: import | load | generate | compare | done (or process: the process died / timed out).
     stage: str
-    wall_s: float  # the whole process: interpreter start (fresh only), imports, load, generate
-    #: Forked from a server that had imported torch and transformers: ``import_s`` is then ~0.
-    process: ProcessStart = "fresh"
+    wall_s: float  # the whole process: interpreter start, imports, load, generate, comparison
     import_s: float | None = None
     load_s: float | None = None
     generate_s: float | None = None
     tokens: int = 0
     text: str | None = None
+    #: Teacher-forced against the reference: positions compared, % whose argmax agrees, all logits finite.
+    positions: int = 0
+    top1_agreement_pct: float | None = None
+    logits_finite: bool | None = None
     #: Class of a quantized linear the library picked (e.g. ``TorchAtenLinear``), ``dense`` if none.
     kernel: str | None = None
     device_name: str | None = None
     versions: dict[str, str | None] = Field(default_factory=dict)
     #: Factory modules found imported in the child (must be empty; non-empty fails the check).
     factory_modules: tuple[str, ...] = ()
+    failure_kind: FailureKind | None = None
     error_type: str | None = None
     error_message: str | None = None
     traceback_tail: str | None = None
     #: What went wrong and what to do, for people (None when ok).
     explanation: str | None = None
 
+    @property
+    def path(self) -> str:
+        """``default``, or the backend this attempt loaded with."""
+        return self.backend or "default"
+
     def entry(self) -> dict[str, Any]:
-        """What the manifest, the model card and the catalog show of this check:
-        ``{device, ok, load_s, generate_s, error, advice, snippet}`` (the snippet as it ran)."""
+        """What the manifest, the model card and the catalog show of this check (:func:`check_entry`)."""
         return check_entry(self.model_dump())
 
 
 def check_entry(data: Mapping[str, Any]) -> dict[str, Any]:
-    """One check as the manifest, the model card and the catalog show it:
-    ``{device, ok, load_s, generate_s, error, advice, snippet}``. *data*: a :class:`RunnabilityResult`
-    dumped to a dict, or an entry already in that form (``error_type``/``error_message`` fold into
-    ``error``, ``explanation`` into ``advice``)."""
+    """One check as the manifest, the model card and the catalog show it: ``{device, path, ok, kernel,
+    top1_agreement_pct, load_s, generate_s, error, advice, snippet}``. *data*: a :class:`RunnabilityResult`
+    dumped to a dict, or an entry already in that form (``error_type``/``error_message`` fold into ``error``,
+    ``explanation`` into ``advice``)."""
     error = data.get("error")
     if error is None and data.get("error_type"):
         error = f"{data['error_type']}: {data.get('error_message') or ''}".strip()
-    return {"device": data.get("device"), "ok": bool(data.get("ok")), "load_s": data.get("load_s"),
+    return {"device": data.get("device"), "path": data.get("path") or data.get("backend") or "default",
+            "ok": bool(data.get("ok")), "kernel": data.get("kernel"),
+            "top1_agreement_pct": data.get("top1_agreement_pct"), "load_s": data.get("load_s"),
             "generate_s": data.get("generate_s"), "error": error,
             "advice": data.get("advice") or data.get("explanation"), "snippet": data.get("snippet")}
 
 
+class DeviceVerdict(Record):
+    """The check's conclusion for one device (:func:`device_verdict`)."""
+
+    device: Device
+    status: DeviceStatus
+    #: The loading path verified (``default`` or a backend), when verified.
+    path: str | None = None
+    #: Whether the library's default path works on this device.
+    default_ok: bool
+    reason: str
+
+
+def device_verdict(device: Device, attempts: Sequence[RunnabilityResult]) -> DeviceVerdict:
+    """verified / broken / not verified, from the device's attempts (the module docstring says how)."""
+    default_ok = any(a.ok and a.backend is None for a in attempts)
+    wrong = [a for a in attempts if a.stage == "done" and not a.ok and a.failure_kind == "artifact"]
+    if wrong:
+        return DeviceVerdict(device=device, status="broken", default_ok=default_ok, reason=wrong[0].explanation or "")
+    working = next((a for a in attempts if a.ok), None)
+    failures = "; ".join(f"{a.path}: {a.explanation}" for a in attempts if not a.ok)
+    if working is not None:
+        compared = (f", top-1 {working.top1_agreement_pct:.1f} % of {working.positions}"
+                    if working.top1_agreement_pct is not None else ", not compared with a reference")
+        reason = f"{working.path} ({working.kernel}{compared})"
+        return DeviceVerdict(device=device, status="verified", path=working.path, default_ok=default_ok,
+                             reason=reason + (f"; {failures}" if failures else ""))
+    if any(a.failure_kind in ("artifact", None) for a in attempts if not a.ok):  # unclassified: the artifact's
+        return DeviceVerdict(device=device, status="broken", default_ok=False,
+                             reason=f"no standard loading path works on {device}: {failures}")
+    return DeviceVerdict(device=device, status="not_verified", default_ok=False,
+                         reason=f"not verified on {device}, for reasons of the host or the default kernel (not the "
+                                f"artifact's): {failures}")
+
+
 class RunnabilityReport(Record):
-    """The plain-load check on every device it ran on."""
+    """The reference, and the plain-load check on every device it ran on (every attempt)."""
 
     model_dir: str
+    reference: RunnabilityReference | None = None
+    min_top1_agreement_pct: float = DEFAULT_MIN_TOP1_AGREEMENT_PCT
     results: tuple[RunnabilityResult, ...]
 
     @property
+    def devices(self) -> tuple[DeviceVerdict, ...]:
+        order = list(dict.fromkeys(r.device for r in self.results))
+        return tuple(device_verdict(d, [r for r in self.results if r.device == d]) for d in order)
+
+    @property
     def passed(self) -> bool:
-        return bool(self.results) and all(r.ok for r in self.results)
+        """The reference ran, no device is broken and one at least is verified (the default policy)."""
+        verdicts = self.devices
+        return (self.reference is None or self.reference.ok) and bool(verdicts) and all(
+            v.status != "broken" for v in verdicts) and any(v.status == "verified" for v in verdicts)
+
+    @property
+    def default_path_works(self) -> bool:
+        """Every device's default loading path works (the gate's ``require_default_path``)."""
+        verdicts = self.devices
+        return self.passed and all(v.default_ok for v in verdicts)
+
+    @property
+    def environment_only(self) -> bool:
+        """Nothing was found wrong with the artifact, yet nothing could be verified: the host's doing."""
+        if self.reference is not None and not self.reference.ok:
+            return self.reference.failure_kind == "environment"
+        verdicts = self.devices
+        return bool(verdicts) and all(v.status == "not_verified" for v in verdicts)
 
     def failures(self) -> list[RunnabilityResult]:
         return [r for r in self.results if not r.ok]
 
     def summary(self) -> str:
-        if self.passed:
-            return "runs in plain transformers on " + ", ".join(
-                f"{r.device} ({r.kernel}, {r.tokens} tokens in {r.wall_s:.1f} s)" for r in self.results)
-        return "; ".join(f"does not run in plain transformers on {r.device}: {r.explanation}" for r in self.failures())
+        if self.reference is not None and not self.reference.ok:
+            return f"the factory's own run of the artifact failed: {self.reference.explanation}"
+        parts = [f"{v.device}: {v.status.replace('_', ' ')} ({v.reason})" for v in self.devices]
+        return "; ".join(parts) or "no device checked"
+
+    def verified_paths(self) -> dict[str, str]:
+        """Device -> the loading path verified there (``default`` or a backend)."""
+        return {v.device: v.path for v in self.devices if v.status == "verified" and v.path}
 
 
 def load_snippet(*, model: str, device: Device, revision: str | None = None,
-                 prompt: str = plain_load.DEFAULT_PROMPT, new_tokens: int = plain_load.DEFAULT_NEW_TOKENS) -> str:
+                 prompt: str = plain_load.DEFAULT_PROMPT, new_tokens: int = plain_load.DEFAULT_NEW_TOKENS,
+                 backend: str | None = None, bits: int | None = None) -> str:
     """The "Load it" snippet: the code :func:`check_runs_plainly` runs, for *model* (a folder or Hub repo id).
 
-    The model card embeds this with the published repo id (and *revision*); the check ran the
-    same text with the local folder (``RunnabilityResult.snippet``) and the same prompt and
-    token count.
+    The model card embeds this with the published repo id (and *revision*) and the path that was verified
+    (*backend*); the check ran the same text with the local folder (``RunnabilityResult.snippet``) and the same
+    prompt and token count.
     """
-    return plain_load.snippet(model=model, device=device, revision=revision, prompt=prompt, new_tokens=new_tokens)
+    return plain_load.snippet(model=model, device=device, revision=revision, prompt=prompt, new_tokens=new_tokens,
+                              backend=backend, bits=bits)
 
 
 # --------------------------------------------------------------------------- explanations
@@ -179,9 +302,8 @@ def _shape(m: re.Match, ctx: dict) -> str:
     text = (f"{cls}, the kernel GPTQModel picks by default {where}, needs every quantized layer's {side}put width "
             f"to be a multiple of {divisor}, and this model's {layers} are not. GPTQModel chooses the kernel for the "
             f"whole model from the quantization config alone and does not fall back; the group size does not change "
-            f"these widths. Users can load it with a kernel that takes them, e.g. from_pretrained(..., "
-            f"quantization_config=GPTQConfig(bits=4, backend=\"gptq_triton\")) (the factory's benchmark loads such "
-            f"widths with it)")
+            f"these widths. Users load it with another standard kernel that takes them (the snippet the check verified "
+            f"passes quantization_config=GPTQConfig(bits=..., backend=...))")
     if cls in KERNEL_GROUP_SIZES:
         avoid = [g for g in FIX_GROUP_SIZES if g not in KERNEL_GROUP_SIZES[cls]]
         text += (f"; or the model can be quantized with a group size {cls} does not take (it takes "
@@ -200,38 +322,66 @@ def _timeout(m: re.Match, ctx: dict) -> str:
 
 
 def _kernel_download(m: re.Match, ctx: dict) -> str:
-    return ("GPTQModel's Machete kernel (its default for GPTQ on Hopper GPUs) downloads the CUTLASS sources the "
-            "first time it is used, and this host could not reach the network: run the first load on a host with "
-            "network access and keep GPTQModel's cache (MODELFACTORY_CACHE_DIR), or load with another backend, "
-            "e.g. from_pretrained(dir, device_map='cuda', quantization_config=GPTQConfig(bits=4, backend='marlin'))")
+    return ("GPTQModel's Machete kernel (its default for GPTQ on Hopper GPUs) needs the CUTLASS v4.7.1 sources, "
+            "which it downloads the first time it is used, and this host could not reach the network (the host, "
+            "not the artifact): point GPTQMODEL_CUTLASS_DIR at a CUTLASS v4.7.1 checkout or run `modelfactory kernels "
+            "prepare` once on a host with network access and keep MODELFACTORY_CACHE_DIR (the worker image does "
+            "both), or load with another standard backend, as the verified snippet does")
 
 
-#: (pattern on "ErrorType: message" + the traceback tail, explainer). First match wins; unknown errors pass through.
-KNOWN_FAILURES: tuple[tuple[re.Pattern[str], Callable[[re.Match, dict], str]], ...] = (
-    (re.compile(r"expect K to be divisible by qGroupSize, got K:\s*(?P<k>\d+), qGroupSize:\s*(?P<g>\d+)"), _int4pack),
+def _toolchain(m: re.Match, ctx: dict) -> str:
+    return (f"a kernel could not be compiled on this host: its build toolchain is missing or failed ({m[0][:160]}); "
+            f"the host, not the artifact: install the CUDA toolkit / a C++ compiler (the worker image has them) or "
+            f"prebuild the kernels with `modelfactory kernels prepare`")
+
+
+def _killed(m: re.Match, ctx: dict) -> str:
+    return ("the process was killed (SIGKILL: the out-of-memory killer, most likely) while loading or generating: "
+            "the host, not the artifact; run the check where more memory is free")
+
+
+#: (pattern on "ErrorType: message" + the traceback tail, explainer, whose fault). First match wins; unknown
+#: errors pass through as the artifact's. ``environment``: the host could not run the check (network, toolchain,
+#: memory, time); ``kernel``: the library's default kernel cannot serve this model's shapes (another standard
+#: kernel may); ``artifact``: anything else.
+KNOWN_FAILURES: tuple[tuple[re.Pattern[str], Callable[[re.Match, dict], str], FailureKind], ...] = (
+    (re.compile(r"expect K to be divisible by qGroupSize, got K:\s*(?P<k>\d+), qGroupSize:\s*(?P<g>\d+)"), _int4pack,
+     "kernel"),
     (re.compile(r"(?P<cls>\w+Linear)\W*:\s*`?in_features`?:\s*(?P<k>\d+) must be divisible by `?group_size:\s*(?P<g>\d+)"),
-     _in_group),
+     _in_group, "kernel"),
     (re.compile(r"(?P<cls>\w+Linear)\W*:\s*`?(?P<side>in|out)_features`?:\s*(?P<width>\d+) must be divisible by "
-                r"\[(?P<div>[\d,\s]+)\]"), _shape),
-    (re.compile(r"(?i)OutOfMemoryError.*|CUDA out of memory.*|DefaultCPUAllocator: not enough memory.*"), _oom),
-    (re.compile(r"^Timeout\b"), _timeout),
-    (re.compile(r"(?s)_ensure_cutlass_source.*(URLError|urlopen|name resolution)"), _kernel_download),
+                r"\[(?P<div>[\d,\s]+)\]"), _shape, "kernel"),
+    (re.compile(r"(?i)OutOfMemoryError.*|CUDA out of memory.*|DefaultCPUAllocator: not enough memory.*"), _oom,
+     "environment"),
+    (re.compile(r"^Timeout\b"), _timeout, "environment"),
+    (re.compile(r"^ProcessDied: .*code -9\b"), _killed, "environment"),
+    (re.compile(r"(?s)^(?=.*(?:_ensure_cutlass_source|CUTLASS))"
+                r"(?=.*(?:URLError|urlopen|name resolution|GPTQMODEL_OFFLINE|Network is unreachable))"),
+     _kernel_download, "environment"),
+    (re.compile(r"(?i)(nvcc[^\n]{0,40}not found|No such file or directory: '(nvcc|c\+\+|g\+\+|gcc|ninja)'|"
+                r"Ninja is required|CUDA_HOME environment variable is not set|error: command '[^']*' failed)"),
+     _toolchain, "environment"),
 )
 
 
-def explain_failure(*, error_type: str | None, message: str | None, device: str, widths: LayerWidths | None = None,
-                    kernel: str | None = None, stage: str = "load", timeout_s: float = 0.0,
-                    traceback_tail: str | None = None) -> str:
-    """What failed and what to do, from the library's error (and where it was raised: the traceback
-    tail): known patterns get advice, others pass through."""
+def classify_failure(*, error_type: str | None, message: str | None, device: str,
+                     widths: LayerWidths | None = None, kernel: str | None = None, stage: str = "load",
+                     timeout_s: float = 0.0, traceback_tail: str | None = None) -> tuple[FailureKind, str]:
+    """Whose fault a failure is and what to do, from the library's error (and where it was raised: the
+    traceback tail): known patterns get their kind and advice; others are the artifact's and pass through."""
     error = f"{error_type or 'Error'}: {message or '(no message)'}"
     ctx = {"device": device, "widths": widths, "kernel": kernel, "stage": stage, "timeout_s": timeout_s}
-    for pattern, explain in KNOWN_FAILURES:
+    for pattern, explain, kind in KNOWN_FAILURES:
         match = pattern.search(error) or (pattern.search(f"{traceback_tail}\n{error}") if traceback_tail else None)
         if match:
-            return f"{explain(match, ctx)}. Library error at {stage}: {_first_line(error)}"
-    return (f"plain transformers failed at {stage} on {device} with {_first_line(error)} "
-            f"(not a known pattern: see the library's message and the traceback tail)")
+            return kind, f"{explain(match, ctx)}. Library error at {stage}: {_first_line(error)}"
+    return "artifact", (f"plain transformers failed at {stage} on {device} with {_first_line(error)} "
+                        f"(not a known pattern: see the library's message and the traceback tail)")
+
+
+def explain_failure(**failure) -> str:
+    """What failed and what to do (:func:`classify_failure`'s text)."""
+    return classify_failure(**failure)[1]
 
 
 def _first_line(text: str) -> str:
@@ -239,7 +389,74 @@ def _first_line(text: str) -> str:
     return line if len(line) <= 400 else line[:400] + "..."
 
 
-# --------------------------------------------------------------------------- the check
+# --------------------------------------------------------------------------- the reference
+def measure_reference(*, model_path: str, spec: dict, prompt: str, check_tokens: int) -> RunnabilityReference:
+    """Process body: the artifact as the benchmark loads it (:func:`modelfactory.benchmark.sides.load_side`)
+    generates *check_tokens* greedy tokens after *prompt*, then scores the whole sequence teacher-forced
+    (``top1`` at each continuation position, finite logits). Never raises for an artifact that fails."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from modelfactory.benchmark.kernels import quantized_kernel_name
+    from modelfactory.benchmark.sides import load_side
+    from modelfactory.core.devices import apply_memory_cap, resolve_device, resolve_dtype
+    from modelfactory.core.specs import BenchmarkSpec
+
+    bspec = BenchmarkSpec.model_validate(spec)
+    device = resolve_device(bspec.device)
+    apply_memory_cap(device)
+    if device == "cpu":
+        torch._dynamo.config.disable = True  # as the benchmark's CPU side (modelfactory.benchmark.sides)
+    dtype = resolve_dtype(bspec.dtype, device)
+    fields: dict[str, Any] = {"device": device, "dtype": dtype}
+    stage = "load"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model, _ = load_side(model_path, side="gptq", spec=bspec, device=device, dtype=getattr(torch, dtype))
+        fields["kernel"] = quantized_kernel_name(model)
+        stage = "generate"
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=check_tokens,
+                                 min_new_tokens=check_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            logits = model(input_ids=out).logits[0, ids.shape[1] - 1 : -1].float()
+        fields.update(prompt_len=ids.shape[1], token_ids=tuple(out[0].tolist()), top1=tuple(logits.argmax(-1).tolist()),
+                      logits_finite=bool(torch.isfinite(logits).all()),
+                      text=tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    except Exception as exc:  # the artifact (or the host) failed: described, classified, never raised
+        import traceback
+
+        kind, explanation = classify_failure(error_type=type(exc).__name__, message=str(exc)[:4000], device=device,
+                                             kernel=fields.get("kernel"), stage=stage,
+                                             traceback_tail=traceback.format_exc()[-6000:])
+        return RunnabilityReference(ok=False, error_type=type(exc).__name__, error_message=str(exc)[:4000],
+                                    failure_kind=kind, explanation=f"the benchmark's own loading path failed: "
+                                                                   f"{explanation}", **fields)
+    if not fields["logits_finite"]:
+        return RunnabilityReference(ok=False, failure_kind="artifact", error_type="NonFiniteLogits",
+                                    error_message="NaN or infinite logits", explanation=(
+                                        f"the artifact's logits are not finite (NaN or inf) on {device} with the "
+                                        f"benchmark's kernel {fields['kernel']}: its weights or scales are broken"),
+                                    **fields)
+    return RunnabilityReference(ok=True, **fields)
+
+
+# --------------------------------------------------------------------------- plain transformers
+def fallback_backend(model_dir: Path, *, device: Device) -> tuple[str, int] | None:
+    """Another standard GPTQModel kernel for *device*, when the library's default loading path fails there:
+    ``(backend, bits)`` (Marlin, or Triton for widths Marlin cannot tile, on CUDA; the portable torch kernel
+    on CPU), or ``None`` for a model that is not a GPTQ checkpoint."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+        qcfg = config["quantization_config"]
+        widths = layer_widths_from_config(config).in_features
+    except (OSError, ValueError, KeyError, TypeError, SpecError):
+        return None
+    backend = choose_kernel("auto", device=device, group_size=qcfg.get("group_size", -1), in_features=list(widths))
+    return (backend if backend != "auto" else "gptq_torch"), int(qcfg["bits"])
+
+
 def _widths(model_dir: Path) -> LayerWidths | None:
     try:
         return layer_widths_from_config(json.loads((model_dir / "config.json").read_text()))
@@ -275,26 +492,28 @@ def resolve_devices(devices: Sequence[str] | Literal["auto"]) -> tuple[Device, .
 
 
 def run_plain_load(*, model_dir: Path, device: Device, timeout_s: float, new_tokens: int, prompt: str,
+                   reference: RunnabilityReference | None = None, backend: str | None = None, bits: int | None = None,
+                   min_top1_agreement_pct: float = DEFAULT_MIN_TOP1_AGREEMENT_PCT,
                    log_path: Path | None = None) -> RunnabilityResult:
-    """One ``python -I plain_load.py`` process on *device* (on CPU forked from a warm isolated server where
-    one runs, else fresh); never raises for a failed load."""
+    """One fresh ``python -I plain_load.py`` process on *device*; never raises for a failed load."""
     # The factory's kernel caches (a first CUDA load compiles for minutes), but not its worker count: a user sets none.
     caches = {k: v for k, v in gpu_env().items() if k != "GPTQMODEL_CPU_WORKERS"}
     env = {**os.environ, **caches, "PYTHONUNBUFFERED": "1"}
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # as on a machine without a GPU
-    cmd = [sys.executable, "-I", str(PLAIN_LOAD_SCRIPT), str(model_dir), "--device", device,
-           "--new-tokens", str(new_tokens), "--prompt", prompt]
-    snippet = plain_load.snippet(model=str(model_dir), device=device, prompt=prompt, new_tokens=new_tokens)
-    start = time.perf_counter()
+    snippet = plain_load.snippet(model=str(model_dir), device=device, prompt=prompt, new_tokens=new_tokens,
+                                 backend=backend, bits=bits)
     with tempfile.TemporaryDirectory(prefix="mf-plain-load-") as cwd:  # libraries write ./logs and the like
-        # CUDA is hidden on CPU, so nothing initialises it in the server: forking is safe on any host.
-        proc = fork_script(script=PLAIN_LOAD_SCRIPT, args=cmd[3:], env=env, cwd=Path(cwd)) if (
-            device == "cpu" and get_settings().fork_server) else None
-        process: ProcessStart = "fresh" if proc is None else "forked"
-        if proc is None:
-            proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    errors="replace", start_new_session=True)
+        cmd = [sys.executable, "-I", str(PLAIN_LOAD_SCRIPT), str(model_dir), "--device", device,
+               "--new-tokens", str(new_tokens), "--prompt", prompt]
+        if backend is not None:
+            cmd += ["--backend", backend, "--bits", str(bits)]
+        if reference is not None:
+            (Path(cwd) / "reference.json").write_text(json.dumps(reference.comparison()))
+            cmd += ["--reference", str(Path(cwd) / "reference.json")]
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                errors="replace", start_new_session=True)
         timed_out = False
         try:
             stdout, stderr = proc.communicate(timeout=timeout_s)
@@ -306,12 +525,11 @@ def run_plain_load(*, model_dir: Path, device: Device, timeout_s: float, new_tok
             _kill_session(proc)
             proc.communicate()
             raise
-    wall_s = time.perf_counter() - start
+        wall_s = time.perf_counter() - start
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "a", encoding="utf-8") as log:
-            log.write(f"# the snippet that ran:\n{snippet}$ {' '.join(cmd)}{'  # forked' if process == 'forked' else ''}\n"
-                      f"{stdout}{stderr}\n"
+            log.write(f"# the snippet that ran:\n{snippet}$ {' '.join(cmd)}\n{stdout}{stderr}\n"
                       f"[exit {proc.returncode}, {wall_s:.1f} s]\n")
     if timed_out:
         data = {"ok": False, "stage": "process", "error_type": "Timeout",
@@ -321,12 +539,11 @@ def run_plain_load(*, model_dir: Path, device: Device, timeout_s: float, new_tok
                                   "error_message": f"plain_load exited with code {proc.returncode} without a result",
                                   "traceback_tail": "\n".join((stdout + stderr).strip().splitlines()[-15:])}
     return result_from_child(data, device=device, snippet=snippet, wall_s=wall_s, widths=_widths(model_dir),
-                             timeout_s=timeout_s, process=process)
+                             timeout_s=timeout_s, backend=backend, min_top1_agreement_pct=min_top1_agreement_pct)
 
 
-def _kill_session(proc: subprocess.Popen | ForkedProcess) -> None:
-    """Kill the child and whatever it started (it runs in a session of its own; a forked one may be killed
-    before it made its session, hence the child itself too)."""
+def _kill_session(proc: subprocess.Popen) -> None:
+    """Kill the child and whatever it started (it runs in a session of its own)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -335,51 +552,86 @@ def _kill_session(proc: subprocess.Popen | ForkedProcess) -> None:
 
 
 def result_from_child(data: dict, *, device: Device, snippet: str, wall_s: float, widths: LayerWidths | None = None,
-                      timeout_s: float = 0.0, process: ProcessStart = "fresh") -> RunnabilityResult:
-    """The :class:`RunnabilityResult` for plain_load's JSON *data*, with the explanation of a failure.
+                      timeout_s: float = 0.0, backend: str | None = None,
+                      min_top1_agreement_pct: float = DEFAULT_MIN_TOP1_AGREEMENT_PCT) -> RunnabilityResult:
+    """The :class:`RunnabilityResult` for plain_load's JSON *data*: judged against the reference (finite logits,
+    top-1 agreement at least *min_top1_agreement_pct*), with the failure's kind and explanation.
 
     A run that imported factory code is void (it did not test what a user runs) and fails.
     """
     fields = {k: data.get(k) for k in ("import_s", "load_s", "generate_s", "text", "kernel", "device_name",
-                                        "error_type", "error_message", "traceback_tail")}
+                                        "error_type", "error_message", "traceback_tail", "logits_finite")}
     factory_modules = tuple(data.get("factory_modules") or ())
     stage = data.get("stage") or "process"
+    positions = int(data.get("positions") or 0)
+    agreement = 100.0 * int(data.get("top1_agree") or 0) / positions if positions else None
     ok = bool(data.get("ok"))
+    kind: FailureKind | None = None
     explanation = None
     if ok and factory_modules:
-        ok = False
+        ok, kind = False, "environment"
         fields.update(error_type="FactoryImport",
                       error_message=f"factory modules were imported in the plain-load process: {', '.join(factory_modules)}")
         explanation = (f"the check is void: {fields['error_message']}; it must run without factory code "
                        f"(a library or a site hook imported it)")
-    elif not ok and fields["error_type"] == "ProcessDied":
-        explanation = (f"{fields['error_message']} (killed: out of memory, or a crash in native code); "
-                       f"last output:\n{fields['traceback_tail']}")
+    elif ok and fields["logits_finite"] is False:
+        ok, kind = False, "artifact"
+        explanation = (f"loaded and generated on {device} ({fields['kernel']}), but its logits are not finite (NaN or "
+                       f"inf): the artifact computes garbage there")
+    elif ok and agreement is not None and agreement < min_top1_agreement_pct:
+        ok, kind = False, "artifact"
+        explanation = (f"loaded and generated on {device} ({fields['kernel']}), but computes something else than the "
+                       f"model the factory measured: teacher-forced top-1 agreement {agreement:.1f} % of {positions} "
+                       f"positions < {min_top1_agreement_pct:g} % (generated {fields['text']!r})")
+    elif not ok and fields["error_type"] == "ProcessDied" and " code -9 " not in (fields["error_message"] or ""):
+        kind = "artifact"
+        explanation = (f"{fields['error_message']} (a crash in native code, most likely); last output:\n"
+                       f"{fields['traceback_tail']}")
     elif not ok:
-        explanation = explain_failure(error_type=fields["error_type"], message=fields["error_message"], device=device,
-                                      widths=widths, kernel=fields["kernel"], stage=stage, timeout_s=timeout_s,
-                                      traceback_tail=fields.get("traceback_tail"))
-    return RunnabilityResult(device=device, ok=ok, snippet=snippet, stage=stage, wall_s=wall_s, process=process,
+        kind, explanation = classify_failure(error_type=fields["error_type"], message=fields["error_message"],
+                                             device=device, widths=widths, kernel=fields["kernel"], stage=stage,
+                                             timeout_s=timeout_s, traceback_tail=fields.get("traceback_tail"))
+    return RunnabilityResult(device=device, backend=backend, ok=ok, snippet=snippet, stage=stage, wall_s=wall_s,
                              tokens=int(data.get("tokens") or 0), versions=data.get("versions") or {},
-                             factory_modules=factory_modules, explanation=explanation, **fields)
+                             positions=positions, top1_agreement_pct=agreement, factory_modules=factory_modules,
+                             failure_kind=kind, explanation=explanation, **fields)
 
 
 def check_runs_plainly(*, model_dir: str | Path, devices: Sequence[str] | Literal["auto"] = "auto",
                        timeout_s: float = 600.0, new_tokens: int = plain_load.DEFAULT_NEW_TOKENS,
-                       prompt: str = plain_load.DEFAULT_PROMPT, log_path: Path | None = None) -> RunnabilityReport:
-    """Load *model_dir* with plain ``transformers`` and generate *new_tokens* greedy tokens, on each device.
+                       prompt: str = plain_load.DEFAULT_PROMPT, reference: RunnabilityReference | None = None,
+                       min_top1_agreement_pct: float = DEFAULT_MIN_TOP1_AGREEMENT_PCT,
+                       log_path: Path | None = None) -> RunnabilityReport:
+    """Load *model_dir* with plain ``transformers``, generate *new_tokens* greedy tokens and compare with
+    *reference*, on each device; where the default loading path fails with an error, once more with
+    :func:`fallback_backend`'s kernel.
 
-    Each device runs in its own process bounded by *timeout_s* (a first CUDA load may
-    compile GPTQModel kernels for minutes). Never raises for an artifact that fails to run: the
-    report says why, and the gate decides.
+    Each attempt runs in its own process bounded by *timeout_s* (a first CUDA load may compile GPTQModel
+    kernels for minutes). Never raises for an artifact that fails to run: the report says why, and the gate
+    decides.
     """
     model_dir = Path(model_dir).resolve()
     results = []
     for device in resolve_devices(devices):
         progress(f"runnability: loading {model_dir.name} with plain transformers on {device}")
-        result = run_plain_load(model_dir=model_dir, device=device, timeout_s=timeout_s, new_tokens=new_tokens,
-                                prompt=prompt, log_path=log_path)
-        progress(f"runnability: {device}: " + (f"ok ({result.kernel}, {result.tokens} tokens, {result.wall_s:.1f} s)"
-                                               if result.ok else f"FAILED: {result.explanation}"))
+        attempt = dict(model_dir=model_dir, device=device, timeout_s=timeout_s, new_tokens=new_tokens, prompt=prompt,
+                       reference=reference, min_top1_agreement_pct=min_top1_agreement_pct, log_path=log_path)
+        result = run_plain_load(**attempt)
+        progress(f"runnability: {device}: {_outcome(result)}")
         results.append(result)
-    return RunnabilityReport(model_dir=str(model_dir), results=tuple(results))
+        fallback = fallback_backend(model_dir, device=device)
+        if not result.ok and result.stage != "done" and fallback is not None:
+            backend, bits = fallback
+            progress(f"runnability: {device}: the default loading path failed; checking {backend} instead")
+            result = run_plain_load(**attempt, backend=backend, bits=bits)
+            progress(f"runnability: {device} ({backend}): {_outcome(result)}")
+            results.append(result)
+    return RunnabilityReport(model_dir=str(model_dir), reference=reference, results=tuple(results),
+                             min_top1_agreement_pct=min_top1_agreement_pct)
+
+
+def _outcome(result: RunnabilityResult) -> str:
+    if result.ok:
+        agreement = f", top-1 {result.top1_agreement_pct:.1f} %" if result.top1_agreement_pct is not None else ""
+        return f"ok ({result.kernel}, {result.tokens} tokens{agreement}, {result.wall_s:.1f} s)"
+    return f"FAILED ({result.failure_kind}): {result.explanation}"

@@ -72,6 +72,12 @@ class BenchmarkError(ModelFactoryError):
     kind = "benchmark"
 
 
+class HostCheckError(BenchmarkError):
+    """A check could not run on this host for reasons of the host (no network for a kernel's sources, a missing
+    toolchain, out of memory, a timeout): the artifact was not found broken, it was not verified here."""
+
+    kind = "host"
+
 class PublishError(ModelFactoryError):
     """Publishing an artifact failed."""
 

@@ -297,12 +297,22 @@ class TaskEvalSpec(Spec):
 
 class RunnabilitySpec(Spec):
     """After quantization: load the artifact with plain transformers (default settings) and generate, in a
-    ``python -I`` process that imports no factory code (``modelfactory.benchmark.runnability``)."""
+    ``python -I`` process that imports no factory code, and check that it computes what the benchmark's own
+    loading path computes (``modelfactory.benchmark.runnability``; docs/runnability.md)."""
 
     enabled: bool = Field(default=True, description="Check that the artifact runs in plain transformers.")
     devices: Literal["auto"] | tuple[Literal["cpu", "cuda"], ...] = Field(
         default="auto", description="auto: CPU always, plus CUDA when a GPU is visible.")
-    new_tokens: int = Field(default=4, ge=1, le=256, description="Greedy tokens to generate.")
+    new_tokens: int = Field(default=4, ge=1, le=256, description="Greedy tokens the user's snippet generates.")
+    check_tokens: int = Field(
+        default=48, ge=8, le=1024,
+        description="Greedy tokens of the factory's reference continuation, scored teacher-forced by every plain "
+        "load (its argmax at each position against the reference's).")
+    min_top1_agreement_pct: float = Field(
+        default=90.0, ge=0, le=100,
+        description="A plain load works when its teacher-forced argmax agrees with the reference's on at least this "
+        "share of the positions (and its logits are finite): kernels and dtypes differ in the last bits, so a "
+        "near-tie may flip; garbage agrees on few.")
     timeout_s: float = Field(default=600.0, gt=0, le=7200,
                              description="Per device (a first CUDA load may compile kernels for minutes).")
 
@@ -342,8 +352,34 @@ class BenchmarkSpec(Spec):
 
 
 # --------------------------------------------------------------------------- gate / publish
+#: Which thresholds fill the ones a spec leaves unset: the default gate, or none.
+GatePreset = Literal["default", "none"]
+
+#: The default gate: what a spec without thresholds is held to (``gate.preset: default``). It rejects a
+#: collapsed quantization and passes a healthy 4-bit one; it checks nothing a host changes (no speed, no
+#: memory). The numbers and where they come from: docs/runnability.md "The default gate" (measured on
+#: SmolLM2-135M, the hardest case a 4-bit build of a real model is: the smaller the model, the more 4 bits
+#: cost; bench/results/smollm2-135m-default-gate-cpu.json).
+DEFAULT_GATE: dict[str, float] = {
+    "max_ppl_increase_pct": 100.0,
+    "max_kld_mean": 0.5,
+    "min_top1_agreement_pct": 60.0,
+}
+#: The default gate's thresholds that need ``benchmark.agreement`` (KL and top-1): not filled in when it is off.
+AGREEMENT_THRESHOLDS = ("max_kld_mean", "max_kld_p99", "min_top1_agreement_pct")
+
+
 class GateSpec(Spec):
-    """Per-metric thresholds; an unset threshold is not checked."""
+    """Per-metric thresholds. A threshold left unset takes the preset's value (``preset: default``: the default
+    gate, :data:`DEFAULT_GATE`), or is not checked (``preset: none``); :meth:`in_effect` resolves them."""
+
+    preset: GatePreset = Field(
+        default="default",
+        description="default: every threshold not set here takes the default gate's value (max_ppl_increase_pct "
+        f"{DEFAULT_GATE['max_ppl_increase_pct']:g}, max_kld_mean {DEFAULT_GATE['max_kld_mean']:g}, "
+        f"min_top1_agreement_pct {DEFAULT_GATE['min_top1_agreement_pct']:g}, plus require_runnable: rejects a "
+        "collapsed quantization, passes a healthy 4-bit one; docs/runnability.md). none: only the thresholds set "
+        "here are checked.")
 
     max_ppl_increase_pct: float | None = Field(
         default=None, ge=0, description="Max perplexity increase of GPTQ over fp16, in percent."
@@ -373,9 +409,33 @@ class GateSpec(Spec):
     )
     require_runnable: bool = Field(
         default=True,
-        description="Fail when the artifact does not load and generate in plain transformers "
-        "(benchmark.runnability; not checked when that is disabled).",
+        description="Fail when the artifact does not run correctly in plain transformers on a device it was checked "
+        "on: no standard loading path works there, or one computes something else than the measured model "
+        "(benchmark.runnability; not checked when that is disabled). A host that cannot run the check (offline, no "
+        "toolchain) does not fail it when another standard kernel ran there.",
     )
+    require_default_path: bool = Field(
+        default=False,
+        description="Stricter: the library's default loading path (plain from_pretrained, no backend) must work on "
+        "every device checked, whatever the reason it does not (e.g. GPTQModel's Hopper kernel needs network "
+        "access at first use).",
+    )
+
+    def in_effect(self, *, agreement: bool = True) -> GateSpec:
+        """The thresholds this gate checks: the ones set here, the rest from the preset (with *agreement* off,
+        the preset's KL and top-1 thresholds are not filled in: nothing would measure them). ``preset`` of the
+        result is ``none``: it is explicit."""
+        filled = {} if self.preset == "none" else {
+            field: value for field, value in DEFAULT_GATE.items()
+            if getattr(self, field) is None and (agreement or field not in AGREEMENT_THRESHOLDS)}
+        return self.model_copy(update={**filled, "preset": "none"})
+
+    def describe(self) -> str:
+        """One line naming every check in effect (a run prints it)."""
+        values = self.model_dump(exclude={"preset"}, exclude_none=True)
+        checks = [f"{name}={value}" for name, value in values.items() if not isinstance(value, bool)]
+        checks += [name for name, value in values.items() if value is True]
+        return ", ".join(checks) or "nothing"
 
     @field_validator("min_decode_speedup_by_batch")
     @classmethod
@@ -434,13 +494,17 @@ class FactorySpec(Spec):
     publish: PublishSpec = Field(default_factory=PublishSpec)
     trust_remote_code: bool = Field(default=False, description="Allow models that ship Python code.")
 
+    def gate_in_effect(self) -> GateSpec:
+        """The gate this run is held to: the spec's thresholds, the rest from its preset, the KL and top-1 ones
+        only where ``benchmark.agreement`` measures them (:meth:`GateSpec.in_effect`)."""
+        return self.gate.in_effect(agreement=self.benchmark.agreement.enabled)
+
     @model_validator(mode="after")
     def _gate_measures_what_it_checks(self) -> FactorySpec:
         """A threshold whose metric this spec never measures is a mistake to catch before any heavy work."""
         gate, bench = self.gate, self.benchmark
         if not bench.agreement.enabled:
-            unmeasured = [f for f in ("max_kld_mean", "max_kld_p99", "min_top1_agreement_pct")
-                          if getattr(gate, f) is not None]
+            unmeasured = [f for f in AGREEMENT_THRESHOLDS if getattr(gate, f) is not None]
             if unmeasured:
                 raise ValueError(f"gate.{', gate.'.join(unmeasured)} set but benchmark.agreement.enabled is false: "
                                  "enable the agreement measurement or drop the threshold")

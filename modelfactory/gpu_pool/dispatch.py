@@ -10,7 +10,7 @@ from modelfactory.core.errors import ERRORS_BY_NAME, GpuStageError, ModelFactory
 from modelfactory.core.log import get_logger
 from modelfactory.core.records import BaselineResult, ModelArtifact, Record
 from modelfactory.core.settings import get_settings
-from modelfactory.core.specs import BenchmarkSpec, QuantSpec
+from modelfactory.core.specs import BenchmarkSpec, GateSpec, QuantSpec
 from modelfactory.gpu_pool.outcome import (
     GPU_POOL,
     GpuStageOutcome,
@@ -81,13 +81,14 @@ def _seconds(start: datetime | None, end: datetime | None) -> float | None:
 
 def dispatch_gpu_stage(*, deployment: str, model: ModelArtifact, quantize: QuantSpec | None, benchmark: BenchmarkSpec,
                        run_id: str, baseline: BaselineResult | None = None, timeout_s: float | None = None,
-                       poll_s: float = 2.0) -> GpuStageRun:
+                       poll_s: float = 2.0, gate: GateSpec | None = None) -> GpuStageRun:
     """Run the GPU stage as a flow run of *deployment* and wait for it (a subflow of the caller).
 
     The stage's modes (``flows/gpu_stage.py``): quantize + benchmark (the plain factory); with
     *baseline*, quantize + the GPTQ side against that shared fp16 measurement (a sweep member);
     with *quantize* ``None``, the fp16 side only (a sweep's baseline). *run_id* names the run (or
-    sweep) the stage belongs to: its tag and idempotency key.
+    sweep) the stage belongs to: its tag and idempotency key. *gate*: the gate in effect, so that the stage
+    stops after a failed runnability check it requires, before the benchmark.
     Returns when the run is final or *timeout_s* passed (then the run is cancelled).
     """
     from prefect.client.orchestration import get_client
@@ -102,6 +103,8 @@ def dispatch_gpu_stage(*, deployment: str, model: ModelArtifact, quantize: Quant
                   "benchmark": benchmark.model_dump(mode="json")}
     if baseline is not None:  # only then: a gpu-stage deployment of an older checkout keeps working
         parameters["baseline"] = baseline.model_dump(mode="json")
+    if gate is not None:
+        parameters["gate"] = gate.model_dump(mode="json")
     what = ("the fp16 baseline" if quantize is None
             else "quantize + benchmark against the shared fp16 baseline" if baseline is not None
             else "quantize + benchmark")

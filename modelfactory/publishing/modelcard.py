@@ -202,25 +202,38 @@ def card_metadata(manifest: Mapping[str, Any], *, model_name: str | None = None)
 DEVICE_NAMES = {"cpu": "CPU", "cuda": "a CUDA GPU"}
 
 
+def _path_label(entry: Mapping[str, Any]) -> str:
+    path = entry.get("path") or "default"
+    return "the default loading path" if path == "default" else f"GPTQModel's `{path}` kernel"
+
+
 def _checked(entry: Mapping[str, Any]) -> str:
     device = DEVICE_NAMES.get(entry.get("device"), str(entry.get("device")))
     if entry.get("ok"):
         timing = ", ".join(f"{what} in {entry[key]:.1f} s" for what, key in (("loaded", "load_s"),
                                                                                 ("generated", "generate_s"))
                            if isinstance(entry.get(key), (int, float)))
-        return f"On {device} — checked: loads and generates{f' ({timing})' if timing else ''}."
+        agreement = entry.get("top1_agreement_pct")
+        computes = (f"; computes what was measured: its most likely next token is the benchmark kernel's at "
+                    f"{agreement:.1f} % of the checked positions" if isinstance(agreement, (int, float)) else "")
+        kernel = f" (`{entry['kernel']}`)" if entry.get("kernel") else ""
+        return (f"On {device} — verified with {_path_label(entry)}{kernel}: loads and generates"
+                f"{f' ({timing})' if timing else ''}{computes}.")
     advice = f" {entry['advice']}" if entry.get("advice") else ""
-    return f"On {device} — **did not run** when checked: `{entry.get('error') or 'failed'}`.{advice}"
+    return (f"On {device} — {_path_label(entry)} **did not work** when checked: "
+            f"`{entry.get('error') or 'wrong output'}`.{advice}")
 
 
 def _load_section(manifest: Mapping[str, Any], repo_id: str, revision: str) -> str:
     checked = [e for e in manifest.get("runnability") or [] if e.get("snippet")]
     if checked:
-        blocks = [f"{_checked(e)}\n\n```python\n{retarget_snippet(e['snippet'], model=repo_id, revision=revision).rstrip()}\n```"
+        # Per device: what failed first (the default path, with why), then the code that was verified.
+        blocks = [_checked(e) if not e.get("ok") else
+                  f"{_checked(e)}\n\n```python\n{retarget_snippet(e['snippet'], model=repo_id, revision=revision).rstrip()}\n```"
                   for e in checked]
         transformers = ("transformers (needs `gptqmodel` installed for the GPTQ kernels). This is the code "
                         "modelfactory ran on these files before publishing them — a fresh Python process with "
-                        "no factory code, default settings:\n\n" + "\n\n".join(blocks))
+                        "no factory code — and what it found on each device class:\n\n" + "\n\n".join(blocks))
     else:
         transformers = f"""transformers (needs `gptqmodel` installed for the GPTQ kernels):
 
@@ -333,12 +346,29 @@ def _metrics_section(manifest: Mapping[str, Any]) -> str:
     lines = ["## Benchmark vs FP16", "",
              f"Measured by modelfactory's one harness, each side in a fresh process: fp16 on "
              f"{a.get('device', 'n/a')} ({a.get('dtype', 'n/a')}), GPTQ on {b.get('device', 'n/a')} "
-             f"(kernel `{b.get('kernel', 'n/a')}`)."
+             f"(kernel `{b.get('kernel', 'n/a')}`: every GPTQ number below is from that kernel"
+             f"{_kld_method(manifest)})." + _kernels_users_get(manifest, b.get("kernel"))
              + (" Task scores are lm-evaluation-harness's (its prompts and scoring, ± its standard error); "
                 "recovery is the GPTQ score as a share of fp16's." if task_names(values) else ""), "",
              "| metric | fp16 | GPTQ | GPTQ vs fp16 |", "| --- | --- | --- | --- |"]
     lines += [f"| {m} | {x} | {y} | {z} |" for m, x, y, z in rows]
     return "\n".join(lines) + "\n"
+
+
+def _kld_method(manifest: Mapping[str, Any]) -> str:
+    method = (manifest.get("agreement") or {}).get("kld_method")
+    return {"exact": "; the KL divergence is exact, over the full vocabulary",
+            "topk_lower_bound": "; the KL divergence is a top-k lower bound"}.get(method, "")
+
+
+def _kernels_users_get(manifest: Mapping[str, Any], measured: str | None) -> str:
+    """Where a plain load gets another kernel than the measured one: how closely it computes the same."""
+    others = [e for e in manifest.get("runnability") or []
+              if e.get("ok") and e.get("kernel") and e.get("kernel") != measured
+              and isinstance(e.get("top1_agreement_pct"), (int, float))]
+    return "".join(f" On {DEVICE_NAMES.get(e['device'], e['device'])}, {_path_label(e)} gets `{e['kernel']}`: its "
+                   f"most likely next token is the measured kernel's at {e['top1_agreement_pct']:.1f} % of the "
+                   f"checked positions." for e in others)
 
 
 def _quant_section(manifest: Mapping[str, Any]) -> str:

@@ -116,15 +116,29 @@ def run(
     seq_len: Annotated[Optional[int], typer.Option(help="Calibration sequence length.")] = None,
     ppl_max_tokens: Annotated[Optional[int], typer.Option(help="Perplexity token budget.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
+    task: Annotated[Optional[list[str]], typer.Option(help="lm-eval task to evaluate (repeatable), e.g. piqa_local.")] = None,
+    gate_preset: Annotated[Optional[str], typer.Option(
+        help="Gate: 'default' (unset thresholds take the default gate's: docs/runnability.md) or 'none'.")] = None,
     max_ppl_increase_pct: Annotated[Optional[float], typer.Option(help="Gate: max perplexity increase %.")] = None,
-    min_decode_speedup: Annotated[Optional[float], typer.Option(help="Gate: min decode speed-up.")] = None,
+    max_kld_mean: Annotated[Optional[float], typer.Option(help="Gate: max mean KL(fp16||GPTQ), nats.")] = None,
+    max_kld_p99: Annotated[Optional[float], typer.Option(help="Gate: max p99 KL(fp16||GPTQ), nats.")] = None,
+    min_top1_agreement_pct: Annotated[Optional[float], typer.Option(help="Gate: min top-1 agreement %.")] = None,
+    min_task_recovery_pct: Annotated[Optional[float], typer.Option(help="Gate: min task score recovery % (with --task).")] = None,
+    min_decode_speedup: Annotated[Optional[float], typer.Option(help="Gate: min decode speed-up at batch 1.")] = None,
+    min_decode_speedup_at: Annotated[Optional[list[str]], typer.Option(
+        help="Gate: min decode speed-up at a batch size, 'BATCH=X' (repeatable), e.g. 8=1.3.")] = None,
     max_size_ratio: Annotated[Optional[float], typer.Option(help="Gate: max disk size ratio.")] = None,
     max_memory_ratio: Annotated[Optional[float], typer.Option(help="Gate: max memory ratio.")] = None,
+    require_runnable: Annotated[Optional[bool], typer.Option(
+        "--require-runnable/--no-require-runnable", help="Gate: runs correctly in plain transformers.")] = None,
+    require_default_path: Annotated[Optional[bool], typer.Option(
+        "--require-default-path/--no-require-default-path",
+        help="Gate: the library's default loading path works on every device checked.")] = None,
     destination: Annotated[Optional[str], typer.Option(help="Where to publish: file://folder, s3://bucket/prefix or hf://owner/repo.")] = None,
     format: RunFormat = Format.table,
 ) -> None:
     """Run the factory on a spec file and/or flags."""
-    from modelfactory.core.specs import load_spec, merge_overrides
+    from modelfactory.core.specs import load_spec, merge_overrides, parse_spec
     from modelfactory.interfaces.runner import run_factory
 
     with reported_errors():
@@ -137,13 +151,36 @@ def run(
                      "sym": sym, "true_sequential": true_sequential,
                      "calibration": {"num_samples": num_samples, "seq_len": seq_len,
                                      "text": {"path": calibration_path} if calibration_path else None}},
-        "benchmark": {"device": device, "perplexity": {"max_tokens": ppl_max_tokens}},
-        "gate": {"max_ppl_increase_pct": max_ppl_increase_pct, "min_decode_speedup": min_decode_speedup,
-                 "max_size_ratio": max_size_ratio, "max_memory_ratio": max_memory_ratio},
+        "benchmark": {"device": device, "perplexity": {"max_tokens": ppl_max_tokens},
+                      "tasks": {"names": task} if task else None},
+        "gate": {"preset": gate_preset, "max_ppl_increase_pct": max_ppl_increase_pct, "max_kld_mean": max_kld_mean,
+                 "max_kld_p99": max_kld_p99, "min_top1_agreement_pct": min_top1_agreement_pct,
+                 "min_task_recovery_pct": min_task_recovery_pct, "min_decode_speedup": min_decode_speedup,
+                 "min_decode_speedup_by_batch": _speedups(min_decode_speedup_at) if min_decode_speedup_at else None,
+                 "max_size_ratio": max_size_ratio, "max_memory_ratio": max_memory_ratio,
+                 "require_runnable": require_runnable, "require_default_path": require_default_path},
         "publish": {"destination": destination},
     }
     data = merge_overrides(data, overrides)
+    with reported_errors():
+        checks = parse_spec(data, origin=str(spec or "flags")).gate_in_effect().describe()
+    if format is Format.table:
+        console.print(f"gate: checks in effect: {checks}", soft_wrap=True)
     _run_and_report(lambda run_id: run_factory(data, origin=str(spec or "flags"), run_id=run_id), format)
+
+
+def _speedups(values: list[str]) -> dict[int, float]:
+    """``--min-decode-speedup-at 8=1.3`` flags as ``{8: 1.3}`` (a clear error for anything else)."""
+    from modelfactory.core.errors import SpecError
+
+    parsed = {}
+    for value in values:
+        batch, _, minimum = value.partition("=")
+        try:
+            parsed[int(batch)] = float(minimum)
+        except ValueError:
+            fail(SpecError(f"--min-decode-speedup-at {value!r} is not BATCH=X (e.g. 8=1.3): fix the flag"))
+    return parsed
 
 
 #: ``sweep`` prints the sweep's matrix as ``catalog show SWEEP`` does.
