@@ -238,11 +238,29 @@ def test_pins_helper_reads_pyproject_and_checks_an_installed_environment(tmp_pat
     assert base.returncode != 0 and "outside pyproject's pin 'torch>=9'" in base.stderr
 
 
+def test_the_image_can_use_the_hopper_default_kernel_offline():
+    """Machete (GPTQModel's default on Hopper) fetches CUTLASS at first use: the image brings the pinned sources
+    (the digest GPTQModel checks) and points GPTQMODEL_CUTLASS_DIR at them; the GPU host script builds the kernels
+    before its workers start."""
+    from gptqmodel.utils import machete
+
+    df = dockerfile()
+    assert df["args"]["CUTLASS_VERSION"] == machete._CUTLASS_VERSION
+    assert df["args"]["CUTLASS_SHA256"] == machete._CUTLASS_ARCHIVE_SHA256
+    assert df["env"]["GPTQMODEL_CUTLASS_DIR"] == "/opt/cutlass"
+    assert '"$MODELFACTORY" kernels prepare' in (REPO / "infra" / "gpu-host" / "start-workers.sh").read_text()
+
+
 def test_dockerfile_copies_what_the_workers_need_and_dockerignore_lets_it_through():
     df = dockerfile()
     rules = dockerignore_rules()
     copied = []
     for keyword, value, line in df["instructions"]:
+        if keyword == "ADD" and "https://" in value:
+            # a remote source (CUTLASS for Machete) only pinned by its digest, so a build is reproducible
+            flags = [word for word in shlex.split(value) if word.startswith("--")]
+            assert any(f.startswith("--checksum=sha256:") for f in flags), f"line {line}: ADD of a URL needs --checksum"
+            continue
         if keyword in ("COPY", "ADD"):
             *sources, _dest = shlex.split(value)
             for source in sources:

@@ -18,6 +18,11 @@
 #   PREFECT_FLOWS_HEARTBEAT_FREQUENCY  flow-run heartbeat seconds (default 30; the zombie-run
 #                                      automation marks a run Crashed after --zombie-after, 90 s)
 #   GPU_POOL (gpu), PREFECT (the prefect executable), WORKER_LOG_DIR (unset: stdout)
+#   MODELFACTORY_PREPARE_KERNELS       1 (default): build GPTQModel's CUDA kernels into MODELFACTORY_CACHE_DIR
+#                                      first (`modelfactory kernels prepare`; minutes once per cache, seconds
+#                                      after), so no flow run pays them; 0 skips it. A kernel that cannot be
+#                                      built (e.g. Machete offline without GPTQMODEL_CUTLASS_DIR) is reported,
+#                                      and the workers start anyway: the factory then verifies another kernel.
 #
 # Runs in the foreground (systemd: Type=simple, Restart=always). SIGTERM/SIGINT stop every
 # worker; if one worker exits, the others are stopped too and the script exits with its code.
@@ -45,6 +50,12 @@ else
   fi
   GPUS=()
   for ((i = 0; i < N; i++)); do GPUS+=("$i"); done
+fi
+
+if [[ "${MODELFACTORY_PREPARE_KERNELS:-1}" == 1 ]]; then
+  MODELFACTORY="$(command -v modelfactory || echo "$ROOT/.venv/bin/modelfactory")"
+  CUDA_VISIBLE_DEVICES="${GPUS[0]}" "$MODELFACTORY" kernels prepare \
+    || echo "start-workers.sh: some GPTQ kernels are not prebuilt (see above); starting the workers anyway" >&2
 fi
 
 HOST="$(hostname -s 2>/dev/null || hostname)"

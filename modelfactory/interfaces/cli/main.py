@@ -36,11 +36,13 @@ app = typer.Typer(help="Turn fine-tuned LLMs into verified, benchmarked, publish
 def _add_subcommands() -> None:
     from modelfactory.interfaces.cli import artifact as cli_artifact
     from modelfactory.interfaces.cli import catalog as cli_catalog
+    from modelfactory.interfaces.cli import kernels as cli_kernels
     from modelfactory.interfaces.cli import watch as cli_watch
 
     app.add_typer(cli_catalog.app, name="catalog", help="Query the run catalog.")
     app.add_typer(cli_watch.app, name="watch", help="The watch list: repos whose new commits start the factory.")
     app.add_typer(cli_artifact.app, name="artifact", help="Read published artifacts back and verify them.")
+    app.add_typer(cli_kernels.app, name="kernels", help="Build the GPU kernels ahead of the first GPTQ load.")
 
 
 _add_subcommands()
