@@ -11,7 +11,7 @@ Two payloads:
 
 Measured per payload (best of ``--repeats``, MB/s = 1e6 bytes/s):
 
-- ``factory_upload``: ``modelfactory.publishing.s3.upload_tree`` (transfer manager, all files at
+- ``factory_upload``: ``modelfactory.s3.folders.upload_folder`` (transfer manager, all files at
   once, ``MODELFACTORY_S3_PART_SIZE_MB`` parts, ``MODELFACTORY_S3_MAX_CONCURRENCY`` threads,
   SHA-256 checksum per part),
 - ``factory_publish`` (folder only): the whole ``publish_s3`` (staging upload, server-side copy
@@ -99,9 +99,9 @@ def single_stream_parts(size: int):
 
 def measure(label: str, folder: Path, *, server, repeats: int, ranged_repeats: int, publish: bool) -> dict:
     from modelfactory.core.manifest import artifact_files, build_manifest
-    from modelfactory.publishing.s3 import publish_s3, upload_tree
+    from modelfactory.publishing.s3 import publish_s3
     from modelfactory.s3 import S3Url, download_s3, make_client
-    from modelfactory.s3.fetch import _download_files
+    from modelfactory.s3.folders import download_files, upload_folder
 
     size = folder_bytes(folder)
     files = artifact_files(folder)
@@ -118,11 +118,12 @@ def measure(label: str, folder: Path, *, server, repeats: int, ranged_repeats: i
 
     try:
         dest = S3Url(bucket, "factory/")
-        out["factory_upload_MBps"] = mbps(best(lambda: upload_tree(client, source=folder, files=files, dest=dest),
-                                               repeats))
+        out["factory_upload_MBps"] = mbps(best(lambda: upload_folder(
+            client, folder=folder, files=rels, dest=dest, marker_key=dest.key("_bench.json"), marker=b"{}",
+            private=False), repeats))
         out["factory_download_MBps"] = mbps(best(
             lambda: (shutil.rmtree(scratch / "f", ignore_errors=True),
-                     _download_files(client, folder=dest, rels=rels, dest=scratch / "f")), ranged_repeats))
+                     download_files(client, source=dest, files=rels, dest=scratch / "f")), ranged_repeats))
         shutil.rmtree(scratch / "f", ignore_errors=True)
 
         def plain_up():
@@ -148,7 +149,7 @@ def measure(label: str, folder: Path, *, server, repeats: int, ranged_repeats: i
             stream_client = make_client()
             out["factory_download_single_get_MBps"] = mbps(best(
                 lambda: (shutil.rmtree(scratch / "s", ignore_errors=True),
-                         _download_files(stream_client, folder=dest, rels=rels, dest=scratch / "s")), repeats))
+                         download_files(stream_client, source=dest, files=rels, dest=scratch / "s")), repeats))
         shutil.rmtree(scratch / "s", ignore_errors=True)
 
         def plain_single_down():

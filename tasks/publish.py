@@ -25,7 +25,7 @@ from modelfactory.catalog.metrics import manifest_metrics
 from modelfactory.core.errors import PublishError
 from modelfactory.core.hashing import step_key
 from modelfactory.core.log import progress
-from modelfactory.core.manifest import build_manifest
+from modelfactory.core.manifest import build_manifest, check_content
 from modelfactory.core.records import (
     BenchmarkResult,
     GateDecision,
@@ -63,6 +63,10 @@ def publish_artifact(*, spec: FactorySpec, merge: MergeResult, quant: QuantResul
                      matrix_markdown: str | None = None) -> Publication:
     """Publish *quant*'s model with its manifest (and, on the Hub, its model card).
 
+    What is published is what was measured: the files must have the content digest the quantized
+    model is identified by (``quant.model.sha``, which keyed its benchmark), else nothing is published.
+    The artifact's key is that digest, and the manifest says it (``content_sha256``).
+
     *runnability*: the plain-transformers checks of the artifact (records or dicts with ``device``,
     ``ok``, ``load_s``, ``generate_s``, ``snippet`` and the error / explanation), published so the
     card's "Load it" code is the code that was checked; *matrix_markdown*: a sweep's matrix for the card.
@@ -82,15 +86,20 @@ def publish_artifact(*, spec: FactorySpec, merge: MergeResult, quant: QuantResul
         source,
         name=parts[0], config=parts[1], key=parts[2],
         created_at=datetime.now(timezone.utc).isoformat(),
+        # What was measured: the content digest of the files the benchmark loaded (the quantized model's
+        # identity, which keys its benchmark); readers check the files against it (core.manifest.check_content).
+        content_sha256=quant.model.sha,
         **manifest_fields(spec=spec, merge=merge, quant=quant, bench=bench, decision=decision,
                           runnability=runnability_entries(runnability, model=model, revision=model_revision)),
     )
+    check_content(manifest, where=f"the quantized model {quant.model.path} to publish")
     # step outputs may be s3:// URIs (a stage store): only local folders are roots
     manifest = scrub_local_paths(manifest, roots=local_roots(source, quant.model.path, merge.base.path,
                                                              *(a.path for a in merge.adapters)))
     progress(f"publish: {len(manifest['files'])} files, {manifest['total_bytes'] / 1e6:.1f} MB -> {destination}")
-    return publish_to(destination=destination, source=source, parts=parts, manifest=manifest,
-                      private=spec.publish.private, revision=revision, matrix_markdown=matrix_markdown)
+    publication = publish_to(destination=destination, source=source, parts=parts, manifest=manifest,
+                             private=spec.publish.private, revision=revision, matrix_markdown=matrix_markdown)
+    return publication.model_copy(update={"content_sha256": manifest["content_sha256"]})
 
 
 def manifest_fields(*, spec: FactorySpec, merge: MergeResult, quant: QuantResult, bench: BenchmarkResult,

@@ -12,7 +12,7 @@ from typing import Any
 from modelfactory.benchmark.runnability import RunnabilityReport
 from modelfactory.catalog import Catalog, MetricRecord, open_catalog
 from modelfactory.catalog.metrics import benchmark_metrics
-from modelfactory.core.errors import error_kind
+from modelfactory.core.errors import PublishError, error_kind
 from modelfactory.core.log import get_logger
 from modelfactory.core.records import (
     AdapterArtifact,
@@ -31,6 +31,8 @@ class RunRecorder:
     def __init__(self, catalog: Catalog, run_id: str) -> None:
         self.catalog = catalog
         self.run_id = run_id
+        #: The content digest of the quantized model this run recorded (what its benchmark loaded).
+        self.quantized_sha256: str | None = None
 
     @classmethod
     def start(cls, *, run_id: str, name: str, spec: dict[str, Any], run_key: str, flow_run_id: str | None,
@@ -67,8 +69,9 @@ class RunRecorder:
                                  duration_s=duration_s, output_uri=None, detail=detail)
 
     def quantize(self, result: QuantResult) -> None:
+        self.quantized_sha256 = result.model.sha  # the content digest (tasks/quantize.py)
         self.step("quantize", result.model, detail={"engine": result.engine, "device": result.device,
-                                                    "group_size": result.group_size})
+                                                    "group_size": result.group_size, "sha256": result.model.sha})
         if result.group_size is not None:
             self.catalog.set_resolved_group_size(run_id=self.run_id, group_size=result.group_size)
         self.catalog.record_metrics(run_id=self.run_id, metrics=[MetricRecord(
@@ -87,11 +90,17 @@ class RunRecorder:
                 entry["snippet"] = retarget_snippet(entry["snippet"], model=artifact) if entry["snippet"] else None
         self.catalog.record_step(run_id=self.run_id, name="runnability", status="ok" if report.passed else "failed",
                                  duration_s=sum(r.wall_s for r in report.results), output_uri=None,
-                                 detail={"passed": report.passed, "results": results})
+                                 detail={"passed": report.passed, "summary": report.summary(),
+                                         "verified_paths": report.verified_paths(),
+                                         "reference": report.reference.model_dump(
+                                             mode="json", include={"device", "dtype", "kernel", "ok", "explanation"})
+                                         if report.reference else None,
+                                         "results": results})
 
     def benchmark(self, result: BenchmarkResult) -> None:
         self.step("benchmark", duration_s=result.duration_s, reused=result.reused, output_uri=result.path,
-                  detail={"path": result.path, "kernel": result.gptq.kernel, "device": result.gptq.device})
+                  detail={"path": result.path, "kernel": result.gptq.kernel, "device": result.gptq.device,
+                          "gptq_sha256": self.quantized_sha256})  # the files it measured (keyed by them)
         self.catalog.record_metrics(run_id=self.run_id, metrics=benchmark_metrics(result))
 
 
@@ -100,6 +109,12 @@ class RunRecorder:
         self.catalog.record_gate(run_id=self.run_id, checks=decision.checks)
 
     def publication(self, publication: Publication, duration_s: float) -> None:
+        """The publish step and where it went; refused (:class:`PublishError`) when the published files are
+        not the ones this run benchmarked (the publish step checks it too: this is the catalog's guard)."""
+        measured, published = self.quantized_sha256, publication.content_sha256
+        if measured is not None and published is not None and measured != published:
+            raise PublishError(f"run {self.run_id} published {publication.uri} with content {published[:16]}, but "
+                               f"benchmarked content {measured[:16]}: not recording it as this run's publication")
         self.step("publish", duration_s=duration_s, reused=publication.reused, output_uri=publication.uri)
         self.catalog.record_artifact(run_id=self.run_id, kind="gptq", uri=publication.uri,
                                      manifest_sha256=publication.manifest_sha256, size_bytes=publication.size_bytes)

@@ -30,7 +30,6 @@ from sqlalchemy.engine import make_url
 from modelfactory.catalog import (
     Catalog,
     MetricRecord,
-    PublicationRecord,
     RunDetail,
     head_revision,
     open_catalog,
@@ -54,7 +53,7 @@ from modelfactory.testing.env import REPO
 
 TABLES = {"runs", "steps", "metrics", "gate_checks", "artifacts", "base_models", "adapters", "run_adapters",
           "publications", "watches", "webhook_deliveries", "run_claims", "sweeps", "sweep_members"}
-HEAD = "0007"
+HEAD = "0008"
 
 
 # --------------------------------------------------------------------------- schema
@@ -503,10 +502,12 @@ def test_sources_and_publications_round_trip(catalog: Catalog) -> None:
     detail = catalog.get_run(runs[0])
     assert detail.config == "gptq-4bit-128g"
     (pub,) = detail.publications
-    assert isinstance(pub, PublicationRecord) and pub.model_dump(exclude={"published_at"}) == published.model_dump()
+    assert isinstance(pub, Publication) and pub.model_dump(exclude={"published_at"}) == published.model_dump(
+        exclude={"published_at"})
     assert (pub.destination, pub.revision, pub.commit, pub.reused) == ("hub", "gptq-4bit-128g", "e" * 40, False)
     assert pub.published_at is not None
-    assert pub.to_dict()["commit_sha"] == "e" * 40 and "commit" not in pub.to_dict()  # the column's name
+    as_json = detail.to_dict()["publications"][0]
+    assert as_json["commit_sha"] == "e" * 40 and "commit" not in as_json  # the column's name
     with pytest.raises(ValidationError, match="destination"):
         Publication(destination="ftp", uri="ftp://x", manifest_sha256="d" * 64, size_bytes=1)
     with pytest.raises(CatalogError, match="publication destination 'ftp'"):

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -17,6 +18,7 @@ from modelfactory.core.errors import DiskFullError, PublishError, SpecError
 from modelfactory.core.manifest import (
     MANIFEST,
     build_manifest,
+    content_digest,
     manifest_bytes,
     manifest_digest,
     verify_folder,
@@ -183,6 +185,49 @@ def test_verify_folder_detects_changes(model_dir, tmp_path):
     (folder / "sub" / "extra.txt").unlink()
     with pytest.raises(PublishError, match="extra.txt"):
         verify_folder(folder)
+
+
+def test_verify_folder_refuses_files_that_are_not_the_ones_measured(model_dir, tmp_path):
+    """Read-back: a manifest that says what was benchmarked (``content_sha256``) must list exactly those files."""
+    measured = content_digest(build_manifest(model_dir)["files"])
+    folder, _, _ = publish_local(source=model_dir, root=tmp_path / "store", parts=PARTS,
+                                 manifest=build_manifest(model_dir, content_sha256=measured))
+    verify_folder(folder)
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other)
+    (other / "config.json").write_text("{}")
+    folder, _, _ = publish_local(source=other, root=tmp_path / "store2", parts=PARTS,
+                                 manifest=build_manifest(other, content_sha256=measured))
+    with pytest.raises(PublishError, match="are not the files that were benchmarked"):
+        verify_folder(folder)
+
+
+def test_a_run_never_publishes_files_other_than_the_ones_it_benchmarked(prefect, tiny_llama, tiny_lora, tmp_path,
+                                                                        monkeypatch):
+    """Issue 24.3: publish fetched the quantized model by URI and published whatever it found there. Here
+    it finds other bytes (another host's build, files changed after the benchmark): the run fails, names
+    the mismatch, and publishes nothing."""
+    import modelfactory.tasks.publish as publish_step
+    from modelfactory import stage_store
+    from modelfactory.testing.runs import passing_spec
+
+    def tampered(uri: str) -> Path:
+        copy = tmp_path / "tampered"
+        if not copy.exists():
+            shutil.copytree(stage_store.resolve(uri), copy)
+            weights = next(copy.glob("*.safetensors"))
+            data = bytearray(weights.read_bytes())
+            data[-1] ^= 1
+            weights.write_bytes(bytes(data))
+        return copy
+
+    monkeypatch.setattr(publish_step, "stage_store", SimpleNamespace(resolve=tampered))
+    store_dir = tmp_path / "store"
+    with pytest.raises(PublishError, match="are not the files that were benchmarked"):
+        run_factory(passing_spec(tiny_llama, tiny_lora, name="tampered", publish={"destination": store_dir.as_uri()}))
+    detail = latest_run()
+    assert detail.status == "failed" and "not the files that were benchmarked" in detail.error
+    assert not detail.publications and not store_dir.exists()
 
 
 def test_verify_folder_without_manifest(tmp_path):

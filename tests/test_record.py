@@ -35,3 +35,20 @@ def test_passing_run_is_published_and_recorded(tiny_run):
     assert {"config.json", "model.safetensors", "quantize_config.json", "tokenizer.json"} <= names
     assert manifest["metrics"]["gptq"]["perplexity"] > 0
     assert manifest["spec"]["quantize"]["bits"] == 4
+
+
+def test_the_catalog_records_what_was_measured_and_what_was_published_and_they_agree(tiny_run):
+    """Issue 24.3: the published manifest's file hashes equal those of the weights the benchmark loaded; the
+    catalog keeps both (the benchmark step's gptq_sha256, the publication's content_sha256) and the
+    manifest says it, so a read-back checks it (core.manifest.check_content)."""
+    from modelfactory.core.manifest import content_digest
+
+    with open_catalog(tiny_run.catalog_url) as catalog:
+        detail = catalog.get_run(tiny_run.outcome.run_id)
+    steps = {s.name: s for s in detail.steps}
+    measured = steps["benchmark"].detail["gptq_sha256"]
+    assert measured and steps["quantize"].detail["sha256"] == measured
+    (publication,) = detail.publications
+    assert publication.content_sha256 == measured
+    manifest = verify_folder(local_root(publication.uri))
+    assert manifest["content_sha256"] == measured == content_digest(manifest["files"]) == manifest["key"]

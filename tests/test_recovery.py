@@ -166,3 +166,29 @@ def test_import_into_an_empty_catalog_creates_the_run(prefect, tiny_llama, tmp_p
         assert detail.status == "passed" and detail.spec["name"] == "import-fresh"
         assert detail.base_sha and detail.adapters == []
         assert import_artifact(fresh, uri=outcome.artifact_uri).action == "already-recorded"
+
+
+def test_import_refuses_an_artifact_whose_files_are_not_the_ones_its_run_benchmarked(tmp_path):
+    """Read-back (issue 24.3): completing a run from a manifest checks that the artifact's files are the ones
+    that run benchmarked (its benchmark step's gptq_sha256); other files are not recorded as its artifact."""
+    from modelfactory.core.manifest import build_manifest, content_digest
+    from modelfactory.core.errors import PublishError
+    from modelfactory.publishing.local import publish_local
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"\1" * 64)
+    fields = {"spec": {"name": "other-bytes"}, "run_key": "k-other-bytes", "gate": {"passed": True, "checks": []},
+              "sources": {"base": {"uri": "org/base", "sha": "a" * 40}, "adapters": []},
+              "metrics": {"measured": [{"name": "size_ratio", "side": "delta", "value": 0.5}]}}
+    key = content_digest(build_manifest(model)["files"])
+    folder, _, _ = publish_local(source=model, root=tmp_path / "store", parts=("m", "gptq-4bit-32g", key),
+                                 manifest=build_manifest(model, key=key, **fields))
+    with open_catalog(f"sqlite:///{tmp_path / 'catalog.db'}") as catalog:
+        catalog.start_run(run_id="r-other-bytes", name="other-bytes", spec={}, run_key="k-other-bytes")
+        catalog.record_step(run_id="r-other-bytes", name="benchmark", status="ok", duration_s=1.0,
+                            detail={"gptq_sha256": "f" * 64})
+        with pytest.raises(PublishError, match="are not the ones run r-other-bytes benchmarked"):
+            import_artifact(catalog, uri=folder.as_uri())
+        detail = catalog.get_run("r-other-bytes")
+        assert detail.status == "running" and not detail.artifacts and not detail.publications

@@ -21,7 +21,7 @@ from modelfactory.core.errors import (
     TransientError,
 )
 from modelfactory.core.log import get_logger
-from modelfactory.core.manifest import MANIFEST, build_manifest
+from modelfactory.core.manifest import MANIFEST, build_manifest, content_digest
 from modelfactory.core.specs import AdapterSpec, ModelSource
 from modelfactory.publishing.artifacts import download_artifact, verify_artifact
 from modelfactory.publishing.s3 import abort_stale_uploads, publish_s3
@@ -32,7 +32,6 @@ from modelfactory.testing.s3_server import MotoS3, s3_environment
 from modelfactory.tasks.download import download_model, resolve_adapter
 
 get_logger()  # bind the stderr log handler before CliRunner swaps the streams
-PARTS = ("tiny", "gptq-4bit-32g", "k" * 24)
 MIB = 1 << 20
 
 
@@ -50,8 +49,14 @@ def make_artifact(folder: Path, *, big_mb: int = 12, seed: int = 0) -> Path:
     return folder
 
 
-def manifest_for(folder: Path, parts=PARTS) -> dict:
-    return build_manifest(folder, name=parts[0], config=parts[1], key=parts[2], spec={}, metrics={})
+def parts_of(folder: Path) -> tuple[str, str, str]:
+    """An artifact's (name, config, key): S3 artifacts are keyed by the content digest of their files."""
+    return "tiny", "gptq-4bit-32g", content_digest(build_manifest(folder)["files"])
+
+
+def manifest_for(folder: Path) -> dict:
+    name, config, key = parts_of(folder)
+    return build_manifest(folder, name=name, config=config, key=key, spec={}, metrics={})
 
 
 def keys(client, bucket: str, prefix: str = "") -> list[str]:
@@ -74,6 +79,7 @@ def test_publish_verify_download_and_republish(s3_env, s3_bucket, small_parts, t
     source = make_artifact(tmp_path / "artifact")
     manifest = manifest_for(source)
     url = f"s3://{s3_bucket}/models"
+    PARTS = parts_of(source)
     pub = publish_s3(source=source, url=url, parts=PARTS, manifest=manifest)
     final = f"s3://{s3_bucket}/models/{'/'.join(PARTS)}/"
     assert (pub.uri, pub.destination, pub.reused, pub.size_bytes) == (final, "s3", False, manifest["total_bytes"])
@@ -82,7 +88,7 @@ def test_publish_verify_download_and_republish(s3_env, s3_bucket, small_parts, t
     prefix = f"models/{'/'.join(PARTS)}/"
     assert keys(client, s3_bucket) == sorted([prefix + p for p in ("config.json", "model.safetensors",
                                                                     "sub/extra.txt", "tokenizer.json", MANIFEST)]
-                                             + ["models/tiny/gptq-4bit-32g/latest.json"])  # staging is gone
+                                             + ["models/tiny/gptq-4bit-32g/latest.json"])  # nothing else
     assert multipart_uploads(client, s3_bucket) == []
     head = client.head_object(Bucket=s3_bucket, Key=prefix + "model.safetensors", ChecksumMode="ENABLED")
     assert head["ChecksumSHA256"] and head["ETag"].strip('"').endswith("-3")  # 3 parts, each SHA-256 checked
@@ -112,6 +118,7 @@ def test_cli_verify_and_download_s3_and_file(s3_env, s3_bucket, tmp_path):
     from modelfactory.publishing.local import publish_local
 
     source = make_artifact(tmp_path / "artifact", big_mb=1)
+    PARTS = parts_of(source)
     pub = publish_s3(source=source, url=f"s3://{s3_bucket}/m", parts=PARTS, manifest=manifest_for(source))
     runner = CliRunner()
     result = runner.invoke(app, ["artifact", "verify", pub.uri])
@@ -161,15 +168,17 @@ def test_upload_failing_midway_leaves_no_manifest_and_no_multipart_uploads(s3_en
     healthy = s3_publish.make_client
     monkeypatch.setattr(s3_publish, "make_client", client_with_fault)
     with pytest.raises(TransientError, match="cannot reach S3") as info:
-        publish_s3(source=source, url=f"s3://{s3_bucket}/models", parts=PARTS, manifest=manifest_for(source))
+        publish_s3(source=source, url=f"s3://{s3_bucket}/models", parts=parts_of(source), manifest=manifest_for(source))
     assert "s3://" in str(info.value) and s3_env.url in str(info.value)
     client = s3_env.client()
     assert calls["parts"] > 2
     assert multipart_uploads(client, s3_bucket) == []
-    assert keys(client, s3_bucket) == []  # no manifest, no latest.json, staging cleaned
+    # No manifest, no latest.json: nothing a reader trusts. Small files that made it up stay under the
+    # content-keyed prefix; the retry writes the same bytes there.
+    assert not [k for k in keys(client, s3_bucket) if k.endswith((MANIFEST, "latest.json", "model.safetensors"))]
 
     monkeypatch.setattr(s3_publish, "make_client", healthy)  # the network is back: the retry publishes
-    pub = publish_s3(source=source, url=f"s3://{s3_bucket}/models", parts=PARTS, manifest=manifest_for(source))
+    pub = publish_s3(source=source, url=f"s3://{s3_bucket}/models", parts=parts_of(source), manifest=manifest_for(source))
     assert not pub.reused and verify_s3(url=pub.uri)["manifest_sha256"] == pub.manifest_sha256
 
 
@@ -177,7 +186,7 @@ KILLED_PUBLISH = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import modelfactory.publishing.s3 as p
-    from modelfactory.core.manifest import build_manifest
+    from modelfactory.core.manifest import build_manifest, content_digest
     from modelfactory.s3.client import make_client
 
     def slow_client():
@@ -194,8 +203,9 @@ KILLED_PUBLISH = textwrap.dedent("""
 
     p.make_client = slow_client
     source = Path(sys.argv[1])
-    manifest = build_manifest(source, name="tiny", config="gptq-4bit-32g", key="k" * 24)
-    p.publish_s3(source=source, url=sys.argv[2], parts=("tiny", "gptq-4bit-32g", "k" * 24), manifest=manifest)
+    key = content_digest(build_manifest(source)["files"])
+    manifest = build_manifest(source, name="tiny", config="gptq-4bit-32g", key=key)
+    p.publish_s3(source=source, url=sys.argv[2], parts=("tiny", "gptq-4bit-32g", key), manifest=manifest)
 """)
 
 
@@ -215,13 +225,47 @@ def test_killed_publish_leaves_no_manifest_and_its_uploads_are_aborted(s3_env, s
     assert len(multipart_uploads(client, s3_bucket)) >= 1  # the killed process could not abort it
     assert abort_stale_uploads(url=url, older_than_s=0) >= 1
     assert multipart_uploads(client, s3_bucket) == []
-    pub = publish_s3(source=source, url=url, parts=PARTS, manifest=manifest_for(source))
+    pub = publish_s3(source=source, url=url, parts=parts_of(source), manifest=manifest_for(source))
     assert verify_s3(url=pub.uri)["total_bytes"] == pub.size_bytes
+
+
+def test_an_s3_artifact_key_that_is_not_its_content_digest_is_refused(s3_env, s3_bucket, tmp_path):
+    """Issue 24.3: files went into the final prefix before the manifest race was decided, under a key that
+    was a step key: two publishers with different bytes for one key could mix their files. The key is
+    the content digest now, so every publisher of a key writes the same bytes; any other key is refused."""
+    source = make_artifact(tmp_path / "artifact", big_mb=1)
+    name, config, key = parts_of(source)
+    with pytest.raises(PublishError, match="is not the content digest of its files"):
+        publish_s3(source=source, url=f"s3://{s3_bucket}/models", parts=(name, config, "k" * 24),
+                   manifest=manifest_for(source))
+    assert keys(s3_env.client(), s3_bucket) == []
+
+
+def test_two_publishers_of_one_s3_artifact_at_once_keep_the_first_manifest(s3_env, s3_bucket, tmp_path, monkeypatch):
+    """A second publisher completes while the first is between its files and its manifest: the first
+    finds the manifest there and reports reuse; the artifact verifies."""
+    from modelfactory.s3 import folders
+
+    source = make_artifact(tmp_path / "artifact", big_mb=1)
+    url = f"s3://{s3_bucket}/models"
+    real_put = folders.put_if_absent
+    second: list = []
+
+    def race_then_put(client, **kwargs):
+        if kwargs["key"].endswith(MANIFEST) and not second:
+            second.append("started")
+            second[0] = publish_s3(source=source, url=url, parts=parts_of(source), manifest=manifest_for(source))
+        return real_put(client, **kwargs)
+
+    monkeypatch.setattr(folders, "put_if_absent", race_then_put)
+    first = publish_s3(source=source, url=url, parts=parts_of(source), manifest=manifest_for(source))
+    assert not second[0].reused and first.reused and first.manifest_sha256 == second[0].manifest_sha256
+    assert verify_s3(url=first.uri)["manifest_sha256"] == first.manifest_sha256
 
 
 def test_bad_credentials_missing_bucket_and_dead_endpoint_fail_clearly(s3_env, s3_bucket, tmp_path, monkeypatch):
     source = make_artifact(tmp_path / "artifact", big_mb=1)
-    manifest = manifest_for(source)
+    manifest, PARTS = manifest_for(source), parts_of(source)
     with pytest.raises(PublishError, match="bucket 'no-such-bucket' .* does not exist"):
         publish_s3(source=source, url="s3://no-such-bucket/models", parts=PARTS, manifest=manifest)
     with pytest.raises(SourceNotFoundError, match="bucket 'no-such-bucket' .* does not exist"):
@@ -274,7 +318,7 @@ def test_base_and_adapter_from_s3_prefixes(s3_env, s3_bucket, tiny_llama, tiny_l
     assert changed.sha != base.sha and not changed.reused and (Path(changed.path) / "extra.txt").is_file()
 
     # a published artifact (with manifest) is identified by its manifest's sha256, every file checked
-    pub = publish_s3(source=tiny_llama, url=f"s3://{s3_bucket}/store", parts=PARTS,
+    pub = publish_s3(source=tiny_llama, url=f"s3://{s3_bucket}/store", parts=parts_of(tiny_llama),
                      manifest=manifest_for(tiny_llama))
     from_artifact = download_model(source=ModelSource(uri=pub.uri))
     assert from_artifact.sha == pub.manifest_sha256 and (Path(from_artifact.path) / MANIFEST).is_file()
@@ -353,7 +397,8 @@ def test_credentials_from_a_prefect_secret_block(prefect, moto_s3, tmp_path):
         assert client._request_signer._credentials.access_key == key_id  # signed with the block's keys
         client.create_bucket(Bucket="from-block")
         source = make_artifact(tmp_path / "artifact", big_mb=1)
-        publication = publish_s3(source=source, url="s3://from-block/models", parts=PARTS, manifest=manifest_for(source))
+        publication = publish_s3(source=source, url="s3://from-block/models", parts=parts_of(source),
+                                 manifest=manifest_for(source))
         assert publication.uri.startswith("s3://from-block/models/")
 
         with settings_env(MODELFACTORY_AWS_CREDENTIALS_SECRET="no-such-block"), pytest.raises(

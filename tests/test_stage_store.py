@@ -22,6 +22,7 @@ from modelfactory.core.errors import SpecError, StageStoreError
 from modelfactory.core.hashing import file_sha256
 from modelfactory.core.manifest import content_digest
 from modelfactory.core.settings import get_settings
+from modelfactory.s3 import folders
 from modelfactory.stage_store import cache, remote
 
 
@@ -111,7 +112,7 @@ def test_failed_upload_leaves_no_marker_and_no_files(store, s3_env, tmp_path, mo
     bucket = store.split("/")[2]
     with host(tmp_path / "a", store):
         build("merge", "k2", FILES, max_abs_logit_diff=0.0)
-        make_manager = remote.make_manager
+        make_manager = folders.make_manager
 
         class Boom:
             def __init__(self, client):
@@ -129,7 +130,7 @@ def test_failed_upload_leaves_no_marker_and_no_files(store, s3_env, tmp_path, mo
             def __exit__(self, *exc):
                 return self.real.__exit__(*exc)
 
-        monkeypatch.setattr(remote, "make_manager", Boom)
+        monkeypatch.setattr(folders, "make_manager", Boom)
         with pytest.raises(ConnectionError):
             stage_store.publish("merge", "k2")
         assert object_keys(s3_env, bucket, "stage/merge/") == []
@@ -158,7 +159,7 @@ def test_output_built_on_one_host_is_reused_and_fetched_on_another(store, s3_env
         def no_download(*_a, **_k):
             raise AssertionError("a cached output was downloaded again")
 
-        monkeypatch.setattr(cache, "download_files", no_download)
+        monkeypatch.setattr(cache, "download_output", no_download)
         assert stage_store.resolve(uri) == fetched == found.folder()  # reused from the cache
         assert not list((tmp_path / "b" / "cache" / "objects").glob(".*.tmp-*"))
 
@@ -183,13 +184,13 @@ def test_concurrent_fetches_on_one_host_download_once(store, s3_env, tmp_path, m
         build("merge", "k5", FILES, max_abs_logit_diff=0.1)
         uri = stage_store.publish("merge", "k5").uri
     downloads = []
-    real = cache.download_files
+    real = cache.download_output
 
     def counting(*args, **kwargs):
         downloads.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cache, "download_files", counting)
+    monkeypatch.setattr(cache, "download_output", counting)
     with host(tmp_path / "b", store):
         results: list[Path] = []
         threads = [threading.Thread(target=lambda: results.append(stage_store.resolve(uri))) for _ in range(3)]

@@ -12,13 +12,12 @@ from modelfactory.catalog.records import (
     ArtifactRecord,
     DeliveryRecord,
     MetricRecord,
-    PublicationRecord,
     RunDetail,
     RunRow,
     StepRecord,
     WatchRecord,
 )
-from modelfactory.core.records import GateCheck
+from modelfactory.core.records import GateCheck, Publication
 
 #: Loader options reading every child table of a run (for :func:`run_detail`) in one query each.
 DETAIL_LOADS = [
@@ -87,9 +86,10 @@ def run_detail(run: Run) -> RunDetail:
             ArtifactRecord(a.kind, a.uri, a.manifest_sha256, a.size_bytes) for a in run.artifacts
         ),
         publications=tuple(
-            PublicationRecord(destination=p.destination, uri=p.uri, manifest_sha256=p.manifest_sha256,
-                              size_bytes=p.size_bytes, revision=p.revision, commit=p.commit_sha,
-                              reused=p.reused, published_at=aware(p.published_at))
+            Publication(destination=p.destination, uri=p.uri, manifest_sha256=p.manifest_sha256,
+                        size_bytes=p.size_bytes, revision=p.revision, commit=p.commit_sha,
+                        reused=p.reused, content_sha256=p.content_sha256,
+                        published_at=aware(p.published_at))
             for p in run.publications
         ),
     )

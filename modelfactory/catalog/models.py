@@ -278,6 +278,8 @@ class Publication(Base):
     manifest_sha256: Mapped[str] = mapped_column(String(64), index=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     reused: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: 0008: the content digest of the published files (the files the benchmark loaded); None before 0008.
+    content_sha256: Mapped[str | None] = mapped_column(String(64))
     published_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -67,8 +67,8 @@ def _jsonable(value: Any) -> Any:
     """*value* with datetimes as ISO strings, records as dicts and tuples as lists."""
     if isinstance(value, datetime):
         return value.isoformat()
-    if isinstance(value, PublicationRecord):
-        return value.to_dict()
+    if isinstance(value, Publication):
+        return publication_dict(value)
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -119,18 +119,11 @@ class ArtifactRecord(_Record):
     size_bytes: int
 
 
-class PublicationRecord(Publication):
-    """A :class:`~modelfactory.core.records.Publication` as the catalog recorded it, and when.
-
-    Its JSON (``to_dict``: the API, ``catalog show --format json``) calls the Hub commit
-    ``commit_sha``, the name of the catalog's column.
-    """
-
-    published_at: datetime | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {("commit_sha" if name == "commit" else name): value
-                for name, value in self.model_dump(mode="json").items()}
+def publication_dict(publication: Publication) -> dict[str, Any]:
+    """A publication's JSON (the API, ``catalog show --format json``): the Hub commit is ``commit_sha``,
+    the name of the catalog's column."""
+    return {("commit_sha" if name == "commit" else name): value
+            for name, value in publication.model_dump(mode="json").items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +190,7 @@ class RunDetail(RunSummary):
     metrics: tuple[MetricRecord, ...]
     gate_checks: tuple[GateCheck, ...]
     artifacts: tuple[ArtifactRecord, ...]
-    publications: tuple[PublicationRecord, ...] = ()
+    publications: tuple[Publication, ...] = ()
 
     def metric(self, name: str, side: MetricSide = "") -> MetricRecord | None:
         """The metric *name* measured on *side*, or ``None``."""

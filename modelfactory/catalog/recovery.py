@@ -27,6 +27,7 @@ from modelfactory.catalog.models import Artifact, Run
 from modelfactory.catalog.models import Publication as PublicationRow
 from modelfactory.core.errors import PublishError
 from modelfactory.core.hashing import step_key
+from modelfactory.core.manifest import content_digest
 from modelfactory.core.records import (
     BenchmarkResult,
     GateCheck,
@@ -60,6 +61,8 @@ def import_artifact(catalog: Catalog, *, uri: str) -> ImportResult:
     if known and _complete(catalog, known, digest):
         return ImportResult(known, "already-recorded", digest)
     run_id = known or _unfinished_run(catalog, run_key)
+    if run_id is not None:
+        _check_measured(catalog.get_run(run_id), manifest, uri=uri)
     action = "completed" if run_id else "created"
     if run_id is None:
         run_id = str(uuid.uuid4())
@@ -79,9 +82,21 @@ def import_artifact(catalog: Catalog, *, uri: str) -> ImportResult:
     if not any(p.manifest_sha256 == digest for p in detail.publications):
         destination = "s3" if urlparse(uri).scheme == "s3" else "file"
         catalog.record_publication(run_id=run_id, publication=Publication(
-            destination=destination, uri=uri, manifest_sha256=digest, size_bytes=size))
+            destination=destination, uri=uri, manifest_sha256=digest, size_bytes=size,
+            content_sha256=content_digest(manifest["files"])))
     catalog.finish_run(run_id=run_id, status="passed" if manifest["gate"]["passed"] else "rejected")
     return ImportResult(run_id, action, digest)
+
+
+def _check_measured(detail, manifest: dict, *, uri: str) -> None:
+    """Read-back check: the artifact's files are the ones the run benchmarked (the benchmark step's
+    ``gptq_sha256``), else :class:`PublishError` and nothing is recorded."""
+    bench = next((s for s in detail.steps if s.name == "benchmark"), None)
+    measured = (bench.detail or {}).get("gptq_sha256") if bench is not None else None
+    if measured is not None and content_digest(manifest["files"]) != measured:
+        raise PublishError(f"{uri}: its files (content {content_digest(manifest['files'])[:16]}) are not the ones run "
+                           f"{detail.id} benchmarked (content {measured[:16]}): not recording it as that run's "
+                           "artifact; run the factory again")
 
 
 def _manifest_metric_rows(metrics: dict, *, uri: str) -> list[MetricRecord]:

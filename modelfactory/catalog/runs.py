@@ -40,7 +40,6 @@ from modelfactory.catalog.records import (
     STEP_STATUSES,
     FinalRunStatus,
     MetricRecord,
-    PublicationRecord,
     RunDetail,
     RunRow,
     RunStatus,
@@ -194,8 +193,8 @@ class CatalogRuns(CatalogConnections):
             manifest_sha256=publication.manifest_sha256,
             size_bytes=int(publication.size_bytes),
             reused=bool(publication.reused),
-            published_at=(publication.published_at if isinstance(publication, PublicationRecord) else None)
-            or utcnow(),
+            content_sha256=publication.content_sha256,
+            published_at=publication.published_at or utcnow(),
         )
         with self.writing(f"record publication {publication.uri!r} of run {run_id!r}") as session:
             require_run_id(session, run_id=run_id, catalog_url=self.url)

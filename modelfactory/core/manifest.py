@@ -71,6 +71,16 @@ def manifest_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def check_content(manifest: dict[str, Any], *, where: str) -> None:
+    """The files a manifest lists are the ones it says were measured (``content_sha256``: the content
+    digest of the model the benchmark loaded), else :class:`PublishError`; manifests without it pass."""
+    measured = manifest.get("content_sha256")
+    if measured is not None and (actual := content_digest(manifest["files"])) != measured:
+        raise PublishError(f"{where}: its files (content {actual[:16]}) are not the files that were benchmarked "
+                           f"(content {str(measured)[:16]}): they changed or came from another build; "
+                           "nothing is published as measured. Run the factory again to rebuild and re-measure it")
+
+
 def verify_folder(folder: Path) -> dict[str, Any]:
     """Check every file listed in *folder*'s manifest; return the manifest."""
     path = folder / MANIFEST
@@ -81,4 +91,5 @@ def verify_folder(folder: Path) -> dict[str, Any]:
         file = folder / entry["path"]
         if not file.is_file() or file.stat().st_size != entry["size"] or file_sha256(file) != entry["sha256"]:
             raise PublishError(f"{file} does not match the manifest (missing or changed): publish the artifact again")
+    check_content(manifest, where=str(folder))
     return manifest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
@@ -288,7 +289,8 @@ class GateDecision(Record):
 
 
 class Publication(Record):
-    """Where a passing artifact was published (one destination)."""
+    """Where a passing artifact was published (one destination): what the publish step returns and what
+    the catalog records and hands back (with when)."""
 
     uri: str  # file:///..., s3://bucket/prefix/..., or https://<hub>/<repo>/tree/<revision>
     manifest_sha256: str
@@ -297,6 +299,11 @@ class Publication(Record):
     destination: Literal["file", "s3", "hub"] = "file"
     revision: str | None = None  # Hub branch / revision the files were pushed to
     commit: str | None = None  # Hub commit SHA of the upload
+    #: The content digest of the published files (``modelfactory.core.manifest.content_digest``): the
+    #: files the benchmark loaded (``None`` in records written before it was kept).
+    content_sha256: str | None = None
+    #: When the catalog recorded it (``None`` until then).
+    published_at: datetime | None = None
 
 
 class RunOutcome(Record):

@@ -4,7 +4,9 @@
 - :func:`verify_s3` / :func:`download_s3`  read an artifact back by its manifest, every sha256 checked.
 - :func:`fetch_source` download a base model / adapter prefix into the keyed work dir.
 
-Publishing to S3 (staging, manifest last, ``latest.json``) is :mod:`modelfactory.publishing.s3`.
+- :mod:`~modelfactory.s3.folders`  the one S3 "folder, marker last" uploader (stage store and publishing).
+
+Publishing to S3 (content-keyed, manifest last, ``latest.json``) is :mod:`modelfactory.publishing.s3`.
 """
 
 from modelfactory.s3.client import S3Url, make_client

@@ -31,17 +31,17 @@ from modelfactory.core.errors import (
 )
 from modelfactory.core.hashing import file_sha256, step_key
 from modelfactory.core.log import progress
-from modelfactory.core.manifest import MANIFEST, manifest_digest
+from modelfactory.core.manifest import MANIFEST, check_content, manifest_digest
 from modelfactory.core.settings import get_settings
 from modelfactory.s3.client import (
     LATEST,
     S3Url,
     check_bucket,
     make_client,
-    make_manager,
     read_object,
     s3_errors,
 )
+from modelfactory.s3.folders import download_files
 
 _CHUNK = 1 << 20
 
@@ -103,19 +103,8 @@ def verify_s3(*, url: str) -> dict[str, Any]:
             raise PublishError(f"{folder.key(entry['path'])} in {folder} does not match the manifest "
                                f"(size {size} vs {entry['size']}, sha256 {sha[:12]} vs {entry['sha256'][:12]}): "
                                "the artifact is corrupt; publish it again")
+    check_content(manifest, where=str(folder))
     return {**manifest, "uri": str(folder), "manifest_sha256": manifest_digest(data)}
-
-
-def _download_files(client, *, folder: S3Url, rels: list[str], dest: Path) -> None:
-    with make_manager(client) as manager:
-        futures = []
-        for rel in rels:
-            target = dest / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            futures.append(manager.download(folder.bucket, folder.key(rel), str(target),
-                                            extra_args={"ChecksumMode": "ENABLED"}))
-        for future in futures:  # a failure cancels the rest on leaving the `with` (see publishing.s3.upload_tree)
-            future.result()
 
 
 def _check_files(entries: list[dict], dest: Path, *, where: str, error: type[ModelFactoryError]) -> None:
@@ -141,6 +130,7 @@ def download_s3(*, url: str, dest: Path) -> dict[str, Any]:
     """
     with open_artifact("downloading", url=url) as (client, folder, data):
         manifest = json.loads(data)
+        check_content(manifest, where=str(folder))
         digest = manifest_digest(data)
         if (dest / MANIFEST).is_file() and manifest_digest((dest / MANIFEST).read_bytes()) == digest:
             return {**manifest, "uri": str(folder), "manifest_sha256": digest, "reused": True}
@@ -151,7 +141,7 @@ def download_s3(*, url: str, dest: Path) -> dict[str, Any]:
         tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
             progress(f"download: {len(rels)} files, {manifest['total_bytes'] / 1e6:.1f} MB from {folder}")
-            _download_files(client, folder=folder, rels=rels, dest=tmp)
+            download_files(client, source=folder, files=rels, dest=tmp)
             _check_files(manifest["files"], tmp, where=str(folder), error=PublishError)
             (tmp / MANIFEST).write_bytes(data)
             if dest.exists():
@@ -210,7 +200,7 @@ def fetch_source(*, url: str, what: str) -> tuple[Path, str, bool]:
         total = sum(e["size"] for e in entries)
         progress(f"download: {what} {url}: {len(rels)} files, {total / 1e6:.1f} MB")
         with workdir.building("download", key) as (tmp, marker):
-            _download_files(client, folder=root, rels=rels, dest=tmp)
+            download_files(client, source=root, files=rels, dest=tmp)
             if manifest_data is not None:
                 _check_files(entries, tmp, where=f"{what} {url}", error=SourceError)
                 (tmp / MANIFEST).write_bytes(manifest_data)

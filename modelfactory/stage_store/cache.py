@@ -36,7 +36,7 @@ from modelfactory.core.log import progress
 from modelfactory.core.manifest import manifest_digest
 from modelfactory.core.settings import get_settings
 from modelfactory.s3.client import S3Url, s3_errors
-from modelfactory.stage_store.remote import download_files, parse_marker
+from modelfactory.stage_store.remote import download_output, parse_marker
 
 
 def cache_root() -> Path:
@@ -97,7 +97,7 @@ def fetch(client, *, url: S3Url, data: bytes) -> Path:
             progress(f"stage store: fetching {len(manifest['files'])} files, {manifest['total_bytes'] / 1e6:.1f} MB "
                      f"of {url} into {final}")
             with s3_errors("fetching", url=str(url), fatal=StageStoreError):
-                download_files(client, url=url, manifest=manifest, dest=tmp)
+                download_output(client, url=url, manifest=manifest, dest=tmp)
             if bad := mismatches(manifest, tmp):
                 raise StageStoreError(
                     f"{url}: {bad[:5]} do not match their size/sha256 in the completion marker after download "

@@ -29,15 +29,8 @@ from modelfactory.core.log import progress
 from modelfactory.core.manifest import SCHEMA, file_entries, manifest_bytes
 from modelfactory.core.settings import get_settings
 from modelfactory.core.workdir import FILE_KEYS, MARKER
-from modelfactory.s3.client import (
-    S3Url,
-    make_client,
-    make_manager,
-    read_object,
-    s3_errors,
-)
-
-CHECKSUM = {"ChecksumAlgorithm": "SHA256"}
+from modelfactory.s3.client import S3Url, make_client, read_object, s3_errors
+from modelfactory.s3.folders import CHECKSUM, discard_prefix, download_files, upload_folder
 
 
 def store_root() -> S3Url | None:
@@ -98,23 +91,12 @@ def upload_output(*, root: S3Url, step: str, key: str, folder: Path, marker: dic
     attempt = uuid.uuid4().hex[:12]
     manifest = build_manifest(folder, step=step, key=key, marker=marker, data=f"{attempt}/")
     data = manifest_bytes(manifest)
-    dest = url.child(attempt)
     progress(f"{step}: uploading {len(manifest['files'])} files, {manifest['total_bytes'] / 1e6:.1f} MB to the "
              f"stage store {url}")
     with s3_errors(f"uploading the {step} output to", url=str(url), fatal=StageStoreError):
-        try:
-            with make_manager(client) as manager:
-                futures = [manager.upload(str(folder / e["path"]), dest.bucket, dest.key(e["path"]),
-                                          extra_args=dict(CHECKSUM)) for e in manifest["files"]]
-                # A failure leaves the `with`, whose exit cancels the rest (see publishing.s3.upload_tree).
-                for future in futures:
-                    future.result()
-        except BaseException:
-            _discard(client, dest)
-            raise
-        if _put_if_absent(client, url.bucket, url.key(MARKER), data):
+        if upload_folder(client, folder=folder, files=[e["path"] for e in manifest["files"]], dest=url.child(attempt),
+                         marker_key=url.key(MARKER), marker=data, private=True):
             return data
-        _discard(client, dest)  # another host completed this key first: its output is the one
         progress(f"{step}: {url} was completed by another host meanwhile: using that one")
         theirs = read_marker(client, url)
         if theirs is None:
@@ -130,50 +112,13 @@ def delete_output(*, root: S3Url, step: str, key: str) -> None:
     client = make_client()
     with s3_errors(f"removing the {step} output", url=str(url), fatal=StageStoreError):
         client.delete_object(Bucket=url.bucket, Key=url.key(MARKER))
-        _discard(client, url)
+        discard_prefix(client, url)
 
 
-def _put_if_absent(client, bucket: str, key: str, data: bytes) -> bool:
-    from botocore.exceptions import ClientError
-
-    try:
-        client.put_object(Bucket=bucket, Key=key, Body=data, ContentType="application/json", IfNoneMatch="*",
-                          **CHECKSUM)
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
-            return False
-        raise
-    return True
-
-
-def _discard(client, prefix: S3Url) -> None:
-    """Best effort: abort the multipart uploads and delete the objects of one attempt."""
-    try:
-        for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=prefix.bucket,
-                                                                             Prefix=prefix.prefix):
-            for upload in page.get("Uploads", []):
-                client.abort_multipart_upload(Bucket=prefix.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=prefix.bucket, Prefix=prefix.prefix):
-            keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
-            if keys:
-                client.delete_objects(Bucket=prefix.bucket, Delete={"Objects": keys, "Quiet": True})
-    except Exception as exc:  # noqa: BLE001 - the upload's own error matters more; leftovers are unreferenced
-        progress(f"stage store: could not remove the unfinished upload {prefix} ({type(exc).__name__}); it is "
-                 "never read (no marker points at it) and can be deleted by hand or a lifecycle rule")
-
-
-def download_files(client, *, url: S3Url, manifest: dict[str, Any], dest: Path) -> None:
+def download_output(client, *, url: S3Url, manifest: dict[str, Any], dest: Path) -> None:
     """Download every file the marker *manifest* of the output at *url* lists into *dest*."""
-    source = url.child(manifest["data"])
-    with make_manager(client) as manager:
-        futures = []
-        for entry in manifest["files"]:
-            target = dest / entry["path"]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            futures.append(manager.download(source.bucket, source.key(entry["path"]), str(target),
-                                            extra_args={"ChecksumMode": "ENABLED"}))
-        for future in futures:  # a failure cancels the rest on leaving the `with`
-            future.result()
+    download_files(client, source=url.child(manifest["data"]), files=[e["path"] for e in manifest["files"]],
+                   dest=dest)
 
 
 def put_record(root: S3Url, rel: str, data: bytes) -> str:
