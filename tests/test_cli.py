@@ -24,9 +24,10 @@ def _prefect_logging_on_real_streams():
 
 @pytest.fixture(scope="module")
 def spec_file(tiny_run, tmp_path_factory):
-    """The session's tiny run without its gate (flags set it): its steps' outputs are reused."""
+    """The session's tiny run without its thresholds (flags set them; random weights: no default gate): its
+    steps' outputs are reused."""
     path = tmp_path_factory.mktemp("specs") / "tiny.yaml"
-    spec = {k: v for k, v in tiny_run.spec.items() if k != "gate"}
+    spec = {**{k: v for k, v in tiny_run.spec.items() if k != "gate"}, "gate": {"preset": "none"}}
     path.write_text(yaml.safe_dump({**spec, "name": "cli-tiny"}))
     return path
 
@@ -43,6 +44,7 @@ def cli_runs(spec_file):
 def test_run_spec_file_passes_and_prints_metrics(cli_runs):
     result, _ = cli_runs
     assert result.exit_code == 0, result.output
+    assert "gate: checks in effect: max_ppl_increase_pct=5.0, require_runnable" in result.output
     assert "perplexity" in result.output and "decode_tok_s" in result.output
     assert "passed" in result.output and "artifact: file://" in result.output
 
@@ -93,6 +95,24 @@ def test_library_warnings_go_to_the_log_file_and_the_console_keeps_the_factorys_
     assert "GPT-QModel" not in console and "GIL" not in console  # GPTQModel's import-time banner and warnings
     assert "factory progress line" not in log and "prefect line" not in log
     assert f"library warnings and logs of this command: {tmp_path / 'logs' / 'run-x.log'}" in console
+
+
+def test_every_gate_threshold_has_a_flag_and_the_run_prints_those_in_effect(spec_file):
+    from modelfactory.testing.catalog import latest_run
+
+    flags = ["--gate-preset", "default", "--max-ppl-increase-pct", "1000", "--max-kld-mean", "100",
+             "--max-kld-p99", "1000", "--min-top1-agreement-pct", "0", "--min-decode-speedup-at", "4=0.001",
+             "--require-default-path", "--name", "cli-flags"]
+    result = runner.invoke(app, ["run", "--spec", str(spec_file), *flags])
+    assert result.exit_code == 0, result.output
+    printed = result.output.split("gate: checks in effect: ", 1)[1].splitlines()[0]
+    assert printed == ("max_ppl_increase_pct=1000.0, min_decode_speedup_by_batch={4: 0.001}, max_kld_mean=100.0, "
+                       "max_kld_p99=1000.0, min_top1_agreement_pct=0.0, require_runnable, require_default_path")
+    checked = {check.metric for check in latest_run().gate_checks}
+    assert checked == {"max_ppl_increase_pct", "min_decode_speedup_b4", "max_kld_mean", "max_kld_p99",
+                       "min_top1_agreement_pct", "require_runnable", "require_default_path"}
+    bad = runner.invoke(app, ["run", "--spec", str(spec_file), "--min-decode-speedup-at", "eight=1"])
+    assert bad.exit_code == 1 and "--min-decode-speedup-at 'eight=1' is not BATCH=X" in bad.output
 
 
 def test_flags_override_the_spec_and_rejection_exits_2(cli_runs):

@@ -52,11 +52,10 @@ from modelfactory.publishing.public import (
 )
 from modelfactory.testing.env import own_work_dir
 from modelfactory.testing.hub_server import OWNER
-from modelfactory.testing.models import make_lora, smollm2_gguf, tiny_spec
+from modelfactory.testing.models import TINY_GATE, make_lora, smollm2_gguf, tiny_spec
 from modelfactory.tasks.publish import publish_artifact, runnability_entries
 
 REPO_ID, REVISION = f"{OWNER}/smol-gptq", "gptq-4bit-64g"
-TINY_GATE = {"max_ppl_increase_pct": 5.0, "max_size_ratio": 0.999}
 
 
 def checked_snippet(model: str, device: str = "cpu") -> str:

@@ -59,7 +59,7 @@ def sweep_spec(tiny_llama: Path, tiny_lora: Path, name: str, **fields: Any) -> d
     base = tiny_spec(tiny_llama)
     spec = {"name": name, "base": base["base"], "adapters": [{"uri": str(tiny_lora)}],
             "quantize": base["quantize"], "benchmark": base["benchmark"], "configs": CONFIGS,
-            "gate": {"max_ppl_increase_pct": 50.0}, "objective": "smallest", "publish": {"name": name}}
+            "gate": {"preset": "none", "max_ppl_increase_pct": 50.0}, "objective": "smallest", "publish": {"name": name}}
     return {**spec, **fields}
 
 

@@ -53,7 +53,7 @@ ADAPTER_REPO = "mf-test/tiny-lora"
 BURST_REPO = "mf-test/burst-lora"
 #: Watch spec fields: the tiny model's cheap calibration/benchmark and a gate it passes.
 CHEAP = {k: v for k, v in tiny_spec(Path("/unused")).items() if k in ("quantize", "benchmark")} | {
-    "gate": {"max_ppl_increase_pct": 50.0}}
+    "gate": {"preset": "none", "max_ppl_increase_pct": 50.0}}
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 

@@ -20,7 +20,6 @@ from modelfactory.core.specs import (
     DEFAULT_AGREEMENT_TOP_K,
     BenchmarkSpec,
     QuantSpec,
-    RunnabilitySpec,
 )
 from modelfactory.interfaces.runner import run_factory
 from modelfactory.testing.env import own_work_dir
@@ -45,8 +44,8 @@ def test_tiny_model_through_every_new_check(tiny_llama, tmp_path):
     with own_work_dir(tmp_path / "work"):
         quant = quantize_model(model=merged, spec=QuantSpec.model_validate(
             {"bits": 4, "group_size": 32, "calibration": {"num_samples": 4, "seq_len": 64}}), device="cpu")
-        report = check_runnable(quant=quant, spec=RunnabilitySpec(devices=("cpu",)))
-        again = check_runnable(quant=quant, spec=RunnabilitySpec(devices=("cpu",)))
+        report = check_runnable(quant=quant, spec=BenchmarkSpec(device="cpu", runnability={"devices": ["cpu"]}))
+        again = check_runnable(quant=quant, spec=BenchmarkSpec(device="cpu", runnability={"devices": ["cpu"]}))
         result = step.benchmark_models(baseline=merged, candidate=quant.model, spec=spec)
         reused = step.benchmark_models(baseline=merged, candidate=quant.model, spec=spec)
 
@@ -59,7 +58,8 @@ def test_tiny_model_through_every_new_check(tiny_llama, tmp_path):
 
     # agreement: the fp16 reference in the baseline's folder, the stats on the result
     agreement = result.agreement
-    assert agreement is not None and agreement.top_k == DEFAULT_TOP_K and agreement.kld_is_lower_bound
+    assert agreement is not None and agreement.top_k == DEFAULT_TOP_K and agreement.kld_method == "exact"
+    assert agreement.lower_bound_kld_mean <= agreement.kld_mean  # the top-k bound, reported next to it
     assert agreement.positions == 254  # 2 windows of 128 tokens, each without its first token
     assert 0 < agreement.kld_mean <= agreement.kld_max and agreement.kld_median <= agreement.kld_p99 <= agreement.kld_max
     assert 0 <= agreement.top1_agreement_pct <= 100
@@ -126,23 +126,62 @@ def test_unknown_task_fails_before_any_download(prefect, tiny_llama):
     assert open_catalog().get_run(run.id).steps == ()
 
 
-def test_artifact_that_cannot_generate_in_plain_transformers_fails_the_gate(prefect, smollm2_tokenizer_dir,
-                                                                           tmp_path_factory):
-    """Width 96 quantized at group size 64: the factory's benchmark loads it (gptq_torch), a user's plain
-    load on CPU picks torch's int4pack kernel, which cannot run it."""
+def test_a_default_kernel_that_cannot_serve_the_shape_passes_and_the_strict_setting_rejects(
+        prefect, smollm2_tokenizer_dir, tmp_path_factory):
+    """Width 96 quantized at group size 64: a user's plain load on CPU picks torch's int4pack kernel, which cannot
+    run it; the portable torch kernel can. The artifact is healthy: it passes, and the run records which path
+    was verified and why the default one fails. ``require_default_path`` rejects it, with the library's error
+    and what to do."""
     base = make_tiny_llama(tmp_path_factory.mktemp("tiny96-verdict"), smollm2_tokenizer_dir, hidden=96)
-    before = _store_files()
     spec = tiny_spec(base, quantize={"bits": 4, "group_size": 64, "calibration": {"num_samples": 8, "seq_len": 64}},
-                     publish={"name": "not-runnable"})
+                     publish={"name": "default-path"})
     spec["benchmark"]["perplexity"]["max_tokens"] = 256
+    spec["benchmark"]["runnability"] = {"devices": ["cpu"]}
+    passed = run_factory(spec)
+    assert passed.status == "passed", passed
+    steps = {s.name: s for s in open_catalog().get_run(passed.run_id).steps}
+    runnability = steps["runnability"].detail
+    assert runnability["passed"] and runnability["verified_paths"] == {"cpu": "gptq_torch"}
+    default, fallback = runnability["results"]
+    assert not default["ok"] and "expect K to be divisible by qGroupSize, got K:96, qGroupSize:64" in default["error"]
+    assert fallback["ok"] and fallback["path"] == "gptq_torch" and fallback["top1_agreement_pct"] >= 90
+
+    before = _store_files()
+    strict = run_factory({**spec, "name": "strict", "gate": {"preset": "none", "require_default_path": True},
+                          "publish": {"name": "not-default-path"}})
+    assert strict.status == "rejected", strict
+    detail = open_catalog().get_run(strict.run_id)
+    (check,) = [c for c in detail.gate_checks if not c.passed]
+    assert check.metric == "require_default_path"
+    assert "expect K to be divisible by qGroupSize, got K:96, qGroupSize:64" in check.message  # the library's error
+    assert "use group_size 32" in check.message  # and what to do
+    steps = {s.name for s in detail.steps}
+    assert "benchmark" not in steps, "rejected before the benchmark spent anything"
+    assert "publish" not in steps and _store_files() == before
+
+
+def test_an_artifact_that_fails_at_generate_is_rejected_before_the_benchmark(prefect, smollm2_tokenizer_dir,
+                                                                             tmp_path_factory):
+    """A tiny random Phi3 at group 32 fails at generate with an IndexError. The benchmark used to run anyway and
+    crash the run with the library's raw IndexError; now the run is rejected there, with the reason."""
+    import shutil
+
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    base = tmp_path_factory.mktemp("tiny-phi3")
+    torch.manual_seed(0)
+    Phi3ForCausalLM(Phi3Config(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                               bos_token_id=1, eos_token_id=2, pad_token_id=2)).to(torch.float16).save_pretrained(base)
+    for file in smollm2_tokenizer_dir.iterdir():
+        shutil.copy2(file, base / file.name)
+    spec = tiny_spec(base, quantize={"bits": 4, "group_size": 32, "calibration": {"num_samples": 4, "seq_len": 64}},
+                     publish={"name": "phi3-broken"})
     spec["benchmark"]["runnability"] = {"devices": ["cpu"]}
     outcome = run_factory(spec)
     assert outcome.status == "rejected", outcome
     detail = open_catalog().get_run(outcome.run_id)
-    (check,) = [c for c in detail.gate_checks if not c.passed]
-    assert check.metric == "require_runnable"
-    assert "expect K to be divisible by qGroupSize, got K:96, qGroupSize:64" in check.message  # the library's error
-    assert "use group_size 32" in check.message  # and what to do
-    steps = {s.name: s for s in detail.steps}
-    assert steps["runnability"].status == "failed" and not steps["runnability"].detail["passed"]
-    assert "publish" not in steps and _store_files() == before
+    (check,) = detail.gate_checks
+    assert check.metric == "require_runnable" and "IndexError" in check.message and "at generate" in check.message
+    assert [s.name for s in detail.steps if s.name in ("benchmark", "publish")] == []
