@@ -104,7 +104,8 @@ def check_runnable(*, quant: QuantResult, spec: BenchmarkSpec) -> RunnabilityRep
     progress(f"runnability: the factory's own reference ({check.check_tokens} greedy tokens, the benchmark's kernel)")
     reference = RunnabilityReference.model_validate(run_isolated(
         measure_reference, kwargs={"model_path": str(model_dir), "spec": spec.model_dump(mode="json"),
-                                   "prompt": plain_load.DEFAULT_PROMPT, "check_tokens": check.check_tokens},
+                                   "prompt": plain_load.DEFAULT_PROMPT, "check_tokens": check.check_tokens,
+                                   "near_tie_nats": check.near_tie_nats},
         log_path=final.with_suffix(".log"), env=gpu_env(), unexpected=BenchmarkError))
     if not reference.ok:
         progress(f"runnability: FAILED at the reference ({reference.failure_kind}): {reference.explanation}")

@@ -217,6 +217,37 @@ def _reference(model_dir: Path) -> RunnabilityReference:
         prompt=plain_load.DEFAULT_PROMPT, check_tokens=32))
 
 
+def test_near_ties_keep_the_argmax_first_and_every_token_within_the_tolerance():
+    import torch
+
+    from modelfactory.benchmark.runnability import near_ties
+
+    logp = torch.tensor([[-1.0, -1.1, -3.0, -1.0], [-0.1, -5.0, -6.0, -7.0]] + [[0.0] * 4] * 0)
+    logp = torch.cat([logp, torch.full((2, 12), -20.0)], dim=1)  # a vocabulary of 16
+    assert near_ties(logp, nats=0.25) == [[0, 3, 1], [0]]  # argmax (lowest id of a tie) first
+    assert near_ties(logp, nats=0.0) == [[0, 3], [0]]
+    assert len(near_ties(torch.zeros(1, 32), nats=1.0)[0]) == 16  # bounded
+
+
+def test_a_near_tie_that_flips_is_not_a_disagreement():
+    """plain_load counts an argmax among the reference's near-tied tokens as agreeing (kernels differ in the last
+    bits); anything else does not."""
+    import torch
+
+    class Fixed(torch.nn.Module):  # a "model" whose argmax is token 2 at every position
+        device = torch.device("cpu")
+
+        def forward(self, input_ids):
+            logits = torch.zeros(1, input_ids.shape[1], 8)
+            logits[..., 2] = 1.0
+            return type("Out", (), {"logits": logits})()
+
+    reference = {"token_ids": [5, 6, 7, 1, 1], "prompt_len": 3, "top1": [3, 3], "near": [[3, 2], [3]]}
+    assert plain_load.teacher_forced(Fixed(), reference) == {"positions": 2, "top1_agree": 1, "logits_finite": True}
+    del reference["near"]  # a reference without near-ties: argmax against argmax
+    assert plain_load.teacher_forced(Fixed(), reference)["top1_agree"] == 0
+
+
 def test_good_artifact_runs_on_cpu_without_factory_code_and_computes_what_was_measured(tiny_gptq, tmp_path):
     reference = _reference(tiny_gptq)
     assert reference.ok and reference.logits_finite and len(reference.top1) == 32

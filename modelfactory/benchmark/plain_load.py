@@ -123,8 +123,9 @@ def _factory_modules() -> list[str]:
 
 
 def teacher_forced(model, reference: dict) -> dict:
-    """The reference's tokens scored in one forward pass: ``{positions, top1_agree, logits_finite}``
-    (this model's argmax at each continuation position against the reference's ``top1``)."""
+    """The reference's tokens scored in one forward pass: ``{positions, top1_agree, logits_finite}`` (this
+    model's argmax at each continuation position against the reference's ``top1``, or one of the tokens the
+    reference rates as near-tied with it, ``near``)."""
     import torch
 
     ids = torch.tensor([reference["token_ids"]], device=model.device)
@@ -132,8 +133,8 @@ def teacher_forced(model, reference: dict) -> dict:
     with torch.inference_mode():
         logits = model(input_ids=ids).logits[0, start:-1].float()
     predicted = logits.argmax(-1).tolist()
-    return {"positions": len(predicted), "top1_agree": sum(int(a == b) for a, b in zip(predicted, reference["top1"],
-                                                                                       strict=True)),
+    accepted = reference.get("near") or [[top1] for top1 in reference["top1"]]
+    return {"positions": len(predicted), "top1_agree": sum(int(a in b) for a, b in zip(predicted, accepted, strict=True)),
             "logits_finite": bool(torch.isfinite(logits).all())}
 
 

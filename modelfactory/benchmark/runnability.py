@@ -6,15 +6,17 @@ The check has two halves:
    loaded exactly as the benchmark loads it (its device, dtype and kernel,
    :func:`modelfactory.benchmark.sides.load_side`) generates ``check_tokens`` greedy tokens after the
    snippet's prompt, then scores that sequence teacher-forced: its most likely token at each position
-   (``top1``), and whether every logit is finite. A reference that cannot run, or whose logits are not
-   finite, rejects the artifact before the benchmark spends anything.
+   (``top1``, with the tokens it rates within ``near_tie_nats`` of it: ``near``), and whether every logit is
+   finite. A reference that cannot run, or whose logits are not finite, rejects the artifact before the
+   benchmark spends anything.
 2. **Plain transformers, per device** (:func:`check_runs_plainly`): :mod:`modelfactory.benchmark.plain_load`
    runs *by file path* in a fresh ``python -I`` process (no factory code, no ``PYTHONPATH``, default
    settings: exactly the "Load it" snippet a user copies from the model card), on CPU always and on
    CUDA when a GPU is visible (the CPU run hides the GPUs, as a CPU-only machine would). It loads,
-   generates, and scores the reference's tokens teacher-forced: it *works* when its argmax agrees with
-   the reference's on at least ``min_top1_agreement_pct`` of the positions (kernels and dtypes
-   legitimately differ in the last bits, and a near-tie may flip) and every logit is finite.
+   generates, and scores the reference's tokens teacher-forced: it *works* when its argmax is the reference's
+   top-1, or a token the reference rates as near-tied with it, on at least ``min_top1_agreement_pct`` of the
+   positions (kernels and dtypes legitimately differ in the last bits, so a near-tie may flip; garbage lands
+   far from the reference's top), and every logit is finite.
 
 When the library's default loading path fails with an error on a device, the same check runs once more
 with another standard GPTQModel kernel (:func:`fallback_backend`: Marlin or Triton on CUDA, the portable
@@ -85,6 +87,10 @@ class RunnabilityReference(Record):
     prompt_len: int = 0
     token_ids: tuple[int, ...] = ()
     top1: tuple[int, ...] = ()
+    #: Per continuation position, the tokens the reference rates within ``near_tie_nats`` of its top-1 (top-1 first):
+    #: a plain load whose argmax is one of them agrees there.
+    near: tuple[tuple[int, ...], ...] = ()
+    near_tie_nats: float = 0.0
     logits_finite: bool | None = None
     text: str | None = None
     error_type: str | None = None
@@ -94,7 +100,8 @@ class RunnabilityReference(Record):
 
     def comparison(self) -> dict[str, Any]:
         """What plain_load's ``--reference`` file holds."""
-        return {"token_ids": list(self.token_ids), "prompt_len": self.prompt_len, "top1": list(self.top1)}
+        return {"token_ids": list(self.token_ids), "prompt_len": self.prompt_len, "top1": list(self.top1),
+                "near": [list(ids) for ids in self.near]}
 
 
 class RunnabilityResult(Record):
@@ -390,10 +397,28 @@ def _first_line(text: str) -> str:
 
 
 # --------------------------------------------------------------------------- the reference
-def measure_reference(*, model_path: str, spec: dict, prompt: str, check_tokens: int) -> RunnabilityReference:
+#: At most this many near-tied tokens are kept per position (:attr:`RunnabilityReference.near`).
+MAX_NEAR = 16
+
+
+def near_ties(logits, *, nats: float) -> list[list[int]]:
+    """Per row of log-probs or logits ``[n, vocab]``: the ids within *nats* of the row's maximum, highest first (the
+    argmax first: ``argmax`` picks the lowest id among exact ties), at most :data:`MAX_NEAR`."""
+    top = logits.topk(MAX_NEAR, dim=-1)
+    rows = []
+    for argmax, values, ids, row_max in zip(logits.argmax(-1).tolist(), top.values.tolist(), top.indices.tolist(),
+                                            logits.max(-1).values.tolist(), strict=True):
+        near = [argmax] + [i for v, i in zip(values, ids, strict=True) if v >= row_max - nats and i != argmax]
+        rows.append(near[:MAX_NEAR])
+    return rows
+
+
+def measure_reference(*, model_path: str, spec: dict, prompt: str, check_tokens: int,
+                      near_tie_nats: float = 0.25) -> RunnabilityReference:
     """Process body: the artifact as the benchmark loads it (:func:`modelfactory.benchmark.sides.load_side`)
     generates *check_tokens* greedy tokens after *prompt*, then scores the whole sequence teacher-forced
-    (``top1`` at each continuation position, finite logits). Never raises for an artifact that fails."""
+    (``top1`` and its near-ties at each continuation position, finite logits). Never raises for an artifact
+    that fails."""
     import torch
     from transformers import AutoTokenizer
 
@@ -421,8 +446,10 @@ def measure_reference(*, model_path: str, spec: dict, prompt: str, check_tokens:
                                  min_new_tokens=check_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
             logits = model(input_ids=out).logits[0, ids.shape[1] - 1 : -1].float()
+        finite = bool(torch.isfinite(logits).all())
+        near = near_ties(logits.log_softmax(-1), nats=near_tie_nats) if finite else []
         fields.update(prompt_len=ids.shape[1], token_ids=tuple(out[0].tolist()), top1=tuple(logits.argmax(-1).tolist()),
-                      logits_finite=bool(torch.isfinite(logits).all()),
+                      near=tuple(tuple(ids_) for ids_ in near), near_tie_nats=near_tie_nats, logits_finite=finite,
                       text=tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     except Exception as exc:  # the artifact (or the host) failed: described, classified, never raised
         import traceback

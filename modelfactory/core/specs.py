@@ -311,8 +311,12 @@ class RunnabilitySpec(Spec):
     min_top1_agreement_pct: float = Field(
         default=90.0, ge=0, le=100,
         description="A plain load works when its teacher-forced argmax agrees with the reference's on at least this "
-        "share of the positions (and its logits are finite): kernels and dtypes differ in the last bits, so a "
-        "near-tie may flip; garbage agrees on few.")
+        "share of the positions (and its logits are finite); garbage agrees on few.")
+    near_tie_nats: float = Field(
+        default=0.25, ge=0, le=5,
+        description="At a position where the reference rates another token within this many nats (log-prob) of its "
+        "most likely one, either counts as agreeing: kernels and dtypes (Marlin in fp16 on a GPU, int4pack in bf16 "
+        "on a CPU) differ in the last bits, so a near-tie may flip.")
     timeout_s: float = Field(default=600.0, gt=0, le=7200,
                              description="Per device (a first CUDA load may compile kernels for minutes).")
 
