@@ -1,7 +1,7 @@
 # Two commands on a fresh machine (see README):
 #   make demo   - set up .venv, then run the whole factory on SmolLM2 with embedded defaults
 #   make test   - set up .venv, then run the whole test suite (what .ci/run calls)
-#   make test-fast - the quick part of the suite (no SmolLM2 run, no Prefect server + pool, no PostgreSQL)
+#   make test-fast - the quick part of the suite (no SmolLM2 run, no Prefect flows or servers, no PostgreSQL)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -34,8 +34,9 @@ test: setup
 	  --dist loadfile --no-loadscope-reorder --basetemp=$(abspath .mf/pytest)
 
 # The quick check: everything but the real SmolLM2 run (slow), the modules that start a Prefect server and
-# GPU-pool workers (pool) and PostgreSQL (postgres: make test runs the catalog tests on it too).
-FAST := not slow and not pool and not postgres
+# GPU-pool workers (pool), the tests that run a factory or sweep flow on the tiny model (flow) and
+# PostgreSQL (postgres: make test runs the catalog tests on it too).
+FAST := not slow and not pool and not flow and not postgres
 test-fast: setup
 	mkdir -p .mf && OMP_NUM_THREADS=1 $(BIN)/python -m pytest -ra --durations=10 -n $(TEST_WORKERS) \
 	  --dist loadfile --no-loadscope-reorder -m "$(FAST)" --basetemp=$(abspath .mf/pytest-fast)

@@ -36,9 +36,18 @@ SLOWEST_FIRST = ("test_smollm2_e2e.py", "test_gpu_pool.py", "test_load.py", "tes
                  "test_quantize.py", "test_s3.py", "test_runnability.py")
 
 
+#: Fixtures of tests that run Prefect flows (the factory, a sweep) on the tiny model: they get the
+#: ``flow`` marker, which ``make test-fast`` deselects (each flow quantizes and benchmarks in child
+#: processes: a minute or more of CPU on 2 cores).
+FLOW_FIXTURES = frozenset({"prefect", "tiny_run"})
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order otherwise
+    for item in items:
+        if FLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.flow)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,5 +1,5 @@
-"""The README and the docs stay true to the code where a test can tell: their example specs parse,
-and the files they link to exist."""
+"""The README, the docs and the Makefile stay true to the code where a test can tell: the example specs
+parse, the files they link to exist, ``make test-fast`` names real markers."""
 
 from __future__ import annotations
 
@@ -36,3 +36,14 @@ def test_relative_links_point_at_files_that_exist(page):
 def test_the_readme_stays_short():
     """The README is the front door: what it is, the two commands, a spec, the CLI, links into docs/."""
     assert len((REPO / "README.md").read_text().splitlines()) <= 200
+
+
+def test_make_test_fast_deselects_only_markers_that_exist():
+    """``make test-fast``'s marker expression names registered markers only (a typo would select nothing
+    less, silently)."""
+    import tomllib
+
+    fast = re.search(r'^FAST := (.+)$', (REPO / "Makefile").read_text(), flags=re.MULTILINE).group(1)
+    named = set(re.findall(r"not (\w+)", fast))
+    markers = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["markers"]
+    assert named and named <= {m.split(":")[0] for m in markers}, (named, markers)
