@@ -33,6 +33,17 @@ def test_relative_links_point_at_files_that_exist(page):
     assert not missing, f"{page.relative_to(REPO)} links to files that do not exist: {missing}"
 
 
+def test_the_readme_names_every_command():
+    """The CLI at a glance misses no command of ``modelfactory``."""
+    import typer.main
+
+    from modelfactory.interfaces.cli.main import app
+
+    readme = (REPO / "README.md").read_text()
+    commands = typer.main.get_command(app).commands
+    assert [name for name in commands if f"`modelfactory {name}" not in readme] == []
+
+
 def test_the_readme_stays_short():
     """The README is the front door: what it is, the two commands, a spec, the CLI, links into docs/."""
     assert len((REPO / "README.md").read_text().splitlines()) <= 200
