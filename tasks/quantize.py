@@ -74,11 +74,11 @@ def build_calibration(tokenizer, spec: CalibrationSpec) -> tuple[list[dict[str, 
 
 def checkpointable(model_path: str, spec: QuantSpec) -> bool:
     """Whether GPTQModel 7.6 can checkpoint this quantization: a Llama-family safetensors model,
-    quantized layer by layer (``true_sequential``)."""
+    quantized layer by layer (``true_sequential``), without GPTAQ or FOEM (``validate_checkpoint_support``)."""
     folder = Path(model_path)
     model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     has_safetensors = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
-    return model_type == "llama" and spec.true_sequential and has_safetensors
+    return model_type == "llama" and spec.true_sequential and not (spec.gptaq or spec.foem) and has_safetensors
 
 
 def checkpoint_progress(folder: Path) -> tuple[int, int] | None:
@@ -166,6 +166,28 @@ def _data_bytes(path: Path) -> int:
     return path.stat().st_size - 8 - header_len
 
 
+#: GPTAQ's weight of the input-drift term: its recommended value, GPTQModel 7.6's ``GPTAQConfig`` default.
+GPTAQ_ALPHA = 0.25
+#: FOEM's first-order term: GPTQModel 7.6's ``FOEMConfig`` default (its docs: 0.1-0.25 works well).
+FOEM_BETA = 0.2
+
+
+def quantize_config_args(spec: QuantSpec) -> dict:
+    """GPTQModel ``QuantizeConfig`` arguments for *spec* (group size resolved): every quality lever passed
+    explicitly, ``act_group_aware: auto`` resolved, so a GPTQModel with other defaults quantizes the same.
+    GPTAQ and FOEM together are GPTQModel's FOEM with alpha > 0 (its ``FOEMConfig`` docs)."""
+    from gptqmodel.quantization.config import FOEMConfig, GPTAQConfig
+
+    return {
+        "bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym, "true_sequential": spec.true_sequential,
+        "damp_percent": spec.damp_percent, "damp_auto_increment": spec.damp_auto_increment,
+        "desc_act": spec.desc_act, "act_group_aware": spec.act_group_aware_on, "static_groups": spec.static_groups,
+        "mse": spec.mse,
+        "gptaq": GPTAQConfig(alpha=GPTAQ_ALPHA) if spec.gptaq and not spec.foem else None,
+        "foem": FOEMConfig(alpha=GPTAQ_ALPHA if spec.gptaq else 0.0, beta=FOEM_BETA) if spec.foem else None,
+    }
+
+
 def run_gptq(*, model_path: str, out_dir: str, spec: dict, device: str, checkpoint_dir: str | None = None) -> dict:
     """Worker body (runs in the isolated process): quantize *model_path* into *out_dir*.
 
@@ -186,12 +208,7 @@ def run_gptq(*, model_path: str, out_dir: str, spec: dict, device: str, checkpoi
     calibration, origin = build_calibration(tokenizer, qspec.calibration)
     progress(f"quantize: {len(calibration)} calibration windows x {qspec.calibration.seq_len} tokens from {origin}")
     config = QuantizeConfig(
-        bits=qspec.bits,
-        group_size=qspec.group_size,
-        damp_percent=qspec.damp_percent,
-        desc_act=qspec.desc_act,
-        sym=qspec.sym,
-        true_sequential=qspec.true_sequential,
+        **quantize_config_args(qspec),
         # Checkpointing needs GPTQModel's disk offload; its path is scrubbed from the saved config.
         offload_to_disk=checkpoint_dir is not None,
         offload_to_disk_path=str(Path(checkpoint_dir) / "offload") if checkpoint_dir else None,

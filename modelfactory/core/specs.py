@@ -27,6 +27,8 @@ from modelfactory.core.ids import check_hub_repo_id, is_hub_repo_id
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
+#: GPTQModel 7.6's dampening retry step for GPTQ (``_default_damp_auto_increment``), made the factory's explicit default.
+DEFAULT_DAMP_AUTO_INCREMENT = 0.01
 
 
 class Spec(BaseModel):
@@ -162,6 +164,38 @@ class QuantSpec(Spec):
     desc_act: bool = Field(default=False, description="Quantize columns in activation order.")
     sym: bool = Field(default=True, description="Symmetric quantization.")
     true_sequential: bool = Field(default=True, description="Quantize sub-layers in order.")
+    # GPTQModel's quality levers: each still writes a standard GPTQ checkpoint (docs/specs.md "Quality levers";
+    # measured in docs/benchmarks.md). Combinations GPTQModel refuses or mis-handles: _levers_combine.
+    act_group_aware: bool | Literal["auto"] = Field(
+        default="auto",
+        description="Act-group-aware reordering (GAR): quantize the columns within each group, and the groups, in "
+        "order of activation importance, then store them back in the standard layout (unlike desc_act, no "
+        "reordering at load, so no speed cost). auto: on unless desc_act or static_groups is (GPTQModel 7.6's "
+        "default with desc_act; static groups would be computed for other columns than they quantize). true needs "
+        "desc_act and static_groups off and a group size. A value equal to auto's choice is stored as auto.")
+    static_groups: bool = Field(
+        default=False,
+        description="Compute every group's scale and zero from the unquantized weights before GPTQ's updates (else "
+        "from the updated ones as GPTQ reaches the group); with desc_act the checkpoint's g_idx stays in column "
+        "order. Needs a group size and act_group_aware off.")
+    mse: float = Field(
+        default=0.0, ge=0, le=8,
+        description="Clipping search: per group, try shrinking the weight range (80 steps from 1.0 to 0.21 of it) "
+        "and keep the scale that minimizes sum |w - q(w)|^mse (GPTQ's reference code uses 2.4). 0: off, the scale "
+        "covers the full range.")
+    gptaq: bool = Field(
+        default=False,
+        description="GPTAQ: each layer also corrects the drift between its quantized inputs and the full-precision "
+        "model's (alpha 0.25, GPTAQ's recommended value); more calibration memory and time. With foem: FOEM + "
+        "GPTAQ.")
+    foem: bool = Field(
+        default=False,
+        description="FOEM: first-order error compensation on top of GPTQ's (beta 0.2, GPTQModel's default); with "
+        "gptaq both (GPTQModel's FOEM alpha 0.25).")
+    damp_auto_increment: float = Field(
+        default=DEFAULT_DAMP_AUTO_INCREMENT, ge=0, lt=1,
+        description="When a layer's Hessian does not factorize at damp_percent, retry with the dampening raised by "
+        "this step (below 1); 0: no retry. Changes nothing for a layer that factorizes at once.")
     batch_size: int = Field(default=4, ge=1, le=256, description="Calibration forward batch size.")
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
 
@@ -179,6 +213,43 @@ class QuantSpec(Spec):
             raise ValueError(f"group_size={group} is not supported: use 'auto' or one of {SUPPORTED_GROUP_SIZES}")
         return group
 
+    @model_validator(mode="after")
+    def _levers_combine(self) -> QuantSpec:
+        """Refuse the lever combinations GPTQModel 7.6 refuses at quantize time, or quantizes wrongly without a
+        word, before any work starts (``gptqmodel/quantization/config.py`` ``GPTQConfig``, ``quantization/gptq.py``)."""
+        aga = self.act_group_aware
+        if aga is True and self.desc_act:
+            raise ValueError("act_group_aware: true requires desc_act: false (GPTQModel reorders columns one way or "
+                             "the other): drop one of them, or set act_group_aware: auto (off with desc_act)")
+        if aga is True and self.static_groups:
+            raise ValueError("act_group_aware: true with static_groups: true quantizes every group with the scale of "
+                             "another (GPTQModel 7.6 computes static groups before the act-group reordering): drop one "
+                             "of them, or set act_group_aware: auto (off with static_groups)")
+        if self.group_size == -1 and (aga is True or self.static_groups):
+            raise ValueError(f"{'act_group_aware: true' if aga is True else 'static_groups: true'} needs groups but "
+                             "group_size is -1: give a group size (e.g. 128 or auto)")
+        if self.damp_auto_increment and self.damp_percent + self.damp_auto_increment >= 1:
+            raise ValueError(f"damp_percent {self.damp_percent:g} + damp_auto_increment {self.damp_auto_increment:g} "
+                             ">= 1: dampening must stay below 1, so no retry could run; lower damp_auto_increment "
+                             "(e.g. 0.01) or set it to 0 for no retry")
+        if aga != "auto" and aga == self._act_group_aware_by_default():
+            # One configuration, one step key, one sweep member: the value auto chooses is stored as auto
+            # (frozen: set during validation, as a frozen dataclass's __post_init__ would).
+            object.__setattr__(self, "act_group_aware", "auto")
+        return self
+
+    @property
+    def act_group_aware_on(self) -> bool:
+        """Whether act-group-aware reordering runs: ``act_group_aware`` with ``auto`` resolved (on unless
+        ``desc_act`` or ``static_groups`` is, or there are no groups)."""
+        if self.act_group_aware != "auto":
+            return self.act_group_aware
+        return self._act_group_aware_by_default()
+
+    def _act_group_aware_by_default(self) -> bool:
+        """What ``act_group_aware: auto`` means for this spec."""
+        return not (self.desc_act or self.static_groups or self.group_size == -1)
+
     def resolved(self, group_size: int) -> QuantSpec:
         """This spec with ``group_size: auto`` replaced by *group_size* (the quantize step's choice;
         see ``modelfactory.tasks.quantize.resolve_group_size``). An explicit group size is kept as is."""
@@ -187,13 +258,28 @@ class QuantSpec(Spec):
         return type(self).model_validate({**self.model_dump(), "group_size": group_size})
 
     def label(self) -> str:
-        """Branch-style name, e.g. ``gptq-4bit-128g`` or ``gptq-4bit-32g-actorder``.
+        """Branch-style name, e.g. ``gptq-4bit-128g``, ``gptq-4bit-32g-actorder`` or ``gptq-4bit-64g-mse2.4-gptaq``:
+        a quality lever away from its default adds its suffix (:meth:`lever_suffixes`).
 
         Unresolved ``auto`` reads ``gptq-4bit-autog``: the size is known only once the quantize step
         has read the model's widths; name published things with ``spec.resolved(size).label()``.
         """
         group = "nogroup" if self.group_size == -1 else f"{self.group_size}g"
-        return f"gptq-{self.bits}bit-{group}" + ("-actorder" if self.desc_act else "")
+        return f"gptq-{self.bits}bit-{group}" + "".join(f"-{suffix}" for suffix in self.lever_suffixes())
+
+    def lever_suffixes(self) -> list[str]:
+        """The label's suffix of each lever set away from its default (``actorder`` first, as labels always had it).
+        ``noaga``: act-group-aware reordering off where ``auto`` would have it on."""
+        suffixes = {
+            "actorder": self.desc_act,
+            "static": self.static_groups,
+            "noaga": self._act_group_aware_by_default() and not self.act_group_aware_on,
+            f"mse{self.mse:g}": self.mse > 0,
+            "gptaq": self.gptaq,
+            "foem": self.foem,
+            f"dampinc{self.damp_auto_increment:g}": self.damp_auto_increment != DEFAULT_DAMP_AUTO_INCREMENT,
+        }
+        return [suffix for suffix, away in suffixes.items() if away]
 
 
 # --------------------------------------------------------------------------- benchmark

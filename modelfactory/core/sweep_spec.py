@@ -38,6 +38,8 @@ Objective = Literal["smallest", "fastest", "closest"]
 #: What a sweep publishes: the winner only, every passing configuration, or nothing.
 PublishMode = Literal["winner", "all_passing", "none"]
 MAX_MEMBERS = 64
+#: QuantSpec's quality levers a grid can cross (each a QuantGrid field of the same name).
+QUALITY_LEVERS = ("act_group_aware", "static_groups", "mse", "gptaq", "foem", "damp_auto_increment")
 
 
 class QuantGrid(Spec):
@@ -49,13 +51,23 @@ class QuantGrid(Spec):
     damp_percent: tuple[float, ...] | None = Field(default=None, min_length=1, description="Dampening values.")
     calibration_samples: tuple[int, ...] | None = Field(
         default=None, min_length=1, description="Calibration sequence counts to try.")
+    act_group_aware: tuple[bool | Literal["auto"], ...] | None = Field(
+        default=None, min_length=1, description="Act-group-aware reordering on/off/auto.")
+    static_groups: tuple[bool, ...] | None = Field(default=None, min_length=1, description="Static groups on/off.")
+    mse: tuple[float, ...] | None = Field(
+        default=None, min_length=1, description="Clipping-search exponents to try (0: off).")
+    gptaq: tuple[bool, ...] | None = Field(default=None, min_length=1, description="GPTAQ on/off.")
+    foem: tuple[bool, ...] | None = Field(default=None, min_length=1, description="FOEM on/off.")
+    damp_auto_increment: tuple[float, ...] | None = Field(
+        default=None, min_length=1, description="Dampening retry steps to try.")
 
     def overrides(self) -> list[dict[str, Any]]:
         """One ``quantize`` override dict per combination, in a stable order."""
         axes: list[tuple[str, tuple[Any, ...]]] = [
             (name, values) for name, values in (
                 ("bits", self.bits), ("group_size", self.group_size), ("desc_act", self.desc_act),
-                ("damp_percent", self.damp_percent), ("calibration_samples", self.calibration_samples))
+                ("damp_percent", self.damp_percent), ("calibration_samples", self.calibration_samples),
+                *((lever, getattr(self, lever)) for lever in QUALITY_LEVERS))
             if values]
         combos = []
         for values in itertools.product(*(v for _, v in axes)):
@@ -149,7 +161,7 @@ class SweepSpec(Spec):
 
 
 def _unique_labels(configs: list[QuantSpec]) -> list[str]:
-    """``QuantSpec.label()`` (bits, group, act-order), extended by what tells same-label configs apart."""
+    """``QuantSpec.label()`` (bits, group, levers), extended by what tells same-label configs apart."""
     base = [c.label() for c in configs]
     labels = []
     for config, label in zip(configs, base, strict=True):
