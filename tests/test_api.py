@@ -160,3 +160,32 @@ def test_client_mistakes_are_4xx_and_only_database_failures_503(api, monkeypatch
             assert "cannot connect to the catalog" in answer.json()["detail"]["message"]
     finally:
         down.dispose()
+
+
+def test_client_errors_name_neither_server_paths_nor_database_urls(api, catalog_url: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 24.8: ``GET /api/runs/zzzz`` answered "no run with id 'zzzz' in the catalog at sqlite:////…/catalog.db".
+    A stranger learns what failed and what to do, not where the server keeps its database or files."""
+    from modelfactory.catalog import Catalog
+    from modelfactory.catalog.engine import create_engine, parse_url
+    from modelfactory.core.settings import get_settings
+
+    client, _seeded = api
+    home = str(get_settings().home)
+    answer = client.get("/api/runs/zzzz")
+    assert answer.status_code == 404
+    message = answer.json()["detail"]["message"]
+    assert message.startswith("no run with id 'zzzz' in the catalog")
+    for secret in ("sqlite", "postgresql", catalog_url.split("://")[-1], home, "catalog.db", "127.0.0.1"):
+        assert secret not in message, (secret, message)
+    page = client.get("/", params={"base": "no-such-base"})
+    assert page.status_code == 404 and "catalog.db" not in page.text and "sqlite" not in page.text
+
+    down = Catalog(create_engine(parse_url("postgresql+psycopg://factory:pw@127.0.0.1:1/catalog")))
+    monkeypatch.setattr(api_module, "get_catalog", lambda: down)
+    try:
+        message = client.get("/api/runs/zzzz").json()["detail"]["message"]
+        assert "cannot connect to the catalog" in message
+        assert "postgresql" not in message and "127.0.0.1" not in message and "factory" not in message
+    finally:
+        down.dispose()

@@ -12,7 +12,8 @@
 - ``GET /api/sweeps``          sweeps newest first (status, base, limit) → ``{"sweeps": [...]}``
 - ``GET /api/sweeps/{id}``     one sweep (id or unique 6+ character prefix): its matrix, winner, front
 
-Errors are ``{"detail": {"error": kind, "message": ...}}`` (:func:`http_status`): 400 a bad query
+Errors are ``{"detail": {"error": kind, "message": ...}}`` (:func:`http_status`; the message names no
+database URL and no path of the server: :func:`public_message`, the full one is logged): 400 a bad query
 (a bad filter value, an ambiguous run id prefix), 404 not found, 503 the catalog database unreachable
 or not migrated; FastAPI itself answers 422 for a parameter of the wrong type or out of range. The app refuses to start (lifespan) when the catalog's
 schema is behind the code's: run ``modelfactory catalog upgrade``.
@@ -20,6 +21,7 @@ schema is behind the code's: run ``modelfactory catalog upgrade``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import lru_cache
@@ -33,6 +35,7 @@ from modelfactory.core.errors import (
     CatalogNotFoundError,
     CatalogQueryError,
 )
+from modelfactory.core.log import get_logger
 
 T = TypeVar("T")
 
@@ -78,13 +81,29 @@ def http_status(exc: CatalogError) -> int:
     return next(status for kind, status in HTTP_STATUSES if isinstance(exc, kind))
 
 
+#: A database URL in a message, with the " at " before it (``sqlite:////srv/x/catalog.db``,
+#: ``postgresql+psycopg://user@host/db``); trailing punctuation stays.
+_DATABASE_URL = re.compile(r"(?:\s+at)?\s+\b(?:sqlite|postgres(?:ql)?|mysql)(?:\+\w+)?://\S*?(?=[:;,.)]*(?:\s|$))")
+
+
+def public_message(exc: CatalogError) -> str:
+    """*exc*'s message as the server answers it (API and pages): what failed and what to do, but no database
+    URL and no path of this server (cut to its last component). The full message goes to the server log."""
+    from modelfactory.publishing.public import local_roots, scrub_text
+
+    get_logger().info(f"catalog error answered to a client: {exc.message}")
+    if http_status(exc) >= 500:  # the database's own words name its host: only what failed, and when to retry
+        return f"{_DATABASE_URL.split(exc.message)[0]}: the server's log has the details; retry later"
+    return scrub_text(_DATABASE_URL.sub("", exc.message), roots=local_roots())
+
+
 def answer(query: Callable[[], T]) -> T:
     """Run *query*, turning catalog errors into HTTP errors that carry the kind and message."""
     try:
         return query()
     except CatalogError as exc:
         raise HTTPException(status_code=http_status(exc),
-                            detail={"error": exc.kind, "message": exc.message}) from exc
+                            detail={"error": exc.kind, "message": public_message(exc)}) from exc
 
 
 @router.get("/runs")

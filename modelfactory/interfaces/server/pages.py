@@ -85,7 +85,7 @@ def leaderboard_page(
 ) -> HTMLResponse:
     """Leaderboard per base model with a perplexity-increase plot, then the *sweeps* most recent sweeps."""
     from modelfactory.catalog.queries import best_build, leaderboard
-    from modelfactory.interfaces.server.api import get_catalog, http_status
+    from modelfactory.interfaces.server.api import get_catalog, http_status, public_message
 
     try:
         catalog = get_catalog()
@@ -95,5 +95,5 @@ def leaderboard_page(
             boards.append(_board(board, x, best.id if best else None))
         recent = [catalog.get_sweep(s.id) for s in catalog.list_sweeps(base=base, limit=sweeps)] if sweeps else []
     except CatalogError as exc:
-        return _page(x=x, error=exc.message, status_code=http_status(exc))
+        return _page(x=x, error=public_message(exc), status_code=http_status(exc))
     return _page(x=x, boards=boards, sweeps=[_sweep(detail) for detail in recent])
