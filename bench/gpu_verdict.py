@@ -27,6 +27,9 @@ from pathlib import Path
 
 #: A fresh process loading a small GPTQ checkpoint with Marlin and running one forward: a worker's first
 #: GPTQ load (the kernel's JIT build included when the cache is cold).
+#: The modelfactory command, by this interpreter (a console script may carry another Python's shebang).
+MODELFACTORY = [sys.executable, "-c", "from modelfactory.interfaces.cli.main import main; main()"]
+
 FIRST_LOAD = """
 import sys, time, torch
 from transformers import AutoModelForCausalLM, GPTQConfig
@@ -82,7 +85,7 @@ def stage_first_load(args) -> None:
     cold = _first_load(artifact)
     print(f"[verdict] first GPTQ load, empty cache: {cold[0]:.1f} s ({cold[2]})", flush=True)
     start = time.perf_counter()
-    prepared = subprocess.run(["modelfactory", "kernels", "prepare", "--kernel", "marlin_fp16", "--kernel", "machete",
+    prepared = subprocess.run([*MODELFACTORY, "kernels", "prepare", "--kernel", "marlin_fp16", "--kernel", "machete",
                                "--format", "json"], capture_output=True, text=True, check=False)
     prepare_s = time.perf_counter() - start
     print(f"[verdict] modelfactory kernels prepare: {prepare_s:.1f} s, rc {prepared.returncode}\n{prepared.stdout}",
@@ -111,7 +114,7 @@ def stage_make_7b(args) -> None:
 
 
 def stage_run(args) -> None:
-    cmd = ["modelfactory", "run", *args.rest, "--format", "json"]
+    cmd = [*MODELFACTORY, "run", *args.rest, "--format", "json"]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
