@@ -70,9 +70,9 @@ def prepare_kernels(*, kernels: Sequence[str] = DEFAULT_KERNELS, cutlass_dir: Pa
             start = time.perf_counter()
             try:
                 extension.load(kernel)
-            except (RuntimeError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 - reported per kernel: offline (URLError), no GPU, no compiler, ...
                 build = KernelBuild(kernel=kernel, ok=False, seconds=time.perf_counter() - start,
-                                    error=" ".join(str(exc).split())[:1000])
+                                    error=f"{type(exc).__name__}: " + " ".join(str(exc).split())[:1000])
             else:
                 build = KernelBuild(kernel=kernel, ok=True, seconds=time.perf_counter() - start)
             progress(f"kernels: {kernel}: " + (f"ready in {build.seconds:.1f} s" if build.ok else f"FAILED: {build.error}"))

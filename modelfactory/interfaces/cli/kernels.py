@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,6 +15,22 @@ import typer
 from modelfactory.interfaces.cli.common import Format, emit, format_option
 
 app = typer.Typer(no_args_is_help=True)
+
+
+@contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """File descriptor 1 on stderr meanwhile: GPTQModel prints its log to stdout and the JIT builds' compilers
+    write to the process's fd 1, which ``--format json`` keeps for the result (a redirect of ``sys.stdout``
+    alone would not reach the subprocesses)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 @app.command()
@@ -29,7 +49,8 @@ def prepare(
     from modelfactory.benchmark.kernel_builds import DEFAULT_KERNELS, prepare_kernels
     from modelfactory.interfaces.cli.library_logs import library_logs
 
-    with library_logs("kernels-prepare"):  # GPTQModel's banner and the compilers' output go to the log file
+    # GPTQModel's log lines and the compilers' output go to the log file and stderr: stdout carries the result only
+    with library_logs("kernels-prepare"), _stdout_to_stderr():
         builds = prepare_kernels(kernels=tuple(kernel or DEFAULT_KERNELS), cutlass_dir=cutlass_dir)
 
     def table() -> Table:
