@@ -12,19 +12,12 @@ import uuid
 
 from prefect import flow, runtime
 
-from modelfactory.benchmark.runnability import RunnabilityReport
 from modelfactory.catalog import claims
 from modelfactory.core.hashing import step_key
 from modelfactory.core.log import progress
-from modelfactory.core.records import (
-    BaselineResult,
-    BenchmarkResult,
-    ModelArtifact,
-    QuantResult,
-    RunOutcome,
-)
+from modelfactory.core.records import RunOutcome
 from modelfactory.core.settings import get_settings
-from modelfactory.core.specs import BenchmarkSpec, FactorySpec, GateSpec, QuantSpec
+from modelfactory.core.specs import FactorySpec
 from modelfactory.gpu_pool import dispatch_gpu_stage
 from modelfactory.tasks.benchmark import benchmark_task, check_tasks_task
 from modelfactory.tasks.download import download_task, resolve_adapter_task
@@ -32,11 +25,11 @@ from modelfactory.tasks.gate import decide_before_benchmark, gate_task
 from modelfactory.tasks.merge import merge_task
 from modelfactory.tasks.publish import publish_task
 from modelfactory.tasks.quantize import quantize_task
-from modelfactory.tasks.record import RunRecorder
+from modelfactory.tasks.record import RunRecorder, record_crash
 from modelfactory.tasks.runnability import runnability_task
 
 
-@flow(name="model-factory", log_prints=True, validate_parameters=True)
+@flow(name="model-factory", log_prints=True, validate_parameters=True, on_crashed=[record_crash])
 def factory(spec: FactorySpec, run_id: str | None = None) -> RunOutcome:
     """Quantize a (fine-tuned) model with GPTQ, verify it against fp16, publish it if it passes."""
     run_id = run_id or str(uuid.uuid4())
@@ -46,7 +39,8 @@ def factory(spec: FactorySpec, run_id: str | None = None) -> RunOutcome:
     try:
         # An identical run in progress (same spec, on any host) finishes first; this one then reuses
         # its outputs. A claim row in the catalog, not a file lock: hosts may share no disk.
-        with claims.holding(recorder.catalog, run_key, holder=claims.holder_name(run_id), on_wait=progress):
+        with claims.holding(recorder.catalog, run_key, holder=claims.holder_name(run_id), on_wait=progress) as held:
+            recorder.hold(held)  # a lost claim stops this run at its next record (docs/reliability.md)
             return _steps(spec, run_id, recorder)
     except BaseException as exc:
         recorder.fail(exc)
@@ -67,9 +61,9 @@ def _steps(spec: FactorySpec, run_id: str, recorder: RunRecorder) -> RunOutcome:
     gate = spec.gate_in_effect()
     progress(f"gate: checks in effect: {gate.describe()}")
     if gpu_deployment := get_settings().gpu_deployment:  # GPU steps on the gpu work pool
-        quant, bench, runnable = _gpu_stage_on_pool(recorder, deployment=gpu_deployment, model=merged.model,
-                                                      quantize=spec.quantize, benchmark=spec.benchmark, run_id=run_id,
-                                                      gate=gate)
+        stage = dispatch_gpu_stage(deployment=gpu_deployment, model=merged.model, quantize=spec.quantize,
+                                   benchmark=spec.benchmark, run_id=run_id, gate=gate)
+        quant, bench, runnable = recorder.gpu_stage(stage, gate=gate)
         early = decide_before_benchmark(spec=gate, runnability=runnable)
     else:  # in this process
         quant = quantize_task(merged.model, spec.quantize, spec.benchmark.device)
@@ -89,6 +83,7 @@ def _steps(spec: FactorySpec, run_id: str, recorder: RunRecorder) -> RunOutcome:
 
     publication = None
     if decision.passed:
+        recorder.check_claim()  # never publish once another run took the key
         started = time.perf_counter()
         publication = publish_task(spec, merged, quant, bench, decision, runnable.results if runnable else ())
         recorder.publication(publication, time.perf_counter() - started)
@@ -96,32 +91,3 @@ def _steps(spec: FactorySpec, run_id: str, recorder: RunRecorder) -> RunOutcome:
     recorder.finish(status)
     return RunOutcome(run_id=run_id, status=status, artifact_uri=publication.uri if publication else None,
                       gate=decision.summary(), ratios=bench.ratios() if bench else {})
-
-
-def _gpu_stage_on_pool(recorder: RunRecorder, *, deployment: str, model: ModelArtifact, quantize: QuantSpec,
-                         benchmark: BenchmarkSpec, run_id: str, baseline: BaselineResult | None = None,
-                         gate: GateSpec | None = None,
-                         ) -> tuple[QuantResult, BenchmarkResult | None, RunnabilityReport | None]:
-    """The factory's GPU steps through the pool: dispatch, record what came back, raise on failure.
-
-    *baseline*: the fp16 side already measured (a sweep member, ``flows/sweep.py``): the stage
-    measures only the GPTQ side against it. *gate*: the gate in effect; the stage stops before the benchmark
-    when a runnability check it requires fails (then no benchmark comes back)."""
-    settings = get_settings()
-    stage = dispatch_gpu_stage(deployment=deployment, model=model, quantize=quantize, benchmark=benchmark,
-                               run_id=run_id, baseline=baseline, timeout_s=settings.gpu_timeout_s,
-                               poll_s=settings.gpu_poll_s, gate=gate)
-    outcome = stage.outcome
-    stopped = (gate is not None and outcome is not None and outcome.benchmark is None
-               and decide_before_benchmark(spec=gate, runnability=outcome.runnability) is not None)
-    ok = stage.state_type == "COMPLETED" and outcome is not None and (outcome.benchmark is not None or stopped)
-    recorder.gpu_stage(stage.detail(), duration_s=stage.run_s or 0.0, ok=ok)
-    if outcome is not None and outcome.quantize is not None:
-        recorder.quantize(outcome.quantize)  # recorded even when the benchmark then failed
-        recorder.runnability(outcome.runnability, artifact=outcome.quantize.model.path)
-    if not ok:
-        raise stage.error()
-    assert outcome is not None and outcome.quantize is not None
-    if outcome.benchmark is not None:
-        recorder.benchmark(outcome.benchmark)
-    return outcome.quantize, outcome.benchmark, outcome.runnability

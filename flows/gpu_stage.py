@@ -23,6 +23,7 @@ from modelfactory.core.specs import BenchmarkSpec, GateSpec, QuantSpec
 from modelfactory.gpu_pool import GpuStageOutcome, current_placement, write_outcome
 from modelfactory.gpu_pool.outcome import now_iso
 from modelfactory.tasks.benchmark import (
+    baseline_key,
     benchmark_baseline_task,
     benchmark_candidate_task,
     benchmark_task,
@@ -37,7 +38,9 @@ def gpu_stage(model: ModelArtifact, quantize: QuantSpec | None, benchmark: Bench
               baseline: BaselineResult | None = None, gate: GateSpec | None = None) -> GpuStageOutcome:
     """GPTQ-quantize *model* and benchmark it against itself in fp16, on this worker's GPU.
 
-    With *baseline* (its fp16 side, measured once for a sweep) only the GPTQ side is measured;
+    With *baseline* (its fp16 side, measured once for a sweep) only the GPTQ side is measured, unless
+    this worker's card is of another class than the one that measured it (a mixed H100/H200 pool):
+    then the fp16 side is measured here, once per card class (its key names the GPU);
     with *quantize* ``None`` only the fp16 side of *model* is (the sweep's baseline). With *gate*, a
     runnability check it requires that fails ends the stage before the benchmark (no benchmark record).
 
@@ -57,6 +60,13 @@ def gpu_stage(model: ModelArtifact, quantize: QuantSpec | None, benchmark: Bench
             quant = quantize_task(model, quantize, benchmark.device)
             runnable = runnability_task(quant, benchmark)  # here, so CUDA is covered on a GPU worker
             if gate is None or decide_before_benchmark(spec=gate, runnability=runnable) is None:
+                if baseline is not None and baseline.key != baseline_key(model_sha=baseline.model_sha, spec=benchmark):
+                    # Mixed card classes in one pool: the fp16 side is measured once per card class (keyed by the
+                    # host's GPU), here, and reused by every member that lands on this class.
+                    get_logger().info(f"gpu-stage: the shared fp16 side ({baseline.path}) was measured on another "
+                                      f"kind of host than this {placement.device}: measuring it here, once for "
+                                      "this card class")
+                    baseline = benchmark_baseline_task(model, benchmark)
                 bench = (benchmark_candidate_task(baseline, quant.model, benchmark) if baseline is not None
                          else benchmark_task(model, quant.model, benchmark))
     except BaseException as exc:

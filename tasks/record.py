@@ -7,12 +7,13 @@ shows a run as ``running`` from its first step, and a failure anywhere still lea
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from modelfactory.benchmark.runnability import RunnabilityReport
-from modelfactory.catalog import Catalog, MetricRecord, open_catalog
+from modelfactory.catalog import Catalog, MetricRecord, claims, open_catalog
 from modelfactory.catalog.metrics import benchmark_metrics
-from modelfactory.core.errors import PublishError, error_kind
+from modelfactory.core.errors import CatalogQueryError, CrashedError, PublishError, error_kind
 from modelfactory.core.log import get_logger
 from modelfactory.core.records import (
     AdapterArtifact,
@@ -23,8 +24,11 @@ from modelfactory.core.records import (
     Publication,
     QuantResult,
 )
+from modelfactory.core.specs import GateSpec
 from modelfactory.core.versions import host_info, library_versions
+from modelfactory.gpu_pool import GpuStageRun
 from modelfactory.publishing.public import retarget_snippet
+from modelfactory.tasks.gate import decide_before_benchmark
 
 
 class RunRecorder:
@@ -33,14 +37,46 @@ class RunRecorder:
         self.run_id = run_id
         #: The content digest of the quantized model this run recorded (what its benchmark loaded).
         self.quantized_sha256: str | None = None
+        #: The run-key claim this run holds (:meth:`hold`): every step record and the publication check it.
+        self.claim: claims.Claim | None = None
+        #: Ends this run's liveness lease (:meth:`start`; ``modelfactory catalog reconcile`` reads it).
+        self._alive: Callable[[], None] | None = None
+
+    def hold(self, claim: claims.Claim) -> None:
+        """Fence this run's records by *claim*: once it is lost (another run took the key), the next step
+        record, publication or finish raises :class:`~modelfactory.core.errors.ClaimError`."""
+        self.claim = claim
+
+    def check_claim(self) -> None:
+        """The fence (:meth:`hold`): raise when the claim was lost; call it before publishing too."""
+        if self.claim is not None:
+            self.claim.check()
 
     @classmethod
     def start(cls, *, run_id: str, name: str, spec: dict[str, Any], run_key: str, flow_run_id: str | None,
               catalog_url: str | None = None) -> RunRecorder:
+        """Record the run as ``running`` and hold its liveness lease until it ends.
+
+        A run id already in the catalog is started again when its earlier attempt is over: it failed, or
+        it is still ``running`` but its process died (its liveness lease expired). That is a retry of the
+        same flow run (the on-finetune flow's run id is its flow run id, so a Prefect retry has the same
+        id). A finished run, or one whose process is alive, is not started again."""
         catalog = open_catalog(catalog_url)
-        catalog.start_run(run_id=run_id, name=name, spec=spec, run_key=run_key, flow_run_id=flow_run_id,
-                          library_versions=library_versions(), host=host_info())
-        return cls(catalog, run_id)
+        try:
+            catalog.start_run(run_id=run_id, name=name, spec=spec, run_key=run_key, flow_run_id=flow_run_id,
+                              library_versions=library_versions(), host=host_info())
+        except CatalogQueryError:
+            earlier = catalog.get_run(run_id)
+            alive = claims.alive_key("run", run_id) in claims.live(catalog, [claims.alive_key("run", run_id)])
+            if earlier.status != "failed" and (earlier.status != "running" or alive):
+                raise
+            get_logger().info(f"run {run_id}: its earlier attempt {'failed' if earlier.status == 'failed' else 'died'}"
+                              "; starting it again")
+            catalog.restart_run(run_id=run_id, flow_run_id=flow_run_id, library_versions=library_versions(),
+                                host=host_info())
+        recorder = cls(catalog, run_id)
+        recorder._alive = claims.keep_alive(catalog, claims.alive_key("run", run_id), holder=claims.holder_name(run_id))
+        return recorder
 
     def sources(self, base: ModelArtifact, adapters: tuple[AdapterArtifact, ...]) -> None:
         self.catalog.set_sources(run_id=self.run_id, base_uri=base.source_uri, base_sha=base.sha,
@@ -49,6 +85,7 @@ class RunRecorder:
     def step(self, name: str, model: ModelArtifact | None = None, *, duration_s: float | None = None,
              reused: bool | None = None, output_uri: str | None = None, detail: dict[str, Any] | None = None) -> None:
         """One step row; *model* supplies duration, reuse and output path unless given."""
+        self.check_claim()
         if model is not None:
             reused = model.reused if reused is None else reused
             duration_s = model.duration_s if duration_s is None else duration_s
@@ -63,10 +100,28 @@ class RunRecorder:
             self.catalog.record_metrics(run_id=self.run_id, metrics=[MetricRecord(
                 name="merge_max_abs_logit_diff", side="", value=result.max_abs_logit_diff, unit="logit")])
 
-    def gpu_stage(self, detail: dict[str, Any], *, duration_s: float, ok: bool) -> None:
-        """The GPU stage's flow run (pool dispatch): where it ran, its final state; ``failed`` if not ok."""
+    def gpu_stage(self, stage: GpuStageRun, *, gate: GateSpec | None = None,
+                  ) -> tuple[QuantResult, BenchmarkResult | None, RunnabilityReport | None]:
+        """Record the GPU stage's flow run (pool dispatch: where it ran, its final state) and what it built,
+        and hand its records back; raise the stage's error when it failed.
+
+        *gate*: the gate in effect; the stage stops before the benchmark when a runnability check it
+        requires fails (then no benchmark comes back, and that is not a failure)."""
+        outcome = stage.outcome
+        stopped = (gate is not None and outcome is not None and outcome.benchmark is None
+                   and decide_before_benchmark(spec=gate, runnability=outcome.runnability) is not None)
+        ok = stage.state_type == "COMPLETED" and outcome is not None and (outcome.benchmark is not None or stopped)
         self.catalog.record_step(run_id=self.run_id, name="gpu-stage", status="ok" if ok else "failed",
-                                 duration_s=duration_s, output_uri=None, detail=detail)
+                                 duration_s=stage.run_s or 0.0, output_uri=None, detail=stage.detail())
+        if outcome is not None and outcome.quantize is not None:
+            self.quantize(outcome.quantize)  # recorded even when the benchmark then failed
+            self.runnability(outcome.runnability, artifact=outcome.quantize.model.path)
+        if not ok:
+            raise stage.error()
+        assert outcome is not None and outcome.quantize is not None
+        if outcome.benchmark is not None:
+            self.benchmark(outcome.benchmark)
+        return outcome.quantize, outcome.benchmark, outcome.runnability
 
     def quantize(self, result: QuantResult) -> None:
         self.quantized_sha256 = result.model.sha  # the content digest (tasks/quantize.py)
@@ -121,8 +176,15 @@ class RunRecorder:
         self.catalog.record_publication(run_id=self.run_id, publication=publication)
 
     def finish(self, status: str) -> None:
+        self.check_claim()
         self.catalog.finish_run(run_id=self.run_id, status=status)
+        self._end()
         self.summary_artifact()
+
+    def _end(self) -> None:
+        if self._alive is not None:
+            self._alive()
+            self._alive = None
 
     def summary_artifact(self) -> None:
         """Leave the run as a Prefect markdown artifact (key ``run-<id8>``; every metric recorded, grouped,
@@ -145,7 +207,8 @@ class RunRecorder:
                                     error_kind=error_kind(exc))
         except Exception as record_exc:  # noqa: BLE001 - report, keep the original error
             get_logger().error(f"could not record failure of run {self.run_id}: {record_exc}")
-            return
+            return  # the lease stays: it expires with this process, and reconcile then closes the run
+        self._end()
         self.summary_artifact()
 
 
@@ -154,3 +217,21 @@ def artifact_key(run_id: str) -> str:
     import re
 
     return "run-" + re.sub(r"[^a-z0-9-]", "-", run_id[:8].lower())
+
+
+def record_crash(flow: Any, flow_run: Any, state: Any) -> None:
+    """Prefect ``on_crashed`` hook of the factory and sweep flows: the runs and sweeps of this flow run that
+    are still ``running`` become ``failed`` (``crashed``) with the crash's message. Where no hook can run
+    (SIGKILL, a lost host), ``modelfactory catalog reconcile`` finds them (:mod:`modelfactory.catalog.recovery`)."""
+    message = (f"flow run {flow_run.id} crashed ({state.name}: {state.message or 'no message'}): the process was "
+               "stopped before the run ended. Run it again: finished steps are reused")
+    try:
+        catalog = open_catalog()
+        for run_id, flow_run_id in catalog.running_runs():
+            if flow_run_id == str(flow_run.id):
+                catalog.finish_run(run_id=run_id, status="failed", error=message, error_kind=CrashedError.kind)
+        for sweep_id, flow_run_id in catalog.running_sweeps():
+            if flow_run_id == str(flow_run.id):
+                catalog.fail_sweep(sweep_id=sweep_id, error=message, error_kind=CrashedError.kind)
+    except Exception as exc:  # noqa: BLE001 - a hook must not hide the crash; reconcile closes them later
+        get_logger().error(f"could not record the crash of flow run {flow_run.id}: {exc}")

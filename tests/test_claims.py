@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from modelfactory.catalog import Catalog, claims, open_catalog
 from modelfactory.testing.catalog import postgres_schema_url
@@ -145,3 +146,72 @@ def test_a_killed_holder_on_another_host_loses_its_claim_after_the_lease(catalog
     finally:
         holder.kill()
         holder.wait(30)
+
+
+# --------------------------------------------------------------------------- issue 24.6
+
+
+def test_a_host_whose_clock_runs_ahead_cannot_take_a_live_claim(catalog, monkeypatch):
+    """Lease times are the database's clock: a host two hours ahead (bad NTP) used to see every live claim as
+    expired and take it over."""
+    from datetime import UTC, datetime, timedelta
+
+    held = claims.claim(catalog, run_key="clock", holder="host-a", lease_s=600)
+    assert held is not None
+
+    class AheadClock(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.now(tz or UTC) + timedelta(hours=2)
+
+    monkeypatch.setattr(claims, "datetime", AheadClock, raising=False)  # host b's clock
+    assert claims.claim(catalog, run_key="clock", holder="host-b", lease_s=600) is None
+    assert claims.current(catalog, "clock").holder == "host-a"
+
+
+def test_a_run_that_lost_its_claim_stops_at_its_next_record(catalog):
+    """A lost lease only logged a warning and the holder kept writing. Now the heartbeat marks the claim lost
+    and the run's next record (or its publication) raises ClaimError."""
+    from modelfactory.core.errors import ClaimError
+    from modelfactory.tasks.record import RunRecorder
+
+    catalog.start_run(run_id="r-lost", name="lost", spec={}, run_key="lost-key")
+    recorder = RunRecorder(catalog, "r-lost")
+    with claims.holding(catalog, "lost-key", holder="host-a run r-lost", lease_s=1.5) as held:
+        recorder.hold(held)
+        recorder.step("download", duration_s=0.1)
+        # The lease expires (a stalled process) and another run takes the key.
+        with catalog.engine.begin() as connection:
+            connection.execute(text("UPDATE run_claims SET expires_at = claimed_at WHERE run_key = 'lost-key'"))
+        taken = wait_for_claim(catalog, "lost-key", "host-b run r-new")
+        assert held.lost.wait(30), "the heartbeat never noticed the claim was taken"
+        with pytest.raises(ClaimError, match="was lost: its lease .* another run took the key"):
+            recorder.step("merge", duration_s=0.1)
+        with pytest.raises(ClaimError):
+            recorder.check_claim()  # what the flows call before publishing
+    assert [s.name for s in catalog.get_run("r-lost").steps] == ["download"]
+    assert claims.current(catalog, "lost-key").holder == "host-b run r-new" and taken is not None
+
+
+def test_a_waiter_gives_up_after_the_claim_wait_with_a_clear_error(catalog):
+    """Waiters had no timeout: a stuck holder made every identical run wait forever."""
+    from modelfactory.core.errors import ClaimError
+
+    errors: list[BaseException] = []
+
+    def waiter() -> None:
+        try:
+            with claims.holding(catalog, "stuck", holder="host-b", poll_s=0.05, wait_s=0.5):
+                pass
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            errors.append(exc)
+
+    held = claims.claim(catalog, run_key="stuck", holder="host-a pid 1 run r-stuck", lease_s=600)
+    thread = threading.Thread(target=waiter, daemon=True)
+    thread.start()
+    thread.join(120)
+    assert not thread.is_alive(), "the waiter is still waiting"
+    (error,) = errors
+    assert isinstance(error, ClaimError)
+    assert "MODELFACTORY_CLAIM_WAIT_S" in error.message and "host-a pid 1 run r-stuck" in error.message
+    claims.release(catalog, held)

@@ -192,3 +192,150 @@ def test_import_refuses_an_artifact_whose_files_are_not_the_ones_its_run_benchma
             import_artifact(catalog, uri=folder.as_uri())
         detail = catalog.get_run("r-other-bytes")
         assert detail.status == "running" and not detail.artifacts and not detail.publications
+
+
+# --------------------------------------------------------------------------- crashed flows (issue 24.5)
+
+KILLED_RUN = """
+import sys, time
+from modelfactory.tasks.record import RunRecorder
+recorder = RunRecorder.start(run_id=sys.argv[1], name="killed", spec={}, run_key="k-killed", flow_run_id=sys.argv[2],
+                             catalog_url=sys.argv[3])
+recorder.step("download", duration_s=0.1)
+print("running", flush=True)
+time.sleep(600)
+"""
+
+
+def test_reconcile_closes_a_run_whose_process_was_killed_and_leaves_live_ones_alone(tmp_path):
+    """A flow process SIGKILLed mid-run left its catalog row ``running`` forever; no hook runs on SIGKILL.
+    ``catalog reconcile`` closes it once its liveness lease expired (its flow run unknown to Prefect here)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from modelfactory.catalog import claims
+    from modelfactory.catalog.recovery import reconcile
+    from modelfactory.testing.env import REPO
+
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    catalog = open_catalog(url)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, "r-killed", "fr-killed", url], stdout=subprocess.PIPE,
+                            text=True, cwd=REPO, env={**os.environ, "MODELFACTORY_CLAIM_LEASE_S": "1"})
+    try:
+        assert proc.stdout.readline().strip() == "running"
+        catalog.start_run(run_id="r-alive", name="alive", spec={}, run_key="k-alive", flow_run_id="fr-alive")
+        end_alive = claims.keep_alive(catalog, claims.alive_key("run", "r-alive"), holder="this test")
+        assert reconcile(catalog) == []  # both alive: nothing closed
+        proc.kill()
+        proc.wait(30)
+        closed = []
+        for _ in range(100):  # the killed one's lease (1 s) runs out
+            closed = reconcile(catalog)
+            if closed:
+                break
+            time.sleep(0.1)
+        assert [(c.kind, c.id) for c in closed] == [("run", "r-killed")]
+        killed = catalog.get_run("r-killed")
+        assert (killed.status, killed.error_kind) == ("failed", "crashed")
+        assert "stopped renewing its liveness lease" in killed.error and "Run it again" in killed.error
+        assert catalog.get_run("r-alive").status == "running"
+        end_alive()
+    finally:
+        proc.kill()
+        catalog.dispose()
+
+
+def test_reconcile_closes_runs_and_sweeps_whose_flow_run_prefect_reports_crashed(tmp_path):
+    from modelfactory.catalog import claims
+    from modelfactory.catalog.recovery import reconcile
+
+    with open_catalog(f"sqlite:///{tmp_path / 'catalog.db'}") as catalog:
+        catalog.start_run(run_id="r-crashed", name="c", spec={}, run_key="k1", flow_run_id="fr-crashed")
+        catalog.start_run(run_id="r-running", name="r", spec={}, run_key="k2", flow_run_id="fr-running")
+        catalog.start_sweep(sweep_id="s-gone", name="s", spec={}, objective="closest", publish_mode="winner",
+                            flow_run_id="fr-gone")
+        ends = [claims.keep_alive(catalog, claims.alive_key("run", r), holder="t") for r in ("r-crashed", "r-running")]
+        states = {"fr-crashed": "CRASHED", "fr-running": "RUNNING"}
+        closed = reconcile(catalog, flow_run_state=states.get)
+        assert sorted((c.kind, c.id) for c in closed) == [("run", "r-crashed"), ("sweep", "s-gone")]
+        assert "ended CRASHED" in catalog.get_run("r-crashed").error
+        assert catalog.get_run("r-running").status == "running"
+        swept = catalog.get_sweep("s-gone")
+        assert swept.status == "failed" and swept.error_kind == "crashed" and "not on the Prefect server" in swept.error
+        assert reconcile(catalog, flow_run_state=states.get) == []  # safe to repeat
+        for end in ends:
+            end()
+
+
+def test_catalog_reconcile_command_and_serve_start_close_dead_runs(tmp_path):
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from modelfactory.interfaces.cli.main import app
+    from modelfactory.interfaces.server import create_app
+    from modelfactory.testing.server import catalog_app_env
+
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    with open_catalog(url) as catalog, settings_env(MODELFACTORY_CATALOG_URL=url, PREFECT_API_URL=None):
+        catalog.start_run(run_id="r-dead-cli", name="d", spec={}, run_key="k1")
+        result = CliRunner().invoke(app, ["catalog", "reconcile"])
+        assert result.exit_code == 0, result.output
+        assert "crashed: run r-dead-cli" in result.output
+        assert catalog.get_run("r-dead-cli").status == "failed"
+
+        catalog.start_run(run_id="r-dead-serve", name="d", spec={}, run_key="k2")
+        with catalog_app_env(url), TestClient(create_app()) as client:
+            assert client.get("/healthz").status_code == 200
+        assert catalog.get_run("r-dead-serve").error_kind == "crashed"
+
+
+def test_the_crash_hook_closes_the_runs_and_sweeps_of_its_flow_run(tmp_path):
+    from types import SimpleNamespace
+
+    from modelfactory.tasks.record import record_crash
+
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    with open_catalog(url) as catalog, settings_env(MODELFACTORY_CATALOG_URL=url):
+        catalog.start_run(run_id="r-hooked", name="h", spec={}, run_key="k1", flow_run_id="fr-1")
+        catalog.start_run(run_id="r-other", name="o", spec={}, run_key="k2", flow_run_id="fr-2")
+        catalog.start_sweep(sweep_id="s-hooked", name="s", spec={}, objective="closest", publish_mode="winner",
+                            flow_run_id="fr-1")
+        record_crash(None, SimpleNamespace(id="fr-1"), SimpleNamespace(name="Crashed", message="SIGTERM"))
+        hooked = catalog.get_run("r-hooked")
+        assert (hooked.status, hooked.error_kind) == ("failed", "crashed") and "SIGTERM" in hooked.error
+        assert catalog.get_sweep("s-hooked").status == "failed"
+        assert catalog.get_run("r-other").status == "running"
+
+
+def test_a_run_id_can_be_started_again_once_its_earlier_attempt_failed_or_died(tmp_path):
+    """An on-finetune run could not be retried: its run id is its flow run id, and start_run refused it."""
+    from modelfactory.core.errors import CatalogQueryError
+    from modelfactory.tasks.record import RunRecorder
+
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    first = RunRecorder.start(run_id="r-retry", name="x", spec={}, run_key="k", flow_run_id="fr-1", catalog_url=url)
+    with pytest.raises(CatalogQueryError, match="already exists"):  # the first attempt is alive
+        RunRecorder.start(run_id="r-retry", name="x", spec={}, run_key="k", flow_run_id="fr-1", catalog_url=url)
+    first.fail(RuntimeError("attempt 1 failed"))
+    second = RunRecorder.start(run_id="r-retry", name="x", spec={}, run_key="k", flow_run_id="fr-1", catalog_url=url)
+    assert second.catalog.get_run("r-retry").status == "running" and second.catalog.get_run("r-retry").error is None
+    second.finish("passed")
+    with pytest.raises(CatalogQueryError):  # a finished run is not started again
+        RunRecorder.start(run_id="r-retry", name="x", spec={}, run_key="k", flow_run_id="fr-1", catalog_url=url)
+
+
+def test_each_attempt_of_a_run_dispatches_its_own_gpu_stage(prefect):
+    """The gpu-stage idempotency key was the run id alone: a retried run got its old, crashed stage back."""
+    from prefect import flow
+
+    from modelfactory.gpu_pool.dispatch import stage_key
+
+    @flow
+    def attempt() -> tuple[str, str]:
+        return stage_key("r-1"), stage_key("r-1")
+
+    first, again = attempt()
+    assert first == again  # one attempt: one stage
+    assert attempt()[0] != first  # another attempt (a new flow run): another stage

@@ -176,7 +176,7 @@ def test_corrupted_file_in_the_store_is_detected_and_not_cached(store, s3_env, t
         with pytest.raises(StageStoreError, match=r"\['config.json'\] do not match .* corrupt"):
             stage_store.resolve(uri)
         objects = tmp_path / "b" / "cache" / "objects"
-        assert [p.name for p in objects.iterdir() if not p.name.endswith(".lock")] == []  # nothing kept
+        assert [p.name for p in objects.iterdir() if not p.name.endswith((".lock", ".use"))] == []  # nothing kept
 
 
 def test_concurrent_fetches_on_one_host_download_once(store, s3_env, tmp_path, monkeypatch):
@@ -314,3 +314,54 @@ def test_benchmark_reuse_off_refreshes_the_stored_measurement_for_every_host(sto
             mode="json")
         reused = benchmark_baseline(model=model, spec=BenchmarkSpec.model_validate(bench))
         assert reused.reused and reused.metrics == fresh.metrics
+
+
+# --------------------------------------------------------------------------- a bounded cache (issue 24.7)
+
+USER = """
+import sys
+from modelfactory import stage_store
+for uri in sys.argv[1:]:
+    stage_store.resolve(uri)
+print("resolved", flush=True)
+sys.stdin.readline()  # holds what it resolved until told to exit
+"""
+
+
+def test_the_cache_evicts_the_least_recently_used_entry_no_process_uses(store, s3_env, tmp_path):
+    """The cache was never evicted: a GPU host filled its disk after enough models. Bounded now (here 2.5 MB
+    for 1 MB outputs): fetching a third evicts the least recently used entry that no process uses."""
+    import subprocess
+    import sys
+
+    uris = []
+    with host(tmp_path / "a", store):
+        for i in range(3):
+            build("quantize", f"lru{i}", {"w.bin": os.urandom(1 << 20)})
+            uris.append(stage_store.publish("quantize", f"lru{i}").uri)
+    with host(tmp_path / "b", store), env(MODELFACTORY_STAGE_CACHE_MAX_GB="0.0025"):
+
+        def user(*resolve: str) -> subprocess.Popen:
+            proc = subprocess.Popen([sys.executable, "-c", USER, *resolve], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True)
+            assert proc.stdout.readline().strip() == "resolved"
+            return proc
+
+        def done(proc: subprocess.Popen) -> None:
+            proc.communicate("\n", timeout=60)
+
+        objects = tmp_path / "b" / "cache" / "objects"
+
+        def entries() -> set[str]:
+            return {p.name for p in objects.iterdir() if p.is_dir() and not p.name.startswith(".")}
+
+        done(user(uris[0]))  # used first, then no longer
+        (first,) = entries()
+        in_use = user(uris[1])  # still running: its entry must stay
+        (second,) = entries() - {first}
+        try:
+            fetched = stage_store.resolve(uris[2])
+            assert entries() == {second, fetched.name}  # the least recently used one not in use went
+        finally:
+            done(in_use)
+        assert len(files_of(stage_store.resolve(uris[0]))) == 1  # evicted, so fetched again when needed

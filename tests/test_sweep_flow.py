@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from modelfactory.catalog import open_catalog
 from modelfactory.core.errors import SpecError
+from modelfactory.core.hashing import step_key
 from modelfactory.core.manifest import verify_folder
 from modelfactory.core.settings import get_settings
 from modelfactory.core.sweep_spec import SweepSpec
@@ -157,6 +158,72 @@ def test_a_failing_member_is_recorded_and_the_others_finish(swept, tiny_llama, t
     assert detail.status == "finished" and [m.status for m in detail.members] == ["passed", "failed"]
     failed = open_catalog().get_run(second.run_id)
     assert failed.status == "failed" and "missing.txt" in failed.error
+
+
+def test_a_member_that_raises_leaves_no_other_member_running(swept, tiny_llama, tiny_lora, monkeypatch):
+    """Issue 24.4: one member's future raised (here: its run could not even be started) and the members that
+    had passed stayed ``running`` in the catalog forever. Now each member closes its own run."""
+    import modelfactory.flows.sweep as sweep_flow
+
+    real_start = sweep_flow.RunRecorder.start
+
+    def start(**kwargs):
+        if kwargs["name"].endswith("gptq-4bit-64g"):
+            raise RuntimeError("the catalog refused this member's run")
+        return real_start(**kwargs)
+
+    monkeypatch.setattr(sweep_flow.RunRecorder, "start", staticmethod(start))
+    with pytest.raises(RuntimeError, match="refused this member's run"):
+        run_sweep(sweep_spec(tiny_llama, tiny_lora, "sweep-raises"))
+    catalog = open_catalog()
+    (detail,) = [s for s in catalog.list_sweeps() if s.name == "sweep-raises"]
+    assert detail.status == "failed" and "refused this member's run" in detail.error
+    members = catalog.get_sweep(detail.id).members
+    assert [m.label for m in members] == [LABELS[0], LABELS[2]]
+    assert [catalog.get_run(m.run_id).status for m in members] == ["passed", "passed"]  # closed, none left running
+
+
+def test_a_sweep_member_publishes_inside_its_run_key_claim(swept, tiny_llama, tiny_lora, monkeypatch):
+    """Issue 24.3: a sweep published after its members had released their claims, while a plain run publishes
+    inside its claim (so an identical run waiting for the key never overlaps the publication)."""
+    import modelfactory.flows.sweep as sweep_flow
+    from modelfactory.catalog import claims
+
+    held_while_publishing: list[bool] = []
+    real_publish = sweep_flow.publish_task
+
+    def publish(spec, *args, **kwargs):
+        held_while_publishing.append(claims.current(open_catalog(), step_key("run", spec=spec)) is not None)
+        return real_publish(spec, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_flow, "publish_task", publish)
+    outcome = run_sweep(sweep_spec(tiny_llama, tiny_lora, "sweep-claimed"))
+    assert outcome.winner is not None and outcome.winner.published
+    assert held_while_publishing == [True]
+
+
+def test_a_member_on_another_card_class_measures_the_fp16_side_there(prefect, tiny_llama, monkeypatch):
+    """Issue 24.4, the mixed-card policy: the fp16 baseline's key names the host's GPU, so on a mixed H100/H200
+    pool every member landing on the other card failed ('measured on another kind of host'). The GPU stage
+    now measures the fp16 side once per card class and compares the member with that one."""
+    import modelfactory.tasks.benchmark as benchmark_step
+    from modelfactory.core.records import ModelArtifact
+    from modelfactory.core.specs import BenchmarkSpec, QuantSpec
+    from modelfactory.flows.gpu_stage import gpu_stage
+
+    real = benchmark_step._host_fingerprint
+    card = {"gpu": "NVIDIA H100 80GB HBM3"}
+    monkeypatch.setattr(benchmark_step, "_host_fingerprint", lambda spec: {**real(spec), **card})
+    base = tiny_spec(tiny_llama)
+    model = ModelArtifact(path=str(tiny_llama), sha="tiny-mixed-cards", source_uri=str(tiny_llama), kind="merged")
+    bench = BenchmarkSpec.model_validate(base["benchmark"])
+    h100 = benchmark_step.benchmark_baseline(model=model, spec=bench)  # the sweep's baseline, on an H100
+    card["gpu"] = "NVIDIA H200"  # the member's stage lands on an H200 worker
+    outcome = gpu_stage(model=model, quantize=QuantSpec.model_validate(base["quantize"]), benchmark=bench,
+                        baseline=h100)
+    assert outcome.error_type is None and outcome.benchmark is not None
+    assert outcome.benchmark.baseline_path != h100.path  # measured on this card class, not the H100's
+    assert benchmark_step.benchmark_baseline(model=model, spec=bench).reused  # and reused by the next H200 member
 
 
 def test_a_sweep_of_one_configuration_is_a_plain_run(swept, tiny_llama, tiny_lora):

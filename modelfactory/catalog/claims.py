@@ -11,8 +11,13 @@ finds every step output complete (work dir or stage store) and reuses it.
   thread every third of it; a holder that dies (process killed, host gone) stops renewing and
   its claim expires, so a crashed run blocks the next one for at most one lease.
 - :func:`holding` claims, polls while another run holds the key (``MODELFACTORY_CLAIM_POLL_S``)
-  with a progress line saying who holds it, heartbeats, and releases on exit (only its own claim:
-  every statement is keyed by the claim's token).
+  with a progress line saying who holds it, for at most ``MODELFACTORY_CLAIM_WAIT_S`` (then a
+  :class:`~modelfactory.core.errors.ClaimError` names the holder), heartbeats, and releases on exit
+  (only its own claim: every statement is keyed by the claim's token).
+- A holder whose lease expired and was taken by another run has *lost* the claim: its heartbeat
+  marks it (:attr:`Claim.lost`), and from then on every write fenced by it
+  (:meth:`Claim.check`: the run's catalog records, its publication) raises :class:`ClaimError`
+  instead of going on next to the new holder.
 
 Why the catalog and not Prefect's global concurrency limits: the catalog is the one database
 every factory process already writes to (in-process runs with an ephemeral Prefect API
@@ -21,8 +26,9 @@ a plain comparison we control. A concurrency-limit slot per run key would need o
 object per key created on the fly, and a slot held by a killed process is only freed by the
 limit's slot decay, not by the holder's heartbeat.
 
-Expiry uses each host's UTC clock: hosts must keep time (NTP); a skew far below the lease
-(seconds against a minute) is harmless.
+Every lease time (claimed, renewed, expires) is the database's clock, read in the statement's own
+transaction (:func:`database_now`), never a host's: hosts whose clocks disagree still agree on
+whether a claim expired.
 """
 
 from __future__ import annotations
@@ -32,19 +38,19 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Connection, delete, select, text, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 
 from modelfactory.catalog.db import Catalog
 from modelfactory.catalog.models import RunClaim
-from modelfactory.core.errors import CatalogError
+from modelfactory.core.errors import CatalogError, ClaimError
 from modelfactory.core.log import get_logger
 from modelfactory.core.settings import get_settings
 
@@ -60,17 +66,29 @@ class Claim:
     holder: str
     token: str
     lease_s: float
+    #: Set by the heartbeat when the lease expired and another run took the key: this holder must stop.
+    lost: threading.Event = field(default_factory=threading.Event, compare=False, repr=False)
+
+    def check(self) -> None:
+        """Raise :class:`ClaimError` when this claim was lost (the fence before a write)."""
+        if self.lost.is_set():
+            raise ClaimError(
+                f"the claim on run key {self.run_key[:12]} held by {self.holder} was lost: its lease "
+                f"({self.lease_s:.0f} s) expired without a heartbeat (the process stalled or lost the database) "
+                "and another run took the key. This run stops here so the two never write the same outputs; "
+                "run it again (finished steps are reused)")
 
 
 @dataclass(frozen=True)
 class ClaimState:
-    """A claim row as another process sees it."""
+    """A claim row as another process sees it, and the database's time when it was read."""
 
     run_key: str
     holder: str
     claimed_at: datetime
     renewed_at: datetime
     expires_at: datetime
+    read_at: datetime
 
 
 def holder_name(run_id: str) -> str:
@@ -81,6 +99,14 @@ def holder_name(run_id: str) -> str:
 def _utc(value: datetime) -> datetime:
     # SQLite hands back naive datetimes; every stored value is UTC.
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def database_now(connection: Connection) -> datetime:
+    """The database's current UTC time (PostgreSQL: the transaction's ``now()``; SQLite: ``'now'``)."""
+    if connection.dialect.name == "postgresql":
+        return _utc(connection.execute(text("SELECT now()")).scalar_one())
+    stamp = connection.execute(text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")).scalar_one()
+    return datetime.fromisoformat(stamp).replace(tzinfo=UTC)
 
 
 @contextmanager
@@ -98,11 +124,11 @@ def _database(catalog: Catalog, what: str) -> Iterator:
 
 def claim(catalog: Catalog, *, run_key: str, holder: str, lease_s: float) -> Claim | None:
     """Claim *run_key* for *holder* for *lease_s* seconds; ``None`` while someone else holds it."""
-    now = datetime.now(UTC)
     token = uuid.uuid4().hex
-    values = {"run_key": run_key, "holder": holder, "token": token, "claimed_at": now, "renewed_at": now,
-              "expires_at": now + timedelta(seconds=lease_s)}
     with _database(catalog, f"claim run key {run_key}") as connection:
+        now = database_now(connection)
+        values = {"run_key": run_key, "holder": holder, "token": token, "claimed_at": now, "renewed_at": now,
+                  "expires_at": now + timedelta(seconds=lease_s)}
         insert = postgresql_insert if connection.dialect.name == "postgresql" else sqlite_insert
         statement = insert(RunClaim).values(**values)
         statement = statement.on_conflict_do_update(
@@ -116,8 +142,8 @@ def claim(catalog: Catalog, *, run_key: str, holder: str, lease_s: float) -> Cla
 
 def renew(catalog: Catalog, held: Claim) -> bool:
     """Extend *held*'s lease; ``False`` when it is no longer this process's (it expired and was taken)."""
-    now = datetime.now(UTC)
     with _database(catalog, f"renew the claim on run key {held.run_key}") as connection:
+        now = database_now(connection)
         result = connection.execute(
             update(RunClaim).where(RunClaim.run_key == held.run_key, RunClaim.token == held.token)
             .values(renewed_at=now, expires_at=now + timedelta(seconds=held.lease_s)))
@@ -134,10 +160,11 @@ def current(catalog: Catalog, run_key: str) -> ClaimState | None:
     """The claim row of *run_key* (possibly expired), or ``None``."""
     with _database(catalog, f"read the claim on run key {run_key}") as connection:
         row = connection.execute(select(RunClaim).where(RunClaim.run_key == run_key)).first()
+        now = database_now(connection)
     if row is None:
         return None
     return ClaimState(run_key=row.run_key, holder=row.holder, claimed_at=_utc(row.claimed_at),
-                      renewed_at=_utc(row.renewed_at), expires_at=_utc(row.expires_at))
+                      renewed_at=_utc(row.renewed_at), expires_at=_utc(row.expires_at), read_at=now)
 
 
 def waiting_line(run_key: str, state: ClaimState | None, *, waited_s: float) -> str:
@@ -145,7 +172,7 @@ def waiting_line(run_key: str, state: ClaimState | None, *, waited_s: float) -> 
     head = f"an identical run (key {run_key[:12]}) is in progress"
     if state is None:
         return f"{head}: it just finished; claiming the key (waited {waited_s:.0f} s)"
-    now = datetime.now(UTC)
+    now = state.read_at
     return (f"{head} on {state.holder} (claimed {(now - state.claimed_at).total_seconds():.0f} s ago, lease "
             f"renewed {(now - state.renewed_at).total_seconds():.0f} s ago): waiting for it to finish, then "
             f"reusing its outputs (waited {waited_s:.0f} s; a dead holder's claim expires "
@@ -166,10 +193,12 @@ class _Heartbeat(threading.Thread):
             try:
                 if not renew(self.catalog, self.held) and not lost:
                     lost = True
-                    get_logger().warning(
+                    self.held.lost.set()  # the fence: this run's next write raises ClaimError
+                    get_logger().error(
                         f"the claim on run key {self.held.run_key[:12]} expired and was taken by another run "
-                        f"(heartbeats missed for over {self.held.lease_s:.0f} s): both may now build the same "
-                        "outputs; their step outputs stay consistent (each step publishes atomically)")
+                        f"(heartbeats missed for over {self.held.lease_s:.0f} s): this run stops at its next "
+                        "write, so it never records or publishes next to the new holder")
+                    return
             except Exception as exc:  # noqa: BLE001 - a database blip must not kill the run; retried next beat
                 get_logger().warning(f"could not renew the claim on run key {self.held.run_key[:12]}: {exc}")
 
@@ -178,20 +207,70 @@ class _Heartbeat(threading.Thread):
         self.join(timeout=30)
 
 
+def alive_key(kind: str, ident: str) -> str:
+    """The lease key saying run or sweep *ident* is alive (:func:`keep_alive`)."""
+    return f"alive:{kind}:{ident}"
+
+
+def keep_alive(catalog: Catalog, key: str, *, holder: str, lease_s: float | None = None) -> Callable[[], None]:
+    """Hold the lease *key* (:func:`alive_key`) while this process lives: a run or sweep says it is alive to
+    ``modelfactory catalog reconcile``, which closes those whose lease expired (the process died). Returns
+    the function that ends it (release)."""
+    held = claim(catalog, run_key=key, holder=holder, lease_s=lease_s or get_settings().claim_lease_s)
+    if held is None:
+        state = current(catalog, key)
+        raise ClaimError(f"{key} is already held by {state.holder if state else 'another process'}: a run or sweep "
+                         "id is started by one process at a time")
+    beat = _Heartbeat(catalog, held)
+    beat.start()
+
+    def stop() -> None:
+        beat.stop()
+        try:
+            release(catalog, held)
+        except CatalogError as exc:  # it expires anyway
+            get_logger().warning(f"could not release the lease {key} ({exc}); it expires within {held.lease_s:.0f} s")
+
+    return stop
+
+
+def live(catalog: Catalog, keys: Iterable[str]) -> set[str]:
+    """Those of *keys* whose lease has not expired (the database's clock)."""
+    keys = list(keys)
+    if not keys:
+        return set()
+    with _database(catalog, "read the live leases") as connection:
+        now = database_now(connection)
+        rows = connection.execute(select(RunClaim.run_key, RunClaim.expires_at).where(RunClaim.run_key.in_(keys)))
+        return {key for key, expires in rows if _utc(expires) > now}
+
+
 @contextmanager
 def holding(catalog: Catalog, run_key: str, *, holder: str, lease_s: float | None = None,
-            poll_s: float | None = None, on_wait: Callable[[str], None] | None = None) -> Iterator[Claim]:
-    """Hold the claim on *run_key* for the block: wait while another run holds it, heartbeat, release.
+            poll_s: float | None = None, wait_s: float | None = None,
+            on_wait: Callable[[str], None] | None = None) -> Iterator[Claim]:
+    """Hold the claim on *run_key* for the block: wait while another run holds it (at most *wait_s*, default
+    ``MODELFACTORY_CLAIM_WAIT_S``, then :class:`ClaimError`), heartbeat, release. The block checks
+    :meth:`Claim.check` before writes that must not happen once the claim was lost.
 
     *on_wait* gets a progress line when the wait starts and every :data:`WAIT_NOTE_EVERY_S` seconds.
     """
     settings = get_settings()
     lease_s = lease_s or settings.claim_lease_s
     poll_s = poll_s or settings.claim_poll_s
+    wait_s = wait_s or settings.claim_wait_s
     started = time.monotonic()
     noted: float | None = None
     while (held := claim(catalog, run_key=run_key, holder=holder, lease_s=lease_s)) is None:
         now = time.monotonic()
+        if now - started >= wait_s:
+            state = current(catalog, run_key)
+            who = (f" ({state.holder}, claimed {(state.read_at - state.claimed_at).total_seconds():.0f} s ago)"
+                   if state else "")
+            raise ClaimError(
+                f"waited {now - started:.0f} s (MODELFACTORY_CLAIM_WAIT_S={wait_s:g}) for the identical run holding "
+                f"run key {run_key[:12]}{who}: it is still building. Let it finish and run this again (its outputs "
+                "are then reused), or raise MODELFACTORY_CLAIM_WAIT_S")
         if on_wait is not None and (noted is None or now - noted >= WAIT_NOTE_EVERY_S):
             on_wait(waiting_line(run_key, current(catalog, run_key), waited_s=now - started))
             noted = now

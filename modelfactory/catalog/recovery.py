@@ -9,11 +9,19 @@ SHAs, both sides' metrics, the gate) — so when the catalog was unreachable at 
    unfinished run with the same run key (``running``/``failed``, no artifact) — the run that
    published it and then lost its database — is completed (rows it has are not added twice);
 3. else a new run is recorded (e.g. into a fresh catalog).
+
+And the runs and sweeps whose process died (``modelfactory catalog reconcile``, and once when
+``modelfactory serve`` starts): :func:`reconcile` closes as ``failed`` (``error_kind`` ``crashed``)
+every run or sweep still ``running`` whose flow run Prefect reports ended (Crashed, Failed,
+Cancelled, Completed), or whose flow run is gone while its liveness lease in the catalog expired
+(the process stopped renewing it: SIGKILL, out of memory, the host lost). A run that is alive keeps
+renewing its lease (:func:`~modelfactory.catalog.claims.keep_alive`) and is never touched.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,11 +29,11 @@ from urllib.parse import urlparse
 
 from sqlalchemy import select
 
-from modelfactory.catalog import Catalog, MetricRecord
+from modelfactory.catalog import Catalog, MetricRecord, claims
 from modelfactory.catalog.metrics import benchmark_metrics
 from modelfactory.catalog.models import Artifact, Run
 from modelfactory.catalog.models import Publication as PublicationRow
-from modelfactory.core.errors import PublishError
+from modelfactory.core.errors import CrashedError, PublishError
 from modelfactory.core.hashing import step_key
 from modelfactory.core.manifest import content_digest
 from modelfactory.core.records import (
@@ -136,3 +144,50 @@ def _unfinished_run(catalog: Catalog, run_key: str) -> str | None:
 def local_artifact_uris(root: Path) -> list[str]:
     """Every complete artifact (folder with a manifest) under a ``file://`` store folder."""
     return sorted(p.parent.resolve().as_uri() for p in root.rglob("manifest.json"))
+
+
+#: Prefect state types of a flow run that is over.
+ENDED_STATES = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
+#: Prefect state types of a flow run that may still be running.
+ACTIVE_STATES = frozenset({"SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING", "LATE"})
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """A run or sweep :func:`reconcile` closed, and why."""
+
+    kind: Literal["run", "sweep"]
+    id: str
+    flow_run_id: str | None
+    reason: str
+
+
+def reconcile(catalog: Catalog, *, flow_run_state: Callable[[str], str | None] | None = None) -> list[Reconciled]:
+    """Close every run and sweep the catalog shows ``running`` whose process is gone (module docstring).
+
+    *flow_run_state*: the Prefect state type of a flow run id, ``None`` when the server has no such
+    run; not given (no Prefect server to ask), the liveness leases alone decide.
+    """
+    running = [("run", *row) for row in catalog.running_runs()] + [("sweep", *row) for row in catalog.running_sweeps()]
+    alive = claims.live(catalog, [claims.alive_key(kind, ident) for kind, ident, _ in running])
+    closed = []
+    for kind, ident, flow_run_id in running:
+        state = flow_run_state(flow_run_id) if flow_run_state is not None and flow_run_id else None
+        lease_alive = claims.alive_key(kind, ident) in alive
+        if state in ENDED_STATES:
+            reason = (f"its flow run {flow_run_id} ended {state} while the catalog still showed it running: the "
+                      "process died before it could record its end")
+        elif state not in ACTIVE_STATES and not lease_alive:
+            where = (f"its flow run {flow_run_id} is not on the Prefect server" if flow_run_state and flow_run_id
+                     else "no Prefect server was asked")
+            reason = (f"{where} and it stopped renewing its liveness lease in the catalog: the process died "
+                      "(killed, out of memory, or its host was lost)")
+        else:
+            continue
+        message = f"{kind} {ident} crashed: {reason}. Run it again: finished steps are reused"
+        if kind == "run":
+            catalog.finish_run(run_id=ident, status="failed", error=message, error_kind=CrashedError.kind)
+        else:
+            catalog.fail_sweep(sweep_id=ident, error=message, error_kind=CrashedError.kind)
+        closed.append(Reconciled(kind=kind, id=ident, flow_run_id=flow_run_id, reason=reason))
+    return closed

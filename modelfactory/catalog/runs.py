@@ -91,6 +91,18 @@ class CatalogRuns(CatalogConnections):
                     f"start every run with a fresh id (uuid4)"
                 ) from exc
 
+    def restart_run(self, *, run_id: str, flow_run_id: str | None = None,
+                    library_versions: dict[str, Any] | None = None, host: dict[str, Any] | None = None) -> None:
+        """Start run *run_id* again (a retry of its flow run): ``running``, its end and error cleared; the
+        steps it recorded stay until the new attempt records them again. The caller checks that the earlier
+        attempt is over (``RunRecorder.start``)."""
+        with self.writing(f"restart run {run_id!r}") as session:
+            run = require_run(session, run_id=run_id, catalog_url=self.url)
+            run.status, run.finished_at, run.error, run.error_kind = "running", None, None, None
+            run.flow_run_id = flow_run_id or run.flow_run_id
+            run.library_versions = library_versions or run.library_versions
+            run.host = host or run.host
+
     def set_sources(
         self, *, run_id: str, base_uri: str, base_sha: str, adapters: list[dict[str, Any]]
     ) -> None:
@@ -225,6 +237,12 @@ class CatalogRuns(CatalogConnections):
     def get_run(self, run_id: str) -> RunDetail:
         """Everything about run *run_id* (a unique prefix of at least 6 characters will do)."""
         return read_run(self, run_id=run_id)
+
+    def running_runs(self) -> list[tuple[str, str | None]]:
+        """``(run id, flow run id)`` of every run still ``running``, oldest first (``catalog reconcile``)."""
+        with self.reading("list the running runs") as session:
+            return [(r.id, r.flow_run_id) for r in session.execute(
+                select(Run.id, Run.flow_run_id).where(Run.status == "running").order_by(Run.started_at))]
 
     def resolve_id(self, session: Session, run_id: str) -> str:
         """The full id of run *run_id* (itself or a unique 6+ character prefix), else raise."""

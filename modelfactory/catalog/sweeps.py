@@ -228,6 +228,12 @@ class CatalogSweeps(CatalogConnections):
                                  error=s.error)
                     for s in sweeps]
 
+    def running_sweeps(self) -> list[tuple[str, str | None]]:
+        """``(sweep id, flow run id)`` of every sweep still ``running``, oldest first (``catalog reconcile``)."""
+        with self.reading("list the running sweeps") as session:
+            return [(r.id, r.flow_run_id) for r in session.execute(
+                select(Sweep.id, Sweep.flow_run_id).where(Sweep.status == "running").order_by(Sweep.created_at))]
+
     def identify(self, ref: str) -> tuple[Literal["run", "sweep"], str]:
         """Whether *ref* (a full id or a unique 6+ character prefix) names a run or a sweep, and its id.
 

@@ -114,6 +114,26 @@ class GpuStageError(ModelFactoryError):
     kind = "gpu_stage"
 
 
+class SweepAbortedError(ModelFactoryError):
+    """A sweep failed before it decided what to publish; its members that passed their gate fail with it."""
+
+    kind = "sweep_aborted"
+
+
+class ClaimError(CatalogError):
+    """The run-key claim that serialises identical runs could not be held: waited too long for its
+    holder, or lost (its lease expired and another run took it)."""
+
+    kind = "claim"
+
+
+class CrashedError(ModelFactoryError):
+    """A run's process died mid-run (killed, out of memory, host gone): found by Prefect's crash hook
+    or by ``modelfactory catalog reconcile``."""
+
+    kind = "crashed"
+
+
 class StageStoreError(ModelFactoryError):
     """A step output could not be written to, found in, or fetched intact from the stage store."""
 

@@ -26,10 +26,13 @@ Execution (see ``docs/gpu-pool.md``):
   marker last) and from which other hosts fetch it; unset: step outputs stay in the local work
   dir, so a GPU pool needs a work dir shared by every host (``modelfactory/stage_store/``).
 - ``stage_cache_dir`` this host's content-addressed cache of outputs fetched from the stage store,
-  ``<home>/cache/stage`` (not under ``cache_dir``: that one is often a shared kernel-cache volume).
-- ``claim_lease_s`` / ``claim_poll_s``  the run-key claim in the catalog that serialises identical
-  runs across hosts: its lease (renewed by a heartbeat; a dead holder's claim expires after it)
-  and how often a waiting run asks again (``modelfactory/catalog/claims.py``).
+  ``<home>/cache/stage`` (not under ``cache_dir``: that one is often a shared kernel-cache volume);
+  ``stage_cache_max_gb`` its size bound (default 200 GB): least recently used entries that no
+  running process uses are evicted to make room (``modelfactory/stage_store/cache.py``).
+- ``claim_lease_s`` / ``claim_poll_s`` / ``claim_wait_s``  the run-key claim in the catalog that
+  serialises identical runs across hosts: its lease (renewed by a heartbeat; a dead holder's claim
+  expires after it; lease times are the database's clock), how often a waiting run asks again, and
+  how long it waits at most (``modelfactory/catalog/claims.py``).
 
 S3 (``modelfactory/s3/``; credentials come from the standard AWS chain, never from here):
 
@@ -87,10 +90,15 @@ class Settings(BaseSettings):
     stage_store_url: str | None = None
     #: Where this host keeps step outputs fetched from the stage store; unset = ``<home>/cache/stage``.
     stage_cache_dir: Path | None = None
+    #: Size bound of that cache in GB (1e9 bytes): least recently used entries not in use are evicted.
+    stage_cache_max_gb: float = Field(default=200.0, gt=0)
     #: Seconds a run-key claim lasts without a heartbeat (renewed every third of it).
     claim_lease_s: float = Field(default=60.0, ge=1)
     #: Seconds between claim attempts of a run waiting for an identical one.
     claim_poll_s: float = Field(default=2.0, gt=0)
+    #: Longest a run waits for an identical one holding its run key before it fails with a clear error
+    #: (default 6 h: the longest quantization plus benchmark of a large model on one GPU, with room).
+    claim_wait_s: float = Field(default=6 * 3600.0, gt=0)
     #: S3-compatible endpoint (MinIO, moto, ...); unset = AWS_ENDPOINT_URL, else AWS itself.
     s3_endpoint_url: str | None = None
     #: Parallel S3 transfers (parts and files) per upload/download.

@@ -79,17 +79,28 @@ def _seconds(start: datetime | None, end: datetime | None) -> float | None:
     return (end - start).total_seconds() if start and end else None
 
 
+def stage_key(run_id: str) -> str:
+    """The idempotency key of a run's GPU stage: one per attempt of the calling flow run, so a second
+    dispatch of one attempt gets the same stage back, while a retry of the run (the on-finetune flow
+    retried: the same run id) starts a fresh stage instead of getting the old, crashed one."""
+    from prefect import runtime
+
+    return f"{run_id}:gpu-stage:{runtime.flow_run.id or 'local'}:{runtime.flow_run.run_count or 1}"
+
+
 def dispatch_gpu_stage(*, deployment: str, model: ModelArtifact, quantize: QuantSpec | None, benchmark: BenchmarkSpec,
                        run_id: str, baseline: BaselineResult | None = None, timeout_s: float | None = None,
-                       poll_s: float = 2.0, gate: GateSpec | None = None) -> GpuStageRun:
+                       poll_s: float | None = None, gate: GateSpec | None = None) -> GpuStageRun:
     """Run the GPU stage as a flow run of *deployment* and wait for it (a subflow of the caller).
 
     The stage's modes (``flows/gpu_stage.py``): quantize + benchmark (the plain factory); with
     *baseline*, quantize + the GPTQ side against that shared fp16 measurement (a sweep member);
     with *quantize* ``None``, the fp16 side only (a sweep's baseline). *run_id* names the run (or
-    sweep) the stage belongs to: its tag and idempotency key. *gate*: the gate in effect, so that the stage
+    sweep) the stage belongs to: its tag and, with the calling flow run's attempt, its idempotency key
+    (:func:`stage_key`). *gate*: the gate in effect, so that the stage
     stops after a failed runnability check it requires, before the benchmark.
-    Returns when the run is final or *timeout_s* passed (then the run is cancelled).
+    Returns when the run is final or *timeout_s* passed (then the run is cancelled); *timeout_s* and *poll_s*
+    default to ``MODELFACTORY_GPU_TIMEOUT_S`` / ``MODELFACTORY_GPU_POLL_S``.
     """
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
@@ -97,6 +108,9 @@ def dispatch_gpu_stage(*, deployment: str, model: ModelArtifact, quantize: Quant
     from prefect.settings import PREFECT_API_URL
     from prefect.states import Cancelled, Cancelling
 
+    settings = get_settings()
+    timeout_s = timeout_s if timeout_s is not None else settings.gpu_timeout_s
+    poll_s = poll_s if poll_s is not None else settings.gpu_poll_s
     logger = get_logger()
     parameters = {"model": model.model_dump(mode="json"),
                   "quantize": quantize.model_dump(mode="json") if quantize is not None else None,
@@ -112,7 +126,7 @@ def dispatch_gpu_stage(*, deployment: str, model: ModelArtifact, quantize: Quant
     started = time.perf_counter()
     try:
         flow_run = run_deployment(deployment, parameters=parameters, timeout=timeout_s, poll_interval=poll_s,
-                                  idempotency_key=f"{run_id}:gpu-stage", tags=["modelfactory", f"run:{run_id}"])
+                                  idempotency_key=stage_key(run_id), tags=["modelfactory", f"run:{run_id}"])
     except ObjectNotFound as exc:
         raise GpuStageError(
             f"deployment {deployment!r} (MODELFACTORY_GPU_DEPLOYMENT) does not exist on the Prefect server "

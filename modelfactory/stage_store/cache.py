@@ -1,18 +1,25 @@
-"""This host's cache of step outputs fetched from the stage store, addressed by content.
+"""This host's cache of step outputs fetched from the stage store, addressed by content, bounded in size.
 
 Layout under ``MODELFACTORY_STAGE_CACHE_DIR`` (default ``<home>/cache/stage``)::
 
     objects/<digest>/          a fetched output: its files and its _COMPLETE.json (the store's marker)
     objects/.<digest>.lock     held while this host fetches <digest> (a second fetch waits, then reuses)
+    objects/.<digest>.use      shared-locked by every process using <digest>; its mtime is the last use
     objects/.<digest>.tmp-*/   a fetch in progress (removed when it fails)
     links/<step>/<key>         symlink to a folder of this host shared under that key (a local model
                                folder, a Hub snapshot): resolving its URI here downloads nothing
 
 ``<digest>`` is the sha256 of the output's completion marker in the store, which lists every
 file's sha256: one digest, one content. A fetch downloads into a temporary folder, checks every
-file against the marker, writes the step marker last and renames the folder into place, so a
-reader never sees half an output and a corrupted download is never kept. Entries are never
-changed once there; delete the folder to reclaim space (no run may be using it then).
+file against the marker, writes the marker last and renames the folder into place, so a reader
+never sees half an output and a corrupted download is never kept. Entries never change once there.
+
+The cache is bounded (``MODELFACTORY_STAGE_CACHE_MAX_GB``, default 200): before a fetch, the least
+recently used entries are evicted until the new one fits. An entry is *in use* while a process that
+resolved it is alive (it holds a shared ``flock`` on ``.<digest>.use`` from then until it exits: a GPU
+worker runs each flow run in its own process), and an entry in use is never evicted: the evictor
+needs that lock exclusively, and a reader takes it before looking at the entry. When everything left
+is in use, the cache grows past its bound for a while and says so.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import fcntl
 import json
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +67,80 @@ def _fetch_lock(digest: str) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+#: The ``.use`` files (by path) this process holds shared, one per entry it resolved, open until it exits.
+_IN_USE: dict[str, Any] = {}
+_IN_USE_LOCK = threading.Lock()
+
+
+def _use_path(digest: str) -> Path:
+    return cache_root() / "objects" / f".{digest}.use"
+
+
+def _hold(digest: str) -> None:
+    """Mark *digest* as used by this process until it exits (shared flock), and as used now (LRU)."""
+    path = _use_path(digest)
+    with _IN_USE_LOCK:
+        if str(path) not in _IN_USE:
+            handle = open(path, "a+")  # noqa: SIM115 - kept open (the hold) until the process exits
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH)  # waits while an evictor removes the entry
+            _IN_USE[str(path)] = handle
+    os.utime(path)
+
+
+def entry_bytes(folder: Path) -> int:
+    """The size of a cache entry: its marker's ``total_bytes`` (else the files on disk)."""
+    try:
+        return int(json.loads((folder / workdir.MARKER).read_text())["total_bytes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def make_room(incoming: int) -> None:
+    """Evict least recently used entries not in use until *incoming* more bytes fit the bound."""
+    bound = int(get_settings().stage_cache_max_gb * 1e9)
+    objects = cache_root() / "objects"
+    entries = [p for p in objects.iterdir() if p.is_dir() and not p.name.startswith(".")] if objects.is_dir() else []
+    sizes = {p: entry_bytes(p) for p in entries}
+    used = sum(sizes.values())
+    if used + incoming <= bound:
+        return
+
+    def last_use(folder: Path) -> float:
+        stamp = _use_path(folder.name)
+        return stamp.stat().st_mtime if stamp.exists() else folder.stat().st_mtime
+
+    for folder in sorted(entries, key=last_use):
+        if used + incoming <= bound:
+            break
+        if _evict(folder):
+            used -= sizes[folder]
+            progress(f"stage cache: evicted {folder.name[:12]} ({sizes[folder] / 1e9:.2f} GB, least recently used) "
+                     f"to stay under MODELFACTORY_STAGE_CACHE_MAX_GB={get_settings().stage_cache_max_gb:g}")
+    if used + incoming > bound:
+        progress(f"stage cache: {(used + incoming) / 1e9:.2f} GB needed, over MODELFACTORY_STAGE_CACHE_MAX_GB="
+                 f"{get_settings().stage_cache_max_gb:g}: every other entry is in use by a running process; "
+                 "it shrinks once they end")
+
+
+def _evict(folder: Path) -> bool:
+    """Remove the entry *folder* unless a process uses it; whether it was removed."""
+    with open(_use_path(folder.name), "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # in use
+        try:
+            trash = folder.parent / f".{folder.name}.evicted-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(folder, trash)
+            except FileNotFoundError:
+                return False
+            shutil.rmtree(trash, ignore_errors=True)
+            return True
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def _safe(url: S3Url, rel: str) -> str:
     path = PurePosixPath(rel)
     if not rel or path.is_absolute() or any(p in ("", ".", "..") for p in path.parts) or "\\" in rel:
@@ -82,15 +164,17 @@ def fetch(client, *, url: S3Url, data: bytes) -> Path:
     """The output at *url* (completion marker *data*) in this host's cache: reused, or downloaded and checked."""
     digest = manifest_digest(data)
     final = object_dir(digest)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _hold(digest)  # in use by this process from now on: never evicted under it
     if final.is_dir():
         return final
     manifest = parse_marker(url, data)
     for entry in manifest["files"]:
         _safe(url, entry["path"])
-    final.parent.mkdir(parents=True, exist_ok=True)
     with _fetch_lock(digest):
         if final.is_dir():  # another process of this host fetched it while we waited
             return final
+        make_room(int(manifest["total_bytes"]))
         tmp = final.parent / f".{digest}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:

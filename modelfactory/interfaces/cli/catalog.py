@@ -216,6 +216,23 @@ def catalog_upgrade() -> None:
     console.print(f"catalog {catalog.url} at revision {catalog.current_revision()}", soft_wrap=True)
 
 
+@app.command("reconcile")
+def catalog_reconcile() -> None:
+    """Close runs and sweeps still shown ``running`` whose process died (killed, out of memory, host lost).
+
+    A run whose flow run the Prefect server (``PREFECT_API_URL``) reports ended, or that is gone from
+    it and stopped renewing its liveness lease in the catalog, becomes ``failed`` (``crashed``) with the
+    reason. Runs that are alive are never touched; safe to repeat. ``modelfactory serve`` does it once at start.
+    """
+    from modelfactory.interfaces.reconcile import reconcile_catalog
+
+    with reported_errors():
+        closed = reconcile_catalog(_open())
+    for item in closed:
+        console.print(f"crashed: {item.kind} {item.id}: {item.reason}", soft_wrap=True, highlight=False)
+    console.print(f"{len(closed)} run(s)/sweep(s) closed as crashed", highlight=False)
+
+
 @app.command("import")
 def catalog_import(
     uris: Annotated[list[str], typer.Argument(help="Artifact URIs (file:// or s3:// folders holding a manifest.json).")],

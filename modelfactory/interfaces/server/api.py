@@ -59,8 +59,16 @@ def get_catalog() -> Catalog:
 
 @asynccontextmanager
 async def check_catalog(_app: FastAPI) -> AsyncIterator[None]:
-    """Refuse to start on a catalog that cannot be opened or is behind the code's schema."""
-    get_catalog()
+    """Refuse to start on a catalog that cannot be opened or is behind the code's schema; close the runs
+    and sweeps whose process died while no server was watching (``catalog reconcile``, best effort)."""
+    catalog = get_catalog()
+    from modelfactory.interfaces.reconcile import reconcile_catalog
+
+    try:
+        for item in reconcile_catalog(catalog):
+            get_logger().warning(f"serve: closed {item.kind} {item.id} as crashed: {item.reason}")
+    except Exception as exc:  # noqa: BLE001 - serving the catalog matters more; `catalog reconcile` retries
+        get_logger().warning(f"serve: could not reconcile the catalog's running runs: {exc}")
     yield
 
 
