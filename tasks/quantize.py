@@ -267,7 +267,7 @@ def check_supported(model_path: str) -> None:
                                                              "phi3", "gpt_neox", "opt", "falcon")))
         raise QuantizationError(
             f"GPTQModel cannot quantize {model_path}: its architecture (config.json model_type {model_type!r}) is not "
-            f"one GPTQModel {_gptqmodel_version()} supports ({common}, ... {len(known)} in all). Use a model of a "
+            f"supported by GPTQModel {_gptqmodel_version()} ({common}, ... {len(known)} in all). Use a model of a "
             f"supported architecture, or a GPTQModel version that supports {model_type!r}")
 
 

@@ -46,7 +46,8 @@ def test_unsupported_bits_fails_clearly(prefect, tiny_llama):
 
 
 def test_architecture_gptqmodel_cannot_quantize_is_a_clear_error(tiny_llama, tmp_path):
-    """A real Mamba model (no attention/MLP blocks GPTQModel knows): refused with the model type named."""
+    """A real Mamba model (no attention/MLP blocks GPTQModel knows): refused at once, before any calibration or
+    quantization process starts, with the model type named."""
     import shutil
 
     from transformers import MambaConfig, MambaForCausalLM
@@ -68,6 +69,7 @@ def test_architecture_gptqmodel_cannot_quantize_is_a_clear_error(tiny_llama, tmp
             quantize_model(model=artifact, spec=spec, device="cpu")
     assert "is not supported" in str(info.value) and "llama" in str(info.value)
     assert len(str(info.value)) < 1500, "no module dump in the message"
+    assert not list((tmp_path / "work").rglob("*.log")), "no quantize step process was started"
 
 
 @pytest.mark.parametrize("cpu_dtype", ["float32", "bfloat16"])
