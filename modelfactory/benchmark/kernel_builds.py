@@ -15,15 +15,14 @@ time: ``infra/gpu-host/start-workers.sh`` runs this before it starts the workers
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 from modelfactory.core.devices import gpu_env
 from modelfactory.core.log import progress
 from modelfactory.core.records import Record
+from modelfactory.core.settings import environment
 
 #: What ``prepare`` builds by default: Marlin for fp16 and bf16 models (the benchmark's kernel on CUDA and the
 #: verified fallback of a plain load), and Machete (GPTQModel's default on Hopper GPUs).
@@ -39,21 +38,6 @@ class KernelBuild(Record):
     error: str | None = None
 
 
-@contextmanager
-def _environment(extra: dict[str, str]):
-    """The factory's compile caches (and *extra*) in this process's environment, restored afterwards."""
-    saved = {name: os.environ.get(name) for name in extra}
-    os.environ.update(extra)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def prepare_kernels(*, kernels: Sequence[str] = DEFAULT_KERNELS, cutlass_dir: Path | None = None,
                     ) -> list[KernelBuild]:
     """Build (or find cached) each of *kernels* into the factory's compile caches; never raises for a kernel that
@@ -62,7 +46,7 @@ def prepare_kernels(*, kernels: Sequence[str] = DEFAULT_KERNELS, cutlass_dir: Pa
     if cutlass_dir is not None:
         env["GPTQMODEL_CUTLASS_DIR"] = str(Path(cutlass_dir).expanduser().resolve())
     builds = []
-    with _environment(env):
+    with environment(env):
         from gptqmodel import extension  # imported with the caches set: GPTQModel reads them at import
 
         for kernel in kernels:

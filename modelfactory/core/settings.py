@@ -51,6 +51,9 @@ Triggers (``docs/triggers.md``):
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -140,3 +143,25 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The settings of this process (cached; call ``get_settings.cache_clear()`` in tests)."""
     return Settings()
+
+
+@contextmanager
+def environment(values: Mapping[str, str | None]) -> Iterator[None]:
+    """Set (``None``: unset) environment variables for this process and the children it starts, with the
+    settings cache cleared on the way in and out; the old values come back afterwards."""
+    saved = {key: os.environ.get(key) for key in values}
+    try:
+        _apply(values)
+        get_settings.cache_clear()
+        yield
+    finally:
+        _apply(saved)
+        get_settings.cache_clear()
+
+
+def _apply(values: Mapping[str, str | None]) -> None:
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -25,24 +25,10 @@ def free_port() -> int:
 def settings_env(**values: str | None) -> Iterator[None]:
     """Set (``None``: unset) environment variables for this process and its children, with the
     factory's settings cache cleared on the way in and out; the old values come back afterwards."""
-    from modelfactory.core.settings import get_settings
+    from modelfactory.core.settings import environment
 
-    saved = {key: os.environ.get(key) for key in values}
-    try:
-        for key, value in values.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        get_settings.cache_clear()
+    with environment(values):
         yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        get_settings.cache_clear()
 
 
 @contextmanager
