@@ -264,6 +264,9 @@ def test_reconcile_closes_runs_and_sweeps_whose_flow_run_prefect_reports_crashed
         assert catalog.get_run("r-running").status == "running"
         swept = catalog.get_sweep("s-gone")
         assert swept.status == "failed" and swept.error_kind == "crashed" and "not on the Prefect server" in swept.error
+        catalog.start_run(run_id="r-stuck", name="s", spec={}, run_key="k3", flow_run_id="fr-running")  # no lease
+        (stuck,) = reconcile(catalog, flow_run_state=states.get)  # Prefect still says RUNNING: the lease decides
+        assert stuck.id == "r-stuck" and "still shows RUNNING" in stuck.reason
         assert reconcile(catalog, flow_run_state=states.get) == []  # safe to repeat
         for end in ends:
             end()

@@ -13,9 +13,10 @@ SHAs, both sides' metrics, the gate) — so when the catalog was unreachable at 
 And the runs and sweeps whose process died (``modelfactory catalog reconcile``, and once when
 ``modelfactory serve`` starts): :func:`reconcile` closes as ``failed`` (``error_kind`` ``crashed``)
 every run or sweep still ``running`` whose flow run Prefect reports ended (Crashed, Failed,
-Cancelled, Completed), or whose flow run is gone while its liveness lease in the catalog expired
-(the process stopped renewing it: SIGKILL, out of memory, the host lost). A run that is alive keeps
-renewing its lease (:func:`~modelfactory.catalog.claims.keep_alive`) and is never touched.
+Cancelled, Completed), or whose liveness lease in the catalog expired (the process stopped renewing
+it: SIGKILL, out of memory, the host lost; a flow run in the process itself has no worker to send
+heartbeats, so Prefect may show it ``RUNNING`` for ever). A run that is alive keeps renewing its
+lease (:func:`~modelfactory.catalog.claims.keep_alive`) and is never touched.
 """
 
 from __future__ import annotations
@@ -148,8 +149,6 @@ def local_artifact_uris(root: Path) -> list[str]:
 
 #: Prefect state types of a flow run that is over.
 ENDED_STATES = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
-#: Prefect state types of a flow run that may still be running.
-ACTIVE_STATES = frozenset({"SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING", "LATE"})
 
 
 @dataclass(frozen=True)
@@ -177,11 +176,12 @@ def reconcile(catalog: Catalog, *, flow_run_state: Callable[[str], str | None] |
         if state in ENDED_STATES:
             reason = (f"its flow run {flow_run_id} ended {state} while the catalog still showed it running: the "
                       "process died before it could record its end")
-        elif state not in ACTIVE_STATES and not lease_alive:
-            where = (f"its flow run {flow_run_id} is not on the Prefect server" if flow_run_state and flow_run_id
-                     else "no Prefect server was asked")
-            reason = (f"{where} and it stopped renewing its liveness lease in the catalog: the process died "
-                      "(killed, out of memory, or its host was lost)")
+        elif not lease_alive:
+            where = ("" if flow_run_state is None or not flow_run_id
+                     else f" (its flow run {flow_run_id} is not on the Prefect server)" if state is None
+                     else f" (its flow run {flow_run_id} still shows {state}: nothing marked it crashed)")
+            reason = (f"it stopped renewing its liveness lease in the catalog{where}: the process died (killed, "
+                      "out of memory, or its host was lost)")
         else:
             continue
         message = f"{kind} {ident} crashed: {reason}. Run it again: finished steps are reused"
