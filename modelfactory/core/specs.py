@@ -451,9 +451,9 @@ GatePreset = Literal["default", "none"]
 #: SmolLM2-135M, the hardest case a 4-bit build of a real model is: the smaller the model, the more 4 bits
 #: cost; bench/results/smollm2-135m-default-gate-cpu.json).
 DEFAULT_GATE: dict[str, float] = {
-    "max_ppl_increase_pct": 100.0,
-    "max_kld_mean": 0.5,
-    "min_top1_agreement_pct": 60.0,
+    "max_ppl_increase_pct": 60.0,
+    "max_kld_mean": 0.45,
+    "min_top1_agreement_pct": 65.0,
 }
 #: The default gate's thresholds that need ``benchmark.agreement`` (KL and top-1): not filled in when it is off.
 AGREEMENT_THRESHOLDS = ("max_kld_mean", "max_kld_p99", "min_top1_agreement_pct")

