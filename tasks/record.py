@@ -155,7 +155,11 @@ class RunRecorder:
     def benchmark(self, result: BenchmarkResult) -> None:
         self.step("benchmark", duration_s=result.duration_s, reused=result.reused, output_uri=result.path,
                   detail={"path": result.path, "kernel": result.gptq.kernel, "device": result.gptq.device,
-                          "gptq_sha256": self.quantized_sha256})  # the files it measured (keyed by them)
+                          "gptq_sha256": self.quantized_sha256,  # the files it measured (keyed by them)
+                          # how the KL was computed (exact, or a top-k lower bound that is never gated), and why
+                          "kld_method": result.agreement.kld_method if result.agreement else None,
+                          "kld_method_note": result.agreement.kld_method_note if result.agreement else None,
+                          "decode_mode": result.gptq.decode_mode})
         self.catalog.record_metrics(run_id=self.run_id, metrics=benchmark_metrics(result))
 
 

@@ -416,6 +416,17 @@ def test_a_spec_without_a_gate_gets_the_default_gate():
     assert no_kl.max_kld_mean is None and no_kl.min_top1_agreement_pct is None and no_kl.max_ppl_increase_pct
 
 
+def test_the_run_form_shows_every_threshold_and_the_switch():
+    """The flow's parameter is the FactorySpec: its JSON schema is the Prefect UI's run form."""
+    from modelfactory.core.specs import FactorySpec
+
+    schema = FactorySpec.model_json_schema()
+    gate = schema["$defs"]["GateSpec"]["properties"]
+    assert set(GateSpec.model_fields) <= set(gate)
+    assert gate["preset"]["enum"] == ["default", "none"] and gate["preset"]["default"] == "default"
+    assert all(f"{name} {value:g}" in gate["preset"]["description"] for name, value in DEFAULT_GATE.items())
+
+
 def test_the_default_gate_checks_kl_and_top1_as_well_as_perplexity():
     """KL and top-1 are measured by default, and now checked by default: a collapse shows there first."""
     collapsed = AGREEMENT.model_copy(update={"kld_mean": 2.5, "top1_agreement_pct": 30.0})
