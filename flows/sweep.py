@@ -49,7 +49,7 @@ from modelfactory.core.sweep_spec import MAX_MEMBERS, SweepMember, SweepSpec
 from modelfactory.gpu_pool import dispatch_gpu_stage
 from modelfactory.reports import sweep_matrix_markdown
 from modelfactory.sweeps.coordination import MemberRendezvous, decide_sweep
-from modelfactory.sweeps.outcome import SweepMemberOutcome, SweepOutcome, local_member_slots
+from modelfactory.sweeps.outcome import SweepOutcome, local_member_slots
 from modelfactory.tasks.benchmark import benchmark_baseline_task, benchmark_candidate_task
 from modelfactory.tasks.download import download_task, resolve_adapter_task
 from modelfactory.tasks.gate import decide_before_benchmark, gate_task
@@ -116,7 +116,8 @@ def _sweep(spec: SweepSpec, sweep_id: str, catalog: Catalog) -> SweepOutcome:
             future.wait()
         raise
     rendezvous.decide(decision)
-    outcomes = [future.result() for future in futures]
+    for future in futures:
+        future.result()  # every member closed its run (a member whose task raised: raised here)
     if (error := rendezvous.publish_error(decision)) is not None:
         raise error  # a chosen member could not publish: the sweep fails (its run says why)
 
@@ -128,7 +129,8 @@ def _sweep(spec: SweepSpec, sweep_id: str, catalog: Catalog) -> SweepOutcome:
     return SweepOutcome(sweep_id=sweep_id, status="finished", objective=spec.objective,
                         publish_mode=spec.publish_mode, winner_label=decision.winner_label,
                         winner_run_id=decision.winner_run_id, front=decision.front_labels,
-                        members=tuple(outcomes), baseline_path=baseline.path, baseline_reused=baseline.reused)
+                        members=catalog.get_sweep(sweep_id).members, baseline_path=baseline.path,
+                        baseline_reused=baseline.reused)
 
 
 def _baseline(model: ModelArtifact, spec: SweepSpec, *, sweep_id: str, deployment: str | None) -> BaselineResult:
@@ -146,8 +148,8 @@ def _baseline(model: ModelArtifact, spec: SweepSpec, *, sweep_id: str, deploymen
 def member_task(*, spec: FactorySpec, member: SweepMember, position: int, sweep_id: str, base: ModelArtifact,
                 adapters: tuple[AdapterArtifact, ...], merged: MergeResult, baseline: BaselineResult,
                 deployment: str | None, slots: contextlib.AbstractContextManager,
-                rendezvous: MemberRendezvous) -> SweepMemberOutcome:
-    """One configuration as a plain run, from its start to its end; a failure is recorded and returned."""
+                rendezvous: MemberRendezvous) -> str:
+    """One configuration as a plain run, from its start to its end (its status); a failure is recorded."""
     try:
         return _member(spec=spec, member=member, position=position, sweep_id=sweep_id, base=base, adapters=adapters,
                        merged=merged, baseline=baseline, deployment=deployment, slots=slots, rendezvous=rendezvous)
@@ -158,12 +160,11 @@ def member_task(*, spec: FactorySpec, member: SweepMember, position: int, sweep_
 def _member(*, spec: FactorySpec, member: SweepMember, position: int, sweep_id: str, base: ModelArtifact,
             adapters: tuple[AdapterArtifact, ...], merged: MergeResult, baseline: BaselineResult,
             deployment: str | None, slots: contextlib.AbstractContextManager,
-            rendezvous: MemberRendezvous) -> SweepMemberOutcome:
+            rendezvous: MemberRendezvous) -> str:
     run_id = str(uuid.uuid4())
     run_key = step_key("run", spec=spec)
     recorder = RunRecorder.start(run_id=run_id, name=spec.name, spec=spec.model_dump(mode="json"), run_key=run_key,
                                  flow_run_id=runtime.flow_run.id)
-    outcome = SweepMemberOutcome(label=member.label, run_id=run_id, status="rejected")
     try:
         recorder.catalog.add_member(sweep_id=sweep_id, run_id=run_id, label=member.label, kernel=member.kernel,
                                     position=position)
@@ -194,25 +195,23 @@ def _member(*, spec: FactorySpec, member: SweepMember, position: int, sweep_id: 
             recorder.gate(decision, time.perf_counter() - started)
             if not decision.passed:
                 recorder.finish("rejected")
-                return outcome
+                return "rejected"
             # Passed: wait for the sweep's decision, the run open and its claim held (a plain run publishes
             # inside its claim too); a chosen member publishes now.
             chosen = rendezvous.passed(position, run_id)
-            uri = None
             if run_id in chosen.publish:
                 recorder.check_claim()
                 started = time.perf_counter()
                 publication = publish_task(spec, merged, quant, bench, decision,
                                            runnable.results if runnable else (), matrix_markdown=chosen.matrix_markdown)
                 recorder.publication(publication, time.perf_counter() - started)
-                uri = publication.uri
             recorder.finish("passed")
-            return outcome.model_copy(update={"status": "passed", "published": uri is not None, "artifact_uri": uri})
+            return "passed"
     except Exception as exc:  # noqa: BLE001 - recorded on the member's run; the other members go on
         progress(f"sweep {sweep_id}: member {member.label} failed: {exc}")
         recorder.fail(exc)
         rendezvous.failed(run_id, exc)
-        return outcome.model_copy(update={"status": "failed", "error": str(exc) or repr(exc)})
+        return "failed"
     except BaseException as exc:
         recorder.fail(exc)
         raise

@@ -53,7 +53,7 @@ from modelfactory.testing.env import REPO
 
 TABLES = {"runs", "steps", "metrics", "gate_checks", "artifacts", "base_models", "adapters", "run_adapters",
           "publications", "watches", "webhook_deliveries", "run_claims", "sweeps", "sweep_members"}
-HEAD = "0008"
+HEAD = "0009"
 
 
 # --------------------------------------------------------------------------- schema

@@ -38,7 +38,7 @@ MEMBERS = {
 
 def sweep_spec() -> SweepSpec:
     return SweepSpec.model_validate({
-        "name": "demo-sweep", "base": {"uri": BASE}, "objective": "closest",
+        "name": "demo-sweep", "base": {"uri": BASE}, "objective": "quality",
         "configs": [{"group_size": 128}, {"group_size": 64, "damp_percent": 0.1},
                     {"group_size": 32, "calibration": {"num_samples": 64}}]})
 
@@ -99,7 +99,7 @@ def test_sweep_round_trips_with_its_matrix(catalog: Catalog, recorded: Recorded)
     assert catalog.get_sweep(recorded.sweep_id[:8]) == detail
     assert catalog.get_sweep(recorded.sweep_id[:8].upper()).id == recorded.sweep_id
     assert (detail.name, detail.status, detail.objective, detail.publish_mode) == (
-        "demo-sweep", "finished", "closest", "winner")
+        "demo-sweep", "finished", "quality", "winner")
     assert (detail.base_uri, detail.base_sha, detail.flow_run_id) == (BASE, SHA, "flow-1")
     assert SweepSpec.model_validate(detail.spec) == sweep_spec()
     assert detail.finished_at is not None and detail.finished_at >= detail.created_at
@@ -128,7 +128,7 @@ def test_sweep_round_trips_with_its_matrix(catalog: Catalog, recorded: Recorded)
 def test_list_sweeps_newest_first_with_filters(catalog: Catalog, recorded: Recorded) -> None:  # noqa: F811
     running = record_sweep(catalog, finish=False)
     other = str(uuid.uuid4())
-    catalog.start_sweep(sweep_id=other, name="no-base", spec={}, objective="smallest", publish_mode="none")
+    catalog.start_sweep(sweep_id=other, name="no-base", spec={}, objective="size", publish_mode="none")
     catalog.fail_sweep(sweep_id=other, error="merge failed: out of memory", error_kind="merge")
     listed = catalog.list_sweeps()
     assert [s.id for s in listed] == [other, running.sweep_id, recorded.sweep_id]
@@ -152,7 +152,7 @@ def test_list_sweeps_newest_first_with_filters(catalog: Catalog, recorded: Recor
 def test_a_run_in_two_sweeps_keeps_each_sweeps_label(catalog: Catalog, recorded: Recorded) -> None:  # noqa: F811
     """A member run may be linked again (e.g. a later sweep that reused the build) under another label."""
     runs, reuse = recorded.runs, str(uuid.uuid4())
-    catalog.start_sweep(sweep_id=reuse, name="reuse", spec={}, objective="fastest", publish_mode="none")
+    catalog.start_sweep(sweep_id=reuse, name="reuse", spec={}, objective="speed", publish_mode="none")
     catalog.add_member(sweep_id=reuse, run_id=runs["gptq-4bit-128g"], label="again-128g", kernel="k", position=0)
     catalog.add_member(sweep_id=reuse, run_id=runs["gptq-4bit-64g"], label="again-64g", kernel="k", position=1)
     catalog.finish_sweep(sweep_id=reuse, winner_run_id=runs["gptq-4bit-128g"], front=[runs["gptq-4bit-128g"]])
@@ -168,11 +168,11 @@ def test_a_run_in_two_sweeps_keeps_each_sweeps_label(catalog: Catalog, recorded:
 def test_sweep_writes_refuse_what_is_not_a_sweep(catalog: Catalog, recorded: Recorded) -> None:  # noqa: F811
     sweep_id, runs = recorded.sweep_id, recorded.runs
     with pytest.raises(CatalogQueryError, match="already exists"):
-        catalog.start_sweep(sweep_id=sweep_id, name="again", spec={}, objective="closest", publish_mode="winner")
+        catalog.start_sweep(sweep_id=sweep_id, name="again", spec={}, objective="quality", publish_mode="winner")
     with pytest.raises(CatalogQueryError, match="sweep objective 'best' is not one of"):
         catalog.start_sweep(sweep_id="x", name="x", spec={}, objective="best", publish_mode="winner")  # type: ignore
     with pytest.raises(CatalogQueryError, match="publish mode 'some' is not one of"):
-        catalog.start_sweep(sweep_id="x", name="x", spec={}, objective="closest", publish_mode="some")  # type: ignore
+        catalog.start_sweep(sweep_id="x", name="x", spec={}, objective="quality", publish_mode="some")  # type: ignore
     with pytest.raises(CatalogNotFoundError, match="call start_sweep first"):
         catalog.add_member(sweep_id="nope", run_id=runs["gptq-4bit-64g"], label="l", kernel="k")
     with pytest.raises(CatalogQueryError, match="is finished: members are added while it runs"):
@@ -202,7 +202,7 @@ def test_sweep_writes_refuse_what_is_not_a_sweep(catalog: Catalog, recorded: Rec
 
 def test_sweep_ids_resolve_like_run_ids(catalog: Catalog, recorded: Recorded) -> None:  # noqa: F811
     for suffix in ("1", "2"):
-        catalog.start_sweep(sweep_id=f"abcdef-{suffix}", name="x", spec={}, objective="closest", publish_mode="none")
+        catalog.start_sweep(sweep_id=f"abcdef-{suffix}", name="x", spec={}, objective="quality", publish_mode="none")
     with pytest.raises(CatalogQueryError, match="sweep id prefix 'abcdef' matches several sweeps"):
         catalog.get_sweep("abcdef")
     with pytest.raises(CatalogNotFoundError, match="no sweep with id 'abcdef-3'.*`modelfactory catalog sweeps`"):
@@ -213,7 +213,7 @@ def test_sweep_ids_resolve_like_run_ids(catalog: Catalog, recorded: Recorded) ->
     run_id = recorded.runs["gptq-4bit-64g"]
     assert catalog.identify(run_id[:8]) == ("run", run_id)
     catalog.start_run(run_id="fedcba-run", name="r", spec={}, run_key="k")
-    catalog.start_sweep(sweep_id="fedcba-sweep", name="s", spec={}, objective="closest", publish_mode="none")
+    catalog.start_sweep(sweep_id="fedcba-sweep", name="s", spec={}, objective="quality", publish_mode="none")
     with pytest.raises(CatalogQueryError, match="id 'fedcba' matches run fedcba-run and sweep fedcba-sweep"):
         catalog.identify("fedcba")
     assert catalog.identify("fedcba-s") == ("sweep", "fedcba-sweep")
@@ -245,7 +245,7 @@ def test_matrix_markdown_marks_winner_and_front(catalog: Catalog, recorded: Reco
     markdown = sweep_matrix_markdown(detail)
     assert markdown == sweep_matrix_markdown(detail)  # pure
     lines = markdown.splitlines()
-    assert lines[0] == ("### sweep demo-sweep · finished · 3 configurations · objective closest · "
+    assert lines[0] == ("### sweep demo-sweep · finished · 3 configurations · objective quality · "
                         "winner gptq-4bit-64g")
     header = next(line for line in lines if line.startswith("|  | branch"))
     assert header.split(" | ")[1:] == ["branch", "kernel", "bits", "group", "act-order", "damp", "calib", "status",
@@ -314,7 +314,7 @@ def test_cli_show_prints_a_sweeps_matrix(cli) -> None:
     assert json.loads(invoke("show", run_id[:8], "--format", "json"))["id"] == run_id
     with open_catalog(url) as cat:
         cat.start_run(run_id="fedcba-run", name="r", spec={}, run_key="k")
-        cat.start_sweep(sweep_id="fedcba-sweep", name="s", spec={}, objective="closest", publish_mode="none")
+        cat.start_sweep(sweep_id="fedcba-sweep", name="s", spec={}, objective="quality", publish_mode="none")
     assert "matches run fedcba-run and sweep fedcba-sweep" in invoke("show", "fedcba", code=1)
     assert "no run or sweep with id 'ffffffff'" in invoke("show", "ffffffff", code=1)
 
@@ -354,7 +354,7 @@ def test_api_sweeps(api) -> None:
     assert shown.json()["front"] == [recorded.runs["gptq-4bit-128g"], recorded.runs["gptq-4bit-64g"]]
 
     for suffix in ("1", "2"):
-        cat.start_sweep(sweep_id=f"abcdef-{suffix}", name="x", spec={}, objective="closest", publish_mode="none")
+        cat.start_sweep(sweep_id=f"abcdef-{suffix}", name="x", spec={}, objective="quality", publish_mode="none")
     ambiguous = client.get("/api/sweeps/abcdef")
     assert ambiguous.status_code == 400 and ambiguous.json()["detail"]["error"] == "catalog_query"
     assert "matches several sweeps" in ambiguous.json()["detail"]["message"]

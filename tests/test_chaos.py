@@ -117,7 +117,7 @@ def sweep_spec(tiny_llama: Path, name: str) -> dict:
             "benchmark": {"perplexity": {"context_len": 128, "stride": 128, "max_tokens": 512},
                           "decode": {"new_tokens": 4, "repeats": 1, "batch_sizes": [1]},
                           "runnability": {"enabled": False}},
-            "gate": {"preset": "none", "max_ppl_increase_pct": 50.0}, "objective": "smallest",
+            "gate": {"preset": "none", "max_ppl_increase_pct": 50.0}, "objective": "size",
             "publish": {"name": "chaos"}}
 
 

@@ -121,7 +121,7 @@ def spec_default(lever: str):
 
 def test_the_best_quality_sweep_preset_parses_with_the_default_gate_and_closest():
     spec = load_sweep_spec(REPO / "examples" / "sweep-quality.yaml")
-    assert spec.objective == "closest" and spec.gate.preset == "default"
+    assert spec.objective == "quality" and spec.gate.preset == "default"
     members = spec.members()
     assert 2 <= len(members) <= 16 and len({m.label for m in members}) == len(members)
     assert any(m.quantize.mse > 0 for m in members)

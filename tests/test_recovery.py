@@ -254,7 +254,7 @@ def test_reconcile_closes_runs_and_sweeps_whose_flow_run_prefect_reports_crashed
     with open_catalog(f"sqlite:///{tmp_path / 'catalog.db'}") as catalog:
         catalog.start_run(run_id="r-crashed", name="c", spec={}, run_key="k1", flow_run_id="fr-crashed")
         catalog.start_run(run_id="r-running", name="r", spec={}, run_key="k2", flow_run_id="fr-running")
-        catalog.start_sweep(sweep_id="s-gone", name="s", spec={}, objective="closest", publish_mode="winner",
+        catalog.start_sweep(sweep_id="s-gone", name="s", spec={}, objective="quality", publish_mode="winner",
                             flow_run_id="fr-gone")
         ends = [claims.keep_alive(catalog, claims.alive_key("run", r), holder="t") for r in ("r-crashed", "r-running")]
         states = {"fr-crashed": "CRASHED", "fr-running": "RUNNING"}
@@ -303,7 +303,7 @@ def test_the_crash_hook_closes_the_runs_and_sweeps_of_its_flow_run(tmp_path):
     with open_catalog(url) as catalog, settings_env(MODELFACTORY_CATALOG_URL=url):
         catalog.start_run(run_id="r-hooked", name="h", spec={}, run_key="k1", flow_run_id="fr-1")
         catalog.start_run(run_id="r-other", name="o", spec={}, run_key="k2", flow_run_id="fr-2")
-        catalog.start_sweep(sweep_id="s-hooked", name="s", spec={}, objective="closest", publish_mode="winner",
+        catalog.start_sweep(sweep_id="s-hooked", name="s", spec={}, objective="quality", publish_mode="winner",
                             flow_run_id="fr-1")
         record_crash(None, SimpleNamespace(id="fr-1"), SimpleNamespace(name="Crashed", message="SIGTERM"))
         hooked = catalog.get_run("r-hooked")

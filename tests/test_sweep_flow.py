@@ -60,7 +60,7 @@ def sweep_spec(tiny_llama: Path, tiny_lora: Path, name: str, **fields: Any) -> d
     base = tiny_spec(tiny_llama)
     spec = {"name": name, "base": base["base"], "adapters": [{"uri": str(tiny_lora)}],
             "quantize": base["quantize"], "benchmark": base["benchmark"], "configs": CONFIGS,
-            "gate": {"preset": "none", "max_ppl_increase_pct": 50.0}, "objective": "smallest", "publish": {"name": name}}
+            "gate": {"preset": "none", "max_ppl_increase_pct": 50.0}, "objective": "size", "publish": {"name": name}}
     return {**spec, **fields}
 
 
@@ -84,7 +84,7 @@ def test_sweep_merges_once_measures_fp16_once_and_publishes_the_smallest(swept):
 
     catalog = open_catalog()
     detail = catalog.get_sweep(swept.sweep_id)
-    assert detail.status == "finished" and detail.objective == "smallest" and detail.publish_mode == "winner"
+    assert detail.status == "finished" and detail.objective == "size" and detail.publish_mode == "winner"
     assert [m.label for m in detail.members] == LABELS and [m.position for m in detail.members] == [0, 1, 2]
     assert detail.base_uri and detail.base_sha
     # The winner is the smallest passing configuration, as recorded.
@@ -115,14 +115,14 @@ def test_catalog_show_prints_the_sweep_matrix(swept):
     result = runner.invoke(app, ["catalog", "show", swept.sweep_id[:8]], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     assert all(label in result.output for label in LABELS)
-    assert "objective smallest" in result.output and "winner" in result.output  # (the table wraps the label)
+    assert "objective size" in result.output and "winner" in result.output  # (the table wraps the label)
     shown = json.loads(runner.invoke(app, ["catalog", "show", swept.sweep_id, "--format", "json"]).stdout)
     assert shown["winner_run_id"] == swept.winner_run_id and len(shown["members"]) == 3
 
 
 def test_all_passing_publishes_each_on_its_own_label(swept, tiny_llama, tiny_lora):
     outcome = run_sweep(sweep_spec(tiny_llama, tiny_lora, "sweep-all", publish_mode="all_passing",
-                                   objective="closest"))
+                                   objective="quality"))
     assert outcome.baseline_reused  # the first sweep's fp16 side, and its builds, reused
     assert len(work_outputs("benchmark-fp16")) == 1 and len(work_outputs("quantize")) == 3
     assert all(m.status == "passed" and m.published for m in outcome.members), outcome

@@ -71,7 +71,7 @@ def test_the_sweep_deployment_has_its_form(pool):
     schema = dep["parameter_openapi_schema"]
     assert schema["required"] == ["spec"]
     sweep = schema["definitions"]["SweepSpec"]["properties"]
-    assert sweep["objective"]["enum"] == ["smallest", "fastest", "closest"] and sweep["objective"]["default"] == "closest"
+    assert sweep["objective"]["enum"] == ["speed", "size", "memory", "quality"] and sweep["objective"]["default"] == "quality"
     assert sweep["publish_mode"]["enum"] == ["winner", "all_passing", "none"]
     assert "group_size" in schema["definitions"]["QuantGrid"]["properties"]
 
@@ -79,7 +79,7 @@ def test_the_sweep_deployment_has_its_form(pool):
 def test_a_sweep_fans_its_members_out_over_the_pool(pool, workers, tiny_llama):
     base = tiny_spec(tiny_llama)
     spec = {"name": "pool-sweep", "base": base["base"], "quantize": base["quantize"], "benchmark": base["benchmark"],
-            "configs": CONFIGS, "gate": {"preset": "none", "max_ppl_increase_pct": 50.0}, "objective": "fastest",
+            "configs": CONFIGS, "gate": {"preset": "none", "max_ppl_increase_pct": 50.0}, "objective": "speed",
             "publish": {"name": "pool-sweep"}}
     try:
         outcome = run_sweep(spec)

@@ -1,12 +1,15 @@
-"""Sweep spec expansion and winner selection (pure: no model)."""
+"""Sweep spec expansion and winner selection (no model)."""
 
 from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
 
+from datetime import UTC, datetime
+
+from modelfactory.catalog.records import SweepMemberRow
 from modelfactory.core.sweep_spec import SweepSpec
-from modelfactory.sweeps import MemberScore, choose_winner, pareto_front
+from modelfactory.sweeps import choose_winner, selection
 
 
 def sweep(**fields) -> SweepSpec:
@@ -64,28 +67,66 @@ def test_bad_sweeps_are_rejected_with_the_reason(fields, words):
         sweep(**fields)
 
 
-SCORES = [
-    MemberScore(label="a", passed=True, size_ratio=0.30, decode_speedup=1.5, kld_mean=0.05),
-    MemberScore(label="b", passed=True, size_ratio=0.28, decode_speedup=1.6, kld_mean=0.08),
-    MemberScore(label="c", passed=True, size_ratio=0.31, decode_speedup=1.4, kld_mean=0.06),  # beaten by a
-    MemberScore(label="d", passed=False, size_ratio=0.10, decode_speedup=3.0, kld_mean=0.01),  # failed the gate
+def member(run_id: str, *, ppl: float | None, size: float | None = None, speedup: float | None = None,
+           kld: float | None = None, minute: int = 0) -> SweepMemberRow:
+    return SweepMemberRow(run_id=run_id, label=f"cfg-{run_id}", kernel="auto", position=minute, status="running",
+                          on_front=False, winner=False, config=None, bits=4, group_size=128, desc_act=False,
+                          damp_percent=0.1, calibration_samples=128, ppl_increase_pct=ppl, size_ratio=size,
+                          decode_speedup=speedup, memory_ratio=None, kld_mean=kld,
+                          started_at=datetime(2026, 12, 7, 10, minute, tzinfo=UTC))
+
+
+MEMBERS = [
+    member("a", ppl=2.0, size=0.30, speedup=1.5, kld=0.05, minute=1),
+    member("b", ppl=3.0, size=0.28, speedup=1.6, kld=0.08, minute=2),
+    member("c", ppl=3.5, size=0.31, speedup=1.4, kld=0.06, minute=3),  # beaten by a on every axis
+    member("d", ppl=0.5, size=0.10, speedup=3.0, kld=0.01, minute=4),  # failed its gate
 ]
+PASSING = {"a", "b", "c"}
 
 
-def test_front_keeps_only_undominated_passing_members():
-    assert pareto_front(SCORES) == ["a", "b"]
+@pytest.mark.parametrize("objective, front, winner", [
+    ("quality", ["a"], "a"), ("size", ["a", "b"], "b"), ("speed", ["a", "b"], "b")])
+def test_the_front_and_the_winner_among_passing_members(objective, front, winner):
+    assert selection.front(MEMBERS, objective=objective, passing=PASSING) == front
+    assert choose_winner(MEMBERS, objective=objective, passing=PASSING) == winner
 
 
-@pytest.mark.parametrize("objective, winner", [("closest", "a"), ("smallest", "b"), ("fastest", "b")])
-def test_objective_picks_among_passing(objective, winner):
-    assert choose_winner(SCORES, objective=objective) == winner
+def test_no_passing_or_unmeasured_member_means_no_winner():
+    assert choose_winner(MEMBERS, objective="size", passing=set()) is None
+    assert choose_winner([member("x", ppl=None, size=0.3)], objective="size", passing={"x"}) is None
+    assert choose_winner(MEMBERS, objective="memory", passing=PASSING) is None  # memory not measured
 
 
-def test_no_passing_member_means_no_winner_and_ppl_stands_in_for_kld():
-    assert choose_winner([MemberScore(label="x", passed=False)], objective="closest") is None
-    scores = [MemberScore(label="p", passed=True, ppl_increase_pct=30.0),
-              MemberScore(label="q", passed=True, ppl_increase_pct=20.0)]
-    assert choose_winner(scores, objective="closest") == "q"
+def test_catalog_best_and_a_sweeps_winner_agree(tmp_path):
+    """One Pareto front definition (issue 25.4): for every objective, ``catalog best`` over the sweep's runs
+    names the member the sweep's decision picks, on SQLite (the SQL front) and in memory (the sweep)."""
+    from modelfactory.catalog import MetricRecord, open_catalog
+    from modelfactory.catalog.queries import best_build
+    from modelfactory.sweeps.coordination import decide_sweep
+
+    values = {"r1": (2.0, 0.30, 1.50, 0.31, 0.05), "r2": (3.0, 0.28, 1.60, 0.30, 0.08),
+              "r3": (3.0, 0.28, 1.60, 0.29, 0.07), "r4": (1.0, 0.45, 1.10, 0.50, 0.02),
+              "r5": (9.0, 0.20, 2.00, 0.25, 0.20)}
+    with open_catalog(f"sqlite:///{tmp_path / 'catalog.db'}") as catalog:
+        catalog.start_sweep(sweep_id="s1", name="s", spec={}, objective="quality", publish_mode="winner",
+                            base_uri="org/base", base_sha="a" * 40)
+        for position, (run_id, (ppl, size, speed, memory, kld)) in enumerate(values.items()):
+            catalog.start_run(run_id=run_id, name=run_id, spec={}, run_key=run_id)
+            catalog.set_sources(run_id=run_id, base_uri="org/base", base_sha="a" * 40, adapters=[])
+            catalog.add_member(sweep_id="s1", run_id=run_id, label=run_id, kernel="auto", position=position)
+            catalog.record_metrics(run_id=run_id, metrics=[
+                MetricRecord(name, "delta", value) for name, value in (
+                    ("ppl_increase_pct", ppl), ("size_ratio", size), ("decode_speedup", speed),
+                    ("memory_ratio", memory), ("kld_mean", kld))])
+        detail = catalog.get_sweep("s1")
+        for run_id in values:
+            catalog.finish_run(run_id=run_id, status="passed")
+        for objective in ("quality", "size", "speed", "memory"):
+            decision = decide_sweep(detail, passing=list(values), objective=objective, publish_mode="winner")
+            best = best_build(catalog, base="org/base", by=objective)
+            assert decision.winner_run_id == best.best.id, objective
+            assert set(decision.front) == {row.id for row in best.front}, objective
 
 
 def test_auto_group_size_is_resolved_before_labels_and_duplicates():

@@ -49,6 +49,7 @@ from modelfactory.catalog.records import (
     RunStatus,
 )
 from modelfactory.core.errors import CatalogNotFoundError, CatalogQueryError
+from modelfactory.core.sweep_spec import OBJECTIVE_METRICS
 
 #: ``sort`` keys of :func:`query_runs`.
 SortKey = Literal["newest", "oldest", "ppl", "speed", "size", "memory", "kld", "top1", "recovery", "name"]
@@ -66,10 +67,10 @@ SORTS: dict[SortKey, tuple[Any, Literal["asc", "desc"]]] = {
     "recovery": (Run.task_recovery_pct, "desc"),
     "name": (Run.name, "asc"),
 }
-#: ``by`` objectives of :func:`best_build`: the column and whether higher is better.
+#: ``by`` objectives of :func:`best_build` (``core.sweep_spec.OBJECTIVE_METRICS``): the column and whether
+#: higher is better.
 OBJECTIVES: dict[Objective, tuple[Any, bool]] = {
-    "speed": (Run.decode_speedup, True), "size": (Run.size_ratio, False), "memory": (Run.memory_ratio, False),
-}
+    name: (getattr(Run, metric), higher) for name, (metric, higher) in OBJECTIVE_METRICS.items()}
 #: The :class:`RunFilter` fields that bound the verdict's quality measures.
 VERDICT_FILTERS = ("max_kld", "min_top1", "min_task_recovery")
 MAX_LIMIT = 10_000
@@ -394,13 +395,42 @@ BOUND_TEXT = {"max_kld": "a mean KL divergence <=", "min_top1": "a top-1 agreeme
               "min_task_recovery": "a task recovery >="}
 
 
+@dataclass(frozen=True, slots=True)
+class FrontPoint:
+    """A candidate build as the Pareto front sees it."""
+
+    id: str
+    ppl: float  # perplexity increase, %
+    objective: float  # the objective's metric
+    started_at: datetime
+
+
+def pareto_front(points: Sequence[FrontPoint], *, higher_better: bool) -> list[str]:
+    """The Pareto front of *points* on (perplexity increase, objective): the one definition, for
+    ``catalog best`` and a sweep's winner alike (:func:`_pareto_front` computes the same in SQL).
+
+    In the order perplexity increase ascending, objective best first, newest first, then id (descending),
+    a point is on the front when its objective strictly beats that of every point before it. The front
+    comes in that order; its last point has the best objective: the best build.
+    """
+    ordered = sorted(points, key=lambda p: p.id, reverse=True)
+    ordered.sort(key=lambda p: (p.ppl, -p.objective if higher_better else p.objective, -aware(p.started_at).timestamp()))
+    front: list[str] = []
+    best: float | None = None
+    for point in ordered:
+        if best is None or (point.objective > best if higher_better else point.objective < best):
+            front.append(point.id)
+            best = point.objective
+    return front
+
+
 def _pareto_front(session: Session, candidates: Select, *, higher_better: bool) -> tuple[list[str], int]:
     """Ids of the Pareto front of *candidates* (id, ppl, objective, started_at) in front order, and
     how many candidates there are -- computed in the database, which returns only the front.
 
-    Definition: in the order perplexity increase ascending, objective best first, newest first (then
-    id), a candidate is on the front when its objective strictly beats that of every candidate before
-    it; the last one on the front has the best objective. Equal points: the first (newest) joins.
+    Definition: :func:`pareto_front`'s (perplexity increase ascending, objective best first, newest
+    first, then id; a candidate is on the front when its objective strictly beats that of every
+    candidate before it; the last one has the best objective; equal points: the first (newest) joins).
 
     Four statements, each answered from ``ix_runs_best`` (base model version, status, perplexity
     increase, every objective, started_at, id: no table row is read) or a (base_model_id, objective)
@@ -557,6 +587,7 @@ def leaderboard(catalog: CatalogConnections, *, base: str | None = None, bases: 
 __all__ = [
     "MAX_COMPARE",
     "OBJECTIVES",
+    "FrontPoint",
     "SORTS",
     "RunFilter",
     "SortKey",
@@ -568,6 +599,7 @@ __all__ = [
     "parse_number",
     "parse_percent",
     "parse_when",
+    "pareto_front",
     "query_runs",
     "read_run",
     "verdict_bounds",

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from modelfactory.core.errors import CatalogQueryError
 from modelfactory.core.records import GateCheck, Publication
+from modelfactory.core.sweep_spec import Objective
 
 # The closed sets below are stored as plain strings (the schema has no enums, so a new value
 # needs no migration); ``check_choice`` guards every write against values outside them.
@@ -32,8 +33,6 @@ DeliveryStatus = Literal["accepted", "started", "failed"]
 WatchKind = Literal["adapter", "base"]
 #: ``''`` marks a metric that belongs to neither model (e.g. a size ratio).
 MetricSide = Literal["fp16", "gptq", "delta", ""]
-#: ``catalog best`` objectives: decode speed-up (higher is better), size or memory ratio (lower is better).
-Objective = Literal["speed", "size", "memory"]
 #: Every status a sweep can have; ``running`` until :meth:`Catalog.finish_sweep` / :meth:`Catalog.fail_sweep`.
 SweepStatus = Literal["running", "finished", "failed"]
 #: The statuses :meth:`Catalog.finish_sweep` accepts.
@@ -308,7 +307,9 @@ class Board(_Record):
 
 @dataclass(frozen=True, slots=True)
 class SweepMemberRow(_Record):
-    """One configuration of a sweep as its matrix shows it: the run's config and verdict, where it ran.
+    """One configuration of a sweep as its matrix shows it: the run's config and verdict, where it ran,
+    where it was published. (The other sweep-member type is the configuration itself,
+    :class:`~modelfactory.core.sweep_spec.SweepMember`.)
 
     The quality metrics beyond the gate ratios are read generically from the run's ``delta``
     metrics when the benchmark measured them (``kld_mean``, ``kld_p99``, ``top1_agreement_pct``,
@@ -343,6 +344,14 @@ class SweepMemberRow(_Record):
     device: str | None = None
     gpu_stage_s: float | None = None
     error: str | None = None
+    #: When its run started (the Pareto front's last tie-break: newest first, as ``catalog best``).
+    started_at: datetime | None = None
+    #: Where it was published (its run's first publication), ``None`` when it was not.
+    artifact_uri: str | None = None
+
+    @property
+    def published(self) -> bool:
+        return self.artifact_uri is not None
 
 
 @dataclass(frozen=True, slots=True)

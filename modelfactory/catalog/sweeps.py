@@ -34,6 +34,7 @@ from modelfactory.catalog.mappers import aware
 from modelfactory.catalog.models import (
     BaseModelVersion,
     Metric,
+    Publication,
     Run,
     Step,
     Sweep,
@@ -277,7 +278,7 @@ def _member_rows(session: Session, *, sweep_id: str, winner_run_id: str | None) 
     rows = session.execute(
         select(SweepMember.run_id, SweepMember.label, SweepMember.kernel, SweepMember.position,
                SweepMember.on_front, Run.status, Run.spec, Run.config, Run.bits, Run.group_size, Run.desc_act,
-               Run.ppl_increase_pct, Run.size_ratio, Run.decode_speedup, Run.memory_ratio, Run.error)
+               Run.ppl_increase_pct, Run.size_ratio, Run.decode_speedup, Run.memory_ratio, Run.error, Run.started_at)
         .join(Run, Run.id == SweepMember.run_id).where(SweepMember.sweep_id == sweep_id)
         .order_by(SweepMember.position, SweepMember.id)).all()
     run_ids = [r.run_id for r in rows]
@@ -288,6 +289,11 @@ def _member_rows(session: Session, *, sweep_id: str, winner_run_id: str | None) 
             or_(Metric.name.in_(QUALITY_METRICS), Metric.name.startswith(TASK_RECOVERY_PREFIX, autoescape=True)))
         for run_id, name, value in session.execute(metrics):
             quality[run_id][name] = value
+    published: dict[str, str] = {}
+    if run_ids:
+        for run_id, uri in session.execute(select(Publication.run_id, Publication.uri)
+                                           .where(Publication.run_id.in_(run_ids)).order_by(Publication.id)):
+            published.setdefault(run_id, uri)
     stages = {run_id: (detail or {}, duration) for run_id, detail, duration in session.execute(
         select(Step.run_id, Step.detail, Step.duration_s).where(Step.run_id.in_(run_ids),
                                                                 Step.name == GPU_STAGE_STEP))} if run_ids else {}
@@ -307,7 +313,8 @@ def _member_rows(session: Session, *, sweep_id: str, winner_run_id: str | None) 
             task_recovery_pct={name.removeprefix(TASK_RECOVERY_PREFIX): value
                                for name, value in sorted(measured.items()) if name.startswith(TASK_RECOVERY_PREFIX)},
             hostname=stage.get("hostname"), cuda_visible_devices=_text(stage.get("cuda_visible_devices")),
-            device=_text(stage.get("device")), gpu_stage_s=stage_s, error=r.error,
+            device=_text(stage.get("device")), gpu_stage_s=stage_s, error=r.error, started_at=aware(r.started_at),
+            artifact_uri=published.get(r.run_id),
         )
 
 

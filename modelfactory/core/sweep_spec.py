@@ -33,8 +33,18 @@ from modelfactory.core.specs import (
     validate_spec,
 )
 
-#: How the winner is chosen among the configurations that pass the gate.
-Objective = Literal["smallest", "fastest", "closest"]
+#: What "best" means among builds that passed their gate, for a sweep's winner and ``catalog best`` alike:
+#: the best value of the objective's metric (:data:`OBJECTIVE_METRICS`) on the Pareto front of (perplexity
+#: increase, that metric) (``modelfactory.catalog.queries.pareto_front``).
+Objective = Literal["speed", "size", "memory", "quality"]
+#: Each objective's metric (a run column and sweep-member field, side ``delta``) and whether higher is better:
+#: decode speed-up at batch 1; disk size and memory after load relative to fp16; KL divergence from fp16.
+OBJECTIVE_METRICS: dict[str, tuple[str, bool]] = {
+    "speed": ("decode_speedup", True),
+    "size": ("size_ratio", False),
+    "memory": ("memory_ratio", False),
+    "quality": ("kld_mean", False),
+}
 #: What a sweep publishes: the winner only, every passing configuration, or nothing.
 PublishMode = Literal["winner", "all_passing", "none"]
 MAX_MEMBERS = 64
@@ -106,8 +116,9 @@ class SweepSpec(Spec):
     benchmark: BenchmarkSpec = Field(default_factory=BenchmarkSpec)
     gate: GateSpec = Field(default_factory=GateSpec)
     objective: Objective = Field(
-        default="closest", description="Winner among passing configurations: smallest (disk size), fastest "
-        "(decode speed-up at batch 1), closest (to fp16: lowest KL divergence, else perplexity increase).")
+        default="quality", description="Winner among passing configurations: quality (lowest KL divergence from "
+        "fp16), size (smallest on disk), speed (fastest decode at batch 1) or memory (least memory after load); "
+        "the same choice as `catalog best --by`.")
     publish: PublishSpec = Field(default_factory=PublishSpec)
     publish_mode: PublishMode = Field(default="winner", description="winner, all_passing or none.")
     trust_remote_code: bool = Field(default=False, description="Allow models that ship Python code.")

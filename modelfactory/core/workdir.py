@@ -74,22 +74,23 @@ def _remove(folder: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _commit(tmp: Path, final: Path) -> None:
-    """Rename the complete *tmp* into place as *final*; a complete *final* already there (another
-    builder of the key got there first, possibly right between our check and our rename) is kept."""
+def commit_folder(tmp: Path, final: Path, *, marker: str = MARKER) -> bool:
+    """Rename the complete folder *tmp* (its *marker* file written last) into place as *final*. A complete
+    *final* already there (another writer got there first, possibly right between our check and our
+    rename) is kept and *tmp* removed: ``False``. Leftovers without the marker are replaced."""
     for _attempt in range(5):
-        if (final / MARKER).is_file():
-            shutil.rmtree(tmp)
-            return
+        if (final / marker).is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
         if final.exists():
-            _remove(final)  # leftovers of a crashed run
+            _remove(final)  # leftovers of a crashed writer
         try:
             os.replace(tmp, final)
-            return
+            return True
         except OSError as exc:
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
-    raise OSError(errno.EEXIST, f"{final} keeps reappearing incomplete while this build commits; "
+    raise OSError(errno.EEXIST, f"{final} keeps reappearing without its {marker} while this writer commits; "
                                 "another process is writing it: run again")
 
 
@@ -110,7 +111,7 @@ def building(step: str, key: str, *, root: Path | None = None) -> Iterator[tuple
         files = file_entries(tmp, sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != MARKER))
         marker.update(files=files, total_bytes=sum(f["size"] for f in files))
         (tmp / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True))
-        _commit(tmp, final)  # a concurrent identical build that finished first is kept
+        commit_folder(tmp, final)  # a concurrent identical build that finished first is kept
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):

@@ -10,7 +10,6 @@ destinations are :mod:`modelfactory.publishing.s3` (``s3://``) and :mod:`modelfa
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 import uuid
 from pathlib import Path
@@ -23,7 +22,7 @@ from modelfactory.core.manifest import (
     manifest_bytes,
     manifest_digest,
 )
-from modelfactory.core.workdir import disk_full_error
+from modelfactory.core.workdir import commit_folder, disk_full_error
 
 
 def local_root(url: str) -> Path:
@@ -69,7 +68,7 @@ def publish_local(*, source: Path, root: Path, parts: tuple[str, ...], manifest:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(file, target)
         (tmp / MANIFEST).write_bytes(data)
-        if not _commit(tmp, dest):
+        if not commit_folder(tmp, dest, marker=MANIFEST):
             return dest, manifest_digest((dest / MANIFEST).read_bytes()), True
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
@@ -78,25 +77,3 @@ def publish_local(*, source: Path, root: Path, parts: tuple[str, ...], manifest:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest, manifest_digest(data), False
-
-
-def _commit(tmp: Path, dest: Path) -> bool:
-    """Rename the complete *tmp* into place; ``False`` when another publisher's artifact got there first."""
-    for _attempt in range(5):
-        if (dest / MANIFEST).is_file():
-            return False
-        if dest.exists():  # an interrupted publish of an older version (no manifest): move it out of the way
-            trash = dest.parent / f".{dest.name}.trash-{uuid.uuid4().hex[:8]}"
-            try:
-                os.rename(dest, trash)
-            except FileNotFoundError:
-                pass
-            shutil.rmtree(trash, ignore_errors=True)
-        try:
-            os.rename(tmp, dest)
-            return True
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-    raise OSError(errno.EEXIST, f"{dest} keeps reappearing without a manifest while publishing: another "
-                                "process is writing it")

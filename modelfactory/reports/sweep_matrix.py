@@ -13,9 +13,10 @@ from modelfactory.reports.cells import md_cell, number, short
 
 #: What each objective prefers among the passing configurations (``core.sweep_spec.Objective``).
 OBJECTIVE_WORDS = {
-    "smallest": "smallest on disk",
-    "fastest": "fastest decode at batch 1",
-    "closest": "closest to fp16 (KL divergence, else perplexity increase)",
+    "size": "smallest on disk",
+    "speed": "fastest decode at batch 1",
+    "memory": "least memory after load",
+    "quality": "closest to fp16 (lowest KL divergence)",
 }
 WINNER_MARK, FRONT_MARK = "★", "◆"
 #: Matrix columns of text (left-aligned); the others are numbers.

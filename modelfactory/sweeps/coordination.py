@@ -23,8 +23,8 @@ from modelfactory.catalog.records import SweepDetail
 from modelfactory.core.errors import SweepAbortedError
 from modelfactory.core.sweep_spec import Objective, PublishMode
 from modelfactory.reports import sweep_matrix_markdown
-from modelfactory.sweeps.outcome import decided, member_scores, to_publish
-from modelfactory.sweeps.selection import choose_winner, pareto_front
+from modelfactory.sweeps.outcome import decided, to_publish
+from modelfactory.sweeps.selection import choose_winner, front
 
 
 @dataclass(frozen=True)
@@ -44,19 +44,16 @@ def decide_sweep(detail: SweepDetail, *, passing: Sequence[str], objective: Obje
                  publish_mode: PublishMode) -> SweepDecision:
     """Decide on the catalog's view of the sweep (*detail*: the ratios and quality metrics exactly as
     recorded); *passing*: the run ids of the members that passed their gate."""
-    passed = {run_id: True for run_id in passing}
-    scores = member_scores(detail, passed=passed)
-    front_labels = pareto_front(scores)
-    winner_label = choose_winner(scores, objective=objective)
-    by_label = {m.label: m.run_id for m in detail.members}
-    front = tuple(by_label[label] for label in front_labels)
-    winner = by_label[winner_label] if winner_label is not None else None
-    statuses = {m.run_id: ("passed" if m.run_id in passed else m.status) for m in detail.members}
-    chosen = to_publish(mode=publish_mode, winner=winner_label,
-                        passing=[m.label for m in detail.members if m.run_id in passed])
-    matrix = sweep_matrix_markdown(decided(detail, winner_run_id=winner, front=front, statuses=statuses))
-    return SweepDecision(winner_run_id=winner, winner_label=winner_label, front=front,
-                         front_labels=tuple(front_labels), publish=frozenset(by_label[label] for label in chosen),
+    on_front = set(front(detail.members, objective=objective, passing=passing))
+    winner = choose_winner(detail.members, objective=objective, passing=passing)
+    by_run = {m.run_id: m.label for m in detail.members}
+    in_order = tuple(m.run_id for m in detail.members if m.run_id in on_front)  # declaration order
+    statuses = {m.run_id: ("passed" if m.run_id in passing else m.status) for m in detail.members}
+    chosen = to_publish(mode=publish_mode, winner=winner, passing=[m.run_id for m in detail.members
+                                                                    if m.run_id in passing])
+    matrix = sweep_matrix_markdown(decided(detail, winner_run_id=winner, front=in_order, statuses=statuses))
+    return SweepDecision(winner_run_id=winner, winner_label=by_run[winner] if winner else None, front=in_order,
+                         front_labels=tuple(by_run[r] for r in in_order), publish=frozenset(chosen),
                          matrix_markdown=matrix)
 
 

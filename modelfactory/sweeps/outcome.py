@@ -1,8 +1,7 @@
 """What a sweep returns, and the pure rules the sweep flow applies to the catalog's view of it.
 
-- :class:`SweepOutcome` / :class:`SweepMemberOutcome`: the ``sweep`` flow's result (small, frozen).
-- :func:`member_scores`: one :class:`~modelfactory.sweeps.selection.MemberScore` per member of the
-  catalog's matrix (the ratios and quality metrics as recorded, the verdict as the flow saw it).
+- :class:`SweepOutcome`: the ``sweep`` flow's result (small, frozen), its members as the catalog's
+  matrix records them (:class:`~modelfactory.catalog.records.SweepMemberRow`).
 - :func:`to_publish`: which members the publish mode sends out.
 - :func:`decided`: the matrix as it reads once the winner and front are known (for the model card,
   written before the sweep row is closed).
@@ -16,56 +15,32 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
-from modelfactory.catalog.records import SweepDetail
+from modelfactory.catalog.records import SweepDetail, SweepMemberRow
 from modelfactory.core.records import Record
-from modelfactory.core.sweep_spec import PublishMode
-from modelfactory.sweeps.selection import MemberScore
-
-#: A member's end: passed / rejected by its gate, or failed (a step raised; the others went on).
-MemberStatus = Literal["passed", "rejected", "failed"]
-
-
-class SweepMemberOutcome(Record):
-    """One configuration's end in a sweep."""
-
-    label: str
-    run_id: str
-    status: MemberStatus
-    published: bool = False
-    artifact_uri: str | None = None
-    error: str | None = None
-
+from modelfactory.core.sweep_spec import Objective, PublishMode
 
 class SweepOutcome(Record):
     """What the ``sweep`` flow returns: the winner, the Pareto front and every member's end."""
 
     sweep_id: str
     status: Literal["finished"]
-    objective: str
+    objective: Objective
     publish_mode: PublishMode
     winner_label: str | None
     winner_run_id: str | None
     front: tuple[str, ...]  # labels, declaration order
-    members: tuple[SweepMemberOutcome, ...]
+    members: tuple[SweepMemberRow, ...]  # as the catalog's matrix records them once the sweep finished
     #: The shared fp16 measurement every member was compared with, and whether it was reused.
     baseline_path: str
     baseline_reused: bool
 
     @property
-    def winner(self) -> SweepMemberOutcome | None:
+    def winner(self) -> SweepMemberRow | None:
         return next((m for m in self.members if m.run_id == self.winner_run_id), None)
 
 
-def member_scores(detail: SweepDetail, *, passed: Mapping[str, bool]) -> list[MemberScore]:
-    """Scores of the matrix's members in declaration order; *passed*: run id → gate passed (a run
-    missing there failed, so it does not compete)."""
-    return [MemberScore(label=m.label, passed=passed.get(m.run_id, False), size_ratio=m.size_ratio,
-                        decode_speedup=m.decode_speedup, kld_mean=m.kld_mean, ppl_increase_pct=m.ppl_increase_pct)
-            for m in detail.members]
-
-
 def to_publish(*, mode: PublishMode, winner: str | None, passing: Sequence[str]) -> list[str]:
-    """Labels to publish: the winner, every passing member (each on its own branch), or none."""
+    """Members (run ids) to publish: the winner, every passing member (each on its own branch), or none."""
     if mode == "winner":
         return [winner] if winner is not None else []
     if mode == "all_passing":

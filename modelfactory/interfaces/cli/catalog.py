@@ -3,10 +3,12 @@ this module only parses options and renders: ``--format table|json|csv``)."""
 
 from __future__ import annotations
 
-from enum import Enum
-from typing import Annotated, Optional
+from enum import Enum, StrEnum
+from typing import Annotated, Optional, get_args
 
 import typer
+
+from modelfactory.core import sweep_spec as objectives
 
 from modelfactory.interfaces.cli.common import (
     Format,
@@ -32,10 +34,8 @@ class Sort(str, Enum):
     name = "name"
 
 
-class Objective(str, Enum):
-    speed = "speed"
-    size = "size"
-    memory = "memory"
+#: ``catalog best --by``: the one objective (``core.sweep_spec.Objective``, a sweep's too), as a StrEnum (see Format).
+Objective = StrEnum("Objective", {name: name for name in get_args(objectives.Objective)})
 
 
 FormatOption = Annotated[Format, format_option(Format.table, Format.json, Format.csv)]
@@ -159,8 +159,9 @@ def catalog_compare(
 def catalog_best(
     base: Annotated[str, typer.Option(help="Base model URI or commit SHA.")],
     max_ppl_increase: Annotated[Optional[str], typer.Option(help="Max perplexity increase, e.g. 3%.")] = None,
-    by: Annotated[Objective, typer.Option(help="speed (highest decode speed-up), size or memory (lowest ratio).")]
-    = Objective.speed,
+    by: Annotated[Objective, typer.Option(help="speed (highest decode speed-up), size or memory (lowest ratio), "
+                                               "quality (lowest KL divergence from fp16): a sweep's objectives.")]
+    = Objective.speed,  # type: ignore[attr-defined]
     adapter: Annotated[Optional[str], typer.Option(help="Only builds with this adapter (URI or SHA).")] = None,
     bits: Annotated[Optional[int], typer.Option(help="Only this many GPTQ bits.")] = None,
     max_kld: MaxKldOption = None,
