@@ -133,11 +133,16 @@ def test_gpu_stage_outputs_come_back_by_uri_and_are_fetched_and_checked(
     assert not (work / "quantize").exists() and not (work / "benchmark").exists()
     (fetched,) = [p for p in (factory_side / "cache" / "objects").iterdir() if p.is_dir()
                   and (p / "quantize_config.json").is_file()]
-    gpu_files = {p.relative_to(gpu_quant).as_posix(): file_sha256(p) for p in files_under(gpu_quant)}
-    assert {p.relative_to(fetched).as_posix(): file_sha256(p) for p in files_under(fetched)} == gpu_files
+    gpu_files = {p.relative_to(gpu_quant).as_posix(): file_sha256(p) for p in files_under(gpu_quant)
+                 if p.name != "_COMPLETE.json"}
+    assert {p.relative_to(fetched).as_posix(): file_sha256(p) for p in files_under(fetched)
+            if p.name != "_COMPLETE.json"} == gpu_files
+    # _COMPLETE.json means one thing on both sides: the output's files and what the step recorded (the cache's
+    # copy is the store's, which adds where the files are and who uploaded them).
+    gpu_marker, cached_marker = (json.loads((f / "_COMPLETE.json").read_text()) for f in (gpu_quant, fetched))
+    assert cached_marker["files"] == gpu_marker["files"] and cached_marker["quantize_s"] == gpu_marker["quantize_s"]
     published = json.loads(Path(outcome.artifact_uri.removeprefix("file://"), "manifest.json").read_text())
-    assert {f["path"]: f["sha256"] for f in published["files"]} == {
-        k: v for k, v in gpu_files.items() if k != "_COMPLETE.json"}
+    assert {f["path"]: f["sha256"] for f in published["files"]} == gpu_files
 
     # No path of the GPU host anywhere on the factory side (work dir, cache, catalog records).
     assert text_mentions(factory_side, str(gpu_home)) == []
