@@ -31,7 +31,7 @@ __all__ = ["REPO"]
 #: ``--junitxml``, 2026-11-29). ``make test`` hands whole modules to two xdist workers in collection
 #: order: starting these first lets both workers finish together instead of one running the
 #: end-to-end test alone at the end.
-SLOWEST_FIRST = ("test_smollm2_e2e.py", "test_chaos.py", "test_gpu_pool.py", "test_load.py", "test_sweep_pool.py",
+SLOWEST_FIRST = ("test_smollm2_e2e.py", "test_default_gate.py", "test_chaos.py", "test_gpu_pool.py", "test_load.py", "test_sweep_pool.py",
                  "test_triggers.py", "test_sweep_flow.py", "test_stage_handoff.py", "test_verdict.py",
                  "test_quantize.py", "test_s3.py", "test_runnability.py")
 
