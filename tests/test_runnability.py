@@ -20,12 +20,11 @@ from modelfactory.benchmark.layer_widths import (
     fitting_group_sizes,
     layer_widths_from_config,
 )
+from modelfactory.benchmark.load_failures import classify_failure, explain_failure
 from modelfactory.benchmark.runnability import (
     PLAIN_LOAD_SCRIPT,
     RunnabilityReference,
     check_runs_plainly,
-    classify_failure,
-    explain_failure,
     load_snippet,
     measure_reference,
     resolve_devices,

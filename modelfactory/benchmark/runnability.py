@@ -21,7 +21,7 @@ The check has two halves:
 When the library's default loading path fails with an error on a device, the same check runs once more
 with another standard GPTQModel kernel (:func:`fallback_backend`: Marlin or Triton on CUDA, the portable
 torch kernel on CPU), so the card can say how to load the model there. Each failure is classified
-(:func:`classify_failure`): **environment** (the host: no network for a kernel's sources, a missing
+(:func:`modelfactory.benchmark.load_failures.classify_failure`): **environment** (the host: no network for a kernel's sources, a missing
 toolchain, out of memory, a timeout), **kernel** (the default kernel cannot serve this model's shapes) or
 **artifact** (anything else, and any path whose output is wrong). Per device (:func:`device_verdict`):
 
@@ -39,13 +39,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,11 +52,8 @@ from pydantic import Field
 
 from modelfactory.benchmark import plain_load
 from modelfactory.benchmark.kernels import choose_kernel
-from modelfactory.benchmark.layer_widths import (
-    LayerWidths,
-    fitting_group_sizes,
-    layer_widths_from_config,
-)
+from modelfactory.benchmark.layer_widths import LayerWidths, layer_widths_from_config
+from modelfactory.benchmark.load_failures import FailureKind, classify_failure
 from modelfactory.core.devices import gpu_env
 from modelfactory.core.errors import SpecError
 from modelfactory.core.log import progress
@@ -65,12 +61,8 @@ from modelfactory.core.records import Record
 
 PLAIN_LOAD_SCRIPT = Path(plain_load.__file__).resolve()
 Device = Literal["cpu", "cuda"]
-#: Whose fault a failed attempt is (:data:`KNOWN_FAILURES`).
-FailureKind = Literal["environment", "kernel", "artifact"]
 #: What the check concluded for one device (:func:`device_verdict`).
 DeviceStatus = Literal["verified", "not_verified", "broken"]
-#: Group sizes offered as fixes (larger first), as far as they divide the widths.
-FIX_GROUP_SIZES = (128, 64, 32, 16)
 #: The default tolerance of the teacher-forced comparison (``benchmark.runnability.min_top1_agreement_pct``).
 DEFAULT_MIN_TOP1_AGREEMENT_PCT = 90.0
 
@@ -257,143 +249,6 @@ def load_snippet(*, model: str, device: Device, revision: str | None = None,
     """
     return plain_load.snippet(model=model, device=device, revision=revision, prompt=prompt, new_tokens=new_tokens,
                               backend=backend, bits=bits)
-
-
-# --------------------------------------------------------------------------- explanations
-def _fix_groups(widths: Sequence[int], *, current: int | None) -> str:
-    fitting = [g for g in fitting_group_sizes(widths, candidates=FIX_GROUP_SIZES) if g != current]
-    if not fitting:
-        return ("no group size of 16 or more divides every input width: quantize with group_size -1 "
-                "(one group per row)")
-    first, rest = fitting[0], fitting[1:]
-    return f"use group_size {first}" + (f" (or {' or '.join(map(str, rest))})" if rest else "") + (
-        "; quantize.group_size 'auto' chooses it from the layer widths")
-
-
-def _in_widths(widths: LayerWidths | None, fallback: int) -> tuple[int, ...]:
-    return widths.in_features if widths is not None else (fallback,)
-
-
-def _layers(widths: LayerWidths | None, width: int, side: str) -> str:
-    names = widths.with_width(width, side=side) if widths is not None else []
-    return f" ({', '.join(names)})" if names else ""
-
-
-def _group_does_not_divide(k: int, group: int, widths: LayerWidths | None, kernel: str) -> str:
-    return (f"group size {group} does not divide layer width {k}{_layers(widths, k, 'in')}: the kernel "
-            f"{kernel} needs every quantized layer's input width to be a multiple of the group size; "
-            + _fix_groups(_in_widths(widths, k), current=group))
-
-
-def _int4pack(m: re.Match, ctx: dict) -> str:
-    k, group = int(m["k"]), int(m["g"])
-    return _group_does_not_divide(k, group, ctx["widths"], "GPTQModel picks by default on CPU "
-                                  f"({ctx['kernel'] or 'TorchAtenLinear'}, torch's int4pack matmul)")
-
-
-def _in_group(m: re.Match, ctx: dict) -> str:
-    return _group_does_not_divide(int(m["k"]), int(m["g"]), ctx["widths"], f"{m['cls']} (GPTQModel's default)")
-
-
-#: Group sizes a kernel accepts where it matters for the advice (GPTQModel 7.6: ``SUPPORTS_GROUP_SIZE``).
-KERNEL_GROUP_SIZES = {"MacheteLinear": (-1, 64, 128)}
-
-
-def _shape(m: re.Match, ctx: dict) -> str:
-    cls, side, width = m["cls"], m["side"], int(m["width"])
-    divisor = int(m["div"].split(",")[0])
-    widths: LayerWidths | None = ctx["widths"]
-    others = widths.not_multiple_of(divisor, side=side) if widths is not None else []
-    layers = ", ".join(others) if others else f"width {width}"
-    where = "on this GPU" if ctx["device"] == "cuda" else f"on {ctx['device']}"
-    text = (f"{cls}, the kernel GPTQModel picks by default {where}, needs every quantized layer's {side}put width "
-            f"to be a multiple of {divisor}, and this model's {layers} are not. GPTQModel chooses the kernel for the "
-            f"whole model from the quantization config alone and does not fall back; the group size does not change "
-            f"these widths. Users load it with another standard kernel that takes them (the snippet the check verified "
-            f"passes quantization_config=GPTQConfig(bits=..., backend=...))")
-    if cls in KERNEL_GROUP_SIZES:
-        avoid = [g for g in FIX_GROUP_SIZES if g not in KERNEL_GROUP_SIZES[cls]]
-        text += (f"; or the model can be quantized with a group size {cls} does not take (it takes "
-                 f"{', '.join(map(str, KERNEL_GROUP_SIZES[cls]))}; e.g. {avoid[0]}), so that GPTQModel's default skips it")
-    return text
-
-
-def _oom(m: re.Match, ctx: dict) -> str:
-    return (f"not enough memory on {ctx['device']} to load and run the model ({m[0][:120]}): users need a machine "
-            f"with more free memory; the factory's check ran next to whatever else uses this machine")
-
-
-def _timeout(m: re.Match, ctx: dict) -> str:
-    return (f"did not load and generate within {ctx['timeout_s']:.0f} s and was killed; a first load on a fresh "
-            f"GPU machine may spend minutes compiling GPTQModel's kernels: raise the timeout, or read the log")
-
-
-def _kernel_download(m: re.Match, ctx: dict) -> str:
-    return ("GPTQModel's Machete kernel (its default for GPTQ on Hopper GPUs) needs the CUTLASS v4.7.1 sources, "
-            "which it downloads the first time it is used, and this host could not reach the network (the host, "
-            "not the artifact): point GPTQMODEL_CUTLASS_DIR at a CUTLASS v4.7.1 checkout or run `modelfactory kernels "
-            "prepare` once on a host with network access and keep MODELFACTORY_CACHE_DIR (the worker image does "
-            "both), or load with another standard backend, as the verified snippet does")
-
-
-def _toolchain(m: re.Match, ctx: dict) -> str:
-    return (f"a kernel could not be compiled on this host: its build toolchain is missing or failed ({m[0][:160]}); "
-            f"the host, not the artifact: install the CUDA toolkit / a C++ compiler (the worker image has them) or "
-            f"prebuild the kernels with `modelfactory kernels prepare`")
-
-
-def _killed(m: re.Match, ctx: dict) -> str:
-    return ("the process was killed (SIGKILL: the out-of-memory killer, most likely) while loading or generating: "
-            "the host, not the artifact; run the check where more memory is free")
-
-
-#: (pattern on "ErrorType: message" + the traceback tail, explainer, whose fault). First match wins; unknown
-#: errors pass through as the artifact's. ``environment``: the host could not run the check (network, toolchain,
-#: memory, time); ``kernel``: the library's default kernel cannot serve this model's shapes (another standard
-#: kernel may); ``artifact``: anything else.
-KNOWN_FAILURES: tuple[tuple[re.Pattern[str], Callable[[re.Match, dict], str], FailureKind], ...] = (
-    (re.compile(r"expect K to be divisible by qGroupSize, got K:\s*(?P<k>\d+), qGroupSize:\s*(?P<g>\d+)"), _int4pack,
-     "kernel"),
-    (re.compile(r"(?P<cls>\w+Linear)\W*:\s*`?in_features`?:\s*(?P<k>\d+) must be divisible by `?group_size:\s*(?P<g>\d+)"),
-     _in_group, "kernel"),
-    (re.compile(r"(?P<cls>\w+Linear)\W*:\s*`?(?P<side>in|out)_features`?:\s*(?P<width>\d+) must be divisible by "
-                r"\[(?P<div>[\d,\s]+)\]"), _shape, "kernel"),
-    (re.compile(r"(?i)OutOfMemoryError.*|CUDA out of memory.*|DefaultCPUAllocator: not enough memory.*"), _oom,
-     "environment"),
-    (re.compile(r"^Timeout\b"), _timeout, "environment"),
-    (re.compile(r"^ProcessDied: .*code -9\b"), _killed, "environment"),
-    (re.compile(r"(?s)^(?=.*(?:_ensure_cutlass_source|CUTLASS))"
-                r"(?=.*(?:URLError|urlopen|name resolution|GPTQMODEL_OFFLINE|Network is unreachable))"),
-     _kernel_download, "environment"),
-    (re.compile(r"(?i)(nvcc[^\n]{0,40}not found|No such file or directory: '(nvcc|c\+\+|g\+\+|gcc|ninja)'|"
-                r"Ninja is required|CUDA_HOME environment variable is not set|error: command '[^']*' failed)"),
-     _toolchain, "environment"),
-)
-
-
-def classify_failure(*, error_type: str | None, message: str | None, device: str,
-                     widths: LayerWidths | None = None, kernel: str | None = None, stage: str = "load",
-                     timeout_s: float = 0.0, traceback_tail: str | None = None) -> tuple[FailureKind, str]:
-    """Whose fault a failure is and what to do, from the library's error (and where it was raised: the
-    traceback tail): known patterns get their kind and advice; others are the artifact's and pass through."""
-    error = f"{error_type or 'Error'}: {message or '(no message)'}"
-    ctx = {"device": device, "widths": widths, "kernel": kernel, "stage": stage, "timeout_s": timeout_s}
-    for pattern, explain, kind in KNOWN_FAILURES:
-        match = pattern.search(error) or (pattern.search(f"{traceback_tail}\n{error}") if traceback_tail else None)
-        if match:
-            return kind, f"{explain(match, ctx)}. Library error at {stage}: {_first_line(error)}"
-    return "artifact", (f"plain transformers failed at {stage} on {device} with {_first_line(error)} "
-                        f"(not a known pattern: see the library's message and the traceback tail)")
-
-
-def explain_failure(**failure) -> str:
-    """What failed and what to do (:func:`classify_failure`'s text)."""
-    return classify_failure(**failure)[1]
-
-
-def _first_line(text: str) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else text
-    return line if len(line) <= 400 else line[:400] + "..."
 
 
 # --------------------------------------------------------------------------- the reference
