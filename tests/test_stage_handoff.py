@@ -38,7 +38,7 @@ from modelfactory.testing.prefect_server import (
     started,
     wait_for,
 )
-from modelfactory.testing.s3_server import s3_environment
+from modelfactory.testing.s3_server import fresh_bucket
 
 pytestmark = pytest.mark.pool
 
@@ -46,10 +46,8 @@ pytestmark = pytest.mark.pool
 @pytest.fixture(scope="module")
 def store(moto_s3) -> Iterator[str]:
     """A bucket on the moto server; AWS test credentials and its endpoint for this process and children."""
-    bucket = f"mf-stage-{uuid.uuid4().hex[:8]}"
-    moto_s3.client().create_bucket(Bucket=bucket)
-    with s3_environment(moto_s3.url):
-        yield f"s3://{bucket}/stage"
+    with fresh_bucket(moto_s3, name="mf-stage", prefix="stage") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
+from collections.abc import Iterator
 
 from modelfactory.testing.env import free_port, settings_env
 
@@ -71,3 +73,13 @@ def s3_environment(endpoint: str, **extra: str | None) -> contextlib.AbstractCon
     cleared = dict.fromkeys(("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"))
     return settings_env(**{**cleared, **TEST_CREDENTIALS, "MODELFACTORY_S3_ENDPOINT_URL": endpoint,
                            "AWS_EC2_METADATA_DISABLED": "true", **extra})
+
+
+@contextlib.contextmanager
+def fresh_bucket(server: MotoS3, *, name: str = "mf", prefix: str = "") -> Iterator[str]:
+    """A new bucket on *server*, with this process's (and its children's) S3 settings pointing at it
+    (:func:`s3_environment`): yields ``s3://<bucket>`` (+ ``/<prefix>``)."""
+    bucket = f"{name}-{uuid.uuid4().hex[:8]}"
+    server.client().create_bucket(Bucket=bucket)
+    with s3_environment(server.url):
+        yield f"s3://{bucket}" + (f"/{prefix}" if prefix else "")
