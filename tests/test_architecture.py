@@ -41,12 +41,17 @@ def test_the_contract_names_every_package_of_the_tree():
 def test_the_wheel_installs_one_top_level_package(tmp_path):
     """tasks/ and flows/ stay at the repository root but install as modelfactory.tasks/.flows: a wheel
     must not put generic top-level ``tasks`` or ``flows`` packages into site-packages."""
+    import shutil
     import subprocess
     import sys
     import zipfile
 
+    # Built from a copy (links kept): pip builds in the source tree and would leave build/ in the checkout.
+    source = tmp_path / "src"
+    shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".mf", "build", "tests", "bench", "docs", "*.egg-info", "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path), str(REPO)], check=True, capture_output=True)
+                    "-w", str(tmp_path), str(source)], check=True, capture_output=True)
     wheel, = tmp_path.glob("modelfactory-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")} == {"modelfactory"}
