@@ -98,9 +98,15 @@ def _sweep(spec: SweepSpec, sweep_id: str, catalog: Catalog) -> SweepOutcome:
     baseline = _baseline(merged.model, spec, sweep_id=sweep_id, deployment=deployment)
     progress(f"sweep {sweep_id}: fp16 side {'reused' if baseline.reused else 'measured'} once: {baseline.path}")
 
-    # Local steps share this host: a semaphore bounds them. On the pool its slots do.
-    slots = (contextlib.nullcontext() if deployment
-             else threading.BoundedSemaphore(local_member_slots(resolve_device(spec.benchmark.device))))
+    # Local steps share this host: a semaphore bounds them (on a GPU: as many as its memory takes, from the fp16
+    # side's measured memory). On the pool its workers' slots do.
+    if deployment:
+        slots = contextlib.nullcontext()
+    else:
+        device = resolve_device(spec.benchmark.device)
+        count = local_member_slots(device, baseline=baseline)
+        progress(f"sweep {sweep_id}: {count} member(s) at once on this host's {device}")
+        slots = threading.BoundedSemaphore(count)
     rendezvous = MemberRendezvous(len(members))
     futures = [member_task.with_options(task_run_name=f"member-{member.label}").submit(
         spec=spec.member_spec(member), member=member, position=position, sweep_id=sweep_id, base=base,

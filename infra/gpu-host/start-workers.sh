@@ -3,8 +3,10 @@
 #
 #   infra/gpu-host/start-workers.sh [N]
 #
-# Worker i runs with CUDA_VISIBLE_DEVICES=<i-th GPU id> and --limit 1, so it holds exactly one
-# GPU and runs at most one flow run at a time; further runs wait in the pool's queue. N defaults
+# Worker i runs with CUDA_VISIBLE_DEVICES=<i-th GPU id> and --limit MODELFACTORY_GPU_SLOTS (default 1),
+# so it holds exactly one GPU and runs at most that many flow runs on it at a time; further runs wait in
+# the pool's queue. Slots > 1 let sweep members share a GPU (one quantizes while another is benchmarked);
+# choose them from measured memory (docs/gpu-pool.md, "Slots"); a timed decode still has the GPU alone. N defaults
 # to the number of GPUs `nvidia-smi -L` lists; MODELFACTORY_GPU_IDS="2,3" picks the GPUs instead.
 #
 # Environment (the flow runs inherit it; see infra/README.md):
@@ -17,6 +19,7 @@
 #   MODELFACTORY_SOURCE_DIR            checkout the flow code runs from (default: this one)
 #   PREFECT_FLOWS_HEARTBEAT_FREQUENCY  flow-run heartbeat seconds (default 30; the zombie-run
 #                                      automation marks a run Crashed after --zombie-after, 90 s)
+#   MODELFACTORY_GPU_SLOTS             flow runs per GPU at once (default 1; docs/gpu-pool.md, "Slots")
 #   GPU_POOL (gpu), PREFECT (the prefect executable), WORKER_LOG_DIR (unset: stdout)
 #   MODELFACTORY_PREPARE_KERNELS       1 (default): build GPTQModel's CUDA kernels into MODELFACTORY_CACHE_DIR
 #                                      first (`modelfactory kernels prepare`; minutes once per cache, seconds
@@ -31,6 +34,7 @@ set -m  # each worker in its own process group: signals reach the worker itself,
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 POOL="${GPU_POOL:-gpu}"
+SLOTS="${MODELFACTORY_GPU_SLOTS:-1}"
 if [[ -z "${PREFECT:-}" ]]; then
   PREFECT="$(command -v prefect || true)"
   [[ -n "$PREFECT" ]] || PREFECT="$ROOT/.venv/bin/prefect"
@@ -68,7 +72,7 @@ trap 'stop_all; wait; exit 143' TERM INT
 for gpu in "${GPUS[@]}"; do
   name="gpu-$HOST-$gpu"
   cmd=(env CUDA_VISIBLE_DEVICES="$gpu" "$PREFECT" --no-prompt worker start --pool "$POOL" --type process
-       --limit 1 --name "$name")
+       --limit "$SLOTS" --name "$name")
   echo "start-workers.sh: $name: CUDA_VISIBLE_DEVICES=$gpu ${cmd[*]:2}"
   if [[ -n "${WORKER_LOG_DIR:-}" ]]; then
     mkdir -p "$WORKER_LOG_DIR"

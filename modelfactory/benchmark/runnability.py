@@ -55,6 +55,7 @@ from modelfactory.benchmark.kernels import choose_kernel
 from modelfactory.benchmark.layer_widths import LayerWidths, layer_widths_from_config
 from modelfactory.benchmark.load_failures import FailureKind, classify_failure
 from modelfactory.core.devices import gpu_env
+from modelfactory.core.gpu_share import gpu_turn
 from modelfactory.core.errors import SpecError
 from modelfactory.core.log import progress
 from modelfactory.core.records import Record
@@ -291,21 +292,22 @@ def measure_reference(*, model_path: str, spec: dict, prompt: str, check_tokens:
     fields: dict[str, Any] = {"device": device, "dtype": dtype}
     stage = "load"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        model, _ = load_side(model_path, side="gptq", spec=bspec, device=device, dtype=getattr(torch, dtype))
-        fields["kernel"] = quantized_kernel_name(model)
-        stage = "generate"
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=check_tokens,
-                                 min_new_tokens=check_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-            logits = model(input_ids=out).logits[0, ids.shape[1] - 1 : -1].float()
-        finite = bool(torch.isfinite(logits).all())
-        near = near_ties(logits.log_softmax(-1), nats=near_tie_nats) if finite else []
-        fields.update(prompt_len=ids.shape[1], token_ids=tuple(out[0].tolist()), top1=tuple(logits.argmax(-1).tolist()),
-                      near=tuple(tuple(ids_) for ids_ in near), near_tie_nats=near_tie_nats, logits_finite=finite,
-                      text=tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        with gpu_turn(device, exclusive=False, what="runnability reference"):  # never during another's timing
+            tokenizer = AutoTokenizer.from_pretrained(model_path)
+            model, _ = load_side(model_path, side="gptq", spec=bspec, device=device, dtype=getattr(torch, dtype))
+            fields["kernel"] = quantized_kernel_name(model)
+            stage = "generate"
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
+            with torch.inference_mode():
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=check_tokens,
+                                     min_new_tokens=check_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                logits = model(input_ids=out).logits[0, ids.shape[1] - 1 : -1].float()
+            finite = bool(torch.isfinite(logits).all())
+            near = near_ties(logits.log_softmax(-1), nats=near_tie_nats) if finite else []
+            fields.update(prompt_len=ids.shape[1], token_ids=tuple(out[0].tolist()), top1=tuple(logits.argmax(-1).tolist()),
+                          near=tuple(tuple(ids_) for ids_ in near), near_tie_nats=near_tie_nats, logits_finite=finite,
+                          text=tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     except Exception as exc:  # the artifact (or the host) failed: described, classified, never raised
         import traceback
 
@@ -393,21 +395,22 @@ def run_plain_load(*, model_dir: Path, device: Device, timeout_s: float, new_tok
         if reference is not None:
             (Path(cwd) / "reference.json").write_text(json.dumps(reference.comparison()))
             cmd += ["--reference", str(Path(cwd) / "reference.json")]
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                errors="replace", start_new_session=True)
-        timed_out = False
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_session(proc)
-            stdout, stderr = proc.communicate()
-        except BaseException:
-            _kill_session(proc)
-            proc.communicate()
-            raise
-        wall_s = time.perf_counter() - start
+        with gpu_turn(device, exclusive=False, what=f"runnability[{device}]"):  # never during another's timing
+            start = time.perf_counter()
+            proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    errors="replace", start_new_session=True)
+            timed_out = False
+            try:
+                stdout, stderr = proc.communicate(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                _kill_session(proc)
+                stdout, stderr = proc.communicate()
+            except BaseException:
+                _kill_session(proc)
+                proc.communicate()
+                raise
+            wall_s = time.perf_counter() - start
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "a", encoding="utf-8") as log:

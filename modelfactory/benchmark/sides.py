@@ -30,6 +30,7 @@ from modelfactory.benchmark.perplexity import measure_perplexity, token_digest
 from modelfactory.benchmark.task_eval import TaskEvalResult, evaluate_tasks
 from modelfactory.core.devices import apply_memory_cap, out_of_memory_error, resolve_device, resolve_dtype
 from modelfactory.core.errors import BenchmarkError
+from modelfactory.core.gpu_share import gpu_turn
 from modelfactory.core.log import progress
 from modelfactory.core.records import AgreementMetrics, Side, SideMetrics, TaskMetrics
 from modelfactory.core.specs import AgreementSpec, BenchmarkSpec, DecodeSpec
@@ -160,9 +161,10 @@ def _measure_side(*, model_path: str, side: Side, spec: BenchmarkSpec, text: str
     prompt_ids = tokenizer(spec.decode.prompt, return_tensors="pt")["input_ids"].to(device)
 
     probe = MemoryProbe(device=device)
-    start = time.perf_counter()
-    model, requested_kernel = load_side(model_path, side=side, spec=spec, device=device, dtype=dtype)
-    load_s = time.perf_counter() - start
+    with gpu_turn(device, exclusive=False, what=f"benchmark[{side}] load"):
+        start = time.perf_counter()
+        model, requested_kernel = load_side(model_path, side=side, spec=spec, device=device, dtype=dtype)
+        load_s = time.perf_counter() - start
     mem_after_load = probe.current()
     kernel = quantized_kernel_name(model) if side == "gptq" else "dense"
     progress(f"benchmark[{side}]: loaded in {load_s:.1f} s on {device}/{dtype_name}, kernel {kernel}"
@@ -171,53 +173,58 @@ def _measure_side(*, model_path: str, side: Side, spec: BenchmarkSpec, text: str
     probe.reset_peak()
     dspec = spec.decode
     decode_mode = choose_decode_mode(dspec.mode, device=device)
-    if decode_mode == "cuda_graph":
-        model, decoded, used, checks = graph_decode_checked(
-            model, prompt_ids=prompt_ids, dspec=dspec, treatment=treatment or dspec.graph_treatment, probe=probe,
-            allow_fallback=allow_fallback,
-            reload=lambda: load_side(model_path, side=side, spec=spec, device=device, dtype=dtype)[0])
-        recorded_mode = f"cuda_graph:{used}"
-        for batch, check in checks.items():
-            progress(f"benchmark[{side}]: {used} at batch {batch} vs eager reference: max logits rel err "
-                     f"{check.logits_max_rel_err:.2e}, top-1 {check.teacher_forced_top1_agreement:.2f}")
-    else:
-        decoded = _eager_decode(model, prompt_ids=prompt_ids, dspec=dspec, device=device, probe=probe)
-        recorded_mode = decode_mode
+    # Timed: the GPU to itself (another sweep member's GPU work waits: modelfactory.core.gpu_share).
+    with gpu_turn(device, exclusive=True, what=f"benchmark[{side}] decode timing"):
+        if decode_mode == "cuda_graph":
+            model, decoded, used, checks = graph_decode_checked(
+                model, prompt_ids=prompt_ids, dspec=dspec, treatment=treatment or dspec.graph_treatment, probe=probe,
+                allow_fallback=allow_fallback,
+                reload=lambda: load_side(model_path, side=side, spec=spec, device=device, dtype=dtype)[0])
+            recorded_mode = f"cuda_graph:{used}"
+            for batch, check in checks.items():
+                progress(f"benchmark[{side}]: {used} at batch {batch} vs eager reference: max logits rel err "
+                         f"{check.logits_max_rel_err:.2e}, top-1 {check.teacher_forced_top1_agreement:.2f}")
+        else:
+            decoded = _eager_decode(model, prompt_ids=prompt_ids, dspec=dspec, device=device, probe=probe)
+            recorded_mode = decode_mode
+    compile_s = sum(run.compile_s for run in decoded.values())
     tok_s = {batch: run.tok_s for batch, run in decoded.items() if run.tok_s is not None}
     first = decoded[1]  # batch 1: decode_tok_s, ttft, the sample text and the decode memory peak
     progress(f"benchmark[{side}]: decode ({recorded_mode}) " + ", ".join(
         f"batch {batch}: " + (f"{run.tok_s:.1f} tok/s" if run.tok_s is not None else "not measured (no positive interval)")
         for batch, run in decoded.items()) + f"; ttft {first.ttft_s * 1000:.0f} ms")
 
-    progress(f"benchmark[{side}]: perplexity over {len(ids)} tokens of {text_origin}")
-    outputs = window_outputs(side=side, out_dir=out_dir, reference_dir=reference_dir, agreement=spec.agreement)
-    ppl = measure_perplexity(model, ids=ids, context_len=spec.perplexity.context_len, stride=spec.perplexity.stride,
-                             device=device, on_window=outputs)
-    progress(f"benchmark[{side}]: perplexity {ppl:.3f}")
-    task_fields: dict = {}
-    if spec.tasks.names:
-        # The loaded model as it is (the GPTQ side with the benchmark's kernel selection) through lm-eval's HF wrapper.
-        progress(f"benchmark[{side}]: lm-eval {', '.join(spec.tasks.names)} (limit {spec.tasks.limit})")
-        evaluated = evaluate_tasks(model=model, tokenizer=tokenizer, tasks=spec.tasks.names,
-                                   limit=spec.tasks.limit, batch_size=spec.tasks.batch_size)
-        task_fields = {"tasks": _task_metrics(evaluated), "tasks_lm_eval_version": evaluated.lm_eval_version,
-                       "tasks_limit": evaluated.limit}
-        progress(f"benchmark[{side}]: " + "; ".join(
-            f"{t}: acc {m.acc}, acc_norm {m.acc_norm} ({m.n_docs} docs)" for t, m in task_fields["tasks"].items()))
-    mem_peak = max(probe.peak(), first.mem_peak_bytes)  # before the agreement pass loads the fp16 model too
-    if outputs is not None and (bound := outputs.finish()) is not None:
-        stats = _agreement(model, bound=bound, ids=ids, spec=spec, device=device, dtype=dtype, kernel=kernel,
-                           baseline_model_path=baseline_model_path)
-        # The process returns one record; the agreement travels next to it in the step folder under construction.
-        (out_dir / AGREEMENT_FILE).write_text(stats.model_dump_json(indent=2))
-    return SideMetrics(**task_fields,
-        side=side, device=device if device == "cpu" else torch.cuda.get_device_name(), dtype=dtype_name,
-        kernel=kernel, disk_bytes=disk_bytes(Path(model_path)), load_s=load_s, memory_kind=probe.kind,
-        mem_after_load_bytes=mem_after_load, mem_peak_decode_bytes=first.mem_peak_bytes, mem_peak_bytes=mem_peak,
-        decode_tok_s=first.tok_s, ttft_ms=first.ttft_s * 1000, decode_mode=recorded_mode, decode_tok_s_by_batch=tok_s,
-        perplexity=ppl, ppl_tokens=len(ids), ppl_tokens_sha256=token_digest(ids),
-        sample_text=tokenizer.decode(first.output_ids[0], skip_special_tokens=True),
-    )
+    with gpu_turn(device, exclusive=False, what=f"benchmark[{side}] quality"):  # not during another's timing
+        progress(f"benchmark[{side}]: perplexity over {len(ids)} tokens of {text_origin}")
+        outputs = window_outputs(side=side, out_dir=out_dir, reference_dir=reference_dir, agreement=spec.agreement)
+        ppl = measure_perplexity(model, ids=ids, context_len=spec.perplexity.context_len, stride=spec.perplexity.stride,
+                                 device=device, on_window=outputs)
+        progress(f"benchmark[{side}]: perplexity {ppl:.3f}")
+        task_fields: dict = {}
+        if spec.tasks.names:
+            # The loaded model as it is (the GPTQ side with the benchmark's kernel selection) through lm-eval's HF wrapper.
+            progress(f"benchmark[{side}]: lm-eval {', '.join(spec.tasks.names)} (limit {spec.tasks.limit})")
+            evaluated = evaluate_tasks(model=model, tokenizer=tokenizer, tasks=spec.tasks.names,
+                                       limit=spec.tasks.limit, batch_size=spec.tasks.batch_size)
+            task_fields = {"tasks": _task_metrics(evaluated), "tasks_lm_eval_version": evaluated.lm_eval_version,
+                           "tasks_limit": evaluated.limit}
+            progress(f"benchmark[{side}]: " + "; ".join(
+                f"{t}: acc {m.acc}, acc_norm {m.acc_norm} ({m.n_docs} docs)" for t, m in task_fields["tasks"].items()))
+        mem_peak = max(probe.peak(), first.mem_peak_bytes)  # before the agreement pass loads the fp16 model too
+        if outputs is not None and (bound := outputs.finish()) is not None:
+            stats = _agreement(model, bound=bound, ids=ids, spec=spec, device=device, dtype=dtype, kernel=kernel,
+                               baseline_model_path=baseline_model_path)
+            # The process returns one record; the agreement travels next to it in the step folder under construction.
+            (out_dir / AGREEMENT_FILE).write_text(stats.model_dump_json(indent=2))
+        return SideMetrics(**task_fields,
+            side=side, device=device if device == "cpu" else torch.cuda.get_device_name(), dtype=dtype_name,
+            kernel=kernel, disk_bytes=disk_bytes(Path(model_path)), load_s=load_s, compile_s=compile_s,
+            memory_kind=probe.kind,
+            mem_after_load_bytes=mem_after_load, mem_peak_decode_bytes=first.mem_peak_bytes, mem_peak_bytes=mem_peak,
+            decode_tok_s=first.tok_s, ttft_ms=first.ttft_s * 1000, decode_mode=recorded_mode, decode_tok_s_by_batch=tok_s,
+            perplexity=ppl, ppl_tokens=len(ids), ppl_tokens_sha256=token_digest(ids),
+            sample_text=tokenizer.decode(first.output_ids[0], skip_special_tokens=True),
+        )
 
 
 def _agreement(model, *, bound: AgreementMetrics, ids: list[int], spec: BenchmarkSpec, device: str, dtype,
@@ -256,6 +263,7 @@ class _Decoded:
     tok_s: float | None  # all sequences' tokens; None: not measured (no positive interval)
     output_ids: object  # (B, prompt + new tokens)
     mem_peak_bytes: int  # the probe's peak since the decode phase began, read right after this batch
+    compile_s: float = 0.0  # torch.compile's warm-up of this batch size's decode step (0: not compiled)
 
 
 def _eager_decode(model, *, prompt_ids, dspec: DecodeSpec, device: str, probe: MemoryProbe) -> dict[int, _Decoded]:
@@ -299,7 +307,7 @@ def graph_decode_checked(model, *, prompt_ids, dspec: DecodeSpec, treatment: Gra
             ttft_s, tok_s, out = measure_decode_graph(model, input_ids=decoder.input_ids, new_tokens=dspec.new_tokens,
                                                       warmup=dspec.warmup, repeats=dspec.repeats, decoder=decoder)
             decoded[batch] = _Decoded(ttft_s=ttft_s, tok_s=tok_s, output_ids=out if batch == 1 else None,
-                                      mem_peak_bytes=probe.peak())
+                                      mem_peak_bytes=probe.peak(), compile_s=decoder.compile_s)
             del decoder, out  # its static cache and graph pool before the next batch size's
             torch.cuda.empty_cache()
         else:

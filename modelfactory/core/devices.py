@@ -56,6 +56,15 @@ def cpu_features() -> Mapping[str, object]:
     return {"avx512_bf16": torch.cpu._is_avx512_bf16_supported(), "amx_bf16": torch.cpu._is_amx_tile_supported()}
 
 
+def gpu_total_bytes(device: str) -> int | None:
+    """The memory of this process's GPU (None on a CPU), read without allocating on it."""
+    if device == "cpu":
+        return None
+    import torch
+
+    return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+
+
 def resolve_dtype(requested: str, device: str) -> str:
     """``auto``: float16 on CUDA; on a CPU, :func:`cpu_dtype` (bfloat16 where native, else float32)."""
     if requested != "auto":

@@ -99,6 +99,10 @@ class SideMetrics(Record):
     kernel: str
     disk_bytes: int
     load_s: float
+    #: torch.compile's share of the decode measurement (every batch size's warm-up), seconds; with ``load_s``
+    #: (a first GPTQ load JIT-compiles its kernel) what the persistent compile caches save on a warm host.
+    #: None in records written before it was recorded.
+    compile_s: float | None = None
     memory_kind: MemoryKind
     mem_after_load_bytes: int
     mem_peak_decode_bytes: int

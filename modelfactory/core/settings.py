@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     #: Cap on the share of a GPU's memory one step may allocate (e.g. 0.5 to share a GPU between two
     #: runs); unset = all of it. Over the cap a step fails with a clear out-of-memory error.
     cuda_memory_fraction: float | None = Field(default=None, gt=0, le=1)
+    #: Most members of a sweep that share one GPU at once in the sweep's own process: fewer where their measured
+    #: memory does not fit (``modelfactory.core.gpu_share.members_per_gpu``); 1 = one after another. A timed
+    #: decode always has the GPU to itself (``gpu_share.gpu_turn``). On the pool: MODELFACTORY_GPU_SLOTS.
+    gpu_members_max: int = Field(default=2, ge=1, le=8)
     #: ``s3://bucket/prefix`` every step output moves through (hosts share no disk); unset = local work dir.
     stage_store_url: str | None = None
     #: Where this host keeps step outputs fetched from the stage store; unset = ``<home>/cache/stage``.

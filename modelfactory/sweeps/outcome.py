@@ -16,7 +16,10 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from modelfactory.catalog.records import SweepDetail, SweepMemberRow
-from modelfactory.core.records import Record
+from modelfactory.core.devices import gpu_total_bytes
+from modelfactory.core.gpu_share import members_per_gpu
+from modelfactory.core.records import BaselineResult, Record
+from modelfactory.core.settings import get_settings
 from modelfactory.core.sweep_spec import Objective, PublishMode
 
 class SweepOutcome(Record):
@@ -58,13 +61,22 @@ def decided(detail: SweepDetail, *, winner_run_id: str | None, front: Sequence[s
                                members=members)
 
 
-def local_member_slots(device: str) -> int:
+def local_member_slots(device: str, *, baseline: BaselineResult | None = None) -> int:
     """Members quantized and benchmarked at once in the sweep's own process (no GPU pool).
 
-    One on a GPU (they would share it: spread a sweep over GPUs with the pool). On CPU each step's
-    worker process uses the cores through torch's threads, so members run side by side only where
-    there are cores to spare: one per 8 cores, at least one.
+    On a GPU: as many as its memory takes at the measured memory of a member
+    (:func:`~modelfactory.core.gpu_share.members_per_gpu`), at most the ``gpu_members_max`` setting. A member's largest phase
+    is its GPTQ side's exact KL, which holds the fp16 model next to the 4-bit one: at most the fp16 side's
+    measured peak (*baseline*) plus its weights' memory after load. Timed phases still take the GPU alone
+    (:func:`~modelfactory.core.gpu_share.gpu_turn`). Without a measurement: one.
+
+    On CPU each step's worker process uses the cores through torch's threads, so members run side by side
+    only where there are cores to spare: one per 8 cores, at least one.
     """
-    if device != "cpu":
+    if device == "cpu":
+        return max(1, (os.cpu_count() or 1) // 8)
+    if baseline is None or baseline.metrics.memory_kind != "cuda_allocated":
         return 1
-    return max(1, (os.cpu_count() or 1) // 8)
+    member_peak = baseline.metrics.mem_peak_bytes + baseline.metrics.mem_after_load_bytes
+    return members_per_gpu(gpu_bytes=gpu_total_bytes(device) or 0, member_peak_bytes=member_peak,
+                           max_members=get_settings().gpu_members_max)
