@@ -13,7 +13,13 @@ from typing import Any
 from modelfactory.benchmark.runnability import RunnabilityReport
 from modelfactory.catalog import Catalog, MetricRecord, claims, open_catalog
 from modelfactory.catalog.metrics import benchmark_metrics
-from modelfactory.core.errors import CatalogQueryError, CrashedError, PublishError, error_kind
+from modelfactory.core.errors import (
+    CatalogNotFoundError,
+    CatalogQueryError,
+    CrashedError,
+    PublishError,
+    error_kind,
+)
 from modelfactory.core.log import get_logger
 from modelfactory.core.records import (
     AdapterArtifact,
@@ -221,6 +227,29 @@ def artifact_key(run_id: str) -> str:
     import re
 
     return "run-" + re.sub(r"[^a-z0-9-]", "-", run_id[:8].lower())
+
+
+def prepare_sweep_retry(*, sweep_id: str, catalog_url: str | None = None) -> None:
+    """Let the ``sweep`` flow start *sweep_id* again when its earlier attempt is over: :meth:`RunRecorder.start`'s
+    rule for sweeps. The on-finetune flow's sweep id is its flow run id, so a Prefect retry of that flow run
+    comes with the same id, which the sweep flow's ``start_sweep`` would refuse. An id not in the catalog:
+    nothing to do. An attempt that failed, or is still ``running`` but whose process died (its liveness lease
+    expired): its record is discarded (its member runs stay in the catalog) and the sweep flow records the
+    sweep afresh under the same id. A finished sweep, or one whose process is alive, is left alone (the sweep
+    flow then refuses the id)."""
+    catalog = open_catalog(catalog_url)
+    try:
+        earlier = catalog.get_sweep(sweep_id)
+    except CatalogNotFoundError:
+        return
+    if earlier.id != sweep_id:  # a prefix of another sweep's id: this id is new
+        return
+    alive = claims.alive_key("sweep", sweep_id) in claims.live(catalog, [claims.alive_key("sweep", sweep_id)])
+    if earlier.status != "failed" and (earlier.status != "running" or alive):
+        return
+    unlinked = catalog.discard_sweep(sweep_id=sweep_id)
+    get_logger().info(f"sweep {sweep_id}: its earlier attempt {'failed' if earlier.status == 'failed' else 'died'}; "
+                      f"starting it again ({unlinked} member run(s) of that attempt stay in the catalog)")
 
 
 def record_crash(flow: Any, flow_run: Any, state: Any) -> None:

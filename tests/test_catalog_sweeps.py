@@ -200,6 +200,25 @@ def test_sweep_writes_refuse_what_is_not_a_sweep(catalog: Catalog, recorded: Rec
     assert not any(m.on_front for m in failed.members)
 
 
+def test_discarding_an_unfinished_sweep_frees_its_id_and_keeps_its_member_runs(catalog: Catalog,  # noqa: F811
+                                                                               recorded: Recorded) -> None:
+    """Before a retry under the same id (an on-finetune run's sweep): the earlier attempt's record goes, its
+    member runs stay (also in the other sweeps they belong to); a finished sweep is never discarded."""
+    retried = record_sweep(catalog, finish=False, sweep_id=str(uuid.uuid4()))
+    catalog.fail_sweep(sweep_id=retried.sweep_id, error="attempt 1 failed")
+    assert catalog.discard_sweep(sweep_id=retried.sweep_id) == 3
+    with pytest.raises(CatalogNotFoundError):
+        catalog.get_sweep(retried.sweep_id)
+    assert all(catalog.get_run(run_id).id == run_id for run_id in retried.runs.values())
+    record_sweep(catalog, finish=False, sweep_id=retried.sweep_id)  # the same id and labels, afresh
+    assert len(catalog.get_sweep(retried.sweep_id).members) == 3
+    with pytest.raises(CatalogQueryError, match="finished: its record is kept"):
+        catalog.discard_sweep(sweep_id=recorded.sweep_id)
+    with pytest.raises(CatalogNotFoundError, match="no sweep with id 'nope'"):
+        catalog.discard_sweep(sweep_id="nope")
+    assert len(catalog.get_sweep(recorded.sweep_id).members) == 3
+
+
 def test_sweep_ids_resolve_like_run_ids(catalog: Catalog, recorded: Recorded) -> None:  # noqa: F811
     for suffix in ("1", "2"):
         catalog.start_sweep(sweep_id=f"abcdef-{suffix}", name="x", spec={}, objective="quality", publish_mode="none")

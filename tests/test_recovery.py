@@ -329,6 +329,50 @@ def test_a_run_id_can_be_started_again_once_its_earlier_attempt_failed_or_died(t
         RunRecorder.start(run_id="r-retry", name="x", spec={}, run_key="k", flow_run_id="fr-1", catalog_url=url)
 
 
+def test_a_sweep_id_can_be_started_again_once_its_earlier_attempt_failed_or_died(tmp_path):
+    """A sweep built by an on-finetune run has that flow run's id: a retry of it came back with an id that
+    start_sweep refused ('already exists'). prepare_sweep_retry mirrors RunRecorder.start for sweeps."""
+    from modelfactory.catalog import claims
+    from modelfactory.core.errors import CatalogQueryError
+    from modelfactory.tasks.record import prepare_sweep_retry
+
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    catalog = open_catalog(url)
+
+    def start(sweep_id: str) -> None:
+        catalog.start_sweep(sweep_id=sweep_id, name="s", spec={}, objective="speed", publish_mode="winner",
+                            flow_run_id="fr-1")
+
+    prepare_sweep_retry(sweep_id="s-new", catalog_url=url)  # not in the catalog: nothing to do
+    start("s-retry")
+    end_lease = claims.keep_alive(catalog, claims.alive_key("sweep", "s-retry"), holder="attempt-1")
+    catalog.start_run(run_id="r-member", name="m", spec={}, run_key="k")
+    catalog.add_member(sweep_id="s-retry", run_id="r-member", label="gptq-4bit-64g", kernel="auto")
+    prepare_sweep_retry(sweep_id="s-retry", catalog_url=url)  # the first attempt is alive: left alone
+    with pytest.raises(CatalogQueryError, match="already exists"):
+        start("s-retry")
+    catalog.fail_sweep(sweep_id="s-retry", error="attempt 1 failed")
+    end_lease()
+    prepare_sweep_retry(sweep_id="s-retry", catalog_url=url)
+    start("s-retry")  # the retry records the sweep afresh; the earlier member's run stays, unlinked
+    again = catalog.get_sweep("s-retry")
+    assert again.status == "running" and again.error is None and again.members == ()
+    assert catalog.get_run("r-member").id == "r-member"
+    catalog.add_member(sweep_id="s-retry", run_id="r-member", label="gptq-4bit-64g", kernel="auto")  # label free
+
+    start("s-dead")  # running, but its process is gone (no liveness lease): it died
+    prepare_sweep_retry(sweep_id="s-dead", catalog_url=url)
+    start("s-dead")
+
+    catalog.finish_sweep(sweep_id="s-retry", winner_run_id=None, front=[])
+    prepare_sweep_retry(sweep_id="s-retry", catalog_url=url)  # a finished sweep is kept, and not started again
+    assert catalog.get_sweep("s-retry").status == "finished"
+    with pytest.raises(CatalogQueryError, match="already exists"):
+        start("s-retry")
+    with pytest.raises(CatalogQueryError, match="finished"):
+        catalog.discard_sweep(sweep_id="s-retry")
+
+
 def test_each_attempt_of_a_run_dispatches_its_own_gpu_stage(prefect):
     """The gpu-stage idempotency key was the run id alone: a retried run got its old, crashed stage back."""
     from prefect import flow

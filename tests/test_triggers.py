@@ -6,10 +6,13 @@ webhook), and a loopback stand-in for the Hugging Face Hub (the endpoints `HfApi
 Checked: every deployment and the nightly schedule exist; the factory's UI form (headless Chromium,
 screenshot in test-artifacts/); a custom-parameter run (what the UI's "Custom run" sends) completes
 with those parameters; the nightly check does nothing when nothing changed and builds a new commit;
-webhook → on-finetune run → catalog row; bad requests are refused without a run; a repeated
-delivery and a burst of 50 deliveries for 5 commits start one run per commit.
+webhook → on-finetune run → catalog row; a watch whose spec sweeps: webhook → on-finetune run → sweep
+(under the same id) → winner published; bad requests are refused without a run; a repeated delivery and
+a burst of 50 deliveries for 5 commits start one run per commit.
 
-Budget: ~4 min on 2 cores (three tiny factory builds, three nightly runs).
+Budget: ~4 min on 2 cores before the sweep test was added (three tiny factory builds, three nightly
+runs); it adds one tiny sweep of two configurations. The whole module took 9 min on 2026-12-07 on a
+2-core machine shared with other test runs (load average ~5).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ pytestmark = pytest.mark.pool
 SECRET = "s3cr3t-for-tests"
 ADAPTER_REPO = "mf-test/tiny-lora"
 BURST_REPO = "mf-test/burst-lora"
+SWEEP_REPO = "mf-test/sweep-lora"
 #: Watch spec fields: the tiny model's cheap calibration/benchmark and a gate it passes.
 CHEAP = {k: v for k, v in tiny_spec(Path("/unused")).items() if k in ("quantize", "benchmark")} | {
     "gate": {"preset": "none", "max_ppl_increase_pct": 50.0}}
@@ -411,6 +415,50 @@ def test_webhook_push_starts_a_build_once(hooks, worker, deployed, hub, adapters
     assert [r["id"] for r in builds] == [flow_run_id]
     (delivery,) = [d for d in open_catalog().list_deliveries(repo=ADAPTER_REPO) if d.sha == v3]
     assert delivery.status == "started" and delivery.flow_run_id == flow_run_id and delivery.event == "webhook"
+
+
+def test_webhook_push_for_a_sweep_watch_builds_a_sweep_and_publishes_its_winner(hooks, worker, deployed, hub,
+                                                                                  adapters, tiny_llama, tmp_path):
+    """Issue 26: a watched fine-tune whose watch spec sweeps (here 2 configurations of the tiny model, a grid
+    over the group size): the webhook's flow run id is the sweep's catalog id; the sweep finishes, every
+    configuration built from the pushed commit, and the winner by the objective (size) is published."""
+    from modelfactory.core.manifest import verify_folder
+    from modelfactory.interfaces.cli.main import app
+    from modelfactory.publishing.local import local_root
+
+    spec = tmp_path / "watch-sweep.json"
+    spec.write_text(json.dumps({**CHEAP, "grid": {"group_size": [64, 32]}, "objective": "size"}))
+    watch_add(SWEEP_REPO, "--base", str(tiny_llama), "--spec", str(spec))
+    listed = json.loads(CliRunner().invoke(app, ["watch", "ls", "--format", "json"]).stdout)
+    assert [(w["build"], w["configurations"]) for w in listed if w["repo"] == SWEEP_REPO] == [("sweep", 2)]
+
+    sha = hub.push(SWEEP_REPO, adapters[0])
+    answer = deliver(hooks, content_update(SWEEP_REPO, sha))
+    assert answer.status_code == 202 and answer.json()["status"] == "accepted", answer.text
+    flow_run_id = answer.json()["flow_run_id"]
+    run = wait_final(deployed, flow_run_id, worker)
+    assert run["parameters"] == {"repo": SWEEP_REPO, "sha": sha, "event": "webhook"}
+
+    catalog = open_catalog()
+    assert catalog.identify(flow_run_id) == ("sweep", flow_run_id)  # the id the webhook answered with
+    sweep = catalog.get_sweep(flow_run_id)
+    assert sweep.status == "finished" and sweep.objective == "size" and sweep.name == "mf-test--sweep-lora"
+    assert [m.label for m in sweep.members] == ["gptq-4bit-64g", "gptq-4bit-32g"]
+    assert all(m.status == "passed" for m in sweep.members), sweep.members
+    smallest = min(sweep.members, key=lambda m: m.size_ratio)
+    assert sweep.winner_run_id == smallest.run_id and sweep.winner is not None
+    for member in sweep.members:  # each configuration built from the pushed commit of the watched adapter
+        detail = catalog.get_run(member.run_id)
+        assert [(a["uri"], a["sha"]) for a in detail.adapters] == [(f"hf://{SWEEP_REPO}", sha)], detail.adapters
+        assert (len(detail.publications) == 1) == (member.run_id == sweep.winner_run_id)
+    (publication,) = catalog.get_run(sweep.winner_run_id).publications
+    manifest = verify_folder(local_root(publication.uri))  # published, every file's hash checked
+    assert manifest["spec"]["quantize"]["group_size"] == smallest.group_size
+    assert catalog.get_watch(SWEEP_REPO).last_sha == sha
+    (delivery,) = catalog.list_deliveries(repo=SWEEP_REPO)
+    assert delivery.status == "started" and delivery.flow_run_id == flow_run_id
+    shown = CliRunner().invoke(app, ["catalog", "show", flow_run_id, "--format", "json"])
+    assert shown.exit_code == 0 and json.loads(shown.stdout)["winner_run_id"] == sweep.winner_run_id
 
 
 def test_webhook_refuses_and_ignores_without_starting_anything(hooks, deployed):

@@ -8,7 +8,8 @@ with, its place in the spec and whether it is on the front.
 
 Writes, in the order a sweep makes them: :meth:`~CatalogSweeps.start_sweep`,
 :meth:`~CatalogSweeps.set_sweep_base`, :meth:`~CatalogSweeps.add_member` (after the member's
-``start_run``), :meth:`~CatalogSweeps.finish_sweep` or :meth:`~CatalogSweeps.fail_sweep`. Reads:
+``start_run``), :meth:`~CatalogSweeps.finish_sweep` or :meth:`~CatalogSweeps.fail_sweep` (and, before a retry of an
+attempt that did not finish, :meth:`~CatalogSweeps.discard_sweep`). Reads:
 :meth:`~CatalogSweeps.get_sweep` (the matrix: :class:`SweepDetail`) and
 :meth:`~CatalogSweeps.list_sweeps`; :meth:`~CatalogSweeps.identify` tells whether an id (prefix)
 names a run or a sweep.
@@ -19,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal, get_args
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -174,6 +175,20 @@ class CatalogSweeps(CatalogConnections):
             sweep.status, sweep.finished_at = "failed", utcnow()
             sweep.winner_run_id = None
             sweep.error, sweep.error_kind = error, error_kind
+
+    def discard_sweep(self, *, sweep_id: str) -> int:
+        """Remove the record of sweep *sweep_id* (exactly) whose attempt ended without finishing, so that a
+        retry records it afresh under the same id (the on-finetune flow's sweep id is its flow run id:
+        ``tasks/record.py``, ``prepare_sweep_retry``, checks that the attempt is over). Its member runs stay
+        in the catalog as the runs they are, no longer linked to it. A finished sweep is kept
+        (:class:`CatalogQueryError`). Returns how many member links went."""
+        with self.writing(f"discard sweep {sweep_id!r}") as session:
+            sweep = self._require(session, sweep_id)
+            if sweep.status == "finished":
+                raise CatalogQueryError(f"sweep {sweep_id!r} finished: its record is kept, start a new sweep instead")
+            unlinked = session.execute(delete(SweepMember).where(SweepMember.sweep_id == sweep_id)).rowcount
+            session.delete(sweep)
+            return unlinked
 
     # ---------------------------------------------------------------- reads
 

@@ -2,9 +2,9 @@
 
 A watch maps a Hub repo to its builds: an adapter repo to the base model it is merged into
 (``--base``), or a base model repo (``--kind base``), plus the spec fields and gate of its runs
-(flags below, or ``--spec FILE`` with any FactorySpec fields but ``base.uri``/``adapters``).
-The webhook (``POST /hooks/huggingface``) and the nightly check build its new commits
-(``docs/triggers.md``).
+(flags below, or ``--spec FILE`` with any FactorySpec fields but ``base.uri``/``adapters``; a
+sweep spec file's fields, with ``grid`` or ``configs``, make every build a sweep). The webhook
+(``POST /hooks/huggingface``) and the nightly check build its new commits (``docs/triggers.md``).
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def add(
     kind: Annotated[str, typer.Option(help="adapter (a LoRA repo on top of --base) or base (a base model repo).")] = "adapter",
     revision: Annotated[str, typer.Option(help="Branch of REPO to follow.")] = "main",
     base_revision: Annotated[Optional[str], typer.Option(help="Hub revision of --base (default: its main).")] = None,
-    spec: Annotated[Optional[Path], typer.Option(help="YAML/JSON with spec fields of the builds; flags override it.")] = None,
+    spec: Annotated[Optional[Path], typer.Option(help="YAML/JSON with spec fields of the builds (a factory spec, or a sweep "
+                                                 "spec with grid/configs), without base.uri/adapters; flags override it.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Run/artifact name (default: owner--name).")] = None,
     bits: Annotated[Optional[int], typer.Option(help="GPTQ bits (2, 3, 4, 8).")] = None,
     group_size: Annotated[Optional[int], typer.Option(help="GPTQ group size (-1 = per row).")] = None,
@@ -63,7 +64,7 @@ def add(
     """Watch REPO: each new commit of its branch is built with these spec fields and gate."""
     from modelfactory.catalog import open_catalog
     from modelfactory.core.specs import merge_overrides, read_spec_file
-    from modelfactory.triggers import normalize_repo, validate_watch
+    from modelfactory.triggers import describe_build, normalize_repo, validate_watch
 
     with reported_errors():
         repo = normalize_repo(repo=repo)
@@ -80,32 +81,42 @@ def add(
         }))
         if kind == "base" and (base or "base" in fields):
             raise SpecError(f"--kind base watches {repo!r} itself as the base model: drop --base/--base-revision")
-        validate_watch(repo=repo, kind=kind, base=base, fields=fields)  # an unknown kind: SpecError naming both
+        build = validate_watch(repo=repo, kind=kind, base=base, fields=fields)  # an unknown kind: SpecError naming both
         with open_catalog() as catalog:
             watch = catalog.add_watch(repo=repo, kind=kind, base=base, revision=revision, spec=fields,
                                       replace=replace)
     console.print(f"watching {watch.repo}@{watch.revision} ({watch.kind}"
-                  + (f" on {watch.base}" if watch.base else "") + f"); spec fields {json.dumps(watch.spec)}\n"
+                  + (f" on {watch.base}" if watch.base else "") + f"); each build: {describe_build(build)}; "
+                  f"spec fields {json.dumps(watch.spec)}\n"
                   "its next commit is built (webhook), or the current one at the next nightly check",
                   highlight=False, soft_wrap=True)
 
 
-#: ``watch ls`` columns, in order (JSON keys and CSV header).
-WATCH_FIELDS = ("repo", "kind", "base", "revision", "last_sha", "spec", "updated_at")
+#: ``watch ls`` columns, in order (JSON keys and CSV header). ``build``: ``run`` or ``sweep``;
+#: ``configurations``: how many a build makes (a sweep's members; 1 for a run; empty when the stored
+#: fields no longer make a valid spec).
+WATCH_FIELDS = ("repo", "kind", "base", "revision", "last_sha", "build", "configurations", "spec", "updated_at")
 
 
 def _watch_row(watch: WatchRecord) -> dict[str, Any]:
+    from modelfactory.core.sweep_spec import SweepSpec
+    from modelfactory.triggers import is_sweep, watch_builds
+
+    build = watch_builds(watch)
     return {"repo": watch.repo, "kind": watch.kind, "base": watch.base, "revision": watch.revision,
-            "last_sha": watch.last_sha, "spec": watch.spec,
-            "updated_at": watch.updated_at.isoformat() if watch.updated_at else None}
+            "last_sha": watch.last_sha, "build": "sweep" if is_sweep(watch.spec) else "run",
+            "configurations": (len(build.members()) if isinstance(build, SweepSpec) else 1) if build else None,
+            "spec": watch.spec, "updated_at": watch.updated_at.isoformat() if watch.updated_at else None}
 
 
 def _watches_table(watches: list[WatchRecord]) -> Any:
     from rich.table import Table
 
-    table = Table("repo", "kind", "base", "branch", "last built", "spec fields")
-    for w in watches:
-        table.add_row(w.repo, w.kind, w.base or "-", w.revision, (w.last_sha or "-")[:12],
+    table = Table("repo", "kind", "base", "branch", "last built", "builds", "spec fields")
+    for w, row in zip(watches, map(_watch_row, watches), strict=True):
+        builds = ("run" if row["build"] == "run" else
+                  f"sweep of {row['configurations']}" if row["configurations"] else "sweep (spec invalid)")
+        table.add_row(w.repo, w.kind, w.base or "-", w.revision, (w.last_sha or "-")[:12], builds,
                       json.dumps(w.spec, separators=(",", ":")))
     return table
 
@@ -125,7 +136,8 @@ def _watches_csv(watches: list[WatchRecord]) -> str:
 
 @app.command("ls")
 def ls(format: Annotated[Format, format_option(Format.table, Format.json, Format.csv)] = Format.table) -> None:
-    """List watched repos, their base, followed branch, last built commit and spec fields."""
+    """List watched repos, their base, followed branch, last built commit, what a build is (a run, or a sweep of
+    N configurations) and spec fields."""
     from modelfactory.catalog import open_catalog
 
     with reported_errors(), open_catalog() as catalog:
