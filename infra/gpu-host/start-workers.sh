@@ -20,7 +20,7 @@
 #   PREFECT_FLOWS_HEARTBEAT_FREQUENCY  flow-run heartbeat seconds (default 30; the zombie-run
 #                                      automation marks a run Crashed after --zombie-after, 90 s)
 #   MODELFACTORY_GPU_SLOTS             flow runs per GPU at once (default 1; docs/gpu-pool.md, "Slots")
-#   GPU_POOL (gpu), PREFECT (the prefect executable), WORKER_LOG_DIR (unset: stdout)
+#   GPU_POOL (gpu), PREFECT (the prefect executable), MODELFACTORY (the modelfactory executable), WORKER_LOG_DIR (unset: stdout)
 #   MODELFACTORY_PREPARE_KERNELS       1 (default): build GPTQModel's CUDA kernels into MODELFACTORY_CACHE_DIR
 #                                      first (`modelfactory kernels prepare`; minutes once per cache, seconds
 #                                      after), so no flow run pays them; 0 skips it. A kernel that cannot be
@@ -57,7 +57,7 @@ else
 fi
 
 if [[ "${MODELFACTORY_PREPARE_KERNELS:-1}" == 1 ]]; then
-  MODELFACTORY="$(command -v modelfactory || echo "$ROOT/.venv/bin/modelfactory")"
+  MODELFACTORY="${MODELFACTORY:-$(command -v modelfactory || echo "$ROOT/.venv/bin/modelfactory")}"
   CUDA_VISIBLE_DEVICES="${GPUS[0]}" "$MODELFACTORY" kernels prepare \
     || echo "start-workers.sh: some GPTQ kernels are not prebuilt (see above); starting the workers anyway" >&2
 fi

@@ -89,7 +89,7 @@ def add(
                   + (f" on {watch.base}" if watch.base else "") + f"); each build: {describe_build(build)}; "
                   f"spec fields {json.dumps(watch.spec)}\n"
                   "its next commit is built (webhook), or the current one at the next nightly check",
-                  highlight=False, soft_wrap=True)
+                  highlight=False, soft_wrap=True, markup=False)  # JSON lists are not rich markup tags
 
 
 #: ``watch ls`` columns, in order (JSON keys and CSV header). ``build``: ``run`` or ``sweep``;
