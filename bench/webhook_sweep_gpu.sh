@@ -15,13 +15,17 @@ root=/root/webhook-sweep
 if [[ $mode == start ]]; then
   python3 -m pip install -q --no-deps --no-index --no-build-isolation -e . >/dev/null 2>&1 || echo "pip install -e . failed"
   mkdir -p /root/keep /root/ws-out && cp -r .gpu/tok32k /root/keep/
-  setsid nohup python3 bench/webhook_sweep.py --root "$root" --out /root/ws-out "${@:2}" > /root/ws.log 2>&1 < /dev/null &
+  # Then, with LEVERS=default,mse2.4,... set, issue 27's GPU rows on the pushed model (bench/levers_gpu.py).
+  setsid nohup bash -c "python3 bench/webhook_sweep.py --root $root --out /root/ws-out ${*:2}; \
+    [[ -n '${LEVERS:-}' ]] && python3 bench/levers_gpu.py --model $root/model-v1 --configs '${LEVERS:-}' --out /root/ws-out" \
+    > /root/ws.log 2>&1 < /dev/null &
   sleep 5
 fi
 deadline=$((SECONDS + ${WAIT_S:-540}))
-while (( SECONDS < deadline )) && pgrep -f bench/webhook_sweep.py > /dev/null; do sleep 10; done
-pgrep -f bench/webhook_sweep.py > /dev/null && echo "== still running" || echo "== finished"
-grep -E '^\[|Error|error' /root/ws.log | tail -n 25
+running() { pgrep -f "bench/(webhook_sweep|levers_gpu).py" > /dev/null; }
+while (( SECONDS < deadline )) && running; do sleep 10; done
+running && echo "== still running" || echo "== finished"
+grep -E '^\[|^\{"config|Error|error' /root/ws.log | tail -n 30
 echo "== cpu worker"; grep -E 'gpu-stage:|sweep |Finished in state (Failed|Crashed)|Error' "$root/cpu-worker/worker.log" 2>/dev/null | tail -n 25 | cut -c1-320
 echo "== gpu worker"; tail -n 15 "$root"/gpu-worker/logs/*.log 2>/dev/null | cut -c1-320
 nvidia-smi --query-gpu=name,memory.used,memory.total,utilization.gpu --format=csv
