@@ -323,6 +323,7 @@ def main() -> int:  # noqa: PLR0915 - one timed script, top to bottom
                            "before_first_member_s": fixed_s,
                            "marginal_s_per_config": (wall_s - fixed_s) / len(steps["members"]) if fixed_s else None,
                            **steps})
+            write_result(args=args, pushes=pushes, prepare_s=prepare_s, home=home)
             if run["state"]["type"] != "COMPLETED":
                 log(diagnostics())
                 break
@@ -332,6 +333,11 @@ def main() -> int:  # noqa: PLR0915 - one timed script, top to bottom
         server.stop()
         hub.stop()
 
+    return 0 if pushes and all(p["state"] == "COMPLETED" for p in pushes) else 1
+
+
+def write_result(*, args, pushes: list[dict], prepare_s: float, home: Path) -> Path:
+    """The JSON of the pushes so far (written after each push: a run cut short keeps what it measured)."""
     import torch
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
@@ -348,14 +354,22 @@ def main() -> int:  # noqa: PLR0915 - one timed script, top to bottom
         "marginal_s_per_config": warm["marginal_s_per_config"] if warm else None,
         "quantize_over_engine": {"min": min(ratios), "max": max(ratios),
                                  "mean": sum(ratios) / len(ratios)} if ratios else None,
-        "steps": pushes, "sides": side_records(home),
+        "steps": pushes, "sides": (sides := side_records(home)),
     }
+    fp16 = next((v for v in sides.values() if v["side"] == "fp16" and v.get("mem_peak_bytes")), None)
+    if gpu and fp16:  # what the slot model (modelfactory.core.gpu_share) makes of this run's measured memory
+        from modelfactory.core.gpu_share import members_per_gpu
+
+        total = torch.cuda.get_device_properties(0).total_memory
+        peak = fp16["mem_peak_bytes"] + fp16["mem_after_load_bytes"]
+        result["slot_model"] = {"gpu_bytes": total, "member_peak_bytes": peak,
+                                "members_per_gpu": members_per_gpu(gpu_bytes=total, member_peak_bytes=peak, max_members=8)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{args.shape}-webhook-sweep-{(gpu or 'cpu').split()[-1].lower()}.json"
     path.write_text(json.dumps(result, indent=2, default=str))
     log(f"written {path}")
-    return 0 if pushes and all(p["state"] == "COMPLETED" for p in pushes) else 1
+    return path
 
 
 def _free_port() -> int:
