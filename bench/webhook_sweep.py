@@ -44,12 +44,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from compile_cache import SHAPES as LLAMA_SHAPES  # noqa: E402 - the random-weight Llama shapes of bench/
 
 REPO_ID = "acme/llama-7b-ft"
 SECRET = "webhook-sweep-secret"
 SHAPES = {
-    "llama-7b": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-                 "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096},
+    "llama-7b": LLAMA_SHAPES["llama-7b"],
     "tiny": {"vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048},
 }
