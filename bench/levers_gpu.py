@@ -35,7 +35,8 @@ ROWS = {
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a 7B-shape fp16 model folder")
+    parser.add_argument("--model", required=True, help="a 7B-shape fp16 model folder (made there if missing)")
+    parser.add_argument("--tokenizer", default="/root/keep/tok32k", help="for a model made here")
     parser.add_argument("--configs", default="default,mse2.4,gptaq")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--cal-samples", type=int, default=128)
@@ -51,6 +52,12 @@ def main() -> int:
     from modelfactory.tasks.quantize import quantize_model
     from quant_levers import _g_idx_in_column_order
 
+    if not Path(args.model).is_dir():
+        from compile_cache import make_model
+
+        made = time.perf_counter()
+        make_model("llama-7b", args.tokenizer, args.model)
+        print(f"made {args.model} in {time.perf_counter() - made:.0f} s", flush=True)
     base = download_model(source=ModelSource(uri=str(Path(args.model).absolute())))
     out = {"gpu": torch.cuda.get_device_name(), "model": "Llama-2-7B shape (random weights, fp16)",
            "command": " ".join(["python3", *sys.argv]), "group_size": args.group_size,
