@@ -13,8 +13,10 @@ so GPU work takes turns on this host:
 
 The turns are advisory ``flock`` locks on two files per GPU (by UUID) in this host's temporary folder,
 so they hold across the processes of one host (the sweep's own process, or several flow runs of one
-GPU worker) and vanish with a crashed holder. Written here because neither Prefect's concurrency limits
-(counting slots, with no shared/exclusive kinds) nor torch offer a host-local reader-writer lock.
+GPU worker) and vanish with a crashed holder. Written here with the standard library's ``flock`` because
+Prefect's concurrency limits count slots (no shared/exclusive kinds) and torch has no such lock;
+``filelock.ReadWriteLock`` (3.21+, SQLite-based) could replace the two files where every host has it (the GPU
+image's filelock was not checked).
 """
 
 from __future__ import annotations
