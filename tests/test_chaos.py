@@ -117,7 +117,10 @@ def sweep_spec(tiny_llama: Path, name: str) -> dict:
                           "decode": {"new_tokens": 4, "repeats": 1, "batch_sizes": [1]},
                           "runnability": {"enabled": False}},
             "gate": {"preset": "none", "max_ppl_increase_pct": 50.0}, "objective": "size",
-            "publish": {"name": "chaos"}}
+            # Each side publishes under its own name: side b's winner is then never an artifact side a already
+            # published (their winners can be the shared configuration), so b always reaches the publish it is
+            # killed in.
+            "publish": {"name": name}}
 
 
 class FactorySide:
