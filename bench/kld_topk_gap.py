@@ -34,7 +34,7 @@ def _load(path: str, dtype):
     kwargs = {"dtype": dtype}
     qcfg = getattr(AutoConfig.from_pretrained(path), "quantization_config", None)
     if qcfg:
-        torch._dynamo.config.disable = True  # as tasks/benchmark.py on CPU: no per-shape compile of the torch kernel
+        torch._dynamo.config.disable = True  # a script of its own: as modelfactory.benchmark.sides.eager_on_cpu
         kwargs["quantization_config"] = GPTQConfig(bits=qcfg["bits"], backend="torch")
     return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
 

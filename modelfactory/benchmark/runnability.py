@@ -279,20 +279,19 @@ def measure_reference(*, model_path: str, spec: dict, prompt: str, check_tokens:
     from transformers import AutoTokenizer
 
     from modelfactory.benchmark.kernels import quantized_kernel_name
-    from modelfactory.benchmark.sides import load_side
+    from modelfactory.benchmark.sides import eager_on_cpu, load_side
     from modelfactory.core.devices import apply_memory_cap, resolve_device, resolve_dtype
     from modelfactory.core.specs import BenchmarkSpec
 
     bspec = BenchmarkSpec.model_validate(spec)
     device = resolve_device(bspec.device)
     apply_memory_cap(device)
-    if device == "cpu":
-        torch._dynamo.config.disable = True  # as the benchmark's CPU side (modelfactory.benchmark.sides)
     dtype = resolve_dtype(bspec.dtype, device)
     fields: dict[str, Any] = {"device": device, "dtype": dtype}
     stage = "load"
     try:
-        with gpu_turn(device, exclusive=False, what="runnability reference"):  # never during another's timing
+        # Eager on CPU, as the benchmark's sides; never during another member's timing (gpu_turn).
+        with eager_on_cpu(device), gpu_turn(device, exclusive=False, what="runnability reference"):
             tokenizer = AutoTokenizer.from_pretrained(model_path)
             model, _ = load_side(model_path, side="gptq", spec=bspec, device=device, dtype=getattr(torch, dtype))
             fields["kernel"] = quantized_kernel_name(model)

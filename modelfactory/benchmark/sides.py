@@ -16,6 +16,7 @@ side used; a treatment that fails its check against the eager model falls back t
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -63,6 +64,18 @@ def load_side(model_path: str, *, side: Side, spec: BenchmarkSpec, device: str, 
     return model, kernel
 
 
+def eager_on_cpu(device: str) -> contextlib.AbstractContextManager:
+    """While entered, ``torch.compile`` is off on CPU (a no-op context on a GPU).
+
+    Artifacts run eagerly on CPU: GPTQModel's torch kernel would otherwise torch.compile its
+    dequantization per layer shape, which costs minutes on a small CPU and is not what we measure.
+    Scoped (``config.patch``), so the calling process's ``torch.compile`` works as before afterwards.
+    """
+    import torch
+
+    return torch._dynamo.config.patch(disable=True) if device == "cpu" else contextlib.nullcontext()
+
+
 def measure_side(*, model_path: str, side: Side, spec: dict, text: str, text_origin: str,
                  treatment: GraphTreatment | None = None, allow_fallback: bool = True, out_dir: str | None = None,
                  reference_dir: str | None = None, baseline_model_path: str | None = None) -> SideMetrics:
@@ -76,13 +89,14 @@ def measure_side(*, model_path: str, side: Side, spec: dict, text: str, text_ori
     """
     import torch
 
+    device = resolve_device(BenchmarkSpec.model_validate(spec).device)
     try:
-        return _measure_side(model_path=model_path, side=side, spec=BenchmarkSpec.model_validate(spec), text=text,
-                             text_origin=text_origin, treatment=treatment, allow_fallback=allow_fallback,
-                             out_dir=_path(out_dir), reference_dir=_path(reference_dir),
-                             baseline_model_path=baseline_model_path)
+        with eager_on_cpu(device):
+            return _measure_side(model_path=model_path, side=side, spec=BenchmarkSpec.model_validate(spec),
+                                 text=text, text_origin=text_origin, treatment=treatment,
+                                 allow_fallback=allow_fallback, out_dir=_path(out_dir),
+                                 reference_dir=_path(reference_dir), baseline_model_path=baseline_model_path)
     except torch.OutOfMemoryError as exc:
-        device = resolve_device(BenchmarkSpec.model_validate(spec).device)
         raise out_of_memory_error(f"benchmark ({side})", model_path=model_path, device=device, exc=exc,
                                   advice="lower benchmark.perplexity.context_len, decode.new_tokens or the largest of "
                                          "decode.batch_sizes, or run on a GPU with more free memory") from exc
@@ -148,10 +162,6 @@ def _measure_side(*, model_path: str, side: Side, spec: BenchmarkSpec, text: str
 
     device = resolve_device(spec.device)
     apply_memory_cap(device)
-    if device == "cpu":
-        # Both sides run eagerly on CPU: GPTQModel's torch kernel would otherwise torch.compile its
-        # dequantization per layer shape, which costs minutes on a small CPU and is not what we measure.
-        torch._dynamo.config.disable = True
     dtype_name = resolve_dtype(spec.dtype, device)
     dtype = getattr(torch, dtype_name)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
