@@ -89,10 +89,11 @@ def measure_side(*, model_path: str, side: Side, spec: dict, text: str, text_ori
     """
     import torch
 
-    device = resolve_device(BenchmarkSpec.model_validate(spec).device)
+    bspec = BenchmarkSpec.model_validate(spec)
+    device = resolve_device(bspec.device)
     try:
         with eager_on_cpu(device):
-            return _measure_side(model_path=model_path, side=side, spec=BenchmarkSpec.model_validate(spec),
+            return _measure_side(model_path=model_path, side=side, spec=bspec,
                                  text=text, text_origin=text_origin, treatment=treatment,
                                  allow_fallback=allow_fallback, out_dir=_path(out_dir),
                                  reference_dir=_path(reference_dir), baseline_model_path=baseline_model_path)
