@@ -31,9 +31,29 @@ __all__ = ["REPO"]
 #: ``--junitxml``, 2026-11-29). ``make test`` hands whole modules to two xdist workers in collection
 #: order: starting these first lets both workers finish together instead of one running the
 #: end-to-end test alone at the end.
-SLOWEST_FIRST = ("test_smollm2_e2e.py", "test_default_gate.py", "test_chaos.py", "test_gpu_pool.py", "test_load.py", "test_sweep_pool.py",
+SLOWEST_FIRST = ("test_smollm2_e2e.py", "test_chaos.py", "test_gpu_pool.py", "test_load.py", "test_sweep_pool.py",
                  "test_triggers.py", "test_sweep_flow.py", "test_stage_handoff.py", "test_verdict.py",
                  "test_quantize.py", "test_s3.py", "test_runnability.py")
+
+
+#: The modules that build on the session's ``tiny_run``: ``make test`` hands them to one xdist worker as one
+#: unit (:func:`pytest_xdist_make_scheduler`), so that run is made once per suite, not once per worker.
+TINY_RUN_MODULES = frozenset({"test_quantize.py", "test_flow.py", "test_record.py", "test_cli.py"})
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` with the :data:`TINY_RUN_MODULES` as one work unit (xdist's own file scheduler; only
+    the unit a test belongs to changes)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class TinyRunTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return "tiny_run modules" if Path(path).name in TINY_RUN_MODULES else path
+
+    return TinyRunTogether(config, log)
 
 
 #: Fixtures of tests that run Prefect flows (the factory, a sweep) on the tiny model: they get the
